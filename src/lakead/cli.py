@@ -1,0 +1,243 @@
+"""The ``lakead`` command line: thin typer commands over the library.
+
+Exit status: 0 on success; 1 when an error stopped the command or some inputs could not be
+read (they are listed on stderr and in ``errors.csv``); 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import LakeadError
+
+app = typer.Typer(
+    name="lakead",
+    help="Training-free few-shot visual anomaly detection (LAKE). Higher scores are more anomalous.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"lakead {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print progress details and debug information."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings and errors; no progress bar."),
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """lakead: fit on a few normal images, then score, map and judge new ones."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logger = logging.getLogger("lakead")
+    logger.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
+    logger.setLevel(level)
+    logger.propagate = False
+    state["quiet"] = quiet
+
+
+state: dict[str, bool] = {"quiet": False}
+
+
+def fail(message: str) -> "typer.Exit":
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+@contextmanager
+def errors_as_messages() -> Iterator[None]:
+    """Print a :class:`LakeadError` as one clear message and exit 1, without a traceback."""
+    try:
+        yield
+    except LakeadError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(code=130) from None
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator:
+    """A progress bar on stderr; yields ``advance(n)``."""
+    if state["quiet"]:
+        yield lambda n: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def parse_layer(value: Optional[str]) -> "int | str | None":
+    """Block numbers are integers; ONNX tensor names stay strings."""
+    if value is None:
+        return None
+    v = value.strip()
+    return int(v) if v.lstrip("-").isdigit() else v
+
+
+@app.command()
+def fit(
+    normal: list[Path] = typer.Argument(..., help="Folders (searched recursively) or files of normal images.", show_default=False),
+    class_name: str = typer.Option(..., "--class-name", "-c", help="What the images show, e.g. 'screw'; fills the text prompts."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the model to (replaced if it exists)."),
+    backbone: str = typer.Option("openai/clip-vit-large-patch14-336", help="Hub id, local CLIP directory, or onnx:PATH."),
+    shots: Optional[int] = typer.Option(None, help="Use only this many normal images (default: all)."),
+    seed: Optional[int] = typer.Option(None, help="Sample the shots with this seed (default: the first N by name); also seeds --selection random."),
+    k: int = typer.Option(100, help="Number of sensitive neurons kept."),
+    layer: str = typer.Option("18", help="Block read for the visual branch (1-based; a tensor name for ONNX)."),
+    semantic_layer: Optional[str] = typer.Option(None, help="Block read for the text probe (default: the last)."),
+    lam: float = typer.Option(0.1, help="Weight of the text probe in the fused score."),
+    semantic_agg: str = typer.Option("max", help="Pooling of the text probe over tokens: max or mean."),
+    no_text: bool = typer.Option(False, "--no-text", help="Turn the text probe off (visual branch only)."),
+    image_size: Optional[int] = typer.Option(None, help="Input size in pixels, a multiple of the patch size (default: the model's own)."),
+    sigma: float = typer.Option(0.0, help="Gaussian blur of maps in pixels of the model input (0: off)."),
+    selection: str = typer.Option("top", help="Neuron selection: top (LAKE), random, bottom or all."),
+    score_norm: str = typer.Option("loo", help="loo: divide visual scores by the typical normal score; none: raw distances."),
+    threshold: Optional[float] = typer.Option(None, help="Fixed decision threshold (default: derived from the normal images)."),
+    threshold_sigmas: float = typer.Option(3.0, help="Robust standard deviations above the typical normal score for the derived threshold."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(8, help="Images per forward pass."),
+) -> None:
+    """Fit a detector on normal images and save it to --out."""
+    from .data import select_shots
+    from .detector import LakeDetector
+    from .images import list_images
+
+    with errors_as_messages():
+        pool = list_images(normal)
+        chosen, rule = select_shots(pool, shots, seed)
+        det = LakeDetector(
+            backbone=backbone, k=k, layer=parse_layer(layer), semantic_layer=parse_layer(semantic_layer), lam=lam,
+            semantic_agg=semantic_agg, use_text=not no_text, image_size=image_size, sigma=sigma, selection=selection,
+            seed=seed or 0, score_norm=score_norm, threshold=threshold, threshold_sigmas=threshold_sigmas,
+            device=device, batch_size=batch_size,
+        )
+        logging.getLogger("lakead").info("support set: %s", rule)
+        with progress_bar("fit", len(chosen)) as advance:
+            det.fit(chosen, class_name, support_rule=rule, on_progress=advance)
+        det.save(out_dir)
+        _print_summary(det.summary(), title=f"model written to {out_dir}")
+        for problem in det.skipped_:
+            err.print(f"skipped: {problem}", highlight=False, markup=False)
+
+
+def _print_summary(summary: dict, title: str) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit'.", show_default=False),
+    inputs: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively).", show_default=False),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for scores.csv, overlays/ and maps/."),
+    threshold: Optional[float] = typer.Option(None, help="Decision threshold for this run (default: the model's)."),
+    backbone: Optional[str] = typer.Option(None, help="Where to read the backbone weights from, if not where the model was fitted."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default: the model's setting)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass (default: the model's setting)."),
+    no_overlays: bool = typer.Option(False, "--no-overlays", help="Do not write overlay PNGs."),
+    no_maps: bool = typer.Option(False, "--no-maps", help="Do not write raw .npy maps."),
+) -> None:
+    """Score images with a fitted model; write scores.csv, overlays and maps to --out."""
+    from .batch import predict_to_dir
+    from .detector import LakeDetector
+    from .images import list_images
+
+    with errors_as_messages():
+        paths = list_images(inputs)
+        det = LakeDetector.load(model_dir, backbone=backbone, device=device)
+        if batch_size is not None:
+            if batch_size < 1:
+                raise fail(f"--batch-size must be at least 1, got {batch_size}")
+            det.config.batch_size = batch_size
+
+        def report(path: str, problem: str) -> None:
+            err.print(f"[yellow]cannot read[/] {path}: {problem}", highlight=False)
+
+        with progress_bar("predict", len(paths)) as advance:
+            summary = predict_to_dir(
+                det, paths, out_dir, threshold=threshold, write_overlays=not no_overlays, write_maps=not no_maps,
+                on_progress=advance, on_error=report,
+            )
+    out.print(
+        f"scored {summary.scored} image(s), {summary.anomalous} above the threshold {summary.threshold:.4g}; "
+        f"results in {out_dir / 'scores.csv'}",
+        highlight=False,
+    )
+    if summary.errors:
+        raise fail(f"{len(summary.errors)} input(s) could not be read: listed in {out_dir / 'errors.csv'}")
+
+
+@app.command()
+def info(model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit'.", show_default=False)) -> None:
+    """Print what a saved model holds (without loading the backbone)."""
+    from .detector import read_model_meta
+
+    with errors_as_messages():
+        meta = read_model_meta(model_dir)
+    summary = {
+        "class_name": meta["class_name"],
+        "backbone": meta["backbone"]["source"],
+        "layer": meta["layer"],
+        "semantic_layer": meta["semantic_layer"],
+        "image_size": meta["image_size"],
+        "k": meta["config"]["k"] if meta["config"]["selection"] != "all" else meta["width"],
+        "selection": meta["config"]["selection"],
+        "support_images": len(meta["support"]),
+        "threshold": meta["threshold"],
+        "fitted_at": meta["fitted_at"],
+        "lakead_version": meta["lakead_version"],
+    }
+    _print_summary(summary, title=str(model_dir))
+
+
+@app.command("download-backbone")
+def download_backbone(
+    model_id: str = typer.Argument(..., help="Hugging Face hub id, e.g. openai/clip-vit-large-patch14-336.", show_default=False),
+    target: Path = typer.Argument(..., help="Directory to save the model, processor and tokenizer to.", show_default=False),
+) -> None:
+    """Save a hub CLIP to a local directory (run where there is network; use it with --backbone)."""
+    from .fileio import atomic_directory
+
+    with errors_as_messages():
+        try:
+            from transformers import CLIPModel, CLIPProcessor
+
+            model = CLIPModel.from_pretrained(model_id)
+            processor = CLIPProcessor.from_pretrained(model_id)
+        except (OSError, ValueError) as exc:
+            raise LakeadError(f"cannot fetch {model_id!r} from the Hugging Face Hub: {str(exc).splitlines()[0]}") from None
+        with atomic_directory(target) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+    out.print(f"saved {model_id} to {target}; use it with --backbone {target}")
+
+
+def run() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,42 @@
+"""Exceptions raised by lakead.
+
+Every error a user can cause (a bad file, a bad option, a model directory from another
+version) is a :class:`LakeadError`, so the command line can print its message and exit
+with a non-zero status without a traceback. Messages name the file or the option and the
+problem.
+"""
+
+from __future__ import annotations
+
+
+class LakeadError(Exception):
+    """Base class of every error a user of lakead can cause."""
+
+
+class ImageLoadError(LakeadError):
+    """An input could not be turned into an RGB image.
+
+    ``source`` is the path (or a short description of an in-memory input) and ``problem``
+    says what is wrong with it.
+    """
+
+    def __init__(self, source: str, problem: str) -> None:
+        self.source = source
+        self.problem = problem
+        super().__init__(f"{source}: {problem}")
+
+
+class ConfigError(LakeadError, ValueError):
+    """An option has a value that cannot work (k larger than the width, a bad layer, ...)."""
+
+
+class BackboneUnavailableError(LakeadError):
+    """The backbone's weights could be loaded neither from a local directory nor the hub."""
+
+
+class ModelFormatError(LakeadError):
+    """A saved model directory is missing, corrupt, from another format version or backbone."""
+
+
+class NotFittedError(LakeadError):
+    """A method that needs a fitted detector was called before ``fit`` or ``load``."""

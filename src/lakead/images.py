@@ -1,0 +1,191 @@
+"""Turning paths, PIL images and numpy arrays into RGB arrays, with clear errors.
+
+Every image that enters lakead goes through :func:`load_image` and comes out as a
+``(H, W, 3)`` uint8 RGB array, whatever it was:
+
+- grey (``L``, ``1``), palette (``P``, ``PA``), ``LA``, ``RGBA``, ``CMYK``, ``YCbCr``, ``LAB``
+  and ``HSV`` images are converted to RGB; an alpha channel is dropped (the colour under it is
+  kept, as ``PIL.Image.convert("RGB")`` does);
+- 16-bit and 32-bit integer images (``I;16``, ``I``) are scaled from their type's full range
+  to 0..255 (65535 -> 255), the same mapping for every image so that intensities stay
+  comparable; float images (``F``) are taken as 0..1;
+- EXIF orientation is honoured (a photo taken upright is scored upright);
+- for files with several frames (TIFF stacks, GIF) the first frame is used.
+
+numpy arrays may be ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``, of dtype uint8,
+uint16, bool or float (values in 0..1).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageLoadError, LakeadError
+
+#: What a user may pass wherever lakead takes an image.
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+#: File endings read when a directory is listed (case-insensitive).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def source_name(image: ImageInput, index: int | None = None) -> str:
+    """A short label for an input, used in errors and reports: the path, or ``<array 3>``."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    kind = "PIL image" if isinstance(image, Image.Image) else "array"
+    return f"<{kind} {index}>" if index is not None else f"<{kind}>"
+
+
+def load_image(image: ImageInput, name: str | None = None) -> np.ndarray:
+    """Read one image into a ``(H, W, 3)`` uint8 RGB array.
+
+    Raises :class:`~lakead.errors.ImageLoadError` naming the input and the problem when the
+    file is missing, is not an image, is truncated or corrupt, or has an unsupported layout.
+    """
+    label = name or source_name(image)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image, label)
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image, label)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.exists():
+            raise ImageLoadError(label, "file not found")
+        if path.is_dir():
+            raise ImageLoadError(label, "is a directory, not an image file")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return _pil_to_rgb(im, label)
+        except UnidentifiedImageError:
+            raise ImageLoadError(label, "not an image, or an image format Pillow cannot read") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageLoadError(label, f"too many pixels to read safely ({exc})") from None
+        except ImageLoadError:
+            raise
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageLoadError(label, f"corrupt or truncated image ({exc})") from None
+    raise ImageLoadError(label, f"unsupported input type {type(image).__name__}; give a path, a PIL image or a numpy array")
+
+
+def _pil_to_rgb(im: Image.Image, label: str) -> np.ndarray:
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    im = ImageOps.exif_transpose(im) or im
+    mode = im.mode
+    if mode in ("RGB",):
+        arr = np.asarray(im)
+    elif mode.startswith("I;16") or mode == "I":
+        raw = np.asarray(im)
+        full = 65535.0 if mode.startswith("I;16") else float(np.iinfo(np.int32).max)
+        if mode == "I" and raw.size and raw.max() <= 65535 and raw.min() >= 0:
+            full = 65535.0  # 16-bit PNGs are often opened as mode "I"
+        arr = _gray_to_rgb(np.clip(raw.astype(np.float64) / full, 0.0, 1.0))
+    elif mode == "F":
+        arr = _gray_to_rgb(_check_unit_range(np.asarray(im, dtype=np.float64), label))
+    else:
+        try:
+            arr = np.asarray(im.convert("RGB"))
+        except (ValueError, OSError) as exc:
+            raise ImageLoadError(label, f"cannot convert image mode {mode!r} to RGB ({exc})") from None
+    return _check_shape(arr, label)
+
+
+def _array_to_rgb(a: np.ndarray, label: str) -> np.ndarray:
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 3 and a.shape[2] == 4:
+        a = a[:, :, :3]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+        hint = " (channels first? use array.transpose(1, 2, 0))" if a.ndim == 3 and a.shape[0] in (1, 3, 4) else ""
+        raise ImageLoadError(label, f"array of shape {a.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4){hint}")
+    if a.dtype == np.uint8:
+        out = a
+    elif a.dtype == np.bool_:
+        out = a.astype(np.uint8) * 255
+    elif a.dtype == np.uint16:
+        out = np.round(a.astype(np.float64) / 257.0).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        out = np.round(_check_unit_range(a.astype(np.float64), label) * 255.0).astype(np.uint8)
+    else:
+        raise ImageLoadError(label, f"unsupported array dtype {a.dtype}; use uint8, uint16, bool or float in 0..1")
+    if out.ndim == 2:
+        out = np.repeat(out[:, :, None], 3, axis=2)
+    return _check_shape(np.ascontiguousarray(out), label)
+
+
+def _gray_to_rgb(unit: np.ndarray) -> np.ndarray:
+    g = np.round(unit * 255.0).astype(np.uint8)
+    return np.repeat(g[:, :, None], 3, axis=2)
+
+
+def _check_unit_range(a: np.ndarray, label: str) -> np.ndarray:
+    if a.size and not np.isfinite(a).all():
+        raise ImageLoadError(label, "float image contains NaN or infinite values")
+    if a.size and (a.min() < 0.0 or a.max() > 1.0):
+        raise ImageLoadError(label, f"float image values must lie in 0..1, found {a.min():.3g}..{a.max():.3g}")
+    return a
+
+
+def _check_shape(arr: np.ndarray, label: str) -> np.ndarray:
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ImageLoadError(label, f"could not be converted to RGB (got {arr.shape}, {arr.dtype})")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageLoadError(label, "image has no pixels")
+    return arr
+
+
+def _is_image_file(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def iter_image_files(folder: Path, recursive: bool = True) -> Iterable[Path]:
+    """Image files under ``folder`` in sorted order (hidden files and other endings skipped).
+
+    A generator: a directory of any size is listed without holding every path at once
+    beyond one directory level.
+    """
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise LakeadError(f"{folder}: cannot list directory ({exc.strerror or exc})") from None
+    for p in entries:
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            if recursive:
+                yield from iter_image_files(p, recursive)
+        elif _is_image_file(p):
+            yield p
+
+
+def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Expand files and directories into a sorted list of image paths.
+
+    A file is taken as given (even with an unusual ending: reading it will say if it is not
+    an image). A directory is searched for files ending in one of :data:`IMAGE_SUFFIXES`,
+    recursively by default. A missing path, or a directory with no image in it, is an error
+    that names it.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise LakeadError(f"{p}: no such file or directory")
+        if p.is_dir():
+            files = list(iter_image_files(p, recursive))
+            if not files:
+                raise LakeadError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}{' recursively' if recursive else ''})")
+            found.extend(files)
+        else:
+            found.append(p)
+    return found

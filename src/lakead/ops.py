@@ -1,0 +1,206 @@
+"""Pure tensor math of LAKE: no I/O, no models.
+
+Equation numbers refer to the LAKE paper (arXiv 2604.07802) as restored in ``LAKE.md``.
+Convention, stated once for the whole library: **a higher score means more anomalous.**
+
+Shapes: ``B`` images, ``N`` patch tokens per image, ``D`` channels of a block,
+``K`` kept channels (sensitive neurons), ``M`` gallery vectors, ``E`` joint-space width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Default bound on the number of float32 distances held at once by the nearest-neighbour
+#: search (8M floats = 32 MiB), whatever the size of the gallery or the batch.
+DEFAULT_BLOCK_ELEMENTS = 1 << 23
+
+
+def channel_variance(features: torch.Tensor, chunk_rows: int = 65536) -> torch.Tensor:
+    """Variance of every channel over all rows (Eq. 3): ``(M, D) -> (D,)`` float64.
+
+    The population variance (``ddof=0``) over every support token of every support image.
+    Computed in float64 in two passes over row chunks, so the result does not depend on
+    the order of the rows beyond float64 rounding and memory stays bounded.
+
+    >>> x = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
+    >>> channel_variance(x).tolist()
+    [2.6666666666666665, 0.0]
+    """
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"expected a non-empty (M, D) tensor, got shape {tuple(features.shape)}")
+    m = features.shape[0]
+    total = torch.zeros(features.shape[1], dtype=torch.float64, device=features.device)
+    for start in range(0, m, chunk_rows):
+        total += features[start : start + chunk_rows].to(torch.float64).sum(0)
+    mean = total / m  # (D,)
+    sq = torch.zeros_like(mean)
+    for start in range(0, m, chunk_rows):
+        sq += (features[start : start + chunk_rows].to(torch.float64) - mean).square().sum(0)
+    return sq / m
+
+
+def top_k_channels(variance: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest variances, largest first (Eq. 4): ``(D,) -> (k,)`` int64.
+
+    Ties are broken by the lower channel index, so the selection is deterministic.
+
+    >>> top_k_channels(torch.tensor([0.5, 3.0, 1.0, 3.0]), 3).tolist()
+    [1, 3, 2]
+    """
+    if not 1 <= k <= variance.numel():
+        raise ValueError(f"k must be between 1 and {variance.numel()}, got {k}")
+    order = torch.sort(variance, descending=True, stable=True).indices
+    return order[:k].to(torch.int64)
+
+
+def nearest_neighbor(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    *,
+    query_groups: torch.Tensor | None = None,
+    gallery_groups: torch.Tensor | None = None,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact Euclidean nearest neighbour of every query in the gallery (Eq. 7).
+
+    ``queries (Q, K)``, ``gallery (M, K)`` -> ``(distances (Q,), indices (Q,))``.
+
+    The search walks over blocks of queries and gallery rows, so at most
+    ``block_elements`` distances are held at once however large ``Q`` and ``M`` are. Within
+    a block, squared distances come from one matrix product; the distance to the chosen
+    neighbour is then recomputed directly as ``||q - g||`` so that it carries no cancellation
+    error. When groups are given, a query never matches a gallery row of its own group (used
+    for leave-one-out scoring); a query whose every candidate is excluded gets ``inf`` and
+    index ``-1``.
+
+    >>> d, i = nearest_neighbor(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[3.0, 0.0], [3.0, 3.0]]))
+    >>> d.tolist(), i.tolist()
+    ([3.0, 1.0], [0, 1])
+    """
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"expected queries (Q, K) and gallery (M, K), got {tuple(queries.shape)} and {tuple(gallery.shape)}"
+        )
+    if (query_groups is None) != (gallery_groups is None):
+        raise ValueError("give both query_groups and gallery_groups, or neither")
+    n_q, n_g = queries.shape[0], gallery.shape[0]
+    device = queries.device
+    best_d2 = torch.full((n_q,), math.inf, dtype=torch.float32, device=device)
+    best_idx = torch.full((n_q,), -1, dtype=torch.int64, device=device)
+    if n_q == 0 or n_g == 0:
+        return best_d2, best_idx
+    q = queries.to(torch.float32)
+    g = gallery.to(torch.float32)
+    g_sq = g.square().sum(1)  # (M,)
+    q_sq = q.square().sum(1)  # (Q,)
+    q_block = max(1, min(n_q, block_elements // max(1, min(n_g, block_elements))))
+    g_block = max(1, min(n_g, block_elements // q_block))
+    for qs in range(0, n_q, q_block):
+        qe = min(n_q, qs + q_block)
+        for gs in range(0, n_g, g_block):
+            ge = min(n_g, gs + g_block)
+            # ||q||^2 + ||g||^2 - 2 q.g, all in one (q_block, g_block) buffer
+            d2 = torch.addmm(g_sq[gs:ge].unsqueeze(0), q[qs:qe], g[gs:ge].T, beta=1.0, alpha=-2.0)
+            d2.add_(q_sq[qs:qe].unsqueeze(1))  # (qb, gb)
+            if query_groups is not None and gallery_groups is not None:
+                same = query_groups[qs:qe].unsqueeze(1) == gallery_groups[gs:ge].unsqueeze(0)
+                d2.masked_fill_(same, math.inf)
+            val, arg = d2.min(dim=1)  # (qb,)
+            better = val < best_d2[qs:qe]
+            best_d2[qs:qe] = torch.where(better, val, best_d2[qs:qe])
+            best_idx[qs:qe] = torch.where(better, arg + gs, best_idx[qs:qe])
+    found = best_idx >= 0
+    dist = torch.full((n_q,), math.inf, dtype=torch.float32, device=device)
+    if bool(found.any()):
+        diff = q[found] - g[best_idx[found]]  # (Q', K)
+        dist[found] = diff.square().sum(1).sqrt()
+    return dist, best_idx
+
+
+def pool_scores(token_scores: torch.Tensor, how: str = "max") -> torch.Tensor:
+    """Image score from token scores: ``(B, N) -> (B,)``; ``how`` is ``"max"`` or ``"mean"``.
+
+    Max pooling (Eq. 8) keeps a small defect from being averaged away.
+
+    >>> pool_scores(torch.tensor([[0.1, 0.9, 0.2]])).tolist()
+    [0.8999999761581421]
+    """
+    if how == "max":
+        return token_scores.amax(dim=1)
+    if how == "mean":
+        return token_scores.mean(dim=1)
+    raise ValueError(f"unknown pooling {how!r}: use 'max' or 'mean'")
+
+
+def anomaly_probability(
+    joint_tokens: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
+    """Per-token probability of the anomalous prompt (Eq. 11-12): ``(B, N, E) -> (B, N)``.
+
+    ``joint_tokens`` and ``text_embeddings (2, E)`` (row 0 normal, row 1 anomalous) are
+    L2-normalised here; the two cosine similarities are scaled by CLIP's logit scale and
+    passed through a softmax.
+
+    >>> z = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    >>> [round(p, 4) for p in anomaly_probability(z, torch.eye(2), 1.0)[0].tolist()]
+    [0.2689, 0.7311]
+    """
+    z = F.normalize(joint_tokens.to(torch.float32), dim=-1)
+    t = F.normalize(text_embeddings.to(torch.float32), dim=-1)
+    logits = logit_scale * torch.einsum("bne,pe->bnp", z, t)  # (B, N, 2)
+    return logits.softmax(dim=-1)[..., 1]
+
+
+def upsample_map(
+    grid: torch.Tensor | np.ndarray,
+    size: tuple[int, int],
+    sigma: float | tuple[float, float] = 0.0,
+) -> np.ndarray:
+    """Token scores on their grid to a pixel map: ``(gh, gw) -> (H, W)`` float32.
+
+    Bilinear interpolation (``align_corners=False``: each token covers its own cell), then an
+    optional Gaussian blur with standard deviation ``sigma`` pixels (one value, or one per
+    axis as ``(sigma_y, sigma_x)``).
+
+    >>> upsample_map(torch.ones(2, 3), (5, 7)).shape
+    (5, 7)
+    """
+    from scipy.ndimage import gaussian_filter
+
+    t = torch.as_tensor(grid, dtype=torch.float32)
+    if t.ndim != 2:
+        raise ValueError(f"expected a (gh, gw) grid, got shape {tuple(t.shape)}")
+    up = F.interpolate(t[None, None], size=tuple(size), mode="bilinear", align_corners=False)
+    out = up[0, 0].cpu().numpy()  # (H, W)
+    sig = (sigma, sigma) if np.isscalar(sigma) else tuple(sigma)
+    if max(sig) > 0:
+        out = gaussian_filter(out, sigma=sig, mode="nearest")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def robust_threshold(normal_scores: Sequence[float] | np.ndarray, sigmas: float = 3.0) -> float:
+    """Decision threshold from scores of normal images only.
+
+    ``median + sigmas * 1.4826 * MAD``: ``sigmas`` robust standard deviations above the
+    typical normal score (1.4826 * MAD estimates the standard deviation of a normal
+    distribution, and is not pulled up by one odd support image). When the MAD is zero the
+    plain standard deviation is used. Never below the median.
+
+    >>> round(robust_threshold([1.0, 2.0, 3.0, 4.0, 100.0], sigmas=3.0), 4)
+    7.4478
+    """
+    s = np.asarray(normal_scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        raise ValueError("no finite normal scores to derive a threshold from")
+    med = float(np.median(s))
+    spread = 1.4826 * float(np.median(np.abs(s - med)))
+    if spread == 0.0:
+        spread = float(s.std())
+    return med + sigmas * spread
