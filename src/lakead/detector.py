@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -561,7 +562,7 @@ class LakeDetector:
             )
         try:
             tensors = load_file(str(Path(path) / TENSORS_FILE))
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise ModelFormatError(f"{Path(path) / TENSORS_FILE}: cannot be read ({exc})") from None
         det = cls.from_config(config, backbone=bb)
         dev = _resolve_device(config.device)
