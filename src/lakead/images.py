@@ -19,7 +19,7 @@ uint16, bool or float (values in 0..1).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -142,27 +142,67 @@ def _check_shape(arr: np.ndarray, label: str) -> np.ndarray:
     return arr
 
 
-def _is_image_file(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
 
 
-def iter_image_files(folder: Path, recursive: bool = True) -> Iterable[Path]:
+def iter_image_files(folder: Path, recursive: bool = True) -> Iterator[Path]:
     """Image files under ``folder`` in sorted order (hidden files and other endings skipped).
 
-    A generator: a directory of any size is listed without holding every path at once
-    beyond one directory level.
+    A generator over ``os.scandir``: only the names of one directory level are held at a
+    time (as strings, about 80 bytes each), never the whole tree; files are told from
+    folders without a ``stat`` call where the file system reports the entry type.
     """
+    folder = Path(folder)
+    names: list[str] = []
+    dirs: set[str] = set()
     try:
-        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+        with os.scandir(folder) as it:
+            for entry in it:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                try:
+                    if entry.is_dir():
+                        dirs.add(name)
+                        names.append(name)
+                    elif _is_image_name(name) and entry.is_file():
+                        names.append(name)
+                except OSError:
+                    continue  # vanished or unreadable entry: skip it, as Path.is_dir() would
     except OSError as exc:
         raise LakeadError(f"{folder}: cannot list directory ({exc.strerror or exc})") from None
-    for p in entries:
-        if p.name.startswith("."):
-            continue
-        if p.is_dir():
+    names.sort()
+    for name in names:
+        if name in dirs:
             if recursive:
-                yield from iter_image_files(p, recursive)
-        elif _is_image_file(p):
+                yield from iter_image_files(folder / name, recursive)
+        else:
+            yield folder / name
+
+
+def iter_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, recursive: bool = True) -> Iterator[Path]:
+    """Like :func:`list_images`, but lazily: paths are listed while they are consumed.
+
+    The checks run at once, before the first path is returned: every input must exist and
+    every directory must hold at least one image (the search stops at the first one found).
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    items = [Path(item) for item in inputs]
+    for p in items:
+        if not p.exists():
+            raise LakeadError(f"{p}: no such file or directory")
+        if p.is_dir() and next(iter(iter_image_files(p, recursive)), None) is None:
+            raise LakeadError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}{' recursively' if recursive else ''})")
+    return _iter_inputs(items, recursive)
+
+
+def _iter_inputs(items: list[Path], recursive: bool) -> Iterator[Path]:
+    for p in items:
+        if p.is_dir():
+            yield from iter_image_files(p, recursive)
+        else:
             yield p
 
 
@@ -172,20 +212,6 @@ def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, recursi
     A file is taken as given (even with an unusual ending: reading it will say if it is not
     an image). A directory is searched for files ending in one of :data:`IMAGE_SUFFIXES`,
     recursively by default. A missing path, or a directory with no image in it, is an error
-    that names it.
+    that names it. For very many files, :func:`iter_images` lists them lazily.
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if not p.exists():
-            raise LakeadError(f"{p}: no such file or directory")
-        if p.is_dir():
-            files = list(iter_image_files(p, recursive))
-            if not files:
-                raise LakeadError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}{' recursively' if recursive else ''})")
-            found.extend(files)
-        else:
-            found.append(p)
-    return found
+    return list(iter_images(inputs, recursive))
