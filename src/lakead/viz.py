@@ -42,10 +42,14 @@ def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np
     return out.round().clip(0, 255).astype(np.uint8)
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """Encode a ``(H, W, 3)`` uint8 array as PNG."""
+def png_bytes(rgb: np.ndarray, compress_level: int = 1) -> bytes:
+    """Encode a ``(H, W, 3)`` uint8 array as PNG.
+
+    Level 1 of 9: on photos it is several times faster than the default 6 for files
+    about 10-20% larger, the right trade for one overlay per scored image.
+    """
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 

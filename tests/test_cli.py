@@ -1,0 +1,152 @@
+"""The fit and predict commands end to end on the tiny CLIP, and their error messages."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import texture, with_defect
+from lakead.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(5)
+    (root / "good").mkdir()
+    for i in range(6):
+        Image.fromarray(texture(rng)).save(root / "good" / f"{i:03d}.png")
+    for sub in ("ok", "bad"):
+        (root / "test" / sub).mkdir(parents=True)
+    Image.fromarray(texture(rng)).save(root / "test" / "ok" / "000.png")
+    Image.fromarray(texture(rng, (48, 80))).save(root / "test" / "ok" / "001.jpg")
+    Image.fromarray(with_defect(texture(rng), 24, 32, 16)).save(root / "test" / "bad" / "000.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(dataset, tiny_clip_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "tile"
+    r = invoke("fit", dataset / "good", "--class-name", "tile", "--out", out, "--backbone", tiny_clip_dir,
+               "--layer", "2", "--k", "8", "--image-size", "64", "--shots", "5")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_fit_writes_a_model_and_reports(model, dataset):
+    meta = json.loads((model / "lakead.json").read_text())
+    assert meta["config"]["k"] == 8 and meta["layer"] == 2 and meta["image_size"] == 64
+    assert len(meta["support"]) == 5 and meta["support_rule"] == "first 5 of 6 images sorted by name"
+    assert meta["support"][0].endswith("good/000.png")
+    r = invoke("info", model)
+    assert r.exit_code == 0 and "tile" in r.output and "threshold" in r.output
+
+
+def test_fit_with_seeded_shots(dataset, tiny_clip_dir, tmp_path):
+    r = invoke("fit", dataset / "good", "-c", "tile", "-o", tmp_path / "m", "--backbone", tiny_clip_dir,
+               "--layer", "2", "--k", "4", "--shots", "3", "--seed", "7", "--no-text")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "m" / "lakead.json").read_text())
+    assert meta["support_rule"] == "3 of 6 images sampled with seed 7" and meta["semantic_layer"] is None
+
+
+def test_predict_writes_scores_overlays_and_maps(model, dataset, tmp_path):
+    out = tmp_path / "out"
+    r = invoke("predict", model, dataset / "test", "--out", out)
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert [row["path"].split("test/")[1] for row in rows] == ["bad/000.png", "ok/000.png", "ok/001.jpg"]
+    assert set(rows[0]) == {"path", "score", "visual", "semantic", "anomalous"}
+    scores = {row["path"].split("test/")[1]: float(row["score"]) for row in rows}
+    assert scores["bad/000.png"] > max(scores["ok/000.png"], scores["ok/001.jpg"])
+    for name, size in (("bad/000", (64, 64)), ("ok/000", (64, 64)), ("ok/001", (48, 80))):
+        amap = np.load(out / "maps" / f"{name}.npy")
+        assert amap.shape == size and amap.dtype == np.float32
+        assert Image.open(out / "overlays" / f"{name}.png").size == (size[1], size[0])
+    assert not (out / "errors.csv").exists()
+
+
+def test_predict_lists_unreadable_inputs_and_scores_the_rest(model, dataset, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "broken.png").write_text("not an image")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(inputs / "small.png")
+    Image.fromarray(texture(np.random.default_rng(0))).save(inputs / "fine.png")
+    out = tmp_path / "out"
+    r = invoke("predict", model, inputs, "--out", out)
+    assert r.exit_code == 1
+    assert "broken.png" in r.stderr and "not an image" in r.stderr and "2 input(s) could not be read" in r.stderr
+    errors = list(csv.DictReader((out / "errors.csv").open()))
+    assert {e["path"].rsplit("/", 1)[1]: e["error"] for e in errors} == {
+        "broken.png": "not an image, or an image format Pillow cannot read",
+        "small.png": "image is 4x4 pixels, smaller than one 8x8 patch",
+    }
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert [row["path"].rsplit("/", 1)[1] for row in rows] == ["fine.png"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--k", "999"], "k=999 is larger than the width of block 2 (32 channels)"),
+        (["--layer", "7"], "layer 7 is out of range: this CLIP has blocks 1..4"),
+        (["--image-size", "50"], "image_size 50 must be a positive multiple of the patch size 8"),
+        (["--selection", "best"], "selection must be one of"),
+    ],
+)
+def test_fit_bad_options(dataset, tiny_clip_dir, tmp_path, extra, message):
+    out = tmp_path / "m"
+    base = ["--layer", "2", "--k", "8"]
+    r = invoke("fit", dataset / "good", "-c", "tile", "-o", out, "--backbone", tiny_clip_dir, *base, *extra)
+    assert r.exit_code == 1 and message in " ".join(r.stderr.split())
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_fit_bad_inputs(dataset, tiny_clip_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = invoke("fit", empty, "-c", "tile", "-o", tmp_path / "m", "--backbone", tiny_clip_dir)
+    assert r.exit_code == 1 and "no images found" in r.stderr and "empty" in r.stderr
+    r = invoke("fit", tmp_path / "missing", "-c", "tile", "-o", tmp_path / "m", "--backbone", tiny_clip_dir)
+    assert r.exit_code == 1 and "no such file or directory" in r.stderr
+    r = invoke("fit", dataset / "good", "-c", "", "-o", tmp_path / "m", "--backbone", tiny_clip_dir, "--layer", "2")
+    assert r.exit_code == 1 and "class_name must be a non-empty string" in r.stderr
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.png").write_text("x")
+    r = invoke("fit", junk, "-c", "tile", "-o", tmp_path / "m", "--backbone", tiny_clip_dir, "--layer", "2")
+    assert r.exit_code == 1 and "no readable support image" in r.stderr and "a.png" in r.stderr
+    r = invoke("fit", dataset / "good", "-c", "tile", "-o", tmp_path / "m", "--backbone", tmp_path / "nothing")
+    assert r.exit_code == 1 and "save_pretrained" in r.stderr and "Hub" in r.stderr
+    r = invoke("fit", dataset / "good", "-c", "tile", "-o", tmp_path / "m", "--bogus-option", "1")
+    assert r.exit_code == 2 and "No such option" in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_predict_bad_model_dir(dataset, tmp_path, model):
+    r = invoke("predict", tmp_path / "nope", dataset / "test", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "no such model directory" in r.stderr
+    meta = json.loads((model / "lakead.json").read_text())
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "lakead.json").write_text(json.dumps({**meta, "format_version": 0}))
+    r = invoke("predict", old, dataset / "test", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "format version 0" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", [[], ["fit"], ["predict"], ["info"], ["download-backbone"]])
+def test_help(command):
+    r = invoke(*command, "--help")
+    assert r.exit_code == 0 and "Usage" in r.output
