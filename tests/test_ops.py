@@ -178,3 +178,27 @@ def test_robust_threshold():
     assert robust_threshold([3.0], 3.0) == 3.0
     with pytest.raises(ValueError, match="no finite"):
         robust_threshold([math.nan])
+
+
+def test_nearest_neighbor_memory_is_bounded_for_a_large_gallery(monkeypatch):
+    """100k+ gallery vectors: no distance block larger than block_elements, same answer."""
+    import lakead.ops as ops
+
+    sizes = []
+    real_addmm = torch.addmm
+
+    def spy(*args, **kwargs):
+        out = real_addmm(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(ops.torch, "addmm", spy)
+    g = torch.Generator().manual_seed(4)
+    gallery = torch.randn(120_000, 16, generator=g)
+    queries = torch.randn(300, 16, generator=g)
+    d, i = nearest_neighbor(queries, gallery, block_elements=1 << 20)
+    assert max(sizes) <= 1 << 20 and len(sizes) > 1
+    monkeypatch.setattr(ops.torch, "addmm", real_addmm)
+    want_d, want_i = brute_force(queries[:50], gallery)
+    assert torch.equal(i[:50], want_i)
+    assert torch.allclose(d[:50].double(), want_d, atol=1e-4)
