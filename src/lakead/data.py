@@ -2,15 +2,27 @@
 
 How the shots were drawn is part of every result: :func:`select_shots` returns the chosen
 paths together with a one-line description that reports and saved models record.
+
+:func:`load_dataset` reads a dataset in the MVTec-AD folder layout (MVTec-AD, BTAD, MPDD,
+VisA converted to it, ``../shared/data``) or indexed by the ``meta.json`` of
+AnomalyCLIP / VisualAD, into :class:`Category` objects; :func:`read_mask` reads a mask.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+import numpy as np
+
+from .errors import ConfigError, LakeadError
+
+log = logging.getLogger(__name__)
 
 
 def select_shots(
@@ -32,3 +44,263 @@ def select_shots(
         return ordered[:shots], f"first {shots} of {len(ordered)} images sorted by name"
     chosen = random.Random(seed).sample(ordered, shots)
     return sorted(chosen, key=lambda p: str(p)), f"{shots} of {len(ordered)} images sampled with seed {seed}"
+
+
+# -- datasets on disk -------------------------------------------------------------------------
+
+#: Folder names of normal images (MVTec-AD and MPDD say "good", BTAD says "ok").
+NORMAL_DIRS = ("good", "ok")
+#: The AnomalyCLIP / VisualAD / AdaCLIP index file.
+META_FILE = "meta.json"
+#: Masks are ``ground_truth/<defect>/<stem><suffix>.<ext>`` with one of these suffixes.
+MASK_SUFFIXES = ("_mask", "")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One test image."""
+
+    path: Path
+    label: int  # 0 normal, 1 anomalous
+    defect: str  # "good" for normal images, else the defect type
+    mask: Path | None  # the defect's mask; None for a normal image (all zero) or a missing mask
+
+
+@dataclass(frozen=True)
+class Category:
+    """One object or texture class: its pool of normal training images and its test set."""
+
+    name: str  # unique within the dataset, e.g. "tire", or "mvtec3d_tire/tire" under a collection
+    class_name: str  # what fills the text prompts (the folder name or cls_name)
+    root: Path  # the category folder, or the folder of meta.json
+    train: tuple[Path, ...]  # normal images to draw the shots from
+    test: tuple[Sample, ...]
+
+    @property
+    def missing_masks(self) -> tuple[Sample, ...]:
+        """Defect images without a mask: scored at image level, left out of pixel metrics."""
+        return tuple(s for s in self.test if s.label == 1 and s.mask is None)
+
+    def counts(self) -> dict[str, int]:
+        n_defect = sum(s.label for s in self.test)
+        return {
+            "train": len(self.train),
+            "test_normal": len(self.test) - n_defect,
+            "test_defect": n_defect,
+            "defect_without_mask": len(self.missing_masks),
+        }
+
+
+def load_dataset(
+    root: str | os.PathLike, categories: Sequence[str] | None = None, *, check_masks: bool = True
+) -> list[Category]:
+    """The categories of a dataset on disk, sorted by name.
+
+    ``root`` may be:
+
+    - a folder with ``meta.json`` (the AnomalyCLIP / VisualAD index: ``{"train": {class:
+      [entry, ...]}, "test": {...}}``, each entry with ``img_path``, ``mask_path`` ("" when
+      none), ``cls_name``, ``specie_name`` and ``anomaly`` (0 or 1), paths relative to
+      ``root``);
+    - one category in the MVTec-AD layout: ``train/good/``, ``test/<good|defect>/`` and
+      ``ground_truth/<defect>/<stem>_mask.png`` (``<stem>.png`` is accepted too, as in BTAD;
+      ``ok`` is accepted for ``good``);
+    - a dataset: a folder of such categories (MVTec-AD, BTAD, MPDD, VisA in MVTec layout);
+    - a collection: a folder of datasets (``../shared/data``); categories are then named
+      ``dataset/category``.
+
+    ``categories`` keeps only these (full names, or the last part: ``tire`` for
+    ``mvtec3d_tire/tire``). With ``check_masks`` every mask is opened (header only) and must
+    have its image's size: otherwise an error names both files. Defect images without a
+    mask are logged as a warning (they count at image level only).
+    """
+    base = Path(root).expanduser()
+    if not base.exists():
+        raise LakeadError(f"{base}: no such dataset folder")
+    if not base.is_dir():
+        raise LakeadError(f"{base}: is a file; give the dataset's folder")
+    if (base / META_FILE).is_file():
+        found = _from_meta(base)
+    else:
+        found = [_from_folder(path, name) for name, path in _category_folders(base)]
+    if not found:
+        raise LakeadError(
+            f"{base}: no category found. Expected {META_FILE}, or the MVTec-AD layout: "
+            "<category>/train/good/*.png, <category>/test/<good|defect>/*.png and "
+            "<category>/ground_truth/<defect>/<name>_mask.png (at the top, one or two levels down)"
+        )
+    found.sort(key=lambda c: c.name)
+    if categories:
+        found = _pick(found, categories, base)
+    for cat in found:
+        if not cat.train:
+            raise LakeadError(f"{cat.root}: category {cat.name!r} has no normal training image to draw shots from")
+        if not cat.test:
+            raise LakeadError(f"{cat.root}: category {cat.name!r} has no test image")
+        if check_masks:
+            for s in cat.test:
+                if s.mask is not None:
+                    _check_mask_size(s.path, s.mask)
+        missing = cat.missing_masks
+        if missing:
+            log.warning(
+                "%s: %d defect image(s) have no mask (first: %s); they count for image metrics, and pixel "
+                "metrics leave them out", cat.name, len(missing), missing[0].path,
+            )
+    return found
+
+
+def _is_category(path: Path) -> bool:
+    return (path / "train").is_dir() and (path / "test").is_dir()
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    except OSError as exc:
+        raise LakeadError(f"{path}: cannot list directory ({exc.strerror or exc})") from None
+
+
+def _category_folders(base: Path) -> list[tuple[str, Path]]:
+    if _is_category(base):
+        return [(base.name, base)]
+    out = [(d.name, d) for d in _subdirs(base) if _is_category(d)]
+    if out:
+        return out
+    return [(f"{d.name}/{c.name}", c) for d in _subdirs(base) for c in _subdirs(d) if _is_category(c)]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    from .images import iter_image_files
+
+    return list(iter_image_files(folder, recursive=False)) if folder.is_dir() else []
+
+
+def _find_mask(cat: Path, defect: str, image: Path) -> Path | None:
+    from .images import IMAGE_SUFFIXES
+
+    folder = cat / "ground_truth" / defect
+    for suffix in MASK_SUFFIXES:
+        for ext in (image.suffix, *IMAGE_SUFFIXES):
+            candidate = folder / f"{image.stem}{suffix}{ext}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _from_folder(path: Path, name: str) -> Category:
+    train: list[Path] = []
+    for normal in NORMAL_DIRS:
+        train.extend(_images_in(path / "train" / normal))
+    test: list[Sample] = []
+    for sub in _subdirs(path / "test"):
+        is_normal = sub.name in NORMAL_DIRS
+        for img in _images_in(sub):
+            if is_normal:
+                test.append(Sample(img, 0, "good", None))
+            else:
+                test.append(Sample(img, 1, sub.name, _find_mask(path, sub.name, img)))
+    return Category(name=name, class_name=path.name, root=path, train=tuple(train), test=tuple(test))
+
+
+def _from_meta(base: Path) -> list[Category]:
+    meta_path = base / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LakeadError(f"{meta_path}: cannot be parsed ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("test"), dict):
+        raise LakeadError(f"{meta_path}: expected an object with a 'test' (and 'train') mapping of class name to entries")
+    train_part = meta.get("train") or {}
+    if not isinstance(train_part, dict):
+        raise LakeadError(f"{meta_path}: 'train' must map class names to lists of entries")
+
+    def resolve(rel: str, where: str) -> Path:
+        p = base / rel
+        if not p.is_file():
+            raise LakeadError(f"{meta_path}: {where} points to {p}, which does not exist")
+        return p
+
+    out = []
+    for cls, entries in sorted(meta["test"].items()):
+        test: list[Sample] = []
+        for i, e in enumerate(_entries(entries, meta_path, f"test/{cls}")):
+            where = f"test/{cls}[{i}]"
+            label = int(e["anomaly"])
+            img = resolve(e["img_path"], f"{where}.img_path")
+            mask_rel = e.get("mask_path") or ""
+            if label == 0:
+                test.append(Sample(img, 0, "good", None))
+            else:
+                mask = resolve(mask_rel, f"{where}.mask_path") if mask_rel else None
+                test.append(Sample(img, 1, e.get("specie_name") or "anomaly", mask))
+        train = [
+            resolve(e["img_path"], f"train/{cls}[{i}].img_path")
+            for i, e in enumerate(_entries(train_part.get(cls, []), meta_path, f"train/{cls}"))
+            if int(e["anomaly"]) == 0
+        ]
+        out.append(Category(name=cls, class_name=cls, root=base, train=tuple(sorted(train, key=str)), test=tuple(test)))
+    return out
+
+
+def _entries(entries: object, meta_path: Path, where: str) -> list[dict]:
+    if not isinstance(entries, list):
+        raise LakeadError(f"{meta_path}: {where} must be a list of entries")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or "img_path" not in e or e.get("anomaly") not in (0, 1, "0", "1"):
+            raise LakeadError(f"{meta_path}: {where}[{i}] needs 'img_path' and 'anomaly' (0 or 1), got {e!r}"[:300])
+    return entries
+
+
+def _pick(found: list[Category], wanted: Sequence[str], base: Path) -> list[Category]:
+    chosen: list[Category] = []
+    for w in wanted:
+        hits = [c for c in found if c.name == w] or [c for c in found if c.name.split("/")[-1] == w]
+        if not hits:
+            raise LakeadError(f"{base}: no category {w!r}; available: {', '.join(c.name for c in found)}")
+        if len(hits) > 1:
+            raise LakeadError(f"{base}: {w!r} matches {', '.join(c.name for c in hits)}; give the full name")
+        if hits[0] not in chosen:
+            chosen.append(hits[0])
+    return chosen
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError) as exc:
+        raise LakeadError(f"{path}: cannot be read as an image ({exc})") from None
+
+
+def _check_mask_size(image: Path, mask: Path) -> None:
+    iw, ih = _image_size(image)
+    mw, mh = _image_size(mask)
+    if (iw, ih) != (mw, mh):
+        raise LakeadError(f"mask {mask} is {mw}x{mh} pixels but its image {image} is {iw}x{ih}: they must have the same size")
+
+
+def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A mask file as an ``(H, W)`` bool array: every non-zero pixel is defect.
+
+    Grey, 16-bit, palette and RGB(A) masks are read; for colour masks any non-zero colour
+    channel counts (alpha is ignored). ``size=(H, W)``, when given, must match.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            if im.mode in ("P", "PA"):
+                im = im.convert("L")
+            arr = np.asarray(im)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise LakeadError(f"{p}: cannot be read as a mask ({exc})") from None
+    if arr.ndim == 3:
+        arr = arr[..., : min(3, arr.shape[2])].max(axis=2)
+    mask = arr > 0
+    if size is not None and mask.shape != tuple(size):
+        raise LakeadError(f"mask {p} is {mask.shape[1]}x{mask.shape[0]} pixels, its image {size[1]}x{size[0]}")
+    return mask
