@@ -63,6 +63,7 @@ ANOMALOUS_PROMPT = "a photo of an anomalous {}."
 
 SELECTIONS = ("top", "random", "bottom", "all")
 SCORE_NORMS = ("loo", "none")
+MAP_SOURCES = ("visual", "semantic")
 AGGREGATIONS = ("max", "mean")
 
 #: Support images scored leave-one-out at fit (an evenly spaced subset beyond this many).
@@ -85,6 +86,7 @@ class LakeConfig:
     selection: str = "top"  # neurons: "top" (LAKE), "random", "bottom" variance, or "all"
     seed: int = 0  # seed of selection="random"
     score_norm: str = "loo"  # "loo": visual scores / median leave-one-out score; "none": raw
+    map_source: str = "visual"  # pixel maps: "visual" token distances (the paper) or "semantic": per-token P(anomalous) of the text probe
     threshold: float | None = None  # fixed decision threshold; None: derived at fit
     threshold_sigmas: float = 3.0  # robust standard deviations above the typical normal score
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
@@ -99,6 +101,8 @@ class LakeConfig:
             raise ConfigError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.score_norm not in SCORE_NORMS:
             raise ConfigError(f"score_norm must be one of {SCORE_NORMS}, got {self.score_norm!r}")
+        if self.map_source not in MAP_SOURCES:
+            raise ConfigError(f"map_source must be one of {MAP_SOURCES}, got {self.map_source!r}")
         if not math.isfinite(self.lam) or self.lam < 0:
             raise ConfigError(f"lam must be a finite number >= 0, got {self.lam!r}")
         if not math.isfinite(self.sigma) or self.sigma < 0:
@@ -191,6 +195,7 @@ class LakeDetector:
         selection: str = "top",
         seed: int = 0,
         score_norm: str = "loo",
+        map_source: str = "visual",
         threshold: float | None = None,
         threshold_sigmas: float = 3.0,
         device: str = "auto",
@@ -210,6 +215,7 @@ class LakeDetector:
             selection=selection,
             seed=seed,
             score_norm=score_norm,
+            map_source=map_source,
             threshold=threshold,
             threshold_sigmas=threshold_sigmas,
             device=device,
@@ -312,6 +318,8 @@ class LakeDetector:
         use_text = cfg.use_text and backbone.has_text
         if cfg.use_text and not backbone.has_text:
             log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", backbone.info.source)
+        if cfg.map_source == "semantic" and not use_text:
+            raise ConfigError("map_source='semantic' needs the text probe: use_text=True and a backbone with a text tower")
         semantic_layer = backbone.resolve_layer(cfg.semantic_layer, semantic=True) if use_text else None
         image_size = backbone.check_image_size(cfg.image_size or backbone.info.image_size)
 
@@ -390,6 +398,8 @@ class LakeDetector:
             map_range = (0.0, 1.0)
         if map_range[1] <= map_range[0]:
             map_range = (map_range[0], map_range[0] + 1.0)
+        if cfg.map_source == "semantic":
+            map_range = (0.5, 1.0)  # probabilities: from "as likely normal as anomalous" up
 
         # -- learned state ------------------------------------------------------------------
         self.layer_ = layer
@@ -468,12 +478,15 @@ class LakeDetector:
         for _, f in self._batches(arrays, self.layer_, self.semantic_layer_):
             tok = self.token_scores(f.visual)  # (B, N)
             visual.append(tok.amax(dim=1).cpu())
+            shown = tok  # what the maps show, (B, N)
             if f.joint is not None and self.text_embeddings_ is not None:
                 p = anomaly_probability(f.joint, self.text_embeddings_, self.logit_scale_)  # (B, N)
                 semantic.append(pool_scores(p, cfg.semantic_agg).cpu())
+                if cfg.map_source == "semantic":
+                    shown = p
             else:
                 semantic.append(torch.zeros(tok.shape[0]))
-            grids = tok.reshape(-1, gh, gw).cpu()  # (B, gh, gw)
+            grids = shown.reshape(-1, gh, gw).cpu()  # (B, gh, gw)
             start = len(maps)
             for j in range(grids.shape[0]):
                 h, w = arrays[start + j].shape[:2]
