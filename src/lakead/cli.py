@@ -157,37 +157,73 @@ def predict(
     backbone: Optional[str] = typer.Option(None, help="Where to read the backbone weights from, if not where the model was fitted."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default: the model's setting)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per forward pass (default: the model's setting)."),
-    no_overlays: bool = typer.Option(False, "--no-overlays", help="Do not write overlay PNGs."),
-    no_maps: bool = typer.Option(False, "--no-maps", help="Do not write raw .npy maps."),
+    maps: str = typer.Option("png,npy", help="Map files to write: png (overlays/), npy (raw float32 maps/), png,npy or none."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --out/scores.csv (an interrupted or earlier run) and score only the other images."),
+    read_threads: Optional[int] = typer.Option(None, help="Threads that read images ahead of the model (default: min(4, CPUs))."),
+    ray: bool = typer.Option(False, "--ray", help="Score on a Ray cluster (needs: pip install 'lakead[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: the cluster to join (ray://HOST:10001, HOST:6379 or auto; default: $RAY_ADDRESS, else a local cluster)."),
+    ray_workers: Optional[int] = typer.Option(None, help="With --ray: model replicas, one CPU each (default: one per CPU, or per GPU with --device cuda)."),
 ) -> None:
-    """Score images with a fitted model; write scores.csv, overlays and maps to --out."""
-    from .batch import predict_to_dir
-    from .detector import LakeDetector
-    from .images import list_images
+    """Score images with a fitted model; write scores.csv, overlays and maps to --out.
 
+    Rows are appended to scores.csv a batch at a time; an interrupted run loses at most the
+    batch in flight and goes on with --resume.
+    """
+    from .batch import parse_maps, predict_to_dir
+    from .images import iter_images
+
+    if (ray_address is not None or ray_workers is not None) and not ray:
+        raise typer.BadParameter("--ray-address and --ray-workers are options of --ray runs", param_hint="--ray")
+    if ray and read_threads is not None:
+        raise typer.BadParameter("--read-threads is for single-process runs; Ray workers read their own batches", param_hint="--read-threads")
+    try:
+        map_kinds = parse_maps(maps)
+    except LakeadError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("maps: "), param_hint="--maps") from None
+    if batch_size is not None and batch_size < 1:
+        raise fail(f"--batch-size must be at least 1, got {batch_size}")
+    if read_threads is not None and read_threads < 1:
+        raise fail(f"--read-threads must be at least 1, got {read_threads}")
+
+    def report(path: str, problem: str) -> None:
+        err.print(f"[yellow]cannot read[/] {path}: {problem}", highlight=False)
+
+    scores_file = out_dir / "scores.csv"
     with errors_as_messages():
-        paths = list_images(inputs)
-        det = LakeDetector.load(model_dir, backbone=backbone, device=device)
-        if batch_size is not None:
-            if batch_size < 1:
-                raise fail(f"--batch-size must be at least 1, got {batch_size}")
-            det.config.batch_size = batch_size
+        try:
+            total = sum(1 for _ in iter_images(inputs))  # a cheap listing pass, for the progress bar
+            if ray:
+                from .distributed import predict_on_ray
 
-        def report(path: str, problem: str) -> None:
-            err.print(f"[yellow]cannot read[/] {path}: {problem}", highlight=False)
+                with progress_bar("predict (ray)", total) as advance:
+                    summary = predict_on_ray(
+                        model_dir, inputs, out_dir, address=ray_address, workers=ray_workers, backbone=backbone,
+                        device=device, batch_size=batch_size, threshold=threshold, maps=map_kinds, resume=resume,
+                        on_progress=advance, on_error=report,
+                    )
+            else:
+                from .detector import LakeDetector
 
-        with progress_bar("predict", len(paths)) as advance:
-            summary = predict_to_dir(
-                det, paths, out_dir, threshold=threshold, write_overlays=not no_overlays, write_maps=not no_maps,
-                on_progress=advance, on_error=report,
-            )
+                det = LakeDetector.load(model_dir, backbone=backbone, device=device)
+                if batch_size is not None:
+                    det.config.batch_size = batch_size
+                with progress_bar("predict", total) as advance:
+                    summary = predict_to_dir(
+                        det, inputs, out_dir, threshold=threshold, maps=map_kinds, resume=resume,
+                        read_threads=read_threads, on_progress=advance, on_error=report,
+                    )
+        except KeyboardInterrupt:
+            err.print(f"interrupted: the rows of finished batches are in {scores_file}; "
+                      "run the same command with --resume to go on", highlight=False)
+            raise typer.Exit(code=130) from None
+    skipped = f" ({summary.skipped} already in scores.csv, skipped)" if summary.skipped else ""
     out.print(
-        f"scored {summary.scored} image(s), {summary.anomalous} above the threshold {summary.threshold:.4g}; "
-        f"results in {out_dir / 'scores.csv'}",
+        f"scored {summary.scored} image(s){skipped}, {summary.anomalous} above the threshold {summary.threshold:.4g}; "
+        f"results in {scores_file}",
         highlight=False,
     )
-    if summary.errors:
-        raise fail(f"{len(summary.errors)} input(s) could not be read: listed in {out_dir / 'errors.csv'}")
+    if summary.failed:
+        raise fail(f"{summary.failed} input(s) could not be read: listed in {out_dir / 'errors.csv'}")
 
 
 @app.command()

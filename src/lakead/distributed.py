@@ -1,0 +1,288 @@
+"""Scoring on a Ray cluster: the job of :func:`lakead.batch.predict_to_dir`, spread over workers.
+
+Ray Data streams the image paths through ``map_batches`` to a pool of actors
+(:class:`RayScorer`), each of which loads the fitted model once and then reads, scores and
+writes map files for one batch after another; the driver appends the rows to ``scores.csv``
+in input order (``preserve_order``) as they come back, with the same resume and crash
+safety as the single-process run. Rows and map files are made by the same function
+(:func:`lakead.batch.score_batch`) on both paths, so the results are identical.
+
+What a cluster run needs (see docs/SCALE.md):
+
+- lakead (the same version) and ``lakead[ray]`` installed on every node;
+- the images readable at the same path on every node (a shared file system), and ``--out``
+  writable at the same path on every node when map files are written (``--maps none``
+  needs the output only where the command runs);
+- the backbone weights where the model says (or ``--backbone``) on every node; the fitted
+  model itself is shipped to the workers through Ray, so it needs to exist only where the
+  command runs.
+
+Ray is an optional dependency (``pip install 'lakead[ray]'``), imported only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .batch import (
+    MAP_KINDS,
+    SCORE_COLUMNS,
+    BatchSummary,
+    OutputDir,
+    Todo,
+    fingerprint_state,
+    output_name,
+    output_root,
+    parse_maps,
+    read_ahead,
+    record,
+    run_info,
+    score_batch,
+)
+from .errors import ConfigError, ImageLoadError, LakeadError
+
+log = logging.getLogger("lakead")
+
+#: Paths handed to Ray per dataset: the driver holds at most this many at once (a few MB).
+CHUNK_PATHS = 50_000
+#: Batches per Ray block of paths: enough rows per block to keep the actors busy.
+BATCHES_PER_BLOCK = 4
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401  (needs pyarrow: the [data] extra of ray)
+    except ImportError as exc:
+        raise LakeadError(f"--ray needs Ray Data, which is not installed ({exc}): pip install 'lakead[ray]'") from None
+    return ray
+
+
+class RayScorer:
+    """A Ray Data actor: loads the fitted model once, then scores batches of paths.
+
+    ``model_files`` are the bytes of the saved model directory (Ray Data puts them in the
+    object store once; each worker writes them to a temporary folder and loads the model). Input batches carry ``path`` and ``name`` columns;
+    output batches carry ``path``, the four score fields (formatted as in ``scores.csv``),
+    ``error`` (empty when the image was scored) and ``failure`` (a problem that stops the
+    run, such as a backbone that cannot be loaded; empty normally), one row per input row.
+    """
+
+    def __init__(
+        self,
+        model_files: dict[str, bytes],
+        out_dir: str,
+        maps: Collection[str],
+        threshold: float | None,
+        backbone: str | None,
+        device: str | None,
+        batch_size: int | None,
+        threads: int,
+    ) -> None:
+        import torch
+
+        from .detector import LakeDetector
+
+        torch.set_num_threads(threads)
+        self.failure = ""  # a LakeadError met here is reported with the first batch (no Ray retries)
+        tmp = tempfile.mkdtemp(prefix="lakead-model-")
+        try:
+            for name, data in model_files.items():
+                Path(tmp, name).write_bytes(data)
+            self.detector = LakeDetector.load(tmp, backbone=backbone, device=device)
+            if batch_size is not None:
+                self.detector.config.batch_size = batch_size
+        except LakeadError as exc:
+            self.failure = str(exc).replace(tmp, "<model>")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.out_dir = Path(out_dir)
+        self.maps = frozenset(maps)
+        self.threshold = threshold
+        self.pool = ThreadPoolExecutor(max(2, threads), thread_name_prefix="lakead-read")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [str(p) for p in batch["path"]]
+        names = [str(n) for n in batch["name"]]
+        columns: dict[str, list[str]] = {k: [] for k in (*SCORE_COLUMNS, "error", "failure")}
+        failure = self.failure
+        by_index: dict[int, tuple[str, ...]] = {}
+        errors: dict[int, str] = {}
+        if not failure:
+            try:
+                by_index, errors = self._score(paths, names)
+            except LakeadError as exc:  # not about one image: stop the run with this message
+                failure = str(exc)
+        for i, path in enumerate(paths):
+            row = by_index.get(i, (path, "", "", "", ""))
+            for key, value in zip(SCORE_COLUMNS, row):
+                columns[key].append(value)
+            columns["error"].append(errors.get(i, ""))
+            columns["failure"].append(failure)
+        return {k: np.asarray(v, dtype=object) for k, v in columns.items()}
+
+    def _score(self, paths: list[str], names: list[str]) -> tuple[dict[int, tuple[str, ...]], dict[int, str]]:
+        det = self.detector
+        arrays, kept, errors = [], [], {}
+        for i, (_, result) in enumerate(read_ahead(paths, lambda s: det.read_image(s, s), self.pool, depth=len(paths))):
+            if isinstance(result, ImageLoadError):
+                errors[i] = result.problem
+            else:
+                arrays.append(result)
+                kept.append(i)
+        rows = score_batch(det, arrays, [paths[i] for i in kept], [names[i] for i in kept], self.out_dir, self.maps,
+                           threshold=self.threshold, pool=self.pool) if arrays else []
+        return dict(zip(kept, rows)), errors
+
+
+def _model_files(model_dir: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The saved model's files (to ship to the workers) and its identity for ``run.json``."""
+    from safetensors.torch import load
+
+    from .detector import CONFIG_FILE, TENSORS_FILE, read_model_meta
+
+    meta = read_model_meta(model_dir)
+    try:
+        files = {name: (model_dir / name).read_bytes() for name in (CONFIG_FILE, TENSORS_FILE)}
+        tensors = load(files[TENSORS_FILE])
+        identity = {
+            "class_name": meta["class_name"],
+            "fitted_at": meta["fitted_at"],
+            "fingerprint": fingerprint_state(tensors["gallery"], tensors["neurons"], tensors.get("text_embeddings"),
+                                             meta["visual_scale"], meta["fitted_at"]),
+            "threshold": math.inf if meta["threshold"] is None else float(meta["threshold"]),
+            "batch_size": int(meta["config"]["batch_size"]),
+            "device": str(meta["config"]["device"]),
+        }
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise LakeadError(f"{model_dir}: saved model cannot be read ({exc})") from None
+    return files, identity
+
+
+def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
+def _start_ray(ray: Any, address: str | None, workers: int | None, cpus_per_worker: int) -> bool:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local cluster. True if started here."""
+    if ray.is_initialized():
+        return False
+    common = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise LakeadError(f"--ray-address {address or os.environ.get('RAY_ADDRESS')}: cannot connect to the Ray cluster "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    else:
+        cpus = (workers or (os.cpu_count() or 1)) * cpus_per_worker
+        ray.init(num_cpus=cpus, **common)
+    return True
+
+
+def predict_on_ray(
+    model_dir: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: int = 1,
+    backbone: str | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    threshold: float | None = None,
+    maps: str | Collection[str] = MAP_KINDS,
+    resume: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+    on_error: Callable[[str, str], None] | None = None,
+) -> BatchSummary:
+    """Score ``inputs`` into ``out_dir`` on Ray, as :func:`lakead.batch.predict_to_dir` does.
+
+    ``address``: a Ray cluster to join (``ray://host:10001``, ``host:6379`` or ``auto``);
+    without one, ``RAY_ADDRESS`` if set, else a local cluster with ``workers *
+    cpus_per_worker`` CPUs is started and stopped. ``workers``: model replicas (default: one
+    per ``cpus_per_worker`` CPUs of the cluster, or one per GPU when ``device`` is CUDA).
+    The other options are those of ``lakead predict``.
+    """
+    from .images import iter_images
+
+    ray = _import_ray()
+    maps = parse_maps(maps) if isinstance(maps, str) else parse_maps(list(maps) or "none")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--ray-workers must be at least 1, got {workers}")
+    if cpus_per_worker < 1:
+        raise ConfigError(f"cpus_per_worker must be at least 1, got {cpus_per_worker}")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    model_dir = Path(model_dir)
+    files, ident = _model_files(model_dir)
+    paths = iter_images(inputs)
+    root = output_root(inputs)
+    out = Path(out_dir)
+    bs = batch_size or ident["batch_size"]
+    gpu = (device or ident["device"]).startswith("cuda")
+    summary = BatchSummary(threshold=ident["threshold"] if threshold is None else float(threshold))
+    info = run_info(ident["class_name"], ident["fitted_at"], ident["fingerprint"], summary.threshold, maps)
+
+    started = _start_ray(ray, address, workers, cpus_per_worker)
+    try:
+        if workers is None:
+            resources = ray.cluster_resources()
+            workers = max(1, int(resources.get("GPU", 0)) if gpu else int(resources.get("CPU", 1) // cpus_per_worker))
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # rows come back in input order
+        ctx.enable_progress_bars = False
+        ctx.enable_operator_progress_bars = False
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # progress chatter; errors still raise
+        with OutputDir(out, info, resume=resume) as results:
+            todo = Todo(paths, results)
+            for chunk in _chunks(iter(todo), CHUNK_PATHS):
+                items = [{"path": p, "name": output_name(p, root)} for p in chunk]
+                blocks = max(1, math.ceil(len(items) / (bs * BATCHES_PER_BLOCK)))
+                ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+                    RayScorer,
+                    fn_constructor_kwargs=dict(
+                        model_files=files, out_dir=str(out.resolve()), maps=sorted(maps), threshold=threshold,
+                        backbone=backbone, device=device, batch_size=bs, threads=cpus_per_worker,
+                    ),
+                    batch_size=bs,
+                    batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=workers),
+                    num_cpus=cpus_per_worker,
+                    num_gpus=1 if gpu else 0,
+                )
+                del items, chunk
+                for res in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    n = len(res["path"])
+                    if n and res["failure"][0]:
+                        raise LakeadError(f"on a Ray worker: {res['failure'][0]}")
+                    rows = [tuple(str(res[k][i]) for k in SCORE_COLUMNS) for i in range(n) if not res["error"][i]]
+                    errors = [(str(res["path"][i]), str(res["error"][i])) for i in range(n) if res["error"][i]]
+                    results.commit(rows, errors)
+                    record(summary, rows, errors)
+                    if on_error is not None:
+                        for path, problem in errors:
+                            on_error(path, problem)
+                    if on_progress is not None:
+                        on_progress(todo.take_skipped() + n)
+            if on_progress is not None and (n := todo.take_skipped()):
+                on_progress(n)
+            summary.skipped = todo.skipped
+    finally:
+        if started:
+            ray.shutdown()
+    return summary
