@@ -271,6 +271,51 @@ def download_backbone(
     out.print(f"saved {model_id} to {target}; use it with --backbone {target}")
 
 
+@app.command()
+def serve(
+    models_dir: Path = typer.Option(..., "--models-dir", help="Directory the models are stored in (created if missing)."),
+    backbone: str = typer.Option("openai/clip-vit-large-patch14-336", help="Backbone of models created through the service: hub id or local CLIP directory."),
+    allow_backbone: list[str] = typer.Option([], "--allow-backbone", help="Another backbone clients may choose (repeatable)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 127.0.0.1 serves this machine only."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    token: Optional[str] = typer.Option(None, envvar="LAKEAD_TOKEN", help="Require 'Authorization: Bearer TOKEN' on every call but /healthz (or set LAKEAD_TOKEN)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    workers: int = typer.Option(2, help="Predictions run at once (fits run one at a time)."),
+    max_upload_mb: float = typer.Option(256.0, help="Largest request body, in MiB."),
+    max_images: int = typer.Option(256, help="Most normal images in one model creation."),
+    max_predict_images: int = typer.Option(32, help="Most images in one prediction request."),
+    max_megapixels: float = typer.Option(40.0, help="Most pixels of one image, in millions."),
+) -> None:
+    """Serve the models in --models-dir over HTTP, with a web page at /."""
+    try:
+        import uvicorn
+
+        from .serve import ServeLimits, create_app
+    except ImportError as exc:
+        raise fail(f"the service needs the serve extra ({exc.name} is missing): pip install 'lakead\\[serve]'") from None
+
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    with errors_as_messages():
+        limits = ServeLimits(
+            max_request_bytes=int(max_upload_mb * 2**20), max_fit_images=max_images,
+            max_predict_images=max_predict_images, max_image_pixels=int(max_megapixels * 1e6),
+        )
+        service = create_app(
+            models_dir, backbone=backbone, allowed_backbones=tuple(allow_backbone), token=token, limits=limits,
+            device=device, workers=workers, allowed_hosts=("127.0.0.1", "localhost", "[::1]") if loopback else None,
+        )
+        logging.getLogger("lakead").info("loading the backbone %s", backbone)
+        service.state.store.backbone(backbone)  # fail now, not at the first request
+    if not loopback and token is None:
+        err.print(f"[yellow]warning:[/] serving on {host} without --token: anyone who can reach this machine can "
+                  "create, use and delete models", highlight=False)
+    shown = f"[{host}]" if ":" in host else ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
+    url = f"http://{shown}:{port}/" + (f"#token={token}" if token else "")
+    out.print(f"lakead serving {len(service.state.store.list())} model(s) from {models_dir} at {url}", highlight=False,
+              soft_wrap=True)
+    uvicorn.run(service, host=host, port=port, log_level="warning" if state["quiet"] else "info")
+
+
 def run() -> None:  # pragma: no cover - console entry point
     app()
 

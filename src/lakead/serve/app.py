@@ -1,0 +1,355 @@
+"""The FastAPI application: models as resources, predictions, the page.
+
+    POST   /models                 fit on uploaded normal images; 201 with the model
+    GET    /models                 every stored model
+    GET    /models/{id}            one model
+    DELETE /models/{id}            remove it (204)
+    POST   /models/{id}/predict    score uploaded images: scores, decisions, overlays
+    GET    /info                   limits, backbones and option defaults of this server
+    GET    /healthz                liveness (never needs the token)
+    GET    /                       the web page; /docs and /openapi.json describe the API
+
+Fitting and predicting run the network for seconds to minutes: they run in worker threads
+(at most one fit and ``workers`` predictions at a time, the others wait their turn without
+blocking the event loop). Every error answer is JSON ``{"detail": message, "errors": [...]}``
+where ``errors`` lists ``{"name": file or field, "problem": ...}`` when there are several.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import fields
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import anyio
+from fastapi import FastAPI, File, Form, Path as PathParam, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..backbones import DEFAULT_CLIP
+from ..detector import AGGREGATIONS, SCORE_NORMS, SELECTIONS, LakeConfig
+from ..errors import BackboneUnavailableError, ConfigError, LakeadError, ModelFormatError
+from ..viz import overlay, png_bytes
+from .guard import Guard
+from .store import FIT_OPTIONS, ID_PATTERN, ModelNotFound, ModelStore
+from .uploads import ServeLimits, UploadRejected, check_count, read_uploads, upload_name
+
+STATIC = files("lakead.serve") / "static"
+
+
+# -- schemas ------------------------------------------------------------------------------
+
+class Problem(BaseModel):
+    name: str = Field(description="The file or field at fault.")
+    problem: str
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="What went wrong, in one message.")
+    errors: list[Problem] = Field(default_factory=list, description="Each file or field at fault, when there are several.")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+    auth_required: bool = Field(description="Whether the other endpoints need 'Authorization: Bearer <token>'.")
+
+
+class ServerInfo(BaseModel):
+    version: str
+    default_backbone: str = Field(description="Backbone of models created without a 'backbone' field.")
+    backbones: list[str] = Field(description="Backbones a client may choose when creating a model.")
+    device: str
+    limits: dict[str, int]
+    fit_options: dict[str, Any] = Field(description="Detector options of POST /models with their defaults.")
+    option_choices: dict[str, list[str]] = Field(description="The allowed values of the options that take a word.")
+
+
+class ModelInfo(BaseModel):
+    id: str
+    class_name: str
+    backbone: str
+    fitted_at: str
+    lakead_version: str
+    support_images: int
+    support: list[str] = Field(description="Names of the normal images the model was fitted on.")
+    support_rule: str
+    threshold: Optional[float] = Field(description="Decision threshold; null when none could be derived (one image).")
+    image_size: int
+    layer: Union[int, str]
+    semantic_layer: Optional[Union[int, str]]
+    k: int
+    text_probe: bool
+    map_range: list[float] = Field(description="Map values drawn blue (typical normal) to red (decision level).")
+    config: dict[str, Any]
+    warnings: list[str]
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class ImageResult(BaseModel):
+    name: str
+    width: int
+    height: int
+    score: float = Field(description="Fused score visual + lam * semantic; higher is more anomalous.")
+    visual: float = Field(description="Largest distance of a patch to the normal gallery (normalised).")
+    semantic: float = Field(description="P(anomalous) of the text probe, pooled over patches; 0 when off.")
+    anomalous: bool = Field(description="score > threshold")
+    threshold: Optional[float] = Field(description="The threshold used; null means none (every image normal).")
+    map_max: float = Field(description="Largest value of the anomaly map.")
+    overlay_png: Optional[str] = Field(description="The map over the image as a PNG data URL (null with overlay=false).")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    threshold: Optional[float]
+    map_range: list[float]
+    results: list[ImageResult]
+
+
+ModelId = Annotated[str, PathParam(pattern=ID_PATTERN, description="A model id from GET /models.")]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+# -- the app ------------------------------------------------------------------------------
+
+def create_app(
+    models_dir: str | Path,
+    *,
+    backbone: str = DEFAULT_CLIP,
+    allowed_backbones: tuple[str, ...] = (),
+    token: str | None = None,
+    limits: ServeLimits | None = None,
+    device: str = "auto",
+    workers: int = 2,
+    allowed_hosts: tuple[str, ...] | None = None,
+    max_cached: int = 8,
+) -> FastAPI:
+    """Build the service over the models in ``models_dir`` (created if missing).
+
+    ``backbone`` is the default backbone of models created through the service;
+    ``allowed_backbones`` the others a client may choose. With ``token``, every endpoint
+    except the health check, the page and the API description needs
+    ``Authorization: Bearer <token>``. ``workers`` predictions run at once (fits: one).
+    ``allowed_hosts`` (host names without port) turns on the Host header check.
+    The backbone is loaded on first use: call ``app.state.store.backbone(backbone)`` to
+    load it up front (the command line does, to fail early on a bad one).
+    """
+    limits = (limits or ServeLimits()).validate()
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    if token is not None and not token.strip():
+        raise ConfigError("the token must not be empty")
+    LakeConfig(device=device).validate()
+    store = ModelStore(models_dir, default_backbone=backbone, allowed_backbones=allowed_backbones, device=device,
+                       max_cached=max_cached)
+    fit_slots = anyio.CapacityLimiter(1)
+    predict_slots = anyio.CapacityLimiter(workers)
+
+    app = FastAPI(
+        title="lakead",
+        version=__version__,
+        summary="Training-free few-shot visual anomaly detection (LAKE) as a service.",
+        description=(
+            "Fit a detector on a few normal images, then score new images: a score, a decision and an anomaly "
+            "map per image. Higher scores are more anomalous. With a token, send `Authorization: Bearer <token>`."
+        ),
+    )
+    app.state.store = store
+    app.state.limits = limits
+    app.add_middleware(Guard, token=token, max_body_bytes=limits.max_request_bytes, allowed_hosts=allowed_hosts)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    _exception_handlers(app)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(str(STATIC / "index.html"), headers={"cache-control": "no-cache"})
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> Health:
+        """Liveness check; never needs the token."""
+        return Health(status="ok", version=__version__, auth_required=token is not None)
+
+    @app.get("/info", tags=["service"], responses=_errors(401))
+    def info() -> ServerInfo:
+        """The limits, backbones and detector option defaults of this server."""
+        defaults = {f.name: f.default for f in fields(LakeConfig) if f.name in FIT_OPTIONS}
+        return ServerInfo(version=__version__, default_backbone=backbone, backbones=list(store.allowed_backbones),
+                          device=device, limits=limits.to_dict(), fit_options=defaults,
+                          option_choices={"semantic_agg": list(AGGREGATIONS), "selection": list(SELECTIONS),
+                                          "score_norm": list(SCORE_NORMS)})
+
+    @app.get("/models", tags=["models"], responses=_errors(401))
+    def list_models() -> ModelList:
+        """Every stored model, newest first."""
+        return ModelList(models=[ModelInfo(**m) for m in store.list()])
+
+    @app.post("/models", status_code=201, tags=["models"], responses=_errors(401, 413, 422, 503))
+    async def create_model(
+        request: Request,
+        response: Response,
+        images: Annotated[list[UploadFile], File(min_length=1, description="Normal (defect-free) images: PNG, JPEG, BMP, TIFF, WebP.")],
+        class_name: Annotated[str, Form(min_length=1, max_length=200, description="What the images show, e.g. 'screw'; fills the text prompts.")],
+        backbone: Annotated[Optional[str], Form(description="One of GET /info 'backbones' (default: the server's).")] = None,
+        k: Annotated[Optional[int], Form(description="Number of sensitive neurons kept.")] = None,
+        layer: Annotated[Optional[str], Form(description="Block read for the visual branch (1-based).")] = None,
+        semantic_layer: Annotated[Optional[str], Form(description="Block read for the text probe (default: the last).")] = None,
+        lam: Annotated[Optional[float], Form(description="Weight of the text probe in the fused score.")] = None,
+        semantic_agg: Annotated[Optional[Literal[AGGREGATIONS]], Form()] = None,  # type: ignore[valid-type]
+        use_text: Annotated[Optional[bool], Form(description="Run the text probe.")] = None,
+        image_size: Annotated[Optional[int], Form(description="Square input size in pixels, a multiple of the patch size.")] = None,
+        sigma: Annotated[Optional[float], Form(description="Gaussian blur of maps, pixels of the model input; 0 = off.")] = None,
+        selection: Annotated[Optional[Literal[SELECTIONS]], Form()] = None,  # type: ignore[valid-type]
+        seed: Annotated[Optional[int], Form(description="Seed of selection=random.")] = None,
+        score_norm: Annotated[Optional[Literal[SCORE_NORMS]], Form()] = None,  # type: ignore[valid-type]
+        threshold: Annotated[Optional[float], Form(description="Fixed decision threshold (default: derived from the images).")] = None,
+        threshold_sigmas: Annotated[Optional[float], Form(description="Robust standard deviations above the typical normal score.")] = None,
+        batch_size: Annotated[Optional[int], Form(ge=1, le=256, description="Images per forward pass.")] = None,
+    ) -> ModelInfo:
+        """Fit a model on normal images and store it. Slow: runs the network over every image.
+
+        Unknown form fields are refused (422), so a misspelled option never passes silently.
+        """
+        await _refuse_unknown_fields(request, {"images", "class_name", "backbone", *FIT_OPTIONS})
+        options = {name: value for name, value in dict(
+            k=k, layer=_layer(layer), semantic_layer=_layer(semantic_layer), lam=lam, semantic_agg=semantic_agg,
+            use_text=use_text, image_size=image_size, sigma=sigma, selection=selection, seed=seed,
+            score_norm=score_norm, threshold=threshold, threshold_sigmas=threshold_sigmas, batch_size=batch_size,
+        ).items() if value is not None}
+        LakeConfig(**options).validate()  # a bad option is refused before any image is read
+        if image_size is not None and image_size > 2048:
+            raise ConfigError(f"image_size {image_size} is larger than this service allows (2048)")
+        check_count(len(images), limits.max_fit_images, "normal images given", "lakead serve --max-images")
+        names = [upload_name(f.filename, i) for i, f in enumerate(images)]
+
+        def work() -> dict[str, Any]:
+            arrays = read_uploads([(n, f.file) for n, f in zip(names, images)], limits)
+            return store.create(arrays, names, class_name, options, backbone=backbone)
+
+        result = await anyio.to_thread.run_sync(work, limiter=fit_slots)
+        response.headers["location"] = f"/models/{result['id']}"
+        return ModelInfo(**result)
+
+    @app.get("/models/{model_id}", tags=["models"], responses=_errors(401, 404, 422))
+    def get_model(model_id: ModelId) -> ModelInfo:
+        """One stored model."""
+        return ModelInfo(**store.info(model_id))
+
+    @app.delete("/models/{model_id}", status_code=204, tags=["models"], responses=_errors(401, 404, 422))
+    def delete_model(model_id: ModelId) -> Response:
+        """Remove a stored model (after the predictions running on it finish)."""
+        store.delete(model_id)
+        return Response(status_code=204)
+
+    @app.post("/models/{model_id}/predict", tags=["models"], responses=_errors(401, 404, 413, 422))
+    async def predict(
+        request: Request,
+        model_id: ModelId,
+        images: Annotated[list[UploadFile], File(min_length=1, description="Images to score.")],
+        threshold: Annotated[Optional[float], Form(allow_inf_nan=False, description="Decision threshold for this call (default: the model's).")] = None,
+        overlay_png: Annotated[bool, Form(alias="overlay", description="Return each map as a PNG overlay (data URL).")] = True,
+    ) -> PredictResponse:
+        """Score images: per image the score, its parts, the decision and the map as an overlay."""
+        await _refuse_unknown_fields(request, {"images", "threshold", "overlay"})
+        if not store.exists(model_id):
+            raise ModelNotFound(model_id)
+        check_count(len(images), limits.max_predict_images, "images given", "lakead serve --max-predict-images")
+        names = [upload_name(f.filename, i) for i, f in enumerate(images)]
+
+        def work() -> PredictResponse:
+            arrays = read_uploads([(n, f.file) for n, f in zip(names, images)], limits)
+            pred, (vmin, vmax) = store.predict(model_id, arrays, names, threshold)
+            results = []
+            for j, (arr, name) in enumerate(zip(arrays, names)):
+                png = None
+                if overlay_png:
+                    png = "data:image/png;base64," + base64.b64encode(png_bytes(overlay(arr, pred.maps[j], vmin, vmax))).decode("ascii")
+                results.append(ImageResult(
+                    name=name, width=int(arr.shape[1]), height=int(arr.shape[0]), score=float(pred.scores[j]),
+                    visual=float(pred.visual[j]), semantic=float(pred.semantic[j]), anomalous=bool(pred.anomalous[j]),
+                    threshold=_finite(pred.threshold), map_max=float(pred.maps[j].max()), overlay_png=png,
+                ))
+            return PredictResponse(model=model_id, threshold=_finite(pred.threshold), map_range=[vmin, vmax], results=results)
+
+        return await anyio.to_thread.run_sync(work, limiter=predict_slots)
+
+    return app
+
+
+def _layer(value: str | None) -> int | str | None:
+    """Block numbers are integers; ONNX tensor names stay strings."""
+    if value is None:
+        return None
+    v = value.strip()
+    return int(v) if v.lstrip("-").isdigit() else v
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+async def _refuse_unknown_fields(request: Request, known: set[str]) -> None:
+    form = await request.form()  # already parsed by FastAPI: this reads its cache
+    unknown = sorted(set(form.keys()) - known)
+    if unknown:
+        raise RequestValidationError([
+            {"type": "extra_forbidden", "loc": ("body", name), "msg": f"unknown field; known: {sorted(known)}", "input": None}
+            for name in unknown
+        ])
+
+
+def _json_error(status: int, detail: str, problems: list[tuple[str, str]] | None = None, headers: dict | None = None) -> JSONResponse:
+    body = ErrorBody(detail=detail, errors=[Problem(name=n, problem=p) for n, p in (problems or [])])
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _exception_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _json_error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for e in exc.errors():
+            loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "header")]
+            problems.append((".".join(loc) or "request", str(e.get("msg", "invalid"))))
+        detail = "invalid request: " + "; ".join(f"{n}: {p}" for n, p in problems)
+        return _json_error(422, detail, problems)
+
+    @app.exception_handler(UploadRejected)
+    async def rejected(request: Request, exc: UploadRejected) -> JSONResponse:
+        return _json_error(exc.status, str(exc), exc.problems)
+
+    @app.exception_handler(ModelNotFound)
+    async def not_found(request: Request, exc: ModelNotFound) -> JSONResponse:
+        return _json_error(404, str(exc))
+
+    @app.exception_handler(BackboneUnavailableError)
+    async def no_backbone(request: Request, exc: BackboneUnavailableError) -> JSONResponse:
+        return _json_error(503, str(exc))
+
+    @app.exception_handler(ModelFormatError)
+    async def damaged(request: Request, exc: ModelFormatError) -> JSONResponse:
+        return _json_error(500, f"stored model cannot be used: {exc}")
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette still raises the exception afterwards, so the server logs its traceback.
+        return _json_error(500, f"internal error: {type(exc).__name__}: {exc} (the traceback is in the server log)")
+
+    @app.exception_handler(LakeadError)
+    async def bad_input(request: Request, exc: LakeadError) -> JSONResponse:
+        return _json_error(422, str(exc))  # ConfigError and the other errors a client's input causes

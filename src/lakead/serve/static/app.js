@@ -1,0 +1,436 @@
+// The lakead page: plain JavaScript over the service's JSON API (no build step).
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const IMAGE_ENDINGS = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"];
+const TOKEN_KEY = "lakead-token";
+
+const state = { info: null, models: [], fitFiles: [], authRequired: false };
+
+// ---- token: from the page address (#token=...), kept for this tab only -------------------
+
+function takeTokenFromAddress() {
+  const m = /(?:^#|&)token=([^&]*)/.exec(location.hash);
+  if (m) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);  // keep it out of the address bar
+  }
+}
+const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
+
+// ---- API ---------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, detail, errors) {
+    super(detail);
+    this.status = status;
+    this.errors = errors || [];
+  }
+}
+
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (token()) headers.set("Authorization", "Bearer " + token());
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers });
+  } catch (e) {
+    throw new ApiError(0, "the service cannot be reached (" + e.message + ")");
+  }
+  if (response.status === 204) return null;
+  let body = null;
+  try { body = await response.json(); } catch (e) { /* not JSON */ }
+  if (!response.ok) {
+    if (response.status === 401) askForToken();
+    const detail = body && typeof body.detail === "string" ? body.detail : `${response.status} ${response.statusText}`;
+    throw new ApiError(response.status, detail, body && body.errors);
+  }
+  return body;
+}
+
+// ---- messages ----------------------------------------------------------------------------
+
+function showMessage(text, kind = "error") {
+  const el = $("#message");
+  el.textContent = text;
+  el.className = kind === "info" ? "info" : "";
+  el.hidden = !text;
+}
+
+function errorText(err) {
+  let text = err.message;
+  if (err.errors && err.errors.length > 1) {
+    text += "\n" + err.errors.map((e) => `• ${e.name}: ${e.problem}`).join("\n");
+  }
+  return text;
+}
+
+function askForToken() {
+  $("#token-form").hidden = false;
+  $("#token").focus();
+}
+
+// ---- files -------------------------------------------------------------------------------
+
+function isImage(file) {
+  const name = file.name.toLowerCase();
+  return (file.type && file.type.startsWith("image/")) || IMAGE_ENDINGS.some((e) => name.endsWith(e));
+}
+
+// Files of a drop, folders searched recursively (hidden files skipped), sorted by path.
+async function droppedFiles(dataTransfer) {
+  const entries = [];
+  for (const item of dataTransfer.items || []) {
+    const entry = item.webkitGetAsEntry ? item.webkitGetAsEntry() : null;
+    if (entry) entries.push(entry);
+  }
+  if (!entries.length) return Array.from(dataTransfer.files || []);
+  const out = [];
+  async function walk(entry, prefix) {
+    if (entry.name.startsWith(".")) return;
+    if (entry.isFile) {
+      const file = await new Promise((ok, fail) => entry.file(ok, fail));
+      out.push({ path: prefix + file.name, file });
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {  // readEntries returns the listing in pieces
+        const batch = await new Promise((ok, fail) => reader.readEntries(ok, fail));
+        if (!batch.length) break;
+        for (const child of batch) await walk(child, prefix + entry.name + "/");
+      }
+    }
+  }
+  for (const entry of entries) await walk(entry, "");
+  out.sort((a, b) => a.path.localeCompare(b.path));
+  return out.map((x) => x.file);
+}
+
+function setupDrop(zone, input, onFiles) {
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", async (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    onFiles(await droppedFiles(e.dataTransfer));
+  });
+  input.addEventListener("change", () => { onFiles(Array.from(input.files)); input.value = ""; });
+}
+
+function splitImages(files) {
+  const images = files.filter(isImage);
+  const ignored = files.length - images.length;
+  return { images, ignored };
+}
+
+const mib = (bytes) => (bytes / 2 ** 20).toFixed(1) + " MiB";
+const fmt = (x, digits = 4) => (x === null || x === undefined ? "none" : Number(x).toPrecision(digits));
+
+// ---- models ------------------------------------------------------------------------------
+
+async function loadModels(selectId) {
+  const { models } = await api("/models");
+  state.models = models;
+  const select = $("#model-select");
+  const keep = selectId || select.value;
+  select.replaceChildren();
+  if (!models.length) select.append(new Option("(none yet: create one below)", ""));
+  for (const m of models) {
+    select.append(new Option(`${m.class_name} · ${m.id} · ${m.support_images} images`, m.id));
+  }
+  if (models.some((m) => m.id === keep)) select.value = keep;
+  showModel();
+}
+
+function currentModel() {
+  return state.models.find((m) => m.id === $("#model-select").value) || null;
+}
+
+function showModel() {
+  const m = currentModel();
+  const dl = $("#model-info");
+  dl.replaceChildren();
+  $("#delete-model").disabled = !m;
+  if (!m) return;
+  const rows = [
+    ["id", m.id], ["class", m.class_name], ["normal images", m.support_images],
+    ["threshold", fmt(m.threshold)], ["backbone", m.backbone],
+    ["blocks", `visual ${m.layer}, text ${m.semantic_layer ?? "off"}`], ["neurons (k)", m.k],
+    ["fitted", m.fitted_at],
+  ];
+  for (const [k, v] of rows) {
+    const dt = document.createElement("dt"); dt.textContent = k;
+    const dd = document.createElement("dd"); dd.textContent = String(v);
+    dl.append(dt, dd);
+  }
+  for (const w of m.warnings) {
+    const dd = document.createElement("dd"); dd.className = "warn"; dd.textContent = "⚠ " + w;
+    dl.append(dd);
+  }
+}
+
+async function deleteModel() {
+  const m = currentModel();
+  if (!m || !confirm(`Delete model ${m.id} (${m.class_name})? This cannot be undone.`)) return;
+  try {
+    await api(`/models/${encodeURIComponent(m.id)}`, { method: "DELETE" });
+    showMessage(`Deleted model ${m.id}.`, "info");
+    await loadModels();
+  } catch (err) {
+    showMessage(errorText(err));
+  }
+}
+
+// ---- creating a model --------------------------------------------------------------------
+
+function buildOptionFields() {
+  const box = $("#option-fields");
+  box.replaceChildren();
+  const info = state.info;
+  if (info.backbones.length > 1) {
+    const label = document.createElement("label");
+    label.textContent = "backbone";
+    const select = document.createElement("select");
+    select.name = "backbone";
+    for (const b of info.backbones) select.append(new Option(b, b));
+    label.append(select);
+    box.append(label);
+  }
+  for (const [name, def] of Object.entries(info.fit_options)) {
+    const label = document.createElement("label");
+    label.textContent = name;
+    let input;
+    if (info.option_choices[name]) {
+      input = document.createElement("select");
+      input.append(new Option(`default (${def})`, ""));
+      for (const c of info.option_choices[name]) input.append(new Option(c, c));
+    } else if (typeof def === "boolean") {
+      input = document.createElement("select");
+      input.append(new Option(`default (${def ? "yes" : "no"})`, ""), new Option("yes", "true"), new Option("no", "false"));
+    } else {
+      input = document.createElement("input");
+      input.type = name.endsWith("layer") ? "text" : "number";
+      if (input.type === "number") input.step = "any";
+      input.placeholder = def === null ? "auto" : String(def);
+    }
+    input.name = name;
+    input.id = "opt-" + name;
+    label.append(input);
+    box.append(label);
+  }
+}
+
+function setFitFiles(files) {
+  const { images, ignored } = splitImages(files);
+  state.fitFiles = images;
+  const size = images.reduce((s, f) => s + f.size, 0);
+  $("#fit-chosen").textContent = images.length
+    ? `${images.length} image(s), ${mib(size)}` + (ignored ? ` (${ignored} other file(s) ignored)` : "")
+    : "No images chosen." + (ignored ? ` ${ignored} file(s) ignored: not images.` : "");
+  const thumbs = $("#fit-thumbs");
+  for (const img of thumbs.querySelectorAll("img")) URL.revokeObjectURL(img.src);
+  thumbs.replaceChildren();
+  for (const f of images.slice(0, 24)) {
+    const img = document.createElement("img");
+    img.src = URL.createObjectURL(f);
+    img.alt = img.title = f.name;
+    thumbs.append(img);
+  }
+}
+
+async function createModel(event) {
+  event.preventDefault();
+  const className = $("#class-name").value.trim();
+  const files = state.fitFiles;
+  const limits = state.info.limits;
+  const size = files.reduce((s, f) => s + f.size, 0);
+  let problem = "";
+  if (!className) problem = "Give a class name: what the images show (it fills the text prompts).";
+  else if (!files.length) problem = "Choose or drop some normal images first.";
+  else if (files.length > limits.max_fit_images) problem = `${files.length} images: this server takes at most ${limits.max_fit_images} per model.`;
+  else if (size > limits.max_request_bytes) problem = `${mib(size)} of images: this server takes at most ${mib(limits.max_request_bytes)} per request.`;
+  if (problem) { showMessage(problem); return; }
+
+  const form = new FormData();
+  form.append("class_name", className);
+  for (const el of $("#option-fields").querySelectorAll("input, select")) {
+    if (el.value.trim() !== "") form.append(el.name, el.value.trim());
+  }
+  for (const f of files) form.append("images", f, f.name);
+  const button = $("#fit-button");
+  button.disabled = true;
+  showMessage("");
+  const started = performance.now();
+  $("#fit-status").textContent = `fitting on ${files.length} image(s)…`;
+  try {
+    const model = await api("/models", { method: "POST", body: form });
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    $("#fit-status").textContent = `created ${model.id} in ${seconds} s`;
+    await loadModels(model.id);
+  } catch (err) {
+    $("#fit-status").textContent = "failed";
+    showMessage(errorText(err));
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ---- scoring -----------------------------------------------------------------------------
+
+function resultCard(file) {
+  const card = document.createElement("article");
+  card.className = "result pending";
+  const pair = document.createElement("div");
+  pair.className = "pair";
+  for (const [cls, caption] of [["input", "image"], ["overlay", "anomaly map"]]) {
+    const fig = document.createElement("figure");
+    const img = document.createElement("img");
+    img.className = cls;
+    img.alt = `${caption} of ${file.name}`;
+    if (cls === "input") img.src = URL.createObjectURL(file);
+    const cap = document.createElement("figcaption");
+    cap.textContent = caption;
+    fig.append(img, cap);
+    pair.append(fig);
+  }
+  const title = document.createElement("h4");
+  title.className = "name";
+  title.textContent = file.name;
+  const scores = document.createElement("p");
+  scores.className = "scores";
+  scores.textContent = "waiting…";
+  card.append(pair, title, scores);
+  return card;
+}
+
+function fillCard(card, r, modelId) {
+  card.classList.remove("pending");
+  card.classList.add(r.anomalous ? "anomalous" : "normal");
+  card.dataset.score = r.score;
+  card.querySelector("img.overlay").src = r.overlay_png;
+  const p = card.querySelector(".scores");
+  p.replaceChildren();
+  const badge = document.createElement("span");
+  badge.className = "badge decision";
+  badge.textContent = r.anomalous ? "ANOMALOUS" : "NORMAL";
+  const text = document.createElement("span");
+  text.textContent = ` score ${fmt(r.score)} · visual ${fmt(r.visual)} · text ${fmt(r.semantic, 3)} · threshold ${fmt(r.threshold)}`;
+  const small = document.createElement("div");
+  small.className = "hint";
+  small.textContent = `${r.width}×${r.height} px · model ${modelId}`;
+  p.append(badge, text, small);
+}
+
+function failCard(card, problem) {
+  card.classList.remove("pending");
+  card.classList.add("failed");
+  card.querySelector(".scores").textContent = "not scored: " + problem;
+}
+
+// Batches that fit the server's limits on image count and request size.
+function batches(files) {
+  const limits = state.info.limits;
+  const maxBytes = limits.max_request_bytes * 0.95;
+  const out = [];
+  let cur = [], bytes = 0;
+  for (const f of files) {
+    if (cur.length && (cur.length >= limits.max_predict_images || bytes + f.size > maxBytes)) {
+      out.push(cur); cur = []; bytes = 0;
+    }
+    cur.push(f); bytes += f.size;
+  }
+  if (cur.length) out.push(cur);
+  return out;
+}
+
+async function scoreFiles(files) {
+  const { images, ignored } = splitImages(files);
+  const model = currentModel();
+  if (!model) { showMessage("Pick a stored model or create one first."); return; }
+  if (!images.length) { showMessage("None of the dropped files is an image."); return; }
+  showMessage(ignored ? `${ignored} file(s) ignored: not images.` : "", "info");
+  const thresholdValue = $("#threshold").value.trim();
+  const results = $("#results");
+  const cards = images.map(resultCard);
+  cards.slice().reverse().forEach((c) => results.prepend(c));
+  let done = 0, anomalous = 0, failed = 0;
+  const status = $("#predict-status");
+  for (const batch of batches(images)) {
+    const batchCards = batch.map((f) => cards[images.indexOf(f)]);
+    if (batch.length === 1 && batch[0].size > state.info.limits.max_request_bytes) {
+      failCard(batchCards[0], `file of ${mib(batch[0].size)} is larger than the server's limit`);
+      failed += 1;
+      continue;
+    }
+    status.textContent = `scoring ${done + 1}–${done + batch.length} of ${images.length} with ${model.id}…`;
+    const form = new FormData();
+    for (const f of batch) form.append("images", f, f.name);
+    if (thresholdValue) form.append("threshold", thresholdValue);
+    try {
+      const res = await api(`/models/${encodeURIComponent(model.id)}/predict`, { method: "POST", body: form });
+      res.results.forEach((r, i) => { fillCard(batchCards[i], r, model.id); anomalous += r.anomalous ? 1 : 0; });
+    } catch (err) {
+      const byName = new Map((err.errors || []).map((e) => [e.name, e.problem]));
+      batchCards.forEach((c, i) => failCard(c, byName.get(batch[i].name) || err.message));
+      failed += batch.length;
+      showMessage(errorText(err));
+    }
+    done += batch.length;
+  }
+  status.textContent = `${done - failed} image(s) scored with ${model.id}: ${anomalous} anomalous` + (failed ? `, ${failed} not scored` : "");
+}
+
+function clearResults() {
+  for (const img of $("#results").querySelectorAll("img.input")) URL.revokeObjectURL(img.src);
+  $("#results").replaceChildren();
+  $("#predict-status").textContent = "";
+}
+
+// ---- start -------------------------------------------------------------------------------
+
+async function connect() {
+  try {
+    const health = await api("/healthz");
+    state.authRequired = health.auth_required;
+    $("#server-status").textContent = `lakead ${health.version}`;
+    $("#server-status").className = "status ok";
+  } catch (err) {
+    $("#server-status").textContent = "service unreachable";
+    $("#server-status").className = "status down";
+    showMessage(errorText(err));
+    return;
+  }
+  if (state.authRequired && !token()) {
+    askForToken();
+    showMessage("This service needs a token: enter the one given to 'lakead serve --token', or open the address it printed.");
+    return;
+  }
+  try {
+    state.info = await api("/info");
+    buildOptionFields();
+    await loadModels();
+    showMessage("");
+    document.body.dataset.ready = "true";
+  } catch (err) {
+    showMessage(errorText(err));
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  takeTokenFromAddress();
+  $("#token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $("#token").value.trim());
+    $("#token-form").hidden = true;
+    connect();
+  });
+  $("#model-select").addEventListener("change", showModel);
+  $("#delete-model").addEventListener("click", deleteModel);
+  $("#fit-form").addEventListener("submit", createModel);
+  $("#clear-results").addEventListener("click", clearResults);
+  setupDrop($("#fit-drop"), $("#fit-files"), setFitFiles);
+  setupDrop($("#test-drop"), $("#test-files"), scoreFiles);
+  // A file dropped beside a drop zone must not make the browser leave the page.
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => e.preventDefault());
+  connect();
+});

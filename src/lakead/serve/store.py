@@ -1,0 +1,371 @@
+"""Models on disk for the service: create (fit + save), list, read, predict, delete.
+
+Thread-safe and framework-free: the web layer calls these methods from worker threads.
+
+- A model is a directory ``<models_dir>/<id>/`` written by :meth:`LakeDetector.save`, which
+  builds it under a hidden temporary name and renames it into place: a model is listed only
+  once complete, and a fit that fails (or a process killed mid-write) leaves no model behind.
+  Any directory holding a saved model whose name is a valid id is served (a model written by
+  ``lakead fit --out <models_dir>/screw`` appears as ``screw``).
+- Each model has a readers-writer lock: predictions share it, deletion takes it alone, so a
+  model is never removed under a running prediction. A deleted model is first renamed to a
+  hidden name (it vanishes at once, whole), then removed.
+- Loaded detectors are cached (least recently used first out), so a model is read from disk
+  once; backbones are loaded once per source and shared by every model that uses them.
+- Fits run one at a time: they share the backbone's tokenizer, which is not safe to call from
+  two threads at once, and each one keeps the processor busy anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backbones import Backbone, BackboneInfo, load_backbone
+from ..detector import LakeDetector, Prediction, read_model_meta
+from ..errors import ConfigError, ImageLoadError, LakeadError, ModelFormatError
+from .uploads import UploadRejected
+
+log = logging.getLogger("lakead.serve")
+
+#: Model ids: a letter or digit, then letters, digits, '.', '_' or '-' (no path separators).
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_ID = re.compile(ID_PATTERN)
+
+#: Hidden leftovers of an interrupted save or delete older than this are removed at start.
+STALE_SECONDS = 3600.0
+
+#: Detector options a client may set when creating a model (``device`` is the server's).
+FIT_OPTIONS = (
+    "k", "layer", "semantic_layer", "lam", "semantic_agg", "use_text", "image_size", "sigma",
+    "selection", "seed", "score_norm", "threshold", "threshold_sigmas", "batch_size",
+)
+
+
+class ModelNotFound(LakeadError):
+    """No model with this id is stored."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        super().__init__(f"no model with id {model_id!r}")
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer goes before new readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass
+class _Entry:
+    rw: RWLock
+    loading: threading.Lock
+
+
+def slug(text: str, limit: int = 32) -> str:
+    """Lower-case letters, digits and single dashes from ``text`` (for readable ids)."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:limit].strip("-") or "model"
+
+
+class ModelStore:
+    """The models of one service, in one directory."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        default_backbone: str,
+        allowed_backbones: Sequence[str] = (),
+        device: str = "auto",
+        max_cached: int = 8,
+    ) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"models directory {self.root}: cannot be created ({exc.strerror or exc})") from None
+        if not self.root.is_dir():
+            raise ConfigError(f"models directory {self.root}: is not a directory")
+        if max_cached < 1:
+            raise ConfigError(f"max_cached must be at least 1, got {max_cached}")
+        self.default_backbone = default_backbone
+        self.allowed_backbones = tuple(dict.fromkeys([default_backbone, *allowed_backbones]))
+        self.device = device
+        self.max_cached = max_cached
+        self._lock = threading.Lock()  # guards the dicts below
+        self._entries: dict[str, _Entry] = {}
+        self._cache: OrderedDict[str, LakeDetector] = OrderedDict()
+        self._backbones: dict[str, Backbone] = {}
+        self._backbone_lock = threading.Lock()
+        self._fit_lock = threading.Lock()
+        self._remove_stale()
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    def _remove_stale(self) -> None:
+        """Remove hidden leftovers (``.<id>.*.tmp``, ``.<id>.old-*``, ``.<id>.deleted-*``) of a
+        save or delete that a crash interrupted, once they are old enough not to be in use."""
+        now = time.time()
+        for p in self.root.iterdir():
+            if p.name.startswith(".") and p.is_dir() and re.search(r"(\.tmp|\.old-[0-9a-f]+|\.deleted-[0-9a-f]+)$", p.name):
+                try:
+                    if now - p.stat().st_mtime > STALE_SECONDS:
+                        shutil.rmtree(p, ignore_errors=True)
+                        log.info("removed the leftover %s of an interrupted write", p)
+                except OSError:
+                    pass
+
+    def _entry(self, model_id: str) -> _Entry:
+        with self._lock:
+            entry = self._entries.get(model_id)
+            if entry is None:
+                entry = self._entries[model_id] = _Entry(RWLock(), threading.Lock())
+            return entry
+
+    def _path(self, model_id: str) -> Path:
+        if not _ID.match(model_id):
+            raise ModelNotFound(model_id)
+        return self.root / model_id
+
+    def exists(self, model_id: str) -> bool:
+        return bool(_ID.match(model_id)) and (self.root / model_id / "lakead.json").is_file()
+
+    # -- backbones ------------------------------------------------------------------------
+
+    def backbone(self, spec: str) -> Backbone:
+        """The backbone for ``spec``, loaded once (with its text tower, so it can fit)."""
+        with self._backbone_lock:
+            bb = self._backbones.get(spec)
+            if bb is None:
+                bb = load_backbone(spec, need_text=True)
+                self._backbones[spec] = bb
+            return bb
+
+    def _backbone_for(self, saved: BackboneInfo) -> Backbone:
+        """A loaded backbone that is the same model as ``saved``; else the saved source."""
+        with self._backbone_lock:
+            for bb in self._backbones.values():
+                if bb.info.same_model(saved):
+                    return bb
+            bb = load_backbone(saved.source, need_text=False)
+            self._backbones[saved.source] = bb
+            return bb
+
+    # -- reading --------------------------------------------------------------------------
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every stored model, newest first. Directories that are not valid models are skipped
+        (with a warning in the log)."""
+        out = []
+        for p in self.root.iterdir():
+            if p.name.startswith(".") or not p.is_dir() or not _ID.match(p.name):
+                continue
+            try:
+                out.append(model_info(p.name, read_model_meta(p)))
+            except (ModelFormatError, KeyError, TypeError, ValueError) as exc:
+                log.warning("not serving %s: %s", p, exc)
+        return sorted(out, key=lambda m: (m["fitted_at"] or "", m["id"]), reverse=True)
+
+    def info(self, model_id: str) -> dict[str, Any]:
+        path = self._path(model_id)
+        if not (path / "lakead.json").is_file():
+            raise ModelNotFound(model_id)
+        try:
+            return model_info(model_id, read_model_meta(path))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFormatError(f"stored model {model_id!r} is damaged ({exc})") from None
+
+    def detector(self, model_id: str) -> LakeDetector:
+        """The loaded detector (from the cache, or read from disk once). Call under the
+        model's read lock."""
+        with self._lock:
+            det = self._cache.get(model_id)
+            if det is not None:
+                self._cache.move_to_end(model_id)
+                return det
+        entry = self._entry(model_id)
+        with entry.loading:  # one thread loads; the others wait and take it from the cache
+            with self._lock:
+                det = self._cache.get(model_id)
+            if det is None:
+                path = self._path(model_id)
+                meta = read_model_meta(path)  # ModelFormatError when missing or damaged
+                try:
+                    saved = BackboneInfo(**meta["backbone"])
+                except (KeyError, TypeError) as exc:
+                    raise ModelFormatError(f"stored model {model_id!r} is damaged ({exc})") from None
+                det = LakeDetector.load(path, backbone=self._backbone_for(saved), device=self.device)
+                self._remember(model_id, det)
+            return det
+
+    def _remember(self, model_id: str, det: LakeDetector) -> None:
+        with self._lock:
+            self._cache[model_id] = det
+            self._cache.move_to_end(model_id)
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def new_id(self, class_name: str) -> str:
+        while True:
+            model_id = f"{slug(class_name)}-{uuid.uuid4().hex[:8]}"
+            if not (self.root / model_id).exists():
+                return model_id
+
+    def create(
+        self,
+        images: Sequence[np.ndarray],
+        names: Sequence[str],
+        class_name: str,
+        options: dict[str, Any],
+        backbone: str | None = None,
+    ) -> dict[str, Any]:
+        """Fit a detector on normal images, save it under a new id, and return its info.
+
+        ``options`` are :class:`~lakead.detector.LakeConfig` fields from :data:`FIT_OPTIONS`;
+        ``backbone`` must be one of :attr:`allowed_backbones` (default: the server's).
+        Raises :class:`ConfigError` on a bad option, :class:`UploadRejected` (422) when an
+        image is smaller than one patch of the backbone. Nothing is written on failure.
+        """
+        unknown = sorted(set(options) - set(FIT_OPTIONS))
+        if unknown:
+            raise ConfigError(f"unknown detector option(s) {unknown}; known: {list(FIT_OPTIONS)}")
+        if not isinstance(class_name, str) or not class_name.strip():
+            raise ConfigError("class_name must be a non-empty string (it fills the text prompts)")
+        spec = backbone or self.default_backbone
+        if spec not in self.allowed_backbones:
+            raise ConfigError(f"backbone {spec!r} is not offered by this server; choose one of {list(self.allowed_backbones)}")
+        with self._fit_lock:
+            bb = self.backbone(spec)
+            det = LakeDetector(backbone=bb, device=self.device, **options)
+            arrays = _check_patch(det, images, names)
+            det.fit(arrays, class_name, names=list(names), support_rule=f"{len(arrays)} images uploaded to the service")
+            model_id = self.new_id(class_name)
+            with self._entry(model_id).rw.write():
+                det.save(self.root / model_id)  # atomic: complete or absent
+                self._remember(model_id, det)
+        for problem in det.skipped_:
+            log.warning("model %s: skipped %s", model_id, problem)
+        return self.info(model_id)
+
+    def delete(self, model_id: str) -> None:
+        """Remove a stored model; waits for the predictions running on it to finish."""
+        path = self._path(model_id)
+        entry = self._entry(model_id)
+        with entry.rw.write():
+            if not (path / "lakead.json").is_file():
+                raise ModelNotFound(model_id)
+            trash = self.root / f".{model_id}.deleted-{uuid.uuid4().hex[:8]}"
+            path.rename(trash)  # the model disappears whole, at once
+            with self._lock:
+                self._cache.pop(model_id, None)
+                self._entries.pop(model_id, None)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- predicting -----------------------------------------------------------------------
+
+    def predict(
+        self, model_id: str, images: Sequence[np.ndarray], names: Sequence[str], threshold: float | None = None
+    ) -> tuple[Prediction, tuple[float, float]]:
+        """Score images with a stored model. Returns the prediction and the model's map
+        colour range ``(vmin, vmax)`` (see :mod:`lakead.viz`)."""
+        path = self._path(model_id)
+        with self._entry(model_id).rw.read():
+            if not (path / "lakead.json").is_file():
+                raise ModelNotFound(model_id)
+            det = self.detector(model_id)
+            arrays = _check_patch(det, images, names)
+            pred = det.predict(arrays, names=list(names), threshold=threshold)
+            return pred, tuple(det.map_range_)  # type: ignore[return-value]
+
+
+def _check_patch(det: LakeDetector, images: Sequence[np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+    """Every image through the detector's own reader (smaller than one patch is an error)."""
+    out, problems = [], []
+    for arr, name in zip(images, names):
+        try:
+            out.append(det.read_image(arr, name))
+        except ImageLoadError as exc:
+            problems.append((name, exc.problem))
+    if problems:
+        raise UploadRejected(422, "; ".join(f"{n}: {p}" for n, p in problems), problems)
+    return out
+
+
+def model_info(model_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """What a client is told about a stored model, from its ``lakead.json``."""
+    config = dict(meta["config"])
+    warnings = []
+    if meta["threshold"] is None:
+        warnings.append("fitted on one image: no threshold could be derived, so every image is called normal "
+                        "unless a threshold is given with the prediction")
+    if meta.get("skipped"):
+        warnings.append(f"{len(meta['skipped'])} support image(s) were skipped: {'; '.join(meta['skipped'][:3])}")
+    return {
+        "id": model_id,
+        "class_name": meta["class_name"],
+        "backbone": meta["backbone"]["source"],
+        "fitted_at": meta["fitted_at"],
+        "lakead_version": meta["lakead_version"],
+        "support_images": len(meta["support"]),
+        "support": list(meta["support"]),
+        "support_rule": meta["support_rule"],
+        "threshold": meta["threshold"],
+        "image_size": meta["image_size"],
+        "layer": meta["layer"],
+        "semantic_layer": meta["semantic_layer"],
+        "k": int(meta["config"]["k"]) if config.get("selection") != "all" else int(meta["width"]),
+        "text_probe": meta["prompts"] is not None,
+        "map_range": list(meta["map_range"]),
+        "config": config,
+        "warnings": warnings,
+    }

@@ -1,0 +1,467 @@
+"""The service through FastAPI's test client, with the tiny random CLIP.
+
+Covers the model lifecycle, agreement with the library, errors and limits, the token, the
+host and origin checks, persistence across a restart, concurrency from threads, and a
+schemathesis run against the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'lakead[serve]')")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from conftest import texture, with_defect  # noqa: E402
+from lakead.cli import app as cli_app  # noqa: E402
+from lakead.detector import LakeDetector  # noqa: E402
+from lakead.serve import ServeLimits, create_app  # noqa: E402
+
+FIT = {"class_name": "tile", "k": "8", "layer": "2", "image_size": "64", "batch_size": "4"}
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def files(*items: tuple[str, bytes]) -> list:
+    return [("images", (name, data, "image/png")) for name, data in items]
+
+
+@pytest.fixture(scope="module")
+def normals() -> list[np.ndarray]:
+    rng = np.random.default_rng(10)
+    return [texture(rng) for _ in range(6)]
+
+
+@pytest.fixture(scope="module")
+def tests_imgs() -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    return [texture(rng) for _ in range(3)] + [with_defect(texture(rng), 24, 32, 16), texture(rng, (50, 90))]
+
+
+@pytest.fixture
+def make_app(tmp_path, tiny_clip_dir):
+    def make(models_dir: Path | None = None, **kwargs):
+        return create_app(models_dir or tmp_path / "models", backbone=str(tiny_clip_dir), device="cpu", **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def client(make_app):
+    with TestClient(make_app()) as c:
+        yield c
+
+
+def fit(client: TestClient, normals, **extra) -> dict:
+    r = client.post("/models", data={**FIT, **extra}, files=files(*[(f"n{i}.png", png(a)) for i, a in enumerate(normals)]))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def predict(client: TestClient, model_id: str, imgs, **data):
+    return client.post(f"/models/{model_id}/predict", data=data, files=files(*[(f"t{i}.png", png(a)) for i, a in enumerate(imgs)]))
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+def test_health_and_info(client):
+    assert client.get("/healthz").json() == {"status": "ok", "version": "0.1.0", "auth_required": False}
+    info = client.get("/info").json()
+    assert info["limits"] == ServeLimits().to_dict()
+    assert info["fit_options"]["k"] == 100 and "device" not in info["fit_options"]
+    assert info["option_choices"]["selection"] == ["top", "random", "bottom", "all"]
+    page = client.get("/")
+    assert page.status_code == 200 and "lakead" in page.text and "/static/app.js" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert "/models/{model_id}/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_create_get_list_predict_delete(client, normals, tests_imgs, tmp_path):
+    model = fit(client, normals)
+    mid = model["id"]
+    assert mid.startswith("tile-")
+    assert model["support"] == [f"n{i}.png" for i in range(len(normals))] and model["support_images"] == 6
+    assert model["k"] == 8 and model["layer"] == 2 and model["config"]["image_size"] == 64 and model["warnings"] == []
+    assert client.get(f"/models/{mid}").json() == model
+    assert [m["id"] for m in client.get("/models").json()["models"]] == [mid]
+
+    r = predict(client, mid, tests_imgs)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    res = body["results"]
+    assert [x["name"] for x in res] == [f"t{i}.png" for i in range(len(tests_imgs))]
+    scores = np.array([x["score"] for x in res])
+    assert scores[3] > np.delete(scores, 3).max()  # the planted defect scores highest
+    assert [x["anomalous"] for x in res] == [x["score"] > model["threshold"] for x in res]
+    for x, img in zip(res, tests_imgs):
+        assert (x["height"], x["width"]) == img.shape[:2]
+        assert x["threshold"] == body["threshold"] == model["threshold"]
+        assert x["score"] == pytest.approx(x["visual"] + 0.1 * x["semantic"], abs=1e-5)
+        assert x["overlay_png"].startswith("data:image/png;base64,")
+        overlay = Image.open(io.BytesIO(base64.b64decode(x["overlay_png"].split(",", 1)[1])))
+        assert overlay.format == "PNG" and overlay.size == (img.shape[1], img.shape[0])
+
+    # the stored model is an ordinary lakead model: the library gives the same numbers
+    det = LakeDetector.load(tmp_path / "models" / mid, device="cpu")
+    p = det.predict(tests_imgs)
+    assert np.allclose(scores, p.scores, atol=1e-5)
+    assert np.allclose([x["map_max"] for x in res], [m.max() for m in p.maps], atol=1e-5)
+
+    no_overlay = predict(client, mid, tests_imgs[:1], overlay="false").json()["results"][0]
+    assert no_overlay["overlay_png"] is None and no_overlay["score"] == pytest.approx(res[0]["score"], abs=1e-6)
+
+    assert client.delete(f"/models/{mid}").status_code == 204
+    assert client.get(f"/models/{mid}").status_code == 404
+    assert client.get("/models").json() == {"models": []}
+    assert list((tmp_path / "models").iterdir()) == []  # nothing left, hidden or not
+
+
+def test_threshold_override_and_one_image_model(client, normals, tests_imgs):
+    mid = fit(client, normals)["id"]
+    low = predict(client, mid, tests_imgs[:2], threshold="-1").json()
+    assert low["threshold"] == -1 and all(x["anomalous"] for x in low["results"])
+    high = predict(client, mid, tests_imgs, threshold="1e9").json()
+    assert not any(x["anomalous"] for x in high["results"])
+
+    one = fit(client, normals[:1])
+    assert one["threshold"] is None and "no threshold" in one["warnings"][0]
+    body = predict(client, one["id"], tests_imgs).json()
+    assert body["threshold"] is None and not any(x["anomalous"] for x in body["results"])
+
+
+def test_options_are_validated(client, normals):
+    imgs = files(("a.png", png(normals[0])), ("b.png", png(normals[1])))
+    cases = [
+        ({"kk": "3"}, "kk: unknown field"),
+        ({"device": "cuda"}, "device: unknown field"),
+        ({"k": "0"}, "k must be a positive integer, got 0"),
+        ({"k": "abc"}, "k: Input should be a valid integer"),
+        ({"k": "999"}, "k=999 is larger than the width of block 2 (32 channels)"),
+        ({"layer": "9"}, "layer 9 is out of range: this CLIP has blocks 1..4"),
+        ({"selection": "best"}, "selection: Input should be"),
+        ({"lam": "-1"}, "lam must be a finite number >= 0"),
+        ({"image_size": "60"}, "image_size 60 must be a positive multiple of the patch size 8"),
+        ({"image_size": "4096"}, "image_size 4096 is larger than this service allows"),
+        ({"backbone": "openai/clip-vit-base-patch32"}, "backbone 'openai/clip-vit-base-patch32' is not offered by this server"),
+        ({"class_name": ""}, "class_name"),
+    ]
+    for extra, message in cases:
+        r = client.post("/models", data={**FIT, **extra}, files=imgs)
+        assert r.status_code == 422, (extra, r.text)
+        assert message in r.json()["detail"], (extra, r.json())
+    r = client.post("/models", data=FIT)
+    assert r.status_code == 422 and "images: Field required" in r.json()["detail"]
+    assert client.get("/models").json() == {"models": []}
+
+
+def test_bad_uploads_name_every_file(client, normals, tests_imgs, tmp_path):
+    good = png(normals[0])
+    bad = [("notes.txt", b"hello"), ("empty.png", b""), ("cut.png", good[: len(good) // 2]),
+           ("tiny.png", png(normals[0][:4, :4]))]
+    r = client.post("/models", data=FIT, files=files(("ok.png", good), *bad))
+    assert r.status_code == 422
+    errors = {e["name"]: e["problem"] for e in r.json()["errors"]}
+    assert set(errors) == {"notes.txt", "empty.png", "cut.png"}  # the 4x4 image is refused by the detector, after these
+    assert "not an image" in errors["notes.txt"] and "corrupt or truncated" in errors["cut.png"]
+    assert "notes.txt" in r.json()["detail"]
+
+    r = client.post("/models", data=FIT, files=files(("ok.png", good), ("tiny.png", png(normals[0][:4, :4]))))
+    assert r.status_code == 422 and r.json()["errors"] == [{"name": "tiny.png", "problem": "image is 4x4 pixels, smaller than one 8x8 patch"}]
+    assert list((tmp_path / "models").iterdir()) == []
+
+    mid = fit(client, normals)["id"]
+    r = client.post(f"/models/{mid}/predict", files=files(("a.png", png(tests_imgs[0])), ("../../evil.jpg", b"\xff\xd8junk"),
+                                                        ("C:\\photos\\x.png", b"")))
+    assert r.status_code == 422 and [e["name"] for e in r.json()["errors"]] == ["evil.jpg", "x.png"]  # no folders
+
+
+def test_unknown_and_invalid_ids(client, tests_imgs):
+    for method, path in [("GET", "/models/nope"), ("DELETE", "/models/nope")]:
+        r = client.request(method, path)
+        assert r.status_code == 404 and r.json()["detail"] == "no model with id 'nope'"
+    r = predict(client, "nope", tests_imgs[:1])
+    assert r.status_code == 404
+    assert client.get("/models/.hidden").status_code == 422
+    r = predict(client, "nope", tests_imgs[:1], colour="red")
+    assert r.status_code == 422 and "colour: unknown field" in r.json()["detail"]
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+def test_limits(make_app, normals, tests_imgs):
+    limits = ServeLimits(max_request_bytes=200_000, max_fit_images=3, max_predict_images=2,
+                         max_image_pixels=100 * 100, max_total_pixels=3 * 64 * 64)
+    with TestClient(make_app(limits=limits)) as c:
+        r = c.post("/models", data=FIT, files=files(*[(f"n{i}.png", png(a)) for i, a in enumerate(normals[:4])]))
+        assert r.status_code == 413 and r.json()["detail"] == (
+            "too many images: 4 normal images given, at most 3 per request (lakead serve --max-images)")
+        big = np.zeros((101, 100, 3), np.uint8)  # a few hundred bytes, 10100 pixels
+        r = c.post("/models", data=FIT, files=files(("a.png", png(normals[0])), ("big.png", png(big))))
+        assert r.status_code == 413
+        assert r.json()["errors"] == [{"name": "big.png", "problem": "100x101 pixels (0.0 MP) is more than the limit of 0.0 MP per image"}]
+        mid = fit(c, normals[:3])["id"]
+        r = predict(c, mid, tests_imgs[:3])
+        assert r.status_code == 413 and "at most 2 per request" in r.json()["detail"]
+        r = c.post("/models", data=FIT, files=files(*[(f"n{i}.png", png(a)) for i, a in enumerate(normals[:3])] ,
+                                                     ))
+        assert r.status_code == 201  # 3 x 64 x 64 pixels: exactly at the total limit
+        noise = np.random.default_rng(0).integers(0, 255, (250, 250, 3), dtype=np.uint8)  # ~190 kB of PNG
+        r = c.post("/models", data=FIT, files=files(("a.png", png(noise)), ("b.png", png(noise))))
+        assert r.status_code == 413 and "larger than the limit of 0.2 MiB" in r.json()["detail"]
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for _ in range(40):
+                yield b"x" * 10_000
+
+        r = c.post(f"/models/{mid}/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+        assert r.status_code == 413 and "more than" in r.json()["detail"]
+
+
+def test_limits_are_validated(make_app):
+    with pytest.raises(ValueError, match="max_fit_images must be a positive integer"):
+        make_app(limits=ServeLimits(max_fit_images=0))
+
+
+# -- token, host, origin ----------------------------------------------------------------------
+
+def test_token(make_app, normals, tests_imgs):
+    with TestClient(make_app(token="s3cret")) as c:
+        assert c.get("/healthz").json()["auth_required"] is True
+        for path in ("/", "/static/app.js", "/openapi.json", "/docs"):
+            assert c.get(path).status_code == 200, path
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Basic s3cret"}):
+            r = c.get("/models", headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert "Authorization: Bearer <token>" in r.json()["detail"]
+        r = c.post("/models", data=FIT, files=files(("a.png", png(normals[0]))))
+        assert r.status_code == 401  # refused before the upload is parsed
+        c.headers["Authorization"] = "Bearer s3cret"
+        mid = fit(c, normals)["id"]
+        assert predict(c, mid, tests_imgs[:1]).status_code == 200
+        assert c.get("/info").status_code == 200
+    with pytest.raises(ValueError, match="token must not be empty"):
+        make_app(token=" ")
+
+
+def test_host_and_origin_checks(make_app, normals):
+    app = make_app(allowed_hosts=("127.0.0.1", "localhost"))
+    with TestClient(app, base_url="http://evil.example") as c:
+        r = c.get("/healthz")
+        assert r.status_code == 400 and "host 'evil.example' is not served here" in r.json()["detail"]
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.post("/models", data=FIT, files=files(("a.png", png(normals[0]))), headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403 and "cross-origin request from http://evil.example refused" in r.json()["detail"]
+        r = c.post("/models", data=FIT, files=files(("a.png", png(normals[0]))), headers={"Origin": "http://127.0.0.1:8000"})
+        assert r.status_code == 201
+        assert c.get("/models", headers={"Origin": "http://evil.example"}).status_code == 200  # reads are not state changes
+
+
+# -- persistence, caching, atomicity ------------------------------------------------------------
+
+def test_models_survive_a_restart_and_load_once(make_app, normals, tests_imgs, tmp_path, monkeypatch):
+    with TestClient(make_app()) as c:
+        model = fit(c, normals)
+        before = predict(c, model["id"], tests_imgs).json()["results"]
+
+    loads = []
+    real_load = LakeDetector.load.__func__
+
+    def counting_load(cls, *args, **kwargs):
+        loads.append(args[0])
+        return real_load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(LakeDetector, "load", classmethod(counting_load))
+    with TestClient(make_app()) as c:  # a new process over the same directory
+        assert c.get("/models").json()["models"] == [model]
+        for _ in range(3):
+            after = predict(c, model["id"], tests_imgs).json()["results"]
+            assert [x["score"] for x in after] == pytest.approx([x["score"] for x in before], abs=1e-6)
+    assert len(loads) == 1
+
+
+def test_other_directories_in_models_dir(make_app, normals, tmp_path):
+    models = tmp_path / "models"
+    with TestClient(make_app()) as c:
+        mid = fit(c, normals)["id"]
+    # a model written by the library under a name of one's choosing is served under that name
+    LakeDetector.load(models / mid, device="cpu").save(models / "screw")
+    (models / "notes").mkdir()
+    (models / "broken").mkdir()
+    (models / "broken" / "lakead.json").write_text("{not json")
+    (models / ".screw.abc.tmp").mkdir()  # an interrupted write: hidden, never listed
+    with TestClient(make_app()) as c:
+        assert sorted(m["id"] for m in c.get("/models").json()["models"]) == sorted([mid, "screw"])
+        assert c.get("/models/notes").status_code == 404
+        r = c.get("/models/broken")
+        assert r.status_code == 500 and "cannot be parsed" in r.json()["detail"]
+
+
+def test_failed_fit_leaves_no_model(make_app, normals, tmp_path, monkeypatch):
+    import lakead.detector as detector_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(detector_module, "save_file", disk_full)  # fails after lakead.json was written
+    with TestClient(make_app(), raise_server_exceptions=False) as c:
+        r = c.post("/models", data=FIT, files=files(*[(f"n{i}.png", png(a)) for i, a in enumerate(normals)]))
+        assert r.status_code == 500 and "No space left on device" in r.json()["detail"]
+        assert c.get("/models").json() == {"models": []}
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+def test_concurrent_requests_from_threads(client, normals, tests_imgs, tmp_path):
+    mids = [fit(client, normals)["id"], fit(client, normals[:4])["id"]]
+    expected = {m: [x["score"] for x in predict(client, m, tests_imgs).json()["results"]] for m in mids}
+
+    def one(i: int):
+        m = mids[i % 2]
+        j = i % len(tests_imgs)
+        r = predict(client, m, tests_imgs[j:] + tests_imgs[:j])  # a different order per call
+        assert r.status_code == 200, r.text
+        got = [x["score"] for x in r.json()["results"]]
+        return got == pytest.approx(expected[m][j:] + expected[m][:j], abs=1e-5)
+
+    def create(i: int):
+        return fit(client, normals[i:i + 3], class_name=f"part {i}")["id"]
+
+    with ThreadPoolExecutor(8) as pool:
+        checks = pool.map(one, range(16))
+        created = list(pool.map(create, range(3)))
+        assert all(checks)
+    assert len(set(created)) == 3
+    listed = {m["id"] for m in client.get("/models").json()["models"]}
+    assert listed == set(mids) | set(created)
+    for m in created:  # each one complete and loadable
+        LakeDetector.load(tmp_path / "models" / m, device="cpu")
+
+
+def test_delete_during_predictions(client, normals, tests_imgs, tmp_path):
+    mid = fit(client, normals)["id"]
+    want = [x["score"] for x in predict(client, mid, tests_imgs).json()["results"]]
+    statuses = []
+    go = threading.Event()
+
+    def one(_):
+        go.wait()
+        r = predict(client, mid, tests_imgs)
+        if r.status_code == 200:  # finished before the deletion, with the right numbers
+            assert [x["score"] for x in r.json()["results"]] == pytest.approx(want, abs=1e-5)
+        return r.status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(one, i) for i in range(10)]
+        go.set()
+        deleted = client.delete(f"/models/{mid}").status_code
+        statuses = [f.result() for f in futures]
+    assert deleted == 204
+    assert set(statuses) <= {200, 404}
+    assert client.get(f"/models/{mid}").status_code == 404
+    assert list((tmp_path / "models").iterdir()) == []
+    assert client.delete(f"/models/{mid}").status_code == 404
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+def test_cli_serve(tmp_path, tiny_clip_dir, monkeypatch):
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(app=app, host=host, port=port))
+    r = CliRunner().invoke(cli_app, ["serve", "--models-dir", str(tmp_path / "m"), "--backbone", str(tiny_clip_dir),
+                                     "--port", "8123", "--token", "t0k", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    assert "http://127.0.0.1:8123/#token=t0k" in r.output.replace("\n", "")
+    with TestClient(seen["app"], base_url="http://127.0.0.1:8123") as c:
+        assert c.get("/models").status_code == 401
+        assert c.get("/models", headers={"Authorization": "Bearer t0k"}).json() == {"models": []}
+        assert c.get("/healthz", headers={"Host": "attacker.example"}).status_code == 400  # loopback: host names checked
+
+
+def test_cli_serve_errors(tmp_path, monkeypatch):
+    r = CliRunner().invoke(cli_app, ["serve", "--models-dir", str(tmp_path / "m"), "--backbone", str(tmp_path / "nothing")])
+    assert r.exit_code == 1 and "cannot load the CLIP backbone" in r.output
+    monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)  # as if the serve extra were not installed
+    r = CliRunner().invoke(cli_app, ["serve", "--models-dir", str(tmp_path / "m")])
+    assert r.exit_code == 1 and "pip install 'lakead[serve]'" in r.output
+
+
+# -- the schema ---------------------------------------------------------------------------------
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import positive_data_acceptance  # noqa: E402
+
+AUTH = {"Authorization": "Bearer tok"}
+OPERATIONS = [
+    ("GET", "/healthz"), ("GET", "/info"), ("GET", "/models"), ("POST", "/models"), ("GET", "/models/{model_id}"),
+    ("DELETE", "/models/{model_id}"), ("POST", "/models/{model_id}/predict"),
+]
+
+
+@pytest.fixture(scope="module")
+def api_schema(tiny_clip_dir, tmp_path_factory, normals):
+    app = create_app(tmp_path_factory.mktemp("schema") / "models", backbone=str(tiny_clip_dir), device="cpu", token="tok")
+    with TestClient(app, headers=AUTH) as c:
+        fit(c, normals[:2])  # so that GET /models lists a real model
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+def test_every_operation_is_checked(api_schema):
+    found = {(op.ok().method.upper(), op.ok().path) for op in api_schema.get_all_operations()}
+    assert found == set(OPERATIONS)
+
+
+CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
+    (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST" or "{" in p  # those that take inputs
+]
+
+
+@pytest.mark.parametrize(("method", "path", "mode"), CASES, ids=[f"{m} {p} {g.value}" for m, p, g in CASES])
+def test_openapi_conformance(api_schema, method, path, mode):
+    """Generated requests (a few per operation, valid and invalid): no server error, and
+    every answer, 4xx included, has a documented status code and matches its schema.
+
+    For uploads, "schema-valid data is accepted" cannot hold: a JSON schema says "binary",
+    and random bytes are no image (the service rightly answers 422), so that check is off
+    for them."""
+    strategy = api_schema[path][method].as_strategy(generation_mode=mode)
+    excluded = [positive_data_acceptance] if method == "POST" else []
+
+    @given(case=strategy)
+    @settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def check(case):
+        case.call_and_validate(headers=AUTH, excluded_checks=excluded)
+
+    check()
+
+
+def test_openapi_documents_errors(make_app):
+    spec = TestClient(make_app()).get("/openapi.json").json()
+    post = spec["paths"]["/models"]["post"]
+    assert {"201", "401", "413", "422"} <= set(post["responses"])
+    error = spec["components"]["schemas"]["ErrorBody"]
+    assert set(error["properties"]) == {"detail", "errors"}
+    form = spec["components"]["schemas"][post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert {"images", "class_name", "k", "layer", "lam", "threshold"} <= set(form["properties"])
+    assert json.dumps(spec)  # serialisable
