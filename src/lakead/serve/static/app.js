@@ -122,7 +122,7 @@ function splitImages(files) {
   return { images, ignored };
 }
 
-const mib = (bytes) => (bytes / 2 ** 20).toFixed(1) + " MiB";
+const mib = (bytes) => (bytes < 2 ** 20 ? Math.ceil(bytes / 1024) + " KiB" : (bytes / 2 ** 20).toFixed(1) + " MiB");
 const fmt = (x, digits = 4) => (x === null || x === undefined ? "none" : Number(x).toPrecision(digits));
 
 // ---- models ------------------------------------------------------------------------------
@@ -173,8 +173,8 @@ async function deleteModel() {
   if (!m || !confirm(`Delete model ${m.id} (${m.class_name})? This cannot be undone.`)) return;
   try {
     await api(`/models/${encodeURIComponent(m.id)}`, { method: "DELETE" });
-    showMessage(`Deleted model ${m.id}.`, "info");
     await loadModels();
+    showMessage(`Deleted model ${m.id}.`, "info");
   } catch (err) {
     showMessage(errorText(err));
   }
@@ -264,8 +264,8 @@ async function createModel(event) {
   try {
     const model = await api("/models", { method: "POST", body: form });
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
-    $("#fit-status").textContent = `created ${model.id} in ${seconds} s`;
     await loadModels(model.id);
+    $("#fit-status").textContent = `created ${model.id} in ${seconds} s`;
   } catch (err) {
     $("#fit-status").textContent = "failed";
     showMessage(errorText(err));

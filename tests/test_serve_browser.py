@@ -1,0 +1,193 @@
+"""The web page, driven end to end in headless Chromium against a real server on loopback.
+
+Debian's Chromium is used through Python Playwright (no browser download). Skipped, with the
+reason, where Chromium or Playwright is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'lakead[serve]')")
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install 'lakead[serve]')")
+sync_api = pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed (pip install playwright)")
+
+from conftest import texture, with_defect  # noqa: E402
+from lakead.serve import create_app  # noqa: E402
+
+CHROMIUM = os.environ.get("LAKEAD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"Chromium not found at {CHROMIUM} (install Debian's chromium, or set LAKEAD_CHROMIUM)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def serve(tmp_path, tiny_clip_dir):
+    """Start the service on a free loopback port in a thread; returns its base URL."""
+    servers = []
+
+    def start(**kwargs) -> str:
+        app = create_app(tmp_path / "models", backbone=str(tiny_clip_dir), device="cpu",
+                         allowed_hosts=("127.0.0.1", "localhost"), **kwargs)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        servers.append((server, thread, sock))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for server, thread, sock in servers:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, list[Path]]:
+    root = tmp_path_factory.mktemp("page-images")
+    rng = np.random.default_rng(10)
+    normal = []
+    for i in range(6):
+        p = root / f"normal_{i}.png"
+        Image.fromarray(texture(rng)).save(p)
+        normal.append(p)
+    rng = np.random.default_rng(11)
+    good, bad = root / "good.png", root / "scratch.png"
+    Image.fromarray(texture(rng, (64, 96))).save(good)
+    Image.fromarray(with_defect(texture(rng), 24, 32, 16)).save(bad)
+    broken = root / "broken.png"
+    broken.write_bytes(b"this is not a PNG")
+    return {"normal": normal, "test": [good, bad], "broken": [broken]}
+
+
+def open_page(browser, url: str):
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.goto(url)
+    return page, problems
+
+
+def create_model(page, normal: list[Path]) -> str:
+    page.fill("#class-name", "tile")
+    page.click("#fit-options summary")
+    page.fill("#opt-k", "8")
+    page.fill("#opt-layer", "2")
+    page.fill("#opt-image_size", "64")
+    page.set_input_files("#fit-files", [str(p) for p in normal])
+    assert page.inner_text("#fit-chosen").startswith(f"{len(normal)} image(s)")
+    assert page.locator("#fit-thumbs img").count() == len(normal)
+    page.click("#fit-button")
+    page.wait_for_function("document.querySelector('#fit-status').textContent.startsWith('created')", timeout=60_000)
+    return page.input_value("#model-select")
+
+
+def wait_for_overlays(page, n: int) -> None:
+    page.wait_for_function(
+        """(n) => {
+            const imgs = [...document.querySelectorAll('.result img.overlay')];
+            return imgs.length === n && imgs.every((i) => i.complete && i.naturalWidth > 0);
+        }""",
+        arg=n, timeout=60_000,
+    )
+
+
+def test_create_a_model_score_images_and_see_the_overlays(browser, serve, images):
+    url = serve()
+    page, problems = open_page(browser, url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    model_id = create_model(page, images["normal"])
+    assert model_id.startswith("tile-")
+    assert model_id in page.inner_text("#model-info") and "6" in page.inner_text("#model-info")
+
+    page.set_input_files("#test-files", [str(p) for p in images["test"]])
+    wait_for_overlays(page, 2)
+    cards = page.locator(".result")
+    names = [cards.nth(i).locator("h4").inner_text() for i in range(2)]
+    assert names == ["good.png", "scratch.png"]
+    sizes = page.eval_on_selector_all(".result img.overlay", "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[96, 64], [64, 64]]  # each overlay at its image's own size
+    inputs = page.eval_on_selector_all(".result img.input", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
+    assert inputs == [True, True]  # the image beside its map
+    for i in range(2):
+        text = cards.nth(i).inner_text()
+        assert ("NORMAL" in text or "ANOMALOUS" in text) and "score" in text and "threshold" in text
+    scores = [float(cards.nth(i).get_attribute("data-score")) for i in range(2)]
+    assert scores[1] > scores[0]  # the planted defect scores higher
+    assert "2 image(s) scored" in page.inner_text("#predict-status")
+
+    # a file that is not an image: the card says why, naming the problem from the server
+    page.set_input_files("#test-files", [str(p) for p in images["broken"]])
+    page.wait_for_selector(".result.failed")
+    assert "not an image" in page.inner_text(".result.failed")
+    assert "broken.png" in page.inner_text("#message")
+    assert len(problems) <= 1 and all("status of 422" in p for p in problems), problems  # Chromium logs the 422
+
+
+def test_dropping_files_and_deleting_a_model(browser, serve, images):
+    url = serve()
+    page, problems = open_page(browser, url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    model_id = create_model(page, images["normal"][:4])
+
+    # a real drop event carrying files, as a file manager sends it
+    payload = [(p.name, list(p.read_bytes())) for p in images["test"]]
+    page.evaluate(
+        """(files) => {
+            const dt = new DataTransfer();
+            for (const [name, bytes] of files) dt.items.add(new File([new Uint8Array(bytes)], name, {type: 'image/png'}));
+            document.querySelector('#test-drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }""",
+        payload,
+    )
+    wait_for_overlays(page, 2)
+    assert model_id in page.inner_text(".result")
+
+    page.once("dialog", lambda d: d.accept())
+    page.click("#delete-model")
+    page.wait_for_function("document.querySelector('#message').textContent.startsWith('Deleted model')")
+    assert page.input_value("#model-select") == ""
+    assert problems == []
+
+
+def test_token_from_the_address_or_typed_in(browser, serve, images):
+    url = serve(token="s3cret")
+    page, problems = open_page(browser, url + "/")
+    page.wait_for_selector("#token-form:not([hidden])")
+    assert "needs a token" in page.inner_text("#message")
+    page.fill("#token", "s3cret")
+    page.click("#token-form button")
+    page.wait_for_selector("body[data-ready=true]")
+
+    page2, _ = open_page(browser, url + "/#token=s3cret")
+    page2.wait_for_selector("body[data-ready=true]")
+    assert "token" not in page2.url  # taken out of the address bar
+    create_model(page2, images["normal"][:3])
+    page2.set_input_files("#test-files", [str(images["test"][1])])
+    wait_for_overlays(page2, 1)
+    assert problems == []
