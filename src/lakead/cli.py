@@ -316,6 +316,203 @@ def serve(
     uvicorn.run(service, host=host, port=port, log_level="warning" if state["quiet"] else "info")
 
 
+# -- evaluation: eval, ablate, baselines ---------------------------------------------------
+
+_BACKBONE = typer.Option("openai/clip-vit-large-patch14-336", help="Hub id, local CLIP directory, or onnx:PATH.")
+_CATEGORIES = typer.Option(None, "--categories", help="Only these categories (repeat the option or separate with commas; default: all).")
+_SEED = typer.Option(0, help="Seed of the shot sample; also seeds --selection random.")
+_FIRST = typer.Option(False, "--first", help="Take the first N training images by name instead of a seeded sample.")
+_SEMANTIC_LAYER = typer.Option(None, help="Block read for the text probe (default: the last).")
+_SEMANTIC_AGG = typer.Option("max", help="Pooling of the text probe over tokens: max or mean.")
+_NO_TEXT = typer.Option(False, "--no-text", help="Turn the text probe off (visual branch only).")
+_IMAGE_SIZE = typer.Option(None, help="Input size in pixels (default: the model's own).")
+_SIGMA = typer.Option(0.0, help="Gaussian blur of maps in pixels of the model input (0: off).")
+_DEVICE = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
+_BATCH = typer.Option(8, help="Images per forward pass.")
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The command as typed, rebuilt from its parameters (defaults left out), for reports."""
+    import shlex
+
+    words = [ctx.find_root().info_name or "lakead", ctx.info_name or ""]
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if p.param_type_name == "argument":
+            words += [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        elif value != p.default and value not in (None, [], ()):
+            flag = p.opts[0]
+            if p.is_flag:
+                words.append(flag)
+            else:
+                words += [w for v in (value if isinstance(value, (list, tuple)) else [value]) for w in (flag, str(v))]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _split(values: "list[str] | str | None") -> list[str]:
+    """Comma-separated and repeated option values, flattened."""
+    if values is None:
+        return []
+    items = [values] if isinstance(values, str) else values
+    return [v.strip() for item in items for v in item.split(",") if v.strip()]
+
+
+def _numbers(values: str, kind: type, option: str) -> list:
+    try:
+        return [kind(v) for v in _split(values)]
+    except ValueError:
+        raise fail(f"{option}: expected comma-separated {kind.__name__} values, got {values!r}") from None
+
+
+@app.command("eval")
+def eval_(
+    ctx: typer.Context,
+    data_root: Path = typer.Argument(..., help="A dataset in the MVTec-AD layout (a category, a dataset or a folder of datasets) or a folder with meta.json.", show_default=False),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Report directory: metrics.json, metrics.csv, scores.csv, report.md, figures/."),
+    categories: Optional[list[str]] = _CATEGORIES,
+    shots: str = typer.Option("64", help="Normal training images to fit on, per category: a number or 'all'."),
+    seed: int = _SEED,
+    first: bool = _FIRST,
+    method: str = typer.Option("lake", help="lake (as configured), visual, all, random, bottom or text (zero-shot text probe)."),
+    backbone: str = _BACKBONE,
+    k: int = typer.Option(100, help="Number of sensitive neurons kept."),
+    layer: str = typer.Option("18", help="Block read for the visual branch (1-based; a tensor name for ONNX)."),
+    semantic_layer: Optional[str] = _SEMANTIC_LAYER,
+    lam: float = typer.Option(0.1, help="Weight of the text probe in the fused score."),
+    semantic_agg: str = _SEMANTIC_AGG,
+    no_text: bool = _NO_TEXT,
+    image_size: Optional[int] = _IMAGE_SIZE,
+    sigma: float = _SIGMA,
+    selection: str = typer.Option("top", help="Neuron selection: top (LAKE), random, bottom or all."),
+    score_norm: str = typer.Option("loo", help="loo: divide visual scores by the typical normal score; none: raw distances."),
+    device: str = _DEVICE,
+    batch_size: int = _BATCH,
+    examples: int = typer.Option(4, help="Example maps per category in the figures."),
+    no_figures: bool = typer.Option(False, "--no-figures", help="Do not draw the figures."),
+) -> None:
+    """Evaluate on a dataset: fit on the shots of each category, score its test images, write the report."""
+    from .data import load_dataset
+    from .detector import LakeConfig
+    from .evaluate import evaluate, images_to_process, parse_shots
+
+    with errors_as_messages():
+        n_shots = parse_shots(shots)
+        config = LakeConfig(
+            backbone=backbone, k=k, layer=parse_layer(layer), semantic_layer=parse_layer(semantic_layer), lam=lam,
+            semantic_agg=semantic_agg, use_text=not no_text, image_size=image_size, sigma=sigma, selection=selection,
+            seed=seed, score_norm=score_norm, device=device, batch_size=batch_size,
+        ).validate()
+        cats = load_dataset(data_root, _split(categories))
+        with progress_bar("eval", images_to_process(cats, n_shots)) as advance:
+            report = evaluate(
+                cats, out_dir, config, shots=n_shots, seed=None if first else seed, method=method, examples=examples,
+                figures=not no_figures, command=_command_line(ctx), on_progress=advance,
+            )
+    table = Table(title=f"report written to {out_dir / 'report.md'}", title_justify="left")
+    from .evaluate import HEADERS, METRIC_COLUMNS, format_percent
+
+    table.add_column("category")
+    for c in METRIC_COLUMNS:
+        table.add_column(HEADERS[c], justify="right")
+    for r in report.results:
+        table.add_row(r.name, *(format_percent(v) for v in r.metrics().values()))
+    table.add_row("mean", *(format_percent(report.mean[c]) for c in METRIC_COLUMNS))
+    out.print(table)
+
+
+@app.command()
+def ablate(
+    ctx: typer.Context,
+    data_root: Path = typer.Argument(..., help="A dataset (see 'lakead eval').", show_default=False),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for ablation.md, ablation.csv and ablation.json."),
+    categories: Optional[list[str]] = _CATEGORIES,
+    k: str = typer.Option("100", "--k", help="Numbers of sensitive neurons, comma-separated."),
+    lam: str = typer.Option("0.1", "--lam", help="Text-probe weights, comma-separated."),
+    shots: str = typer.Option("64", "--shots", help="Shot counts, comma-separated ('all' for every training image)."),
+    layer: str = typer.Option("18", "--layer", help="Blocks (or ONNX tensor names), comma-separated."),
+    selection: str = typer.Option("top", "--selection", help="Neuron selections, comma-separated: top, random, bottom, all."),
+    score_norm: str = typer.Option("loo", "--score-norm", help="Score normalisations, comma-separated: loo, none."),
+    seeds: str = typer.Option("0,1,2", help="Seeds that --selection random is averaged over."),
+    seed: int = _SEED,
+    first: bool = _FIRST,
+    backbone: str = _BACKBONE,
+    semantic_layer: Optional[str] = _SEMANTIC_LAYER,
+    semantic_agg: str = _SEMANTIC_AGG,
+    no_text: bool = _NO_TEXT,
+    image_size: Optional[int] = _IMAGE_SIZE,
+    sigma: float = _SIGMA,
+    device: str = _DEVICE,
+    batch_size: int = _BATCH,
+) -> None:
+    """Run every combination of the lists on a dataset; write one table (ablation.md)."""
+    from .data import load_dataset
+    from .detector import LakeConfig
+    from .evaluate import ablation_variants, grid_images, parse_shots, run_grid
+
+    with errors_as_messages():
+        config = LakeConfig(
+            backbone=backbone, semantic_layer=parse_layer(semantic_layer), semantic_agg=semantic_agg,
+            use_text=not no_text, image_size=image_size, sigma=sigma, seed=seed, device=device, batch_size=batch_size,
+        ).validate()
+        variants = ablation_variants(
+            config, ks=_numbers(k, int, "--k"), lams=_numbers(lam, float, "--lam"),
+            shots=[parse_shots(s) for s in _split(shots)], layers=[parse_layer(v) for v in _split(layer)],
+            selections=_split(selection), seeds=_numbers(seeds, int, "--seeds"), score_norms=_split(score_norm),
+        )
+        cats = load_dataset(data_root, _split(categories))
+        logging.getLogger("lakead").info("%d setting(s) x %d categories", len(variants), len(cats))
+        with progress_bar("ablate", grid_images(cats, variants)) as advance:
+            run_grid(cats, out_dir, variants, shot_seed=None if first else seed, title="ablation",
+                     command=_command_line(ctx), on_progress=advance)
+    out.print(f"table written to {out_dir / 'ablation.md'}", highlight=False)
+
+
+@app.command()
+def baselines(
+    ctx: typer.Context,
+    data_root: Path = typer.Argument(..., help="A dataset (see 'lakead eval').", show_default=False),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for baselines.md, baselines.csv and baselines.json."),
+    categories: Optional[list[str]] = _CATEGORIES,
+    methods: str = typer.Option("lake,visual,all,random,bottom,text", help="Methods, comma-separated (text needs a CLIP)."),
+    score_norm: str = typer.Option("loo,none", "--score-norm", help="Score normalisations LAKE's fused score is reported with."),
+    seeds: str = typer.Option("0,1,2", help="Seeds that the random method is averaged over."),
+    shots: str = typer.Option("64", help="Normal training images to fit on, per category: a number or 'all'."),
+    seed: int = _SEED,
+    first: bool = _FIRST,
+    backbone: str = _BACKBONE,
+    k: int = typer.Option(100, help="Number of neurons kept (top, random, bottom)."),
+    layer: str = typer.Option("18", help="Block read for the visual branch (1-based; a tensor name for ONNX)."),
+    semantic_layer: Optional[str] = _SEMANTIC_LAYER,
+    lam: float = typer.Option(0.1, help="Weight of the text probe in LAKE's fused score."),
+    semantic_agg: str = _SEMANTIC_AGG,
+    image_size: Optional[int] = _IMAGE_SIZE,
+    sigma: float = _SIGMA,
+    device: str = _DEVICE,
+    batch_size: int = _BATCH,
+) -> None:
+    """Compare LAKE with its baselines on the same data and shots; write one table (baselines.md)."""
+    from .backbones import load_backbone
+    from .data import load_dataset
+    from .detector import LakeConfig
+    from .evaluate import baseline_variants, grid_images, parse_shots, run_grid
+
+    with errors_as_messages():
+        config = LakeConfig(
+            backbone=backbone, k=k, layer=parse_layer(layer), semantic_layer=parse_layer(semantic_layer), lam=lam,
+            semantic_agg=semantic_agg, image_size=image_size, sigma=sigma, seed=seed, device=device, batch_size=batch_size,
+        ).validate()
+        bb = load_backbone(backbone)
+        variants = baseline_variants(
+            config, methods=_split(methods), shots=parse_shots(shots), seeds=_numbers(seeds, int, "--seeds"),
+            score_norms=_split(score_norm), has_text=bb.has_text,
+        )
+        cats = load_dataset(data_root, _split(categories))
+        with progress_bar("baselines", grid_images(cats, variants)) as advance:
+            run_grid(cats, out_dir, variants, shot_seed=None if first else seed, title="baselines",
+                     command=_command_line(ctx), backbone=bb, on_progress=advance)
+    out.print(f"table written to {out_dir / 'baselines.md'}", highlight=False)
+
+
 def run() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,294 @@
+"""The evaluation runner end to end on tiny synthetic datasets in the MVTec layout, with the
+tiny random CLIP and a tiny ONNX model; ablation and baseline grids; the CLI commands."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from _onnx_models import save_tiny_onnx
+from _synthetic import write_category
+from lakead import ConfigError, LakeDetector
+from lakead.cli import app
+from lakead.data import load_dataset, read_mask, select_shots
+from lakead.detector import LakeConfig
+from lakead.evaluate import (
+    METRIC_COLUMNS,
+    ablation_variants,
+    baseline_variants,
+    choose_examples,
+    evaluate,
+    parse_shots,
+    run_grid,
+)
+from lakead.metrics import image_metrics, pixel_metrics
+from lakead.ops import anomaly_probability, upsample_map
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Two categories: 5 normal training images, 3 normal and 4 defect test images each."""
+    root = tmp_path_factory.mktemp("data")
+    write_category(root, "bottle", n_train=5, n_good=3, defects={"crack": 2, "hole": 2}, seed=1)
+    write_category(root, "carpet", n_train=5, n_good=3, defects={"cut": 4}, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    return save_tiny_onnx(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def onnx_config(tiny_onnx):
+    return LakeConfig(backbone=f"onnx:{tiny_onnx}", layer="block2", k=6, batch_size=4)
+
+
+def clip_config(tiny_clip_dir, **kw):
+    return LakeConfig(backbone=str(tiny_clip_dir), layer=2, k=8, image_size=64, batch_size=4, **kw)
+
+
+def test_report_end_to_end_with_onnx(dataset, onnx_config, tmp_path):
+    out = tmp_path / "report"
+    rep = evaluate(dataset, out, onnx_config, shots=3, seed=0, examples=3, command="lakead eval ...")
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "metrics.csv", "metrics.json", "report.md", "scores.csv"]
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [c["name"] for c in doc["categories"]] == ["bottle", "carpet"]
+    bottle = doc["categories"][0]
+    assert bottle["counts"] == {"train": 5, "test_normal": 3, "test_defect": 4, "defect_without_mask": 0}
+    assert bottle["support_rule"] == "3 of 5 images sampled with seed 0" and len(bottle["support"]) == 3
+    assert bottle["support"] == [str(p) for p in select_shots(load_dataset(dataset / "bottle")[0].train, 3, 0)[0]]
+    assert doc["settings"]["config"]["layer"] == "block2" and doc["settings"]["shots"] == 3
+    assert doc["settings"]["backbone"]["kind"] == "onnx"
+    # the planted checker defects are easy: wiring mistakes (flipped labels, shifted masks) would show here
+    for c in doc["categories"]:
+        assert c["image"]["auroc"] >= 0.9 and c["pixel"]["auroc"] >= 0.9 and c["pixel"]["pro"] >= 0.5
+        assert all(0 <= b < 0.01 for b in c["pixel_error_bounds"].values())
+    # the mean row is the mean of the category rows
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["category"] for r in rows] == ["bottle", "carpet", "mean"]
+    for col in METRIC_COLUMNS:
+        assert float(rows[2][col]) == pytest.approx((float(rows[0][col]) + float(rows[1][col])) / 2)
+        assert float(rows[2][col]) == pytest.approx(doc["mean"][col])
+    # image metrics recomputed from scores.csv
+    scores = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(scores) == 14
+    b = [r for r in scores if r["category"] == "bottle"]
+    again = image_metrics([int(r["label"]) for r in b], [float(r["score"]) for r in b])
+    assert again == pytest.approx(bottle["image"])
+    md = (out / "report.md").read_text()
+    assert "| bottle (3 / 4) |" in md and "| **mean** |" in md and "lakead eval ..." in md
+    assert "3 of 5 images sampled with seed 0" in md and "figures/bottle.png" in md and "text probe: off" in md
+    with Image.open(out / "figures" / "bottle.png") as im:
+        assert im.width > 600 and im.height > 300
+    assert [e.defect for e in rep.results[0].examples] == ["crack", "hole", "good"]
+
+
+def test_pixel_metrics_match_a_direct_computation(dataset, onnx_config, tmp_path):
+    """The runner's streamed pixel metrics equal fit + predict + pixel_metrics done by hand."""
+    rep = evaluate(dataset, tmp_path / "r", onnx_config, categories=["carpet"], shots=None, seed=None, figures=False)
+    (cat,) = load_dataset(dataset, ["carpet"])
+    det = LakeDetector.from_config(onnx_config).fit(list(cat.train), cat.class_name)
+    pred = det.predict([s.path for s in cat.test])
+    masks = [read_mask(s.mask) if s.label else np.zeros(m.shape, bool) for s, m in zip(cat.test, pred.maps)]
+    assert rep.results[0].pixel == pytest.approx(pixel_metrics(masks, pred.maps), abs=1e-12)
+    assert rep.results[0].support_rule == "all 5 images"
+
+
+def test_defect_without_mask_is_left_out_of_pixel_metrics(dataset, onnx_config, tmp_path, caplog):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset / "bottle", data / "bottle")
+    gone = data / "bottle" / "ground_truth" / "hole" / "001_mask.png"
+    gone.unlink()
+    with caplog.at_level(logging.WARNING, logger="lakead"):
+        rep = evaluate(data, tmp_path / "r", onnx_config, shots=3, figures=False)
+    r = rep.results[0]
+    assert r.pixel_excluded == [str(data / "bottle" / "test" / "hole" / "001.png")]
+    assert r.pixel_images == 6 and len(r.scores) == 7  # still scored at image level
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "1 defect image(s) without a mask count for image metrics only" in md
+    assert "no mask" in caplog.text
+
+
+def test_report_with_tiny_clip_and_text_probe(dataset, tiny_clip_dir, tmp_path):
+    rep = evaluate(dataset, tmp_path / "r", clip_config(tiny_clip_dir), categories=["bottle"], shots=4, examples=2)
+    r = rep.results[0]
+    assert np.all(np.isfinite(r.scores)) and np.isfinite(r.image["auroc"]) and np.isfinite(r.pixel["pro"])
+    fused = [row["fused"] for row in r.rows]
+    assert np.allclose(fused, [row["visual"] + 0.1 * row["semantic"] for row in r.rows], atol=1e-5)
+    assert np.allclose(r.scores, fused)  # method "lake": the fused score
+    assert "text probe: on" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_text_method_uses_the_probe_alone(dataset, tiny_clip_dir, tmp_path):
+    rep = evaluate(dataset, tmp_path / "r", clip_config(tiny_clip_dir), categories=["bottle"], shots=4, method="text",
+                   figures=False)
+    r = rep.results[0]
+    assert np.allclose(r.scores, [row["semantic"] for row in r.rows])
+    assert all(0.0 <= row["semantic"] <= 1.0 for row in r.rows)
+    doc = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert doc["settings"]["config"]["map_source"] == "semantic" and doc["settings"]["image_score"] == "semantic"
+
+
+def test_semantic_maps_are_the_text_probe_per_token(tiny_backbone, dataset):
+    (cat,) = load_dataset(dataset, ["bottle"])
+    det = LakeDetector(tiny_backbone, layer=2, k=8, image_size=64, map_source="semantic").fit(list(cat.train), "bottle")
+    img = det.read_image(cat.test[-1].path)
+    pred = det.predict([img])
+    pixels = tiny_backbone.preprocessing([img], 64)
+    f = tiny_backbone.extract(pixels, det.layer_, det.semantic_layer_)
+    p = anomaly_probability(f.joint, det.text_embeddings_, det.logit_scale_)  # (1, N)
+    expected = upsample_map(p.reshape(det.grid_), img.shape[:2])
+    assert np.allclose(pred.maps[0], expected, atol=1e-5)
+    assert pred.semantic[0] == pytest.approx(float(p.max()), abs=1e-6)
+    assert det.map_range_ == (0.5, 1.0)
+    with pytest.raises(ConfigError, match="map_source='semantic' needs the text probe"):
+        LakeDetector(tiny_backbone, layer=2, k=8, use_text=False, map_source="semantic").fit(list(cat.train), "bottle")
+
+
+def test_text_method_needs_a_text_tower(dataset, onnx_config, tmp_path):
+    with pytest.raises(ConfigError, match="method 'text' needs a text tower"):
+        evaluate(dataset, tmp_path / "r", onnx_config, method="text")
+    with pytest.raises(ConfigError, match="unknown method 'clip'"):
+        evaluate(dataset, tmp_path / "r", onnx_config, method="clip")
+
+
+def test_choose_examples():
+    from pathlib import Path
+
+    from lakead.data import Sample
+
+    test = [Sample(Path("g0"), 0, "good", None), Sample(Path("a0"), 1, "a", None), Sample(Path("a1"), 1, "a", Path("m")),
+            Sample(Path("b0"), 1, "b", Path("m")), Sample(Path("a2"), 1, "a", Path("m"))]
+    assert choose_examples(test, 3) == [2, 3, 0]  # masked "a" first, then "b", then a normal image
+    assert choose_examples(test, 5) == [2, 3, 4, 1, 0]
+    assert choose_examples(test, 0) == []
+
+
+def test_parse_shots():
+    assert parse_shots("16") == 16 and parse_shots(" ALL ") is None
+    for bad in ("0", "-1", "x", "1.5"):
+        with pytest.raises(ConfigError, match="positive integer or 'all'"):
+            parse_shots(bad)
+
+
+def test_ablation_variants_product_and_dedupe(onnx_config):
+    vs = ablation_variants(onnx_config, ks=[2, 4], lams=[0.1], shots=[2, None], layers=["block2"],
+                           selections=["top", "random", "all"], seeds=[0, 1])
+    labels = [(v.label["shots"], v.label["selection"], v.label["k"]) for v in vs]
+    assert labels == [(2, "top", 2), (2, "top", 4), (2, "random", 2), (2, "random", 4), (2, "all", "all"),
+                      ("all", "top", 2), ("all", "top", 4), ("all", "random", 2), ("all", "random", 4), ("all", "all", "all")]
+    assert [v.seeds for v in vs[:5]] == [(0,), (0,), (0, 1), (0, 1), (0,)]
+    with pytest.raises(ConfigError, match="selection must be one of"):
+        ablation_variants(onnx_config, ks=[2], lams=[0.1], shots=[2], layers=["block2"], selections=["best"])
+
+
+def test_ablation_grid(dataset, onnx_config, tmp_path):
+    vs = ablation_variants(onnx_config, ks=[2, 6], lams=[0.1], shots=[3], layers=["block2"],
+                           selections=["top", "random", "all"], seeds=[0, 1])
+    rep = run_grid(dataset, tmp_path, vs, title="ablation", command="lakead ablate ...")
+    assert len(rep.rows) == 5 and rep.label_keys == ["selection", "k"]
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| selection | k | I-AUROC |" in md and "| random | 2 (mean of seeds 0,1) |" in md
+    assert "## bottle" in md and "## carpet" in md and "lakead ablate ..." in md
+    rows = list(csv.DictReader((tmp_path / "ablation.csv").open()))
+    assert len(rows) == 5 * 3 and {r["category"] for r in rows} == {"mean", "bottle", "carpet"}
+    # a random row is the mean over its seeds, each an ordinary run
+    doc = json.loads((tmp_path / "ablation.json").read_text())
+    rnd = doc["rows"][2]
+    assert rnd["label"] == {"layer": "block2", "shots": 3, "selection": "random", "k": 2, "lam": 0.1, "score_norm": "loo"}
+    per_seed = [
+        evaluate(dataset, tmp_path / f"s{s}", LakeConfig(**{**onnx_config.to_dict(), "selection": "random", "k": 2, "seed": s}),
+                 categories=["bottle"], shots=3, seed=0, figures=False).results[0].metrics()["pixel_pro"]
+        for s in (0, 1)
+    ]
+    assert rnd["categories"]["bottle"]["pixel_pro"] == pytest.approx(np.mean(per_seed))
+
+
+def test_baseline_variants(onnx_config, tiny_clip_dir, caplog):
+    clip = clip_config(tiny_clip_dir)
+    vs = baseline_variants(clip, methods=["lake", "visual", "all", "random", "text"], shots=4, seeds=[0, 1])
+    assert [(v.label["method"], v.label["score_norm"]) for v in vs] == [
+        ("lake", "loo"), ("lake", "none"), ("visual", "-"), ("all", "-"), ("random", "-"), ("text", "-")]
+    assert [v.score for v in vs] == ["scores", "scores", "visual", "visual", "visual", "semantic"]
+    assert vs[3].config.selection == "all" and not vs[3].config.use_text and vs[4].seeds == (0, 1)
+    with caplog.at_level(logging.WARNING, logger="lakead"):
+        no_text = baseline_variants(onnx_config, methods=["lake", "text"], shots=4, has_text=False)
+    assert [v.label["method"] for v in no_text] == ["lake"] and "'text' left out" in caplog.text
+
+
+def test_baselines_grid_with_tiny_clip(dataset, tiny_clip_dir, tmp_path):
+    vs = baseline_variants(clip_config(tiny_clip_dir), methods=["lake", "all", "text"], shots=3, score_norms=["loo"])
+    rep = run_grid(dataset, tmp_path, vs, categories=["carpet"], title="baselines")
+    assert [r["label"]["method"] for r in rep.rows] == ["lake", "all", "text"]
+    for r in rep.rows:
+        assert all(np.isfinite(v) for v in r["mean"].values())
+    md = (tmp_path / "baselines.md").read_text()
+    assert md.count("\n| method | score_norm | k | I-AUROC |") == 2  # the mean table and carpet's
+    assert "| text | - | 8 |" in md and "| all | - | all |" in md
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def test_cli_eval(dataset, tiny_onnx, tmp_path):
+    out = tmp_path / "r"
+    r = runner.invoke(app, ["eval", str(dataset), "--out", str(out), "--backbone", f"onnx:{tiny_onnx}", "--layer", "block2",
+                            "--k", "6", "--shots", "3", "--categories", "carpet", "--batch-size", "4", "--examples", "2"])
+    assert r.exit_code == 0, r.output
+    assert "carpet" in r.output and (out / "figures" / "carpet.png").is_file()
+    doc = json.loads((out / "metrics.json").read_text())
+    cmd = doc["settings"]["command"]
+    assert cmd.startswith(f"lakead eval {dataset} --out {out}") and "--layer block2" in cmd and "--k 6" in cmd
+
+
+def test_cli_eval_errors(dataset, tiny_onnx, tmp_path):
+    base = ["eval", str(dataset), "--out", str(tmp_path / "r"), "--backbone", f"onnx:{tiny_onnx}"]
+    r = runner.invoke(app, [*base, "--layer", "nope"])
+    assert r.exit_code == 1 and "layer 'nope' is not a tensor" in r.output and "block2 (12x16x16)" in r.output
+    r = runner.invoke(app, [*base, "--layer", "block2", "--k", "6", "--shots", "many"])
+    assert r.exit_code == 1 and "shots must be a positive integer or 'all'" in r.output
+    r = runner.invoke(app, [*base, "--layer", "block2", "--categories", "wood"])
+    assert r.exit_code == 1 and "no category 'wood'; available: bottle, carpet" in r.output
+
+
+def test_cli_eval_mask_size_mismatch(dataset, tiny_onnx, tmp_path):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(dataset / "carpet", data / "carpet")
+    mask = data / "carpet" / "ground_truth" / "cut" / "002_mask.png"
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(mask)
+    r = runner.invoke(app, ["eval", str(data), "--out", str(tmp_path / "r"), "--backbone", f"onnx:{tiny_onnx}", "--layer", "block2"])
+    assert r.exit_code == 1
+    flat = " ".join(r.output.split())
+    assert str(mask) in flat and str(data / "carpet" / "test" / "cut" / "002.png") in flat
+
+
+def test_cli_ablate_and_baselines(dataset, tiny_onnx, tmp_path):
+    common = ["--backbone", f"onnx:{tiny_onnx}", "--layer", "block2", "--categories", "bottle", "--batch-size", "4"]
+    r = runner.invoke(app, ["ablate", str(dataset), "--out", str(tmp_path / "a"), *common, "--k", "2,6",
+                            "--selection", "top,bottom", "--shots", "2,all"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((tmp_path / "a" / "ablation.csv").open()))
+    assert len(rows) == 8 * 2 and {r["shots"] for r in rows} == {"2", "all"}
+    r = runner.invoke(app, ["baselines", str(dataset), "--out", str(tmp_path / "b"), *common, "--k", "6", "--shots", "3",
+                            "--seeds", "0"])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "b" / "baselines.md").read_text()
+    for method in ("lake", "visual", "all", "random", "bottom"):
+        assert f"| {method} |" in md
+    assert "| text |" not in md  # no text tower
+    r = runner.invoke(app, ["ablate", str(dataset), "--out", str(tmp_path / "c"), *common, "--k", "two"])
+    assert r.exit_code == 1 and "--k: expected comma-separated int values" in r.output
