@@ -465,3 +465,44 @@ def test_openapi_documents_errors(make_app):
     form = spec["components"]["schemas"][post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]
     assert {"images", "class_name", "k", "layer", "lam", "threshold"} <= set(form["properties"])
     assert json.dumps(spec)  # serialisable
+
+
+# -- the load script ------------------------------------------------------------------------------
+
+def test_load_script_against_a_running_service(make_app, normals, capsys, tmp_path):
+    import importlib.util
+    import socket
+
+    import uvicorn
+
+    spec = importlib.util.spec_from_file_location("load_serve", Path(__file__).parents[1] / "benchmarks" / "load_serve.py")
+    load_serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_serve)
+    with pytest.raises(SystemExit, match="loopback addresses only"):
+        load_serve.loopback_only("http://192.0.2.1:8000")
+    load_serve.loopback_only("http://localhost:8000")
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(make_app(token="tok"), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            threading.Event().wait(0.05)
+        out = tmp_path / "load.json"
+        status = load_serve.main([
+            "--url", f"http://127.0.0.1:{sock.getsockname()[1]}", "--token", "tok", "--fit-option", "k=8",
+            "--fit-option", "layer=2", "--shots", "3", "--size", "64", "--requests", "12", "--concurrency", "3",
+            "--batch", "2", "--warmup", "1", "--json", str(out),
+        ])
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+    assert status == 0, capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["requests"] == 12 and result["errors"] == 0 and result["images_per_request"] == 2
+    assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["max"]
+    assert "errors: 0" in capsys.readouterr().out
