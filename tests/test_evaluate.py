@@ -239,6 +239,33 @@ def test_baselines_grid_with_tiny_clip(dataset, tiny_clip_dir, tmp_path):
     assert "| text | - | 8 |" in md and "| all | - | all |" in md
 
 
+def test_feature_cache_changes_nothing(dataset, tiny_clip_dir, tmp_path):
+    vs = baseline_variants(clip_config(tiny_clip_dir), methods=["lake", "visual", "text"], shots=3, score_norms=["loo"])
+    cached = run_grid(dataset, tmp_path / "c", vs, categories=["bottle"], cache_features=True)
+    plain = run_grid(dataset, tmp_path / "p", vs, categories=["bottle"], cache_features=False)
+    for a, b in zip(cached.rows, plain.rows):
+        assert a["mean"] == pytest.approx(b["mean"], abs=1e-6)
+
+
+def test_feature_cache_hits_and_keys(tiny_backbone):
+    from lakead.evaluate import FeatureCache
+
+    cache = FeatureCache(tiny_backbone)
+    px = torch.randn(3, 3, 64, 64)
+    full = cache.extract(px, 2, 4)  # with the semantic block
+    assert cache.misses == 3 and cache.hits == 0
+    vis = cache.extract(px[1:], 2, None)  # served from the entries above
+    assert cache.hits == 2 and vis.joint is None and torch.equal(vis.visual, full.visual[1:])
+    again = cache.extract(px, 2, 4)
+    assert cache.hits == 5 and torch.equal(again.joint, full.joint)
+    cache.extract(px + 1e-3, 2, None)  # other pixels: computed
+    cache.extract(px, 3, None)  # another block: computed
+    assert cache.misses == 9
+    cache.clear()
+    cache.extract(px[:1], 2, None)
+    assert cache.misses == 10
+
+
 # -- the command line ---------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -34,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import __version__
-from .backbones import Backbone, load_backbone
+from .backbones import Backbone, Features, load_backbone
 from .data import Category, Sample, load_dataset, read_mask, select_shots
 from .detector import LakeConfig, LakeDetector, Prediction
 from .errors import ConfigError, LakeadError
@@ -650,6 +652,76 @@ def baseline_variants(
     return out
 
 
+class FeatureCache(Backbone):
+    """A backbone that remembers the block outputs of every image it has read, so that the
+    variants of a grid run the network once per image.
+
+    Entries are keyed by a SHA-1 of the image's preprocessed pixels and the block, so a
+    different image, input size or preprocessing is never served from the cache. An entry
+    made with the semantic block also serves visual-only requests. Features are kept on the
+    CPU in float32 (exactly what the backbone returned); :meth:`clear` empties the cache.
+    """
+
+    def __init__(self, inner: Backbone) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.preprocessing = inner.preprocessing
+        self.has_text = inner.has_text
+        self._store: dict[tuple[str, Any], tuple[torch.Tensor, torch.Tensor | None, tuple[int, int], Any]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return self.inner.device
+
+    @device.setter
+    def device(self, value: torch.device) -> None:
+        self.inner.device = value
+
+    def resolve_layer(self, layer: Any, *, semantic: bool = False) -> Any:
+        return self.inner.resolve_layer(layer, semantic=semantic)
+
+    def check_image_size(self, image_size: int) -> int:
+        return self.inner.check_image_size(image_size)
+
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        return self.inner.grid_size(image_size)
+
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.inner.text_embeddings(prompts)
+
+    @property
+    def logit_scale(self) -> float:
+        return self.inner.logit_scale
+
+    def to(self, device: torch.device | str) -> "FeatureCache":
+        self.inner.to(device)
+        return self
+
+    def clear(self) -> None:
+        self._store.clear()
+
+    def extract(self, pixels: torch.Tensor, layer: Any, semantic_layer: Any) -> Features:
+        keys = [(hashlib.sha1(pixels[i].detach().cpu().contiguous().numpy().tobytes()).hexdigest() + str(tuple(pixels.shape[1:])), layer)
+                for i in range(pixels.shape[0])]
+        found = [self._store.get(k) for k in keys]
+        if all(e is not None and (semantic_layer is None or e[3] == semantic_layer) for e in found):
+            self.hits += len(keys)
+            dev = self.inner.device
+            visual = torch.stack([e[0] for e in found]).to(dev)  # type: ignore[index]
+            joint = torch.stack([e[1] for e in found]).to(dev) if semantic_layer is not None else None  # type: ignore[index, misc]
+            return Features(visual=visual, joint=joint, grid=found[0][2])  # type: ignore[index]
+        self.misses += len(keys)
+        f = self.inner.extract(pixels, layer, semantic_layer)
+        for i, k in enumerate(keys):
+            old = self._store.get(k)
+            if old is None or (semantic_layer is not None and old[3] is None):  # never drop a joint entry
+                joint = f.joint[i].detach().cpu() if f.joint is not None else None
+                self._store[k] = (f.visual[i].detach().cpu(), joint, f.grid, semantic_layer)
+        return f
+
+
 @dataclass
 class GridReport:
     rows: list[dict[str, Any]]  # one per variant: its label, mean metrics, and per category
@@ -673,11 +745,15 @@ def run_grid(
     title: str = "ablation",
     command: str | None = None,
     backbone: Backbone | None = None,
+    cache_features: bool = True,
     on_progress: Callable[[int], None] | None = None,
 ) -> GridReport:
     """Run every variant on every category (the same shots for every variant with the same
     shot count) and write ``<title>.md``, ``<title>.csv`` and ``<title>.json``: one table,
-    one row per variant, the mean over categories; then the same table per category."""
+    one row per variant, the mean over categories; then the same table per category.
+
+    With ``cache_features`` the network runs once per image and block for all variants
+    (:class:`FeatureCache`; memory: one category's features)."""
     if not variants:
         raise ConfigError("nothing to run: the grid is empty")
     cats, data_root = _categories(data, categories)
@@ -688,21 +764,26 @@ def run_grid(
     if any(v.config.use_text for v in variants) and not bb.has_text:
         log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", bb.info.source)
         variants = [dataclasses.replace(v, config=dataclasses.replace(v.config, use_text=False)) for v in variants]
-    rows = []
-    for v in variants:
-        per_cat: dict[str, dict[str, float]] = {}
-        spread: dict[str, dict[str, float]] = {}
-        for cat in cats:
+    per_cat: list[dict[str, dict[str, float]]] = [{} for _ in variants]
+    spread: list[dict[str, dict[str, float]]] = [{} for _ in variants]
+    reader = FeatureCache(bb) if cache_features else bb
+    for cat in cats:  # categories outside: the cache holds one category's features at a time
+        for i, v in enumerate(variants):
             runs = []
             for s in v.seeds:
                 cfg = dataclasses.replace(v.config, seed=s)
-                res = evaluate_category(cat, cfg, bb, shots=v.shots, seed=shot_seed, score=v.score, on_progress=on_progress)
+                res = evaluate_category(cat, cfg, reader, shots=v.shots, seed=shot_seed, score=v.score, on_progress=on_progress)
                 runs.append(res.metrics())
-            per_cat[cat.name] = mean_metrics(runs) if len(runs) > 1 else runs[0]
+            per_cat[i][cat.name] = mean_metrics(runs) if len(runs) > 1 else runs[0]
             if len(runs) > 1:
-                spread[cat.name] = {k: float(np.std([r[k] for r in runs])) for k in METRIC_COLUMNS}
-        rows.append({"label": v.label, "seeds": list(v.seeds), "mean": mean_metrics(list(per_cat.values())),
-                     "categories": per_cat, "seed_std": spread, "config": v.config.to_dict(), "score": v.score})
+                spread[i][cat.name] = {k: float(np.std([r[k] for r in runs])) for k in METRIC_COLUMNS}
+        if isinstance(reader, FeatureCache):
+            reader.clear()
+    rows = [
+        {"label": v.label, "seeds": list(v.seeds), "mean": mean_metrics(list(per_cat[i].values())),
+         "categories": per_cat[i], "seed_std": spread[i], "config": v.config.to_dict(), "score": v.score}
+        for i, v in enumerate(variants)
+    ]
     label_keys = [k for k in variants[0].label if len({str(v.label[k]) for v in variants}) > 1] or list(variants[0].label)
     settings = {
         "lakead_version": __version__,
