@@ -49,6 +49,7 @@ from .backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, lo
 from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
 from .fileio import atomic_directory
 from .images import ImageInput, load_image, source_name
+from .neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_image_features
 from .ops import anomaly_probability, channel_variance, nearest_neighbor, pool_scores, robust_threshold, top_k_channels, upsample_map
 
 log = logging.getLogger("lakead")
@@ -75,7 +76,8 @@ class LakeConfig:
     """Every option of a :class:`LakeDetector`; saved as JSON with the model."""
 
     backbone: str = DEFAULT_CLIP  # hub id, local save_pretrained directory, or onnx:PATH
-    k: int = 100  # number of sensitive neurons kept (|Omega|); ignored with selection="all"
+    k: int | str = 100  # number of sensitive neurons kept (|Omega|), or "auto": the knee of the support set's sorted
+    # variance curve (lakead.neurons.knee_k); ignored with selection="all"
     layer: Layer = 18  # block l read for the visual branch (1-based; a tensor name for ONNX)
     semantic_layer: Layer | None = None  # block l' for the text probe; None: the last block
     lam: float = 0.1  # weight of the text probe in the fused score (Eq. 14)
@@ -84,7 +86,9 @@ class LakeConfig:
     image_size: int | None = None  # square input size in pixels; None: the model's own
     sigma: float = 0.0  # Gaussian blur of maps, in pixels of the model input; 0 = off
     selection: str = "top"  # neurons: "top" (LAKE), "random", "bottom" variance, or "all"
-    seed: int = 0  # seed of selection="random"
+    seed: int = 0  # seed of selection="random" and of the outlier filter
+    filter_outliers: bool = False  # drop support images an Isolation Forest flags in the sensitive subspace
+    outlier_contamination: float | str = "auto"  # the forest's contamination: "auto" or a fraction in (0, 0.5]
     score_norm: str = "loo"  # "loo": visual scores / median leave-one-out score; "none": raw
     map_source: str = "visual"  # pixel maps: "visual" token distances (the paper) or "semantic": per-token P(anomalous) of the text probe
     threshold: float | None = None  # fixed decision threshold; None: derived at fit
@@ -93,8 +97,13 @@ class LakeConfig:
     batch_size: int = 8  # images per forward pass
 
     def validate(self) -> "LakeConfig":
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ConfigError(f"k must be a positive integer, got {self.k!r}")
+        if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise ConfigError(f"k must be a positive integer or 'auto', got {self.k!r}")
+        if not isinstance(self.filter_outliers, bool):
+            raise ConfigError(f"filter_outliers must be True or False, got {self.filter_outliers!r}")
+        c = self.outlier_contamination
+        if c != "auto" and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 0.5):
+            raise ConfigError(f"outlier_contamination must be 'auto' or a fraction in (0, 0.5], got {c!r}")
         if self.semantic_agg not in AGGREGATIONS:
             raise ConfigError(f"semantic_agg must be one of {AGGREGATIONS}, got {self.semantic_agg!r}")
         if self.selection not in SELECTIONS:
@@ -184,7 +193,7 @@ class LakeDetector:
         self,
         backbone: str | Backbone = DEFAULT_CLIP,
         *,
-        k: int = 100,
+        k: int | str = 100,
         layer: Layer = 18,
         semantic_layer: Layer | None = None,
         lam: float = 0.1,
@@ -194,6 +203,8 @@ class LakeDetector:
         sigma: float = 0.0,
         selection: str = "top",
         seed: int = 0,
+        filter_outliers: bool = False,
+        outlier_contamination: float | str = "auto",
         score_norm: str = "loo",
         map_source: str = "visual",
         threshold: float | None = None,
@@ -214,6 +225,8 @@ class LakeDetector:
             sigma=sigma,
             selection=selection,
             seed=seed,
+            filter_outliers=filter_outliers,
+            outlier_contamination=outlier_contamination,
             score_norm=score_norm,
             map_source=map_source,
             threshold=threshold,
@@ -344,7 +357,7 @@ class LakeDetector:
         for start, f in self._batches(loaded.arrays, layer, semantic_layer):
             b, n_tok, width = f.visual.shape
             if feats is None:
-                if cfg.selection != "all" and cfg.k > width:
+                if cfg.selection != "all" and cfg.k != "auto" and cfg.k > width:
                     raise ConfigError(f"k={cfg.k} is larger than the width of block {layer!r} ({width} channels)")
                 feats = torch.empty((n, n_tok, width), dtype=torch.float32)
                 sem_tokens = torch.zeros((n, n_tok), dtype=torch.float32)
@@ -357,9 +370,17 @@ class LakeDetector:
         assert feats is not None and sem_tokens is not None
         n_tok, width = feats.shape[1], feats.shape[2]
 
+        variance, neurons = self._select_neurons(feats)
+        outliers: list[str] = []
+        if cfg.filter_outliers:
+            keep = self._support_inliers(feats, neurons, loaded.names)  # (n,) bool
+            if not keep.all():
+                outliers = [nm for nm, kept in zip(loaded.names, keep) if not kept]
+                loaded.names = [nm for nm, kept in zip(loaded.names, keep) if kept]
+                feats, sem_tokens = feats[torch.from_numpy(keep)], sem_tokens[torch.from_numpy(keep)]
+                n = len(loaded.names)
+                variance, neurons = self._select_neurons(feats)  # chosen again without the outliers
         flat = feats.reshape(n * n_tok, width)  # (n*N, D)
-        variance = channel_variance(flat)  # (D,)
-        neurons = self._select(variance)
         gallery = flat[:, neurons].contiguous()  # (n*N, K)
         del feats, flat
         gallery_image = torch.arange(n, dtype=torch.int32).repeat_interleave(n_tok)  # (n*N,)
@@ -417,6 +438,7 @@ class LakeDetector:
         self.support_ = list(loaded.names)
         self.support_rule_ = support_rule or f"{len(images)} images as given"
         self.skipped_ = [str(e) for e in loaded.errors]
+        self.outliers_ = outliers  # support images dropped by filter_outliers, in input order
         self.loo_visual_ = (loo_visual_raw / scale).astype(np.float32)  # (n,), NaN where not scored
         self.loo_semantic_ = semantic_support.astype(np.float32)  # (n,)
         self.loo_scores_ = loo_scores.astype(np.float32)  # (n,)
@@ -426,17 +448,41 @@ class LakeDetector:
         self.fitted_at_ = datetime.now(timezone.utc).isoformat(timespec="seconds")
         return self
 
-    def _select(self, variance: torch.Tensor) -> torch.Tensor:
+    def _select_neurons(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support tokens ``(n, N, D)`` -> channel variances ``(D,)`` float64 and the chosen
+        neurons ``(K,)``; ``k="auto"`` takes ``K`` at the knee of the variance curve."""
+        n, n_tok, width = feats.shape
+        variance = channel_variance(feats.reshape(n * n_tok, width))  # (D,)
+        k = knee_k(variance.numpy()) if self.config.k == "auto" else int(self.config.k)
+        return variance, self._select(variance, k)
+
+    def _select(self, variance: torch.Tensor, k: int) -> torch.Tensor:
         """Channel indices for the gallery by the configured selection rule."""
         cfg, width = self.config, variance.numel()
         if cfg.selection == "all":
             return torch.arange(width, dtype=torch.int64)
         if cfg.selection == "top":
-            return top_k_channels(variance, cfg.k)
+            return top_k_channels(variance, k)
         if cfg.selection == "bottom":
-            return top_k_channels(-variance, cfg.k)
+            return top_k_channels(-variance, k)
         rng = random.Random(cfg.seed)
-        return torch.tensor(sorted(rng.sample(range(width), cfg.k)), dtype=torch.int64)
+        return torch.tensor(sorted(rng.sample(range(width), k)), dtype=torch.int64)
+
+    def _support_inliers(self, feats: torch.Tensor, neurons: torch.Tensor, names: Sequence[str]) -> np.ndarray:
+        """Which support images the outlier filter keeps: ``(n, N, D)`` -> ``(n,)`` bool.
+
+        An Isolation Forest over one vector per image in the sensitive subspace
+        (:func:`lakead.neurons.support_image_features`, :func:`lakead.neurons.flag_outliers`).
+        """
+        n = feats.shape[0]
+        if n < MIN_IMAGES_FOR_FILTER:
+            log.warning("filter_outliers: %d support image(s), the filter needs at least %d; none dropped", n, MIN_IMAGES_FOR_FILTER)
+            return np.ones(n, dtype=bool)
+        features = support_image_features(feats[:, :, neurons].numpy())  # (n, 2K)
+        flags, _ = flag_outliers(features, self.config.outlier_contamination, self.config.seed)
+        for name in (nm for nm, flagged in zip(names, flags) if flagged):
+            log.debug("filter_outliers: dropping support image %s (flagged by the Isolation Forest)", name)
+        return ~flags
 
     # -- predict --------------------------------------------------------------------------
 
@@ -526,6 +572,8 @@ class LakeDetector:
             "support": self.support_,
             "support_rule": self.support_rule_,
             "skipped": self.skipped_,
+            "outliers": self.outliers_,
+            "k": int(self.neurons_.numel()),
             "fitted_at": self.fitted_at_,
         }
         tensors = {
@@ -598,6 +646,7 @@ class LakeDetector:
             det.support_ = list(meta["support"])
             det.support_rule_ = str(meta["support_rule"])
             det.skipped_ = list(meta["skipped"])
+            det.outliers_ = list(meta.get("outliers", []))  # absent from models saved before the filter existed
             det.loo_visual_ = tensors["loo_visual"].numpy()
             det.loo_semantic_ = tensors["loo_semantic"].numpy()
             det.loo_scores_ = tensors["loo_scores"].numpy()
@@ -623,11 +672,14 @@ class LakeDetector:
             "semantic_layer": self.semantic_layer_,
             "image_size": self.image_size_,
             "k": int(self.neurons_.numel()),
+            "k_rule": "all channels" if self.config.selection == "all" else (
+                "auto: knee of the sorted variance curve" if self.config.k == "auto" else "fixed"),
             "width": self.width_,
             "selection": self.config.selection,
             "support_images": len(self.support_),
             "support_rule": self.support_rule_,
             "skipped_images": len(self.skipped_),
+            "outliers_dropped": list(self.outliers_),
             "gallery_vectors": int(self.gallery_.shape[0]),
             "text_probe": self.text_embeddings_ is not None,
             "score_norm": self.config.score_norm,
