@@ -285,6 +285,7 @@ def serve(
     max_images: int = typer.Option(256, help="Most normal images in one model creation."),
     max_predict_images: int = typer.Option(32, help="Most images in one prediction request."),
     max_megapixels: float = typer.Option(40.0, help="Most pixels of one image, in millions."),
+    max_total_megapixels: float = typer.Option(400.0, help="Most pixels of all the images of one request, in millions."),
 ) -> None:
     """Serve the models in --models-dir over HTTP, with a web page at /."""
     try:
@@ -299,6 +300,7 @@ def serve(
         limits = ServeLimits(
             max_request_bytes=int(max_upload_mb * 2**20), max_fit_images=max_images,
             max_predict_images=max_predict_images, max_image_pixels=int(max_megapixels * 1e6),
+            max_total_pixels=int(max_total_megapixels * 1e6),
         )
         service = create_app(
             models_dir, backbone=backbone, allowed_backbones=tuple(allow_backbone), token=token, limits=limits,

@@ -112,8 +112,8 @@ def _host_name(host: str) -> str:
 
 def _too_large(size: int, limit: int, at_least: bool = False) -> str:
     mib = 2**20
-    return (f"request body of {'more than ' if at_least else ''}{size / mib:.1f} MiB is larger than the limit of "
-            f"{limit / mib:.1f} MiB (lakead serve --max-upload-mb)")
+    what = "request body" if at_least else f"request body of {size / mib:.1f} MiB"
+    return f"{what} is larger than the limit of {limit / mib:.1f} MiB (lakead serve --max-upload-mb)"
 
 
 async def _reply(send: Send, status: int, detail: str, extra: dict[str, str] | None = None) -> None:

@@ -117,13 +117,13 @@ def read_uploads(files: Sequence[tuple[str, BinaryIO]], limits: ServeLimits) -> 
                 pixels = size[0] * size[1]
                 if pixels > limits.max_image_pixels:
                     too_large.append((name, f"{size[0]}x{size[1]} pixels ({pixels / 1e6:.1f} MP) is more than the "
-                                            f"limit of {limits.max_image_pixels / 1e6:.1f} MP per image"))
+                                            f"limit of {limits.max_image_pixels / 1e6:.1f} MP per image (--max-megapixels)"))
                     os.unlink(path)
                     continue
                 total += pixels
                 if total > limits.max_total_pixels:
                     too_large.append((name, f"the images up to this one hold {total / 1e6:.1f} MP, more than the "
-                                            f"limit of {limits.max_total_pixels / 1e6:.1f} MP per request"))
+                                            f"limit of {limits.max_total_pixels / 1e6:.1f} MP per request (--max-total-megapixels)"))
                     os.unlink(path)
                     continue
             if too_large:
