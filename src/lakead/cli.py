@@ -95,6 +95,28 @@ def parse_layer(value: Optional[str]) -> "int | str | None":
     return int(v) if v.lstrip("-").isdigit() else v
 
 
+def parse_k(value: str) -> "int | str":
+    """``--k``: a positive integer or ``auto``."""
+    v = value.strip().lower()
+    if v == "auto":
+        return "auto"
+    try:
+        return int(v)
+    except ValueError:
+        raise typer.BadParameter(f"expected a positive integer or 'auto', got {value!r}", param_hint="--k") from None
+
+
+def parse_contamination(value: str) -> "float | str":
+    """``--outlier-contamination``: ``auto`` or a fraction."""
+    v = value.strip().lower()
+    if v == "auto":
+        return "auto"
+    try:
+        return float(v)
+    except ValueError:
+        raise typer.BadParameter(f"expected 'auto' or a fraction such as 0.1, got {value!r}", param_hint="--outlier-contamination") from None
+
+
 @app.command()
 def fit(
     normal: list[Path] = typer.Argument(..., help="Folders (searched recursively) or files of normal images.", show_default=False),
@@ -103,7 +125,7 @@ def fit(
     backbone: str = typer.Option("openai/clip-vit-large-patch14-336", help="Hub id, local CLIP directory, or onnx:PATH."),
     shots: Optional[int] = typer.Option(None, help="Use only this many normal images (default: all)."),
     seed: Optional[int] = typer.Option(None, help="Sample the shots with this seed (default: the first N by name); also seeds --selection random."),
-    k: int = typer.Option(100, help="Number of sensitive neurons kept."),
+    k: str = typer.Option("100", help="Number of sensitive neurons kept, or 'auto': the knee of the support set's sorted variance curve (docs/INTERPRETABILITY.md)."),
     layer: str = typer.Option("18", help="Block read for the visual branch (1-based; a tensor name for ONNX)."),
     semantic_layer: Optional[str] = typer.Option(None, help="Block read for the text probe (default: the last)."),
     lam: float = typer.Option(0.1, help="Weight of the text probe in the fused score."),
@@ -113,6 +135,8 @@ def fit(
     sigma: float = typer.Option(0.0, help="Gaussian blur of maps in pixels of the model input (0: off)."),
     selection: str = typer.Option("top", help="Neuron selection: top (LAKE), random, bottom or all."),
     score_norm: str = typer.Option("loo", help="loo: divide visual scores by the typical normal score; none: raw distances."),
+    filter_outliers: bool = typer.Option(False, "--filter-outliers", help="Drop support images an Isolation Forest flags in the sensitive subspace (they are listed; docs/INTERPRETABILITY.md)."),
+    outlier_contamination: str = typer.Option("auto", help="Contamination of the --filter-outliers forest: auto, or the fraction of images to drop (0 < f <= 0.5)."),
     threshold: Optional[float] = typer.Option(None, help="Fixed decision threshold (default: derived from the normal images)."),
     threshold_sigmas: float = typer.Option(3.0, help="Robust standard deviations above the typical normal score for the derived threshold."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -127,8 +151,9 @@ def fit(
         pool = list_images(normal)
         chosen, rule = select_shots(pool, shots, seed)
         det = LakeDetector(
-            backbone=backbone, k=k, layer=parse_layer(layer), semantic_layer=parse_layer(semantic_layer), lam=lam,
+            backbone=backbone, k=parse_k(k), layer=parse_layer(layer), semantic_layer=parse_layer(semantic_layer), lam=lam,
             semantic_agg=semantic_agg, use_text=not no_text, image_size=image_size, sigma=sigma, selection=selection,
+            filter_outliers=filter_outliers, outlier_contamination=parse_contamination(outlier_contamination),
             seed=seed or 0, score_norm=score_norm, threshold=threshold, threshold_sigmas=threshold_sigmas,
             device=device, batch_size=batch_size,
         )
@@ -139,6 +164,8 @@ def fit(
         _print_summary(det.summary(), title=f"model written to {out_dir}")
         for problem in det.skipped_:
             err.print(f"skipped: {problem}", highlight=False, markup=False)
+        for name in det.outliers_:
+            out.print(f"dropped as an outlier (--filter-outliers): {name}", highlight=False, markup=False)
 
 
 def _print_summary(summary: dict, title: str) -> None:
@@ -239,7 +266,9 @@ def info(model_dir: Path = typer.Argument(..., help="A model directory written b
         "layer": meta["layer"],
         "semantic_layer": meta["semantic_layer"],
         "image_size": meta["image_size"],
-        "k": meta["config"]["k"] if meta["config"]["selection"] != "all" else meta["width"],
+        "k": meta.get("k", meta["config"]["k"] if meta["config"]["selection"] != "all" else meta["width"]),
+        "k_rule": "auto (knee)" if meta["config"]["k"] == "auto" else "fixed",
+        "outliers_dropped": len(meta.get("outliers", [])),
         "selection": meta["config"]["selection"],
         "support_images": len(meta["support"]),
         "threshold": meta["threshold"],
