@@ -149,7 +149,10 @@ def test_options_are_validated(client, normals):
     cases = [
         ({"kk": "3"}, "kk: unknown field"),
         ({"device": "cuda"}, "device: unknown field"),
-        ({"k": "0"}, "k must be a positive integer, got 0"),
+        ({"k": "0"}, "k must be a positive integer"),
+        ({"k": "most"}, "k: Input should be"),
+        ({"outlier_contamination": "0.9"}, "outlier_contamination must be 'auto' or a fraction in (0, 0.5]"),
+        ({"precision": "float16"}, "precision: Input should be"),
         ({"k": "abc"}, "k: Input should be a valid integer"),
         ({"k": "999"}, "k=999 is larger than the width of block 2 (32 channels)"),
         ({"layer": "9"}, "layer 9 is out of range: this CLIP has blocks 1..4"),
@@ -450,7 +453,7 @@ def test_openapi_conformance(api_schema, method, path, mode):
     excluded = [positive_data_acceptance] if method == "POST" else []
 
     @given(case=strategy)
-    @settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=8, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     def check(case):
         case.call_and_validate(headers=AUTH, excluded_checks=excluded)
 

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..backbones import DEFAULT_CLIP
-from ..detector import AGGREGATIONS, SCORE_NORMS, SELECTIONS, LakeConfig
+from ..detector import AGGREGATIONS, PRECISIONS, SCORE_NORMS, SELECTIONS, LakeConfig
 from ..errors import BackboneUnavailableError, ConfigError, LakeadError, ModelFormatError
 from ..viz import overlay, png_bytes
 from .guard import Guard
@@ -81,11 +81,12 @@ class ModelInfo(BaseModel):
     support_images: int
     support: list[str] = Field(description="Names of the normal images the model was fitted on.")
     support_rule: str
+    outliers: list[str] = Field(description="Normal images dropped by filter_outliers.")
     threshold: Optional[float] = Field(description="Decision threshold; null when none could be derived (one image).")
     image_size: int
     layer: Union[int, str]
     semantic_layer: Optional[Union[int, str]]
-    k: int
+    k: int = Field(description="Number of sensitive neurons kept.")
     text_probe: bool
     map_range: list[float] = Field(description="Map values drawn blue (typical normal) to red (decision level).")
     config: dict[str, Any]
@@ -189,21 +190,21 @@ def create_app(
         return ServerInfo(version=__version__, default_backbone=backbone, backbones=list(store.allowed_backbones),
                           device=device, limits=limits.to_dict(), fit_options=defaults,
                           option_choices={"semantic_agg": list(AGGREGATIONS), "selection": list(SELECTIONS),
-                                          "score_norm": list(SCORE_NORMS)})
+                                          "score_norm": list(SCORE_NORMS), "precision": list(PRECISIONS)})
 
     @app.get("/models", tags=["models"], responses=_errors(401))
     def list_models() -> ModelList:
         """Every stored model, newest first."""
         return ModelList(models=[ModelInfo(**m) for m in store.list()])
 
-    @app.post("/models", status_code=201, tags=["models"], responses=_errors(401, 413, 422, 503))
+    @app.post("/models", status_code=201, tags=["models"], responses=_errors(400, 401, 413, 422, 503))
     async def create_model(
         request: Request,
         response: Response,
         images: Annotated[list[UploadFile], File(min_length=1, description="Normal (defect-free) images: PNG, JPEG, BMP, TIFF, WebP.")],
         class_name: Annotated[str, Form(min_length=1, max_length=200, description="What the images show, e.g. 'screw'; fills the text prompts.")],
         backbone: Annotated[Optional[str], Form(description="One of GET /info 'backbones' (default: the server's).")] = None,
-        k: Annotated[Optional[int], Form(description="Number of sensitive neurons kept.")] = None,
+        k: Annotated[Optional[Union[int, Literal["auto"]]], Form(description="Number of sensitive neurons kept, or 'auto' (the knee of the variance curve).")] = None,
         layer: Annotated[Optional[str], Form(description="Block read for the visual branch (1-based).")] = None,
         semantic_layer: Annotated[Optional[str], Form(description="Block read for the text probe (default: the last).")] = None,
         lam: Annotated[Optional[float], Form(description="Weight of the text probe in the fused score.")] = None,
@@ -212,11 +213,14 @@ def create_app(
         image_size: Annotated[Optional[int], Form(description="Square input size in pixels, a multiple of the patch size.")] = None,
         sigma: Annotated[Optional[float], Form(description="Gaussian blur of maps, pixels of the model input; 0 = off.")] = None,
         selection: Annotated[Optional[Literal[SELECTIONS]], Form()] = None,  # type: ignore[valid-type]
-        seed: Annotated[Optional[int], Form(description="Seed of selection=random.")] = None,
+        seed: Annotated[Optional[int], Form(description="Seed of selection=random and of the outlier filter.")] = None,
+        filter_outliers: Annotated[Optional[bool], Form(description="Drop normal images an Isolation Forest flags as outliers.")] = None,
+        outlier_contamination: Annotated[Optional[Union[float, Literal["auto"]]], Form(description="The outlier filter's contamination: 'auto' or a fraction in (0, 0.5].")] = None,
         score_norm: Annotated[Optional[Literal[SCORE_NORMS]], Form()] = None,  # type: ignore[valid-type]
         threshold: Annotated[Optional[float], Form(description="Fixed decision threshold (default: derived from the images).")] = None,
         threshold_sigmas: Annotated[Optional[float], Form(description="Robust standard deviations above the typical normal score.")] = None,
         batch_size: Annotated[Optional[int], Form(ge=1, le=256, description="Images per forward pass.")] = None,
+        precision: Annotated[Optional[Literal[PRECISIONS]], Form(description="Backbone arithmetic.")] = None,  # type: ignore[valid-type]
     ) -> ModelInfo:
         """Fit a model on normal images and store it. Slow: runs the network over every image.
 
@@ -226,7 +230,8 @@ def create_app(
         options = {name: value for name, value in dict(
             k=k, layer=_layer(layer), semantic_layer=_layer(semantic_layer), lam=lam, semantic_agg=semantic_agg,
             use_text=use_text, image_size=image_size, sigma=sigma, selection=selection, seed=seed,
-            score_norm=score_norm, threshold=threshold, threshold_sigmas=threshold_sigmas, batch_size=batch_size,
+            filter_outliers=filter_outliers, outlier_contamination=outlier_contamination, score_norm=score_norm,
+            threshold=threshold, threshold_sigmas=threshold_sigmas, batch_size=batch_size, precision=precision,
         ).items() if value is not None}
         LakeConfig(**options).validate()  # a bad option is refused before any image is read
         if image_size is not None and image_size > 2048:
@@ -253,7 +258,7 @@ def create_app(
         store.delete(model_id)
         return Response(status_code=204)
 
-    @app.post("/models/{model_id}/predict", tags=["models"], responses=_errors(401, 404, 413, 422))
+    @app.post("/models/{model_id}/predict", tags=["models"], responses=_errors(400, 401, 404, 413, 422))
     async def predict(
         request: Request,
         model_id: ModelId,
@@ -322,10 +327,14 @@ def _exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
+        by_field: dict[str, list[str]] = {}
         for e in exc.errors():
-            loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "header")]
-            problems.append((".".join(loc) or "request", str(e.get("msg", "invalid"))))
+            loc = [p for p in e.get("loc", ()) if p not in ("body", "query", "path", "header")]
+            name = str(loc[0]) if loc else "request"  # the form field (deeper parts name union branches)
+            msg = str(e.get("msg", "invalid"))
+            if msg not in by_field.setdefault(name, []):
+                by_field[name].append(msg)
+        problems = [(name, " or ".join(msgs)) for name, msgs in by_field.items()]
         detail = "invalid request: " + "; ".join(f"{n}: {p}" for n, p in problems)
         return _json_error(422, detail, problems)
 

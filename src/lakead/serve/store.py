@@ -50,7 +50,8 @@ STALE_SECONDS = 3600.0
 #: Detector options a client may set when creating a model (``device`` is the server's).
 FIT_OPTIONS = (
     "k", "layer", "semantic_layer", "lam", "semantic_agg", "use_text", "image_size", "sigma",
-    "selection", "seed", "score_norm", "threshold", "threshold_sigmas", "batch_size",
+    "selection", "seed", "filter_outliers", "outlier_contamination", "score_norm", "threshold",
+    "threshold_sigmas", "batch_size", "precision",
 )
 
 
@@ -350,6 +351,8 @@ def model_info(model_id: str, meta: dict[str, Any]) -> dict[str, Any]:
                         "unless a threshold is given with the prediction")
     if meta.get("skipped"):
         warnings.append(f"{len(meta['skipped'])} support image(s) were skipped: {'; '.join(meta['skipped'][:3])}")
+    if meta.get("outliers"):
+        warnings.append(f"{len(meta['outliers'])} support image(s) were dropped as outliers: {', '.join(meta['outliers'][:5])}")
     return {
         "id": model_id,
         "class_name": meta["class_name"],
@@ -359,11 +362,12 @@ def model_info(model_id: str, meta: dict[str, Any]) -> dict[str, Any]:
         "support_images": len(meta["support"]),
         "support": list(meta["support"]),
         "support_rule": meta["support_rule"],
+        "outliers": list(meta.get("outliers") or []),
         "threshold": meta["threshold"],
         "image_size": meta["image_size"],
         "layer": meta["layer"],
         "semantic_layer": meta["semantic_layer"],
-        "k": int(meta["config"]["k"]) if config.get("selection") != "all" else int(meta["width"]),
+        "k": int(meta["k"]),  # the number of neurons kept (k="auto" or selection="all" included)
         "text_probe": meta["prompts"] is not None,
         "map_range": list(meta["map_range"]),
         "config": config,

@@ -208,7 +208,9 @@ function buildOptionFields() {
       input.append(new Option(`default (${def ? "yes" : "no"})`, ""), new Option("yes", "true"), new Option("no", "false"));
     } else {
       input = document.createElement("input");
-      input.type = name.endsWith("layer") ? "text" : "number";
+      // k and outlier_contamination also take "auto"; layers may be tensor names
+      const words = name.endsWith("layer") || name === "k" || typeof def === "string";
+      input.type = words ? "text" : "number";
       if (input.type === "number") input.step = "any";
       input.placeholder = def === null ? "auto" : String(def);
     }
