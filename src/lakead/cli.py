@@ -141,6 +141,7 @@ def fit(
     threshold_sigmas: float = typer.Option(3.0, help="Robust standard deviations above the typical normal score for the derived threshold."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(8, help="Images per forward pass."),
+    precision: str = typer.Option("float32", help="Backbone arithmetic: float32 (the reference) or bfloat16 (faster on GPUs and CPUs with AVX512-BF16/AMX; docs/PERFORMANCE.md)."),
 ) -> None:
     """Fit a detector on normal images and save it to --out."""
     from .data import select_shots
@@ -155,7 +156,7 @@ def fit(
             semantic_agg=semantic_agg, use_text=not no_text, image_size=image_size, sigma=sigma, selection=selection,
             filter_outliers=filter_outliers, outlier_contamination=parse_contamination(outlier_contamination),
             seed=seed or 0, score_norm=score_norm, threshold=threshold, threshold_sigmas=threshold_sigmas,
-            device=device, batch_size=batch_size,
+            device=device, batch_size=batch_size, precision=precision,
         )
         logging.getLogger("lakead").info("support set: %s", rule)
         with progress_bar("fit", len(chosen)) as advance:
@@ -184,6 +185,7 @@ def predict(
     backbone: Optional[str] = typer.Option(None, help="Where to read the backbone weights from, if not where the model was fitted."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default: the model's setting)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per forward pass (default: the model's setting)."),
+    precision: Optional[str] = typer.Option(None, help="Backbone arithmetic: float32 or bfloat16 (default: the model's setting)."),
     maps: str = typer.Option("png,npy", help="Map files to write: png (overlays/), npy (raw float32 maps/), png,npy or none."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --out/scores.csv (an interrupted or earlier run) and score only the other images."),
     read_threads: Optional[int] = typer.Option(None, help="Threads that read images ahead of the model (default: min(4, CPUs))."),
@@ -201,6 +203,8 @@ def predict(
 
     if (ray_address is not None or ray_workers is not None) and not ray:
         raise typer.BadParameter("--ray-address and --ray-workers are options of --ray runs", param_hint="--ray")
+    if ray and precision is not None:
+        raise typer.BadParameter("--precision is for single-process runs; Ray workers use the model's setting", param_hint="--precision")
     if ray and read_threads is not None:
         raise typer.BadParameter("--read-threads is for single-process runs; Ray workers read their own batches", param_hint="--read-threads")
     try:
@@ -234,6 +238,9 @@ def predict(
                 det = LakeDetector.load(model_dir, backbone=backbone, device=device)
                 if batch_size is not None:
                     det.config.batch_size = batch_size
+                if precision is not None:
+                    det.config.precision = precision
+                    det.config.validate()
                 with progress_bar("predict", total) as advance:
                     summary = predict_to_dir(
                         det, inputs, out_dir, threshold=threshold, maps=map_kinds, resume=resume,
