@@ -41,7 +41,7 @@ from . import __version__
 from .backbones import Backbone, Features, load_backbone
 from .data import Category, Sample, load_dataset, read_mask, select_shots
 from .detector import LakeConfig, LakeDetector, Prediction
-from .errors import ConfigError, LakeadError
+from .errors import ConfigError, ImageLoadError, LakeadError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .metrics import PRO_FPR_LIMIT, PixelMetrics, image_metrics
 
@@ -204,19 +204,27 @@ def evaluate_category(
     seed: int | None,
     score: str = "scores",
     examples: int = 0,
+    images: ImageCache | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> CategoryResult:
     """Fit on ``shots`` normal training images of ``category`` (drawn by
     :func:`~lakead.data.select_shots` with ``seed``), score every test image, compute the
     metrics. ``score`` picks the image score (fused, visual or semantic). Defect images
-    without a mask count for image metrics only. ``on_progress(n)`` after every batch."""
+    without a mask count for image metrics only. ``images`` keeps decoded images for the
+    next call (grids). ``on_progress(n)`` after every batch."""
     if score not in SCORE_FIELDS:
         raise ConfigError(f"score must be one of {SCORE_FIELDS}, got {score!r}")
     chosen, rule = select_shots(category.train, shots, seed)
     det = LakeDetector.from_config(config, backbone=backbone)
     t0 = time.perf_counter()
-    det.fit(chosen, category.class_name, support_rule=rule, on_progress=on_progress)
+    if images is None:
+        det.fit(chosen, category.class_name, support_rule=rule, on_progress=on_progress)
+    else:
+        support = images.read_support(det, chosen)
+        det.fit([a for _, a in support], category.class_name, names=[str(p) for p, _ in support], support_rule=rule,
+                on_progress=on_progress)
     fit_s = time.perf_counter() - t0
+    read = (lambda p: images.read(det, p)) if images is not None else (lambda p: det.read_image(p, str(p)))
 
     test = category.test
     show = set(choose_examples(test, examples))
@@ -230,7 +238,7 @@ def evaluate_category(
     t0 = time.perf_counter()
     for start in range(0, len(test), bs):
         batch = test[start : start + bs]
-        arrays = [det.read_image(s.path, str(s.path)) for s in batch]
+        arrays = [read(s.path) for s in batch]
         pred = det.predict(arrays)
         for j, (s, arr) in enumerate(zip(batch, arrays)):
             i = start + j
@@ -275,6 +283,41 @@ def evaluate_category(
         map_range=tuple(det.map_range_),
         pixel_roc=roc,
     )
+
+
+class ImageCache:
+    """Decoded images kept between the variants of a grid, up to ``max_bytes`` in all
+    (beyond that, images are decoded again each time)."""
+
+    def __init__(self, max_bytes: int = 2 << 30) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._arrays: dict[Path, np.ndarray] = {}
+
+    def read(self, det: LakeDetector, path: Path) -> np.ndarray:
+        arr = self._arrays.get(path)
+        if arr is None:
+            arr = det.read_image(path, str(path))
+            if self.bytes + arr.nbytes <= self.max_bytes:
+                self._arrays[path] = arr
+                self.bytes += arr.nbytes
+        return arr
+
+    def read_support(self, det: LakeDetector, paths: Sequence[Path]) -> list[tuple[Path, np.ndarray]]:
+        """The readable support images; the others are skipped with a warning, as ``fit`` does."""
+        out = []
+        for p in paths:
+            try:
+                out.append((p, self.read(det, p)))
+            except ImageLoadError as exc:
+                log.warning("skipping support image %s", exc)
+        if not out:
+            raise ConfigError(f"no readable support image among the {len(paths)} given")
+        return out
+
+    def clear(self) -> None:
+        self._arrays.clear()
+        self.bytes = 0
 
 
 def _mask_for(s: Sample, shape: tuple[int, int]) -> np.ndarray | None:
@@ -753,7 +796,8 @@ def run_grid(
     one row per variant, the mean over categories; then the same table per category.
 
     With ``cache_features`` the network runs once per image and block for all variants
-    (:class:`FeatureCache`; memory: one category's features)."""
+    (:class:`FeatureCache`; memory: one category's features) and decoded images are kept
+    (:class:`ImageCache`, up to 2 GiB)."""
     if not variants:
         raise ConfigError("nothing to run: the grid is empty")
     cats, data_root = _categories(data, categories)
@@ -767,18 +811,23 @@ def run_grid(
     per_cat: list[dict[str, dict[str, float]]] = [{} for _ in variants]
     spread: list[dict[str, dict[str, float]]] = [{} for _ in variants]
     reader = FeatureCache(bb) if cache_features else bb
+    images = ImageCache() if cache_features else None
     for cat in cats:  # categories outside: the cache holds one category's features at a time
         for i, v in enumerate(variants):
+            log.info("%s: row %d of %d (%s)", cat.name, i + 1, len(variants), ", ".join(f"{k}={x}" for k, x in v.label.items()))
             runs = []
             for s in v.seeds:
                 cfg = dataclasses.replace(v.config, seed=s)
-                res = evaluate_category(cat, cfg, reader, shots=v.shots, seed=shot_seed, score=v.score, on_progress=on_progress)
+                res = evaluate_category(cat, cfg, reader, shots=v.shots, seed=shot_seed, score=v.score, images=images,
+                                        on_progress=on_progress)
                 runs.append(res.metrics())
             per_cat[i][cat.name] = mean_metrics(runs) if len(runs) > 1 else runs[0]
             if len(runs) > 1:
                 spread[i][cat.name] = {k: float(np.std([r[k] for r in runs])) for k in METRIC_COLUMNS}
         if isinstance(reader, FeatureCache):
             reader.clear()
+        if images is not None:
+            images.clear()
     rows = [
         {"label": v.label, "seeds": list(v.seeds), "mean": mean_metrics(list(per_cat[i].values())),
          "categories": per_cat[i], "seed_std": spread[i], "config": v.config.to_dict(), "score": v.score}
