@@ -149,13 +149,16 @@ def fingerprint_state(gallery: Any, neurons: Any, text_embeddings: Any, visual_s
     return h.hexdigest()
 
 
-def run_info(class_name: str, fitted_at: str, fingerprint: str, threshold: float, maps: Collection[str]) -> dict[str, Any]:
+def run_info(
+    class_name: str, fitted_at: str, fingerprint: str, threshold: float, precision: str, maps: Collection[str]
+) -> dict[str, Any]:
     """What ``run.json`` records about a run; :class:`OutputDir` compares it on resume."""
     return {
         "format": RUN_FORMAT,
         "format_version": 1,
         "model": {"class_name": class_name, "fitted_at": fitted_at, "fingerprint": fingerprint},
         "threshold": threshold if math.isfinite(threshold) else None,
+        "precision": precision,
         "maps": sorted(maps),
         "lakead_version": __version__,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -230,6 +233,10 @@ class OutputDir:
             raise LakeadError(
                 f"cannot resume: {self.dir / SCORES_FILE} was written with threshold {old_thr}, this run uses "
                 f"{self.info['threshold']}; give the same --threshold, or drop --resume to replace it")
+        if old.get("precision", "float32") != self.info["precision"]:
+            raise LakeadError(
+                f"cannot resume: {self.dir / SCORES_FILE} was written with precision {old.get('precision', 'float32')}, "
+                f"this run uses {self.info['precision']}; give the same --precision, or drop --resume to replace it")
         if old.get("maps") != self.info["maps"]:
             log.warning("resuming with maps %s where the earlier run wrote %s: images already scored keep what it wrote",
                         ",".join(self.info["maps"]) or "none", ",".join(old.get("maps") or []) or "none")
@@ -436,7 +443,8 @@ def predict_to_dir(
     bs = detector.config.batch_size
     summary = BatchSummary(threshold=detector.threshold_ if threshold is None else float(threshold))
 
-    info = run_info(detector.class_name_, detector.fitted_at_, model_fingerprint(detector), summary.threshold, maps)
+    info = run_info(detector.class_name_, detector.fitted_at_, model_fingerprint(detector), summary.threshold,
+                    detector.config.precision, maps)
     with OutputDir(out, info, resume=resume) as results, \
             ThreadPoolExecutor(threads, thread_name_prefix="lakead-read") as pool:
         todo = Todo(paths, results)

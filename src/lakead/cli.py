@@ -202,11 +202,9 @@ def predict(
     from .images import iter_images
 
     if (ray_address is not None or ray_workers is not None) and not ray:
-        raise typer.BadParameter("--ray-address and --ray-workers are options of --ray runs", param_hint="--ray")
-    if ray and precision is not None:
-        raise typer.BadParameter("--precision is for single-process runs; Ray workers use the model's setting", param_hint="--precision")
+        raise typer.BadParameter("only used with --ray", param_hint="--ray-address/--ray-workers")
     if ray and read_threads is not None:
-        raise typer.BadParameter("--read-threads is for single-process runs; Ray workers read their own batches", param_hint="--read-threads")
+        raise typer.BadParameter("not used with --ray (Ray workers read their own batches)", param_hint="--read-threads")
     try:
         map_kinds = parse_maps(maps)
     except LakeadError as exc:
@@ -229,8 +227,8 @@ def predict(
                 with progress_bar("predict (ray)", total) as advance:
                     summary = predict_on_ray(
                         model_dir, inputs, out_dir, address=ray_address, workers=ray_workers, backbone=backbone,
-                        device=device, batch_size=batch_size, threshold=threshold, maps=map_kinds, resume=resume,
-                        on_progress=advance, on_error=report,
+                        device=device, batch_size=batch_size, precision=precision, threshold=threshold, maps=map_kinds,
+                        resume=resume, on_progress=advance, on_error=report,
                     )
             else:
                 from .detector import LakeDetector

@@ -88,6 +88,7 @@ class RayScorer:
         backbone: str | None,
         device: str | None,
         batch_size: int | None,
+        precision: str | None,
         threads: int,
     ) -> None:
         import torch
@@ -103,6 +104,9 @@ class RayScorer:
             self.detector = LakeDetector.load(tmp, backbone=backbone, device=device)
             if batch_size is not None:
                 self.detector.config.batch_size = batch_size
+            if precision is not None:
+                self.detector.config.precision = precision
+                self.detector.config.validate()
         except LakeadError as exc:
             self.failure = str(exc).replace(tmp, "<model>")
         finally:
@@ -164,6 +168,7 @@ def _model_files(model_dir: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
             "threshold": math.inf if meta["threshold"] is None else float(meta["threshold"]),
             "batch_size": int(meta["config"]["batch_size"]),
             "device": str(meta["config"]["device"]),
+            "precision": str(meta["config"].get("precision", "float32")),
         }
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise LakeadError(f"{model_dir}: saved model cannot be read ({exc})") from None
@@ -203,6 +208,7 @@ def predict_on_ray(
     backbone: str | None = None,
     device: str | None = None,
     batch_size: int | None = None,
+    precision: str | None = None,
     threshold: float | None = None,
     maps: str | Collection[str] = MAP_KINDS,
     resume: bool = False,
@@ -227,6 +233,10 @@ def predict_on_ray(
         raise ConfigError(f"cpus_per_worker must be at least 1, got {cpus_per_worker}")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    from .detector import PRECISIONS
+
+    if precision is not None and precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     model_dir = Path(model_dir)
     files, ident = _model_files(model_dir)
     paths = iter_images(inputs)
@@ -235,7 +245,8 @@ def predict_on_ray(
     bs = batch_size or ident["batch_size"]
     gpu = (device or ident["device"]).startswith("cuda")
     summary = BatchSummary(threshold=ident["threshold"] if threshold is None else float(threshold))
-    info = run_info(ident["class_name"], ident["fitted_at"], ident["fingerprint"], summary.threshold, maps)
+    info = run_info(ident["class_name"], ident["fitted_at"], ident["fingerprint"], summary.threshold,
+                    precision or ident["precision"], maps)
 
     started = _start_ray(ray, address, workers, cpus_per_worker)
     try:
@@ -257,7 +268,7 @@ def predict_on_ray(
                     RayScorer,
                     fn_constructor_kwargs=dict(
                         model_files=files, out_dir=str(out.resolve()), maps=sorted(maps), threshold=threshold,
-                        backbone=backbone, device=device, batch_size=bs, threads=cpus_per_worker,
+                        backbone=backbone, device=device, batch_size=bs, precision=precision, threads=cpus_per_worker,
                     ),
                     batch_size=bs,
                     batch_format="numpy",
