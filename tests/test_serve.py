@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -309,7 +311,10 @@ def test_other_directories_in_models_dir(make_app, normals, tmp_path):
     (models / "broken").mkdir()
     (models / "broken" / "lakead.json").write_text("{not json")
     (models / ".screw.abc.tmp").mkdir()  # an interrupted write: hidden, never listed
+    (models / ".old.abc.tmp").mkdir()  # ... and removed at start once older than an hour
+    os.utime(models / ".old.abc.tmp", (time.time() - 7200, time.time() - 7200))
     with TestClient(make_app()) as c:
+        assert sorted(p.name for p in models.iterdir() if p.name.startswith(".")) == [".screw.abc.tmp"]
         assert sorted(m["id"] for m in c.get("/models").json()["models"]) == sorted([mid, "screw"])
         assert c.get("/models/notes").status_code == 404
         r = c.get("/models/broken")
