@@ -369,15 +369,17 @@ def test_delete_during_predictions(client, normals, tests_imgs, tmp_path):
     statuses = []
     go = threading.Event()
 
-    def one(_):
+    def one(i):
         go.wait()
+        if i % 3 == 2:
+            return client.get(f"/models/{mid}").status_code  # reading the model's info meanwhile
         r = predict(client, mid, tests_imgs)
         if r.status_code == 200:  # finished before the deletion, with the right numbers
             assert [x["score"] for x in r.json()["results"]] == pytest.approx(want, abs=1e-5)
         return r.status_code
 
     with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(one, i) for i in range(10)]
+        futures = [pool.submit(one, i) for i in range(12)]
         go.set()
         deleted = client.delete(f"/models/{mid}").status_code
         statuses = [f.result() for f in futures]

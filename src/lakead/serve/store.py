@@ -212,7 +212,8 @@ class ModelStore:
             try:
                 out.append(model_info(p.name, read_model_meta(p)))
             except (ModelFormatError, KeyError, TypeError, ValueError) as exc:
-                log.warning("not serving %s: %s", p, exc)
+                if p.exists():  # else deleted while listing
+                    log.warning("not serving %s: %s", p, exc)
         return sorted(out, key=lambda m: (m["fitted_at"] or "", m["id"]), reverse=True)
 
     def info(self, model_id: str) -> dict[str, Any]:
@@ -221,6 +222,10 @@ class ModelStore:
             raise ModelNotFound(model_id)
         try:
             return model_info(model_id, read_model_meta(path))
+        except ModelFormatError:
+            if not (path / "lakead.json").is_file():
+                raise ModelNotFound(model_id) from None  # deleted meanwhile
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"stored model {model_id!r} is damaged ({exc})") from None
 
