@@ -319,3 +319,22 @@ def test_cli_ablate_and_baselines(dataset, tiny_onnx, tmp_path):
     assert "| text |" not in md  # no text tower
     r = runner.invoke(app, ["ablate", str(dataset), "--out", str(tmp_path / "c"), *common, "--k", "two"])
     assert r.exit_code == 1 and "--k: expected comma-separated int values" in r.output
+
+
+@pytest.mark.realdata
+def test_eval_on_shared_data_with_mobilenet(shared_data, tmp_path):
+    from conftest import SHARED
+
+    model = SHARED / "models" / "mobilenetv2-12-int8.onnx"
+    if not model.is_file():
+        pytest.skip(f"{model} is absent (see ../shared/models/README.md)")
+    out = tmp_path / "r"
+    r = runner.invoke(app, ["eval", str(shared_data), "--out", str(out), "--backbone", f"onnx:{model}", "--layer", "400",
+                            "--k", "8", "--shots", "4", "--categories", "metal_plate", "--batch-size", "16", "--examples", "2"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "metrics.json").read_text())
+    (plate,) = doc["categories"]
+    assert plate["name"] == "mpdd/metal_plate" and plate["pixel_images"] == 67 and len(plate["support"]) == 4
+    assert all(v is not None and 0 <= v <= 1 for v in [*plate["image"].values(), *plate["pixel"].values()])
+    assert all(b < 0.01 for b in plate["pixel_error_bounds"].values())
+    assert (out / "figures" / "mpdd__metal_plate.png").is_file()

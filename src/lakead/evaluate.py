@@ -885,7 +885,7 @@ def grid_markdown(report: GridReport, title: str) -> str:
     lines += [
         "",
         f"Mean over categories, in %. Fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or 'nothing'}; "
-        f"layer {cfg['layer']}, image size {cfg['image_size'] or bb['image_size']}, shots drawn with seed {s['shot_seed']}. "
+        f"image size {cfg['image_size'] or bb['image_size']}, shots drawn with seed {s['shot_seed']}. "
         f"PRO: FPR limit {PRO_FPR_LIMIT}.",
         "",
         metrics_table([(_label(r, keys), r["mean"]) for r in report.rows], first=keys),

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The tables of docs/BENCHMARKS.md. From the repository root:
+#
+#     bash benchmarks/lake_tables.sh [STEP...]      (default: every step; output under runs/benchmarks/)
+#
+# Steps: layers, mobilenet, shots, clip, clip_shots. Each step is one lakead command; its
+# table is OUT/<step>/ablation.md or baselines.md, and the exact command is recorded in it.
+set -euo pipefail
+DATA=${DATA:-../shared/data}
+MODEL=${MODEL:-../shared/models/mobilenetv2-12-int8.onnx}
+OUT=${OUT:-runs/benchmarks}
+CLIP_DIR=${CLIP_DIR:-$OUT/clip-vit-b-16-random}
+MOBILENET="--backbone onnx:$MODEL --batch-size 16"
+SEEDS=0,1,2
+
+step_layers() {  # which MobileNetV2 tensor: every channel (no selection), all shots
+  lakead ablate "$DATA" --out "$OUT/layers" $MOBILENET --layer 365,400,426,591,452,627 --selection all --shots all
+}
+
+step_mobilenet() {  # top-k vs random-k vs bottom-k vs all 64 channels, and a k sweep, at tensor 400 (64 x 14 x 14)
+  lakead ablate "$DATA" --out "$OUT/mobilenet" $MOBILENET --layer 400 --k 4,8,16,32 \
+    --selection top,random,bottom,all --seeds $SEEDS --shots all
+}
+
+step_shots() {  # shots 1, 4, 16, all at k = 8 of 64 (about the paper's 100 of 1024)
+  lakead ablate "$DATA" --out "$OUT/shots" $MOBILENET --layer 400 --k 8 \
+    --selection top,random,bottom,all --seeds $SEEDS --shots 1,4,16,all
+}
+
+clip_model() {  # a random-weight CLIP ViT-B/16 (224 px, 12 blocks, width 768): NOT pretrained
+  [ -f "$CLIP_DIR/config.json" ] || python -m lakead.testing vit-b-16 "$CLIP_DIR" --seed 0
+}
+
+step_clip() {  # the baselines with the random CLIP (layer 9 of 12, k = 100 of 768, 16 shots)
+  clip_model
+  lakead baselines "$DATA" --out "$OUT/clip" --backbone "$CLIP_DIR" --layer 9 --k 100 --shots 16 \
+    --methods lake,visual,all,random,bottom,text --seeds $SEEDS --batch-size 16
+}
+
+step_clip_shots() {  # the random CLIP: k sweep and shots
+  clip_model
+  lakead ablate "$DATA" --out "$OUT/clip_k" --backbone "$CLIP_DIR" --layer 9 --no-text --k 25,100,400 \
+    --selection top,random,bottom,all --seeds $SEEDS --shots 16 --batch-size 16
+}
+
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(layers mobilenet shots clip clip_shots)
+for s in "${steps[@]}"; do
+  echo "== $s: $(date -u +%FT%TZ)"
+  start=$(date +%s)
+  "step_$s"
+  echo "== $s done in $(( $(date +%s) - start )) s"
+done
