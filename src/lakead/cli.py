@@ -283,6 +283,53 @@ def info(model_dir: Path = typer.Argument(..., help="A model directory written b
     _print_summary(summary, title=str(model_dir))
 
 
+@app.command()
+def explain(
+    model_dir: Path = typer.Argument(..., help="The model to explain: a directory written by 'lakead fit'.", show_default=False),
+    inputs: Optional[list[Path]] = typer.Argument(None, help="Images or folders (searched recursively) to explain; optional.", show_default=False),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Report directory: index.html, report.json and img/ (replaced if it exists)."),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Another fitted model (one per category, same backbone and block) whose sensitive neurons are compared with MODEL_DIR's; repeat for more."),
+    top_neurons: int = typer.Option(8, help="Neurons shown per image: the largest contributors at its most anomalous patch."),
+    max_images: int = typer.Option(16, help="At most this many images are explained, evenly spaced over the sorted inputs."),
+    backbone: Optional[str] = typer.Option(None, help="Where to read the backbone weights from, if not where the model was fitted."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default: the model's setting)."),
+) -> None:
+    """Write an HTML report of a model's sensitive neurons: the variance curve, per-image neuron contributions, and their overlap across models (--compare)."""
+    import shlex
+
+    from .detector import LakeDetector
+    from .explain import compare_models, comparison_labels, explain_images, spread_subset, write_report
+    from .images import list_images
+
+    if top_neurons < 1:
+        raise typer.BadParameter(f"must be at least 1, got {top_neurons}", param_hint="--top-neurons")
+    if max_images < 1:
+        raise typer.BadParameter(f"must be at least 1, got {max_images}", param_hint="--max-images")
+    with errors_as_messages():
+        paths = list_images(inputs) if inputs else []
+        det = LakeDetector.load(model_dir, backbone=backbone, device=device)
+        chosen = [paths[i] for i in spread_subset(len(paths), max_images)]
+        rule = None
+        if paths:
+            rule = f"all {len(paths)} given" if len(chosen) == len(paths) else (
+                f"{len(chosen)} of {len(paths)} given, evenly spaced in name order (--max-images {max_images})")
+            if len(chosen) < len(paths):
+                logging.getLogger("lakead").info("explaining %s", rule)
+        with progress_bar("explain", len(chosen)) as advance:
+            explanations = explain_images(det, chosen, names=[str(p) for p in chosen], top=top_neurons)
+            advance(len(chosen))
+        comparison = None
+        if compare:
+            others = [LakeDetector.load(d, backbone=det.backbone, device=device) for d in compare]
+            dets, dirs = [det, *others], [model_dir, *compare]
+            comparison = compare_models(dets, comparison_labels(dets, dirs))
+        page = write_report(
+            out_dir, det, explanations, comparison, image_rule=rule,
+            command=" ".join(shlex.quote(a) for a in ["lakead", *sys.argv[1:]]),
+        )
+    out.print(f"report written to {page}", highlight=False)
+
+
 @app.command("download-backbone")
 def download_backbone(
     model_id: str = typer.Argument(..., help="Hugging Face hub id, e.g. openai/clip-vit-large-patch14-336.", show_default=False),
