@@ -274,6 +274,17 @@ def test_resume_with_nothing_written_starts_fresh_and_without_resume_replaces(de
     assert replaced.scored == 5 and (out / SCORES_FILE).read_bytes() == before
 
 
+def test_two_runs_cannot_write_to_one_directory(detector, tmp_path):
+    from lakead.batch import OutputDir, run_info
+
+    src = make_images(tmp_path / "in", 2)
+    info = run_info("tile", "t", "f", 1.0, "float32", ["npy"])
+    with OutputDir(tmp_path / "out", info):
+        with pytest.raises(LakeadError, match="another lakead predict is writing to this directory"):
+            predict_to_dir(detector, [src], tmp_path / "out")
+    assert predict_to_dir(detector, [src], tmp_path / "out", maps="none").scored == 2  # free again
+
+
 def test_unreadable_inputs_are_reported_on_every_run(detector, images, reference, tmp_path):
     out = tmp_path / "out"
     partial_copy(reference, out, len((reference / SCORES_FILE).read_bytes()))  # everything scored already

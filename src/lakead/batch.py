@@ -6,7 +6,8 @@ Layout of an output directory::
     errors.csv            path, error (only when some inputs of this run could not be read)
     overlays/<name>.png   the heat map over the image              (maps "png")
     maps/<name>.npy       the raw float32 map at the image's size  (maps "npy")
-    run.json              the model and threshold that wrote scores.csv (checked on resume)
+    run.json              the model, threshold and precision that wrote scores.csv (checked on resume)
+    .lakead-predict.lock  held while a run writes here: two runs cannot share a directory
 
 ``<name>`` is the image's path relative to the common folder of the inputs (a folder given
 counts itself, a file its folder), suffix dropped, so that ``test/crack/000.png`` and
@@ -59,6 +60,7 @@ log = logging.getLogger("lakead")
 SCORES_FILE = "scores.csv"
 ERRORS_FILE = "errors.csv"
 RUN_FILE = "run.json"
+LOCK_FILE = ".lakead-predict.lock"
 SCORE_COLUMNS = ("path", "score", "visual", "semantic", "anomalous")
 ERROR_COLUMNS = ("path", "error")
 RUN_FORMAT = "lakead-predict-run"
@@ -185,6 +187,7 @@ class OutputDir:
         self._done = np.zeros(0, dtype=np.uint64)  # sorted keys of those rows
         self._scores: io.BufferedWriter | None = None
         self._errors: io.BufferedWriter | None = None
+        self._lock_file: io.TextIOWrapper | None = None
 
     # -- opening
 
@@ -192,6 +195,7 @@ class OutputDir:
         if self.dir.exists() and not self.dir.is_dir():
             raise LakeadError(f"--out {self.dir}: exists and is not a directory")
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
         scores = self.dir / SCORES_FILE
         keep = 0
         if self.resume and scores.exists():
@@ -209,9 +213,23 @@ class OutputDir:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for fh in (self._scores, self._errors):
+        for fh in (self._scores, self._errors, self._lock_file):
             if fh is not None:
                 fh.close()
+
+    def _lock(self) -> None:
+        """One run at a time per directory: an advisory lock, released by the OS even on a kill."""
+        self._lock_file = (self.dir / LOCK_FILE).open("a")
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; nothing to check
+            return
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise LakeadError(f"--out {self.dir}: another lakead predict is writing to this directory") from None
 
     def _check_run_file(self) -> None:
         path = self.dir / RUN_FILE
