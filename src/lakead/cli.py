@@ -166,7 +166,7 @@ def fit(
         for problem in det.skipped_:
             err.print(f"skipped: {problem}", highlight=False, markup=False)
         for name in det.outliers_:
-            out.print(f"dropped as an outlier (--filter-outliers): {name}", highlight=False, markup=False)
+            out.print(f"dropped as an outlier (--filter-outliers): {name}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _print_summary(summary: dict, title: str) -> None:

@@ -17,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+
+from .ops import nearest_neighbor, robust_threshold
 
 #: How the knee of the variance curve is found; written into saved models and reports.
 KNEE_RULE = (
@@ -27,6 +30,8 @@ KNEE_RULE = (
 
 #: Trees of the Isolation Forest (more trees: a steadier score on a small support set).
 OUTLIER_TREES = 256
+#: Robust standard deviations above the median isolation score that flag an image (contamination "auto").
+OUTLIER_SIGMAS = 3.0
 #: The filter is skipped below this many support images (an isolation path needs company).
 MIN_IMAGES_FOR_FILTER = 5
 
@@ -65,18 +70,27 @@ def knee_k(variance: Sequence[float] | np.ndarray) -> int:
     return max(1, i)
 
 
-def support_image_features(tokens: np.ndarray) -> np.ndarray:
-    """One vector per support image for the outlier filter: ``(n, N, K) -> (n, 2K)``.
+def support_image_features(tokens: np.ndarray | torch.Tensor) -> np.ndarray:
+    """One vector per support image for the outlier filter: ``(n, N, K) -> (n, 4)``.
 
-    For every sensitive channel, the mean and the standard deviation of the image's tokens:
-    the mean moves when the whole image looks different (wrong part, lighting), the
-    standard deviation when a few tokens take unusual values (a local defect). The Isolation
-    Forest splits each feature between its minimum and maximum, so no scaling is needed.
+    Every token of an image is matched to its nearest token among the *other* support
+    images in the sensitive subspace (the leave-one-out distance of Eq. 7); the image's
+    vector is the maximum, 99th percentile, 90th percentile and median of those distances.
+    A defect leaves a few tokens with no look-alike in the other images (a high maximum
+    and upper percentiles over an ordinary median); an image unlike all others moves the
+    whole profile. These are the distances the detector itself scores with, so an image
+    the filter drops is one whose patches the gallery would otherwise learn as normal.
     """
-    t = np.asarray(tokens, dtype=np.float64)
-    if t.ndim != 3 or t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"expected support tokens (n, N, K), got shape {t.shape}")
-    return np.concatenate([t.mean(axis=1), t.std(axis=1)], axis=1)  # (n, 2K)
+    t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens, dtype=torch.float32)
+    if t.ndim != 3 or t.shape[0] < 2 or t.shape[1] == 0:
+        raise ValueError(f"expected the tokens of at least two support images (n, N, K), got shape {tuple(t.shape)}")
+    n, n_tok, k = t.shape
+    flat = t.reshape(n * n_tok, k)  # (n*N, K)
+    groups = torch.arange(n).repeat_interleave(n_tok)  # (n*N,)
+    d, _ = nearest_neighbor(flat, flat, query_groups=groups, gallery_groups=groups)
+    d = d.reshape(n, n_tok).double()  # (n, N)
+    q = torch.quantile(d, torch.tensor([1.0, 0.99, 0.9, 0.5], dtype=torch.float64), dim=1)  # (4, n)
+    return q.T.numpy().copy()  # (n, 4)
 
 
 def flag_outliers(
@@ -85,11 +99,13 @@ def flag_outliers(
     """Isolation Forest over per-image features: ``(n, F) -> (flags (n,) bool, scores (n,))``.
 
     ``scores`` are the forest's anomaly scores (higher = more isolated, ``-score_samples``).
-    ``contamination="auto"`` flags images whose score passes the threshold of the original
-    Isolation Forest paper (an average path shorter than about half the expected one); a
-    number in (0, 0.5] flags that fraction. At most half of the images are ever flagged
-    (the most isolated ones): a support set that is mostly "outliers" is a different class,
-    not contamination. Deterministic for a given ``seed``.
+    ``contamination="auto"`` flags the images whose score is a robust outlier among the
+    scores: above ``median + 3 x 1.4826 x MAD`` (:func:`lakead.ops.robust_threshold`, the
+    rule of the detector's own threshold), so a clean support set usually loses nothing.
+    A number in (0, 0.5] is scikit-learn's contamination: that fraction of the images is
+    flagged, whatever they look like. At most half of the images are ever flagged (the most
+    isolated ones): a support set that is mostly "outliers" is a different class, not
+    contamination. Deterministic for a given ``seed``.
     """
     from sklearn.ensemble import IsolationForest
 
@@ -97,9 +113,14 @@ def flag_outliers(
     if x.ndim != 2:
         raise ValueError(f"expected features (n, F), got shape {x.shape}")
     n = x.shape[0]
-    forest = IsolationForest(n_estimators=OUTLIER_TREES, contamination=contamination, random_state=seed)
-    flags = forest.fit_predict(x) == -1  # (n,)
+    forest = IsolationForest(
+        n_estimators=OUTLIER_TREES, contamination="auto" if contamination == "auto" else contamination, random_state=seed
+    ).fit(x)
     scores = -forest.score_samples(x)  # (n,) higher = more isolated
+    if contamination == "auto":
+        flags = scores > robust_threshold(scores, OUTLIER_SIGMAS)
+    else:
+        flags = forest.predict(x) == -1
     cap = n // 2
     if int(flags.sum()) > cap:
         keep_flagged = np.argsort(-scores, kind="stable")[:cap]
