@@ -50,7 +50,7 @@ import numpy as np
 
 from . import __version__
 from .detector import LakeDetector
-from .errors import ConfigError, ImageLoadError, LakeadError
+from .errors import ConfigError, ImageLoadError, LakeadError, NotFittedError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .images import iter_images
 from .viz import npy_bytes, overlay, png_bytes
@@ -451,6 +451,8 @@ def predict_to_dir(
     ``errors.csv`` and skipped; the others are still scored. ``on_progress(n)`` is called as
     ``n`` more inputs are done (scored, failed or skipped).
     """
+    if not detector.is_fitted:
+        raise NotFittedError("predict_to_dir needs a fitted LakeDetector: call fit(...) or LakeDetector.load(...) first")
     maps = parse_maps(maps) if isinstance(maps, str) else parse_maps(list(maps) or "none")
     threads = default_read_threads() if read_threads is None else int(read_threads)
     if threads < 1:

@@ -250,50 +250,62 @@ def predict_on_ray(
 
     started = _start_ray(ray, address, workers, cpus_per_worker)
     try:
+        resources = ray.cluster_resources()
+        have_gpus, have_cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+        if gpu and not have_gpus:
+            raise ConfigError(f"device {device or ident['device']!r} asked for, but the Ray cluster has no GPU")
         if workers is None:
-            resources = ray.cluster_resources()
-            workers = max(1, int(resources.get("GPU", 0)) if gpu else int(resources.get("CPU", 1) // cpus_per_worker))
+            workers = max(1, have_gpus if gpu else have_cpus // cpus_per_worker)
+        if workers * cpus_per_worker > have_cpus or (gpu and workers > have_gpus):
+            log.warning("%d Ray workers need %d CPUs%s; the cluster has %d CPUs and %d GPUs now: "
+                        "the run waits until an autoscaler adds them", workers, workers * cpus_per_worker,
+                        f" and {workers} GPUs" if gpu else "", have_cpus, have_gpus)
         ctx = ray.data.DataContext.get_current()
+        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.enable_operator_progress_bars)
         ctx.execution_options.preserve_order = True  # rows come back in input order
-        ctx.enable_progress_bars = False
+        ctx.enable_progress_bars = False  # lakead shows its own
         ctx.enable_operator_progress_bars = False
-        ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # progress chatter; errors still raise
-        with OutputDir(out, info, resume=resume) as results:
-            todo = Todo(paths, results)
-            for chunk in _chunks(iter(todo), CHUNK_PATHS):
-                items = [{"path": p, "name": output_name(p, root)} for p in chunk]
-                blocks = max(1, math.ceil(len(items) / (bs * BATCHES_PER_BLOCK)))
-                ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-                    RayScorer,
-                    fn_constructor_kwargs=dict(
-                        model_files=files, out_dir=str(out.resolve()), maps=sorted(maps), threshold=threshold,
-                        backbone=backbone, device=device, batch_size=bs, precision=precision, threads=cpus_per_worker,
-                    ),
-                    batch_size=bs,
-                    batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=workers),
-                    num_cpus=cpus_per_worker,
-                    num_gpus=1 if gpu else 0,
-                )
-                del items, chunk
-                for res in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    n = len(res["path"])
-                    if n and res["failure"][0]:
-                        raise LakeadError(f"on a Ray worker: {res['failure'][0]}")
-                    rows = [tuple(str(res[k][i]) for k in SCORE_COLUMNS) for i in range(n) if not res["error"][i]]
-                    errors = [(str(res["path"][i]), str(res["error"][i])) for i in range(n) if res["error"][i]]
-                    results.commit(rows, errors)
-                    record(summary, rows, errors)
-                    if on_error is not None:
-                        for path, problem in errors:
-                            on_error(path, problem)
-                    if on_progress is not None:
-                        on_progress(todo.take_skipped() + n)
-            if on_progress is not None and (n := todo.take_skipped()):
-                on_progress(n)
-            summary.skipped = todo.skipped
+        try:
+            scorer = dict(model_files=files, out_dir=str(out.resolve()), maps=sorted(maps), threshold=threshold,
+                          backbone=backbone, device=device, batch_size=bs, precision=precision, threads=cpus_per_worker)
+            resources = dict(compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
+                             num_gpus=1 if gpu else 0)
+            with OutputDir(out, info, resume=resume) as results:
+                _run(ray, Todo(paths, results), results, root, scorer, resources, bs, summary, on_progress, on_error)
+        finally:
+            ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
     finally:
         if started:
             ray.shutdown()
     return summary
+
+
+def _run(
+    ray: Any, todo: Todo, results: OutputDir, root: Path, scorer: dict[str, Any], resources: dict[str, Any],
+    batch_size: int, summary: BatchSummary, on_progress: Callable[[int], None] | None,
+    on_error: Callable[[str, str], None] | None,
+) -> None:
+    """The driver's loop: chunks of paths through the actor pool, rows appended as they come."""
+    for chunk in _chunks(iter(todo), CHUNK_PATHS):
+        items = [{"path": p, "name": output_name(p, root)} for p in chunk]
+        blocks = max(1, math.ceil(len(items) / (batch_size * BATCHES_PER_BLOCK)))
+        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            RayScorer, fn_constructor_kwargs=scorer, batch_size=batch_size, batch_format="numpy", **resources)
+        del items, chunk
+        for res in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = len(res["path"])
+            if n and res["failure"][0]:
+                raise LakeadError(f"on a Ray worker: {res['failure'][0]}")
+            rows = [tuple(str(res[k][i]) for k in SCORE_COLUMNS) for i in range(n) if not res["error"][i]]
+            errors = [(str(res["path"][i]), str(res["error"][i])) for i in range(n) if res["error"][i]]
+            results.commit(rows, errors)
+            record(summary, rows, errors)
+            if on_error is not None:
+                for path, problem in errors:
+                    on_error(path, problem)
+            if on_progress is not None:
+                on_progress(todo.take_skipped() + n)
+    if on_progress is not None and (n := todo.take_skipped()):
+        on_progress(n)
+    summary.skipped = todo.skipped
