@@ -7,7 +7,6 @@ Layout of an output directory::
     overlays/<name>.png   the heat map over the image              (maps "png")
     maps/<name>.npy       the raw float32 map at the image's size  (maps "npy")
     run.json              the model, threshold and precision that wrote scores.csv (checked on resume)
-    .lakead-predict.lock  held while a run writes here: two runs cannot share a directory
 
 ``<name>`` is the image's path relative to the common folder of the inputs (a folder given
 counts itself, a file its folder), suffix dropped, so that ``test/crack/000.png`` and
@@ -60,7 +59,6 @@ log = logging.getLogger("lakead")
 SCORES_FILE = "scores.csv"
 ERRORS_FILE = "errors.csv"
 RUN_FILE = "run.json"
-LOCK_FILE = ".lakead-predict.lock"
 SCORE_COLUMNS = ("path", "score", "visual", "semantic", "anomalous")
 ERROR_COLUMNS = ("path", "error")
 RUN_FORMAT = "lakead-predict-run"
@@ -187,7 +185,7 @@ class OutputDir:
         self._done = np.zeros(0, dtype=np.uint64)  # sorted keys of those rows
         self._scores: io.BufferedWriter | None = None
         self._errors: io.BufferedWriter | None = None
-        self._lock_file: io.TextIOWrapper | None = None
+        self._dir_fd: int | None = None  # the directory, locked while the run writes
 
     # -- opening
 
@@ -213,23 +211,27 @@ class OutputDir:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for fh in (self._scores, self._errors, self._lock_file):
+        for fh in (self._scores, self._errors):
             if fh is not None:
                 fh.close()
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)  # releases the lock
 
     def _lock(self) -> None:
-        """One run at a time per directory: an advisory lock, released by the OS even on a kill."""
-        self._lock_file = (self.dir / LOCK_FILE).open("a")
+        """One run at a time per directory: an advisory lock on the directory itself, released
+        by the system even when the process is killed (POSIX; not checked on Windows)."""
         try:
             import fcntl
-        except ImportError:  # Windows: no advisory locks; nothing to check
+
+            fd = os.open(self.dir, os.O_RDONLY)
+        except (ImportError, OSError):  # no flock, or directories cannot be opened (Windows)
             return
         try:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._lock_file.close()
-            self._lock_file = None
+            os.close(fd)
             raise LakeadError(f"--out {self.dir}: another lakead predict is writing to this directory") from None
+        self._dir_fd = fd
 
     def _check_run_file(self) -> None:
         path = self.dir / RUN_FILE
