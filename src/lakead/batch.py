@@ -194,6 +194,14 @@ class OutputDir:
             raise LakeadError(f"--out {self.dir}: exists and is not a directory")
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock()
+        try:
+            self._open()
+        except BaseException:
+            self.__exit__()  # release the lock: the with-block will not
+            raise
+        return self
+
+    def _open(self) -> None:
         scores = self.dir / SCORES_FILE
         keep = 0
         if self.resume and scores.exists():
@@ -208,7 +216,6 @@ class OutputDir:
             self._scores = scores.open("wb")
             self._append(self._scores, [_csv_line(SCORE_COLUMNS)])
         (self.dir / ERRORS_FILE).unlink(missing_ok=True)  # every unscored image is tried again
-        return self
 
     def __exit__(self, *exc: object) -> None:
         for fh in (self._scores, self._errors):
@@ -216,6 +223,7 @@ class OutputDir:
                 fh.close()
         if self._dir_fd is not None:
             os.close(self._dir_fd)  # releases the lock
+            self._dir_fd = None
 
     def _lock(self) -> None:
         """One run at a time per directory: an advisory lock on the directory itself, released
