@@ -189,7 +189,7 @@ def predict(
     maps: str = typer.Option("png,npy", help="Map files to write: png (overlays/), npy (raw float32 maps/), png,npy or none."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --out/scores.csv (an interrupted or earlier run) and score only the other images."),
     read_threads: Optional[int] = typer.Option(None, help="Threads that read images ahead of the model (default: min(4, CPUs))."),
-    ray: bool = typer.Option(False, "--ray", help="Score on a Ray cluster (needs: pip install 'lakead[ray]')."),
+    ray: bool = typer.Option(False, "--ray", help=r"Score on a Ray cluster (needs Ray: pip install 'lakead\[ray]')."),
     ray_address: Optional[str] = typer.Option(None, help="With --ray: the cluster to join (ray://HOST:10001, HOST:6379 or auto; default: $RAY_ADDRESS, else a local cluster)."),
     ray_workers: Optional[int] = typer.Option(None, help="With --ray: model replicas, one CPU each (default: one per CPU, or per GPU with --device cuda)."),
 ) -> None:
