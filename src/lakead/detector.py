@@ -90,7 +90,8 @@ class LakeConfig:
     selection: str = "top"  # neurons: "top" (LAKE), "random", "bottom" variance, or "all"
     seed: int = 0  # seed of selection="random" and of the outlier filter
     filter_outliers: bool = False  # drop support images an Isolation Forest flags in the sensitive subspace
-    outlier_contamination: float | str = "auto"  # the forest's contamination: "auto" or a fraction in (0, 0.5]
+    outlier_contamination: float | str = "auto"  # "auto": drop images whose isolation score is above median + 3 MAD
+    # of the scores; or a fraction in (0, 0.5]: drop that share of the images (lakead.neurons.flag_outliers)
     score_norm: str = "loo"  # "loo": visual scores / median leave-one-out score; "none": raw
     map_source: str = "visual"  # pixel maps: "visual" token distances (the paper) or "semantic": per-token P(anomalous) of the text probe
     threshold: float | None = None  # fixed decision threshold; None: derived at fit
