@@ -387,3 +387,33 @@ def test_report_renders_in_chromium(report, tmp_path):
     with Image.open(shot) as im:
         assert im.size[0] >= 1000 and im.size[1] > 1500  # the whole page, not an empty viewport
         assert len(set(np.asarray(im.convert("L").resize((64, 64))).ravel().tolist())) > 20  # something drawn
+
+
+# -- real data: MobileNetV2 on two real categories ------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_report_on_real_data(shared_data, tmp_path):
+    from conftest import SHARED
+
+    model = SHARED / "models" / "mobilenetv2-12-int8.onnx"
+    if not model.is_file():
+        pytest.skip(f"{model} is absent (see ../shared/models/README.md)")
+    opts = ["--backbone", f"onnx:{model}", "--layer", "426_quantized", "--k", "auto", "--shots", "12"]
+    tire, metal = shared_data / "mvtec3d_tire" / "tire", shared_data / "mpdd" / "metal_plate"
+    for cat, name in [(tire, "tire"), (metal, "metal_plate")]:
+        r = runner.invoke(app, ["fit", str(cat / "train" / "good"), "-c", name, "-o", str(tmp_path / name), *opts])
+        assert r.exit_code == 0, r.output
+    test = [str(next((tire / "test" / d).iterdir())) for d in ("good", "cut")]
+    r = runner.invoke(app, ["explain", str(tmp_path / "tire"), *test, "--compare", str(tmp_path / "metal_plate"),
+                            "-o", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    det = LakeDetector.load(tmp_path / "tire")
+    var = det.channel_variance_.numpy()
+    assert len(var) == 96 and data["variance"]["k"] == knee_k(var) == det.neurons_.numel()
+    assert data["variance"]["neurons"] == np.argsort(-var, kind="stable")[: data["variance"]["k"]].tolist()
+    assert [im["name"] for im in data["images"]] == test
+    assert np.array(data["comparison"]["jaccard"]).shape == (2, 2)
+    for src in re.findall(r"<img src='([^']+)'", (tmp_path / "rep" / "index.html").read_text()):
+        assert (tmp_path / "rep" / src).is_file()
