@@ -150,3 +150,10 @@ def test_predict_bad_model_dir(dataset, tmp_path, model):
 def test_help(command):
     r = invoke(*command, "--help")
     assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_error_messages_are_printed_verbatim(tmp_path):
+    """Brackets in paths are not taken for rich markup."""
+    missing = tmp_path / "[bold]data[/]"
+    r = invoke("fit", missing, "-c", "tile", "-o", tmp_path / "m")
+    assert r.exit_code == 1 and "[bold]data[/]: no such file or directory" in r.stderr

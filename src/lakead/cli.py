@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -59,7 +60,7 @@ state: dict[str, bool] = {"quiet": False}
 
 
 def fail(message: str) -> "typer.Exit":
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -215,7 +216,7 @@ def predict(
         raise fail(f"--read-threads must be at least 1, got {read_threads}")
 
     def report(path: str, problem: str) -> None:
-        err.print(f"[yellow]cannot read[/] {path}: {problem}", highlight=False)
+        err.print(f"[yellow]cannot read[/] {escape(path)}: {escape(problem)}", highlight=False)
 
     scores_file = out_dir / "scores.csv"
     with errors_as_messages():
