@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/lake_tables.sh [STEP...]      (default: every step; output under runs/benchmarks/)
 #
-# Steps: layers, mobilenet, shots, clip, clip_shots. Each step is one lakead command; its
+# Steps: layers, mobilenet, shots, wide, clip, clip_shots. Each step is one lakead command; its
 # table is OUT/<step>/ablation.md or baselines.md, and the exact command is recorded in it.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
@@ -27,6 +27,11 @@ step_shots() {  # shots 1, 4, 16, all at k = 8 of 64 (about the paper's 100 of 1
     --selection top,random,bottom,all --seeds $SEEDS --shots 1,4,16,all
 }
 
+step_wide() {  # the same question on a wide tensor: 591 (576 x 14 x 14, an expansion layer), k = 58 (10 %); "all" is in the layers table
+  lakead ablate "$DATA" --out "$OUT/wide" $MOBILENET --layer 591 --k 58 --selection top,random,bottom \
+    --seeds $SEEDS --shots all
+}
+
 clip_model() {  # a random-weight CLIP ViT-B/16 (224 px, 12 blocks, width 768): NOT pretrained
   [ -f "$CLIP_DIR/config.json" ] || python -m lakead.testing vit-b-16 "$CLIP_DIR" --seed 0
 }
@@ -44,7 +49,7 @@ step_clip_shots() {  # the random CLIP: k sweep and shots
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(layers mobilenet shots clip clip_shots)
+[ ${#steps[@]} -gt 0 ] || steps=(layers mobilenet shots wide clip clip_shots)
 for s in "${steps[@]}"; do
   echo "== $s: $(date -u +%FT%TZ)"
   start=$(date +%s)

@@ -80,7 +80,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("lake", {}, "scores", "LAKE as configured: top-k sensitive neurons + text probe, fused (Eq. 14)"),
-        Method("visual", {"use_text": False}, "visual", "visual branch only: top-k sensitive neurons, nearest neighbour"),
+        Method("visual", {"use_text": False}, "visual", "visual branch only: the configured neurons (top-k by default), nearest neighbour"),
         Method("all", {"selection": "all", "use_text": False}, "visual",
                "full-width nearest neighbour: every channel (PatchCore-like, no coreset)"),
         Method("random", {"selection": "random", "use_text": False}, "visual", "k random channels, nearest neighbour"),
@@ -690,7 +690,8 @@ def baseline_variants(
         fused = m.score == "scores" and has_text and cfg.use_text
         for norm in (score_norms if fused else [cfg.score_norm]):
             c = dataclasses.replace(cfg, score_norm=norm).validate()
-            label = {"method": name, "score_norm": norm if fused else "-", "k": "all" if c.selection == "all" else c.k}
+            k = "-" if m.score == "semantic" else "all" if c.selection == "all" else c.k  # the text probe uses no neurons
+            label = {"method": name, "score_norm": norm if fused else "-", "k": k}
             out.append(Variant(label, c, m.score, shots, tuple(seeds) if c.selection == "random" else (c.seed,)))
     return out
 
