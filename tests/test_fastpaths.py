@@ -156,7 +156,7 @@ def test_speed_benchmark_runs_and_reports_every_figure(tmp_path, capsys):
     speed = _load_speed_script()
     out = tmp_path / "speed.json"
     speed.main(["--preset", "tiny", "--model-cache", str(tmp_path / "models"), "--shots", "4", "--repeats", "1",
-                "--batch-repeats", "1", "--batch-sizes", "1,2", "--image-hw", "40x56", "--layer", "2", "--k", "8",
+                "--batch-repeats", "1", "--fit-repeats", "1", "--batch-sizes", "1,2", "--image-hw", "40x56", "--layer", "2", "--k", "8",
                 "--skip", "ceiling", "--paths", "bfloat16,int8", "--check-shots", "3", "--check-images", "2", "--json", str(out)])
     res = json.loads(out.read_text())
     steps = ("preprocessing", "backbone", "nearest_neighbour", "text_probe", "map", "predict")
@@ -171,3 +171,7 @@ def test_speed_benchmark_runs_and_reports_every_figure(tmp_path, capsys):
         assert res["paths"][path]["scores"]["max_abs_score"] < 0.1
     assert "throughput" in res and set(res["throughput"]) == {"batch_1", "batch_2"}
     assert "ratios (target)" in capsys.readouterr().out
+    # the Markdown tables of docs/PERFORMANCE.md are rendered from the JSON, without measuring again
+    speed.main(["--from-json", str(out), "--markdown", str(tmp_path / "speed.md")])
+    table = (tmp_path / "speed.md").read_text()
+    assert "| predict_over_forward |" in table and "| bfloat16 |" in table and "| int8 |" in table
