@@ -3,8 +3,8 @@
 #
 #     bash benchmarks/lake_tables.sh [STEP...]      (default: every step; output under runs/benchmarks/)
 #
-# Steps: layers, mobilenet, shots, wide, clip, clip_shots. Each step is one lakead command; its
-# table is OUT/<step>/ablation.md or baselines.md, and the exact command is recorded in it.
+# Steps: eval, layers, mobilenet, shots, wide, clip, clip_k. Each step is one lakead command; its
+# table is OUT/<step>/ablation.md, baselines.md or report.md, and the exact command is recorded in it.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 MODEL=${MODEL:-../shared/models/mobilenetv2-12-int8.onnx}
@@ -12,6 +12,10 @@ OUT=${OUT:-runs/benchmarks}
 CLIP_DIR=${CLIP_DIR:-$OUT/clip-vit-b-16-random}
 MOBILENET="--backbone onnx:$MODEL --batch-size 16"
 SEEDS=0,1,2
+
+step_eval() {  # the evaluation report: tensor 400, top 32 of 64 channels, 64 shots (all of tile and tire, 41 of plate)
+  lakead eval "$DATA" --out "$OUT/eval" $MOBILENET --layer 400 --k 32 --shots 64
+}
 
 step_layers() {  # which MobileNetV2 tensor: every channel (no selection), all shots
   lakead ablate "$DATA" --out "$OUT/layers" $MOBILENET --layer 365,400,426,591,452,627 --selection all --shots all
@@ -42,14 +46,14 @@ step_clip() {  # the baselines with the random CLIP (layer 9 of 12, k = 100 of 7
     --methods lake,visual,all,random,bottom,text --seeds $SEEDS --batch-size 16
 }
 
-step_clip_shots() {  # the random CLIP: k sweep and shots
+step_clip_k() {  # the random CLIP, visual branch: top vs random vs bottom vs all, k sweep, 16 shots
   clip_model
   lakead ablate "$DATA" --out "$OUT/clip_k" --backbone "$CLIP_DIR" --layer 9 --no-text --k 25,100,400 \
     --selection top,random,bottom,all --seeds $SEEDS --shots 16 --batch-size 16
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(layers mobilenet shots wide clip clip_shots)
+[ ${#steps[@]} -gt 0 ] || steps=(eval layers mobilenet shots wide clip clip_k)
 for s in "${steps[@]}"; do
   echo "== $s: $(date -u +%FT%TZ)"
   start=$(date +%s)

@@ -207,6 +207,7 @@ def test_ablation_grid(dataset, onnx_config, tmp_path):
     # a random row is the mean over its seeds, each an ordinary run
     doc = json.loads((tmp_path / "ablation.json").read_text())
     rnd = doc["rows"][2]
+    assert all(0 <= rnd["pixel_error_bounds"][k] < 0.01 for k in ("auroc", "ap", "f1_max", "pro"))
     assert rnd["label"] == {"layer": "block2", "shots": 3, "selection": "random", "k": 2, "lam": 0.1, "score_norm": "loo"}
     per_seed = [
         evaluate(dataset, tmp_path / f"s{s}", LakeConfig(**{**onnx_config.to_dict(), "selection": "random", "k": 2, "seed": s}),

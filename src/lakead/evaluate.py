@@ -811,6 +811,7 @@ def run_grid(
         variants = [dataclasses.replace(v, config=dataclasses.replace(v.config, use_text=False)) for v in variants]
     per_cat: list[dict[str, dict[str, float]]] = [{} for _ in variants]
     spread: list[dict[str, dict[str, float]]] = [{} for _ in variants]
+    bounds: list[dict[str, float]] = [{} for _ in variants]  # the largest binning-error bound per pixel metric
     reader = FeatureCache(bb) if cache_features else bb
     images = ImageCache() if cache_features else None
     for cat in cats:  # categories outside: the cache holds one category's features at a time
@@ -822,6 +823,9 @@ def run_grid(
                 res = evaluate_category(cat, cfg, reader, shots=v.shots, seed=shot_seed, score=v.score, images=images,
                                         on_progress=on_progress)
                 runs.append(res.metrics())
+                for key, b in res.pixel_bounds.items():
+                    if math.isfinite(b):
+                        bounds[i][key] = max(bounds[i].get(key, 0.0), b)
             per_cat[i][cat.name] = mean_metrics(runs) if len(runs) > 1 else runs[0]
             if len(runs) > 1:
                 spread[i][cat.name] = {k: float(np.std([r[k] for r in runs])) for k in METRIC_COLUMNS}
@@ -831,7 +835,8 @@ def run_grid(
             images.clear()
     rows = [
         {"label": v.label, "seeds": list(v.seeds), "mean": mean_metrics(list(per_cat[i].values())),
-         "categories": per_cat[i], "seed_std": spread[i], "config": v.config.to_dict(), "score": v.score}
+         "categories": per_cat[i], "seed_std": spread[i], "pixel_error_bounds": bounds[i], "config": v.config.to_dict(),
+         "score": v.score}
         for i, v in enumerate(variants)
     ]
     label_keys = [k for k in variants[0].label if len({str(v.label[k]) for v in variants}) > 1] or list(variants[0].label)
@@ -890,6 +895,10 @@ def grid_markdown(report: GridReport, title: str) -> str:
         f"PRO: FPR limit {PRO_FPR_LIMIT}.",
         "",
         metrics_table([(_label(r, keys), r["mean"]) for r in report.rows], first=keys),
+        "",
+        "Pixel metrics are binned (lakead.metrics): the largest bound on the binning error of any pixel number "
+        f"here is {max((b for r in report.rows for b in r.get('pixel_error_bounds', {}).values()), default=0.0):.1e} "
+        "(per row in the .json).",
     ]
     for cat in s["categories"]:
         lines += ["", f"## {cat}", "", metrics_table([(_label(r, keys), r["categories"][cat]) for r in report.rows], first=keys)]
