@@ -16,6 +16,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+#: Temporary files and directories are created private (0600 / 0700); they get the usual
+#: permissions (0666 / 0777 less the umask) before they are renamed into place.
+_UMASK = _read_umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (parents are created)."""
     target = Path(path)
@@ -25,6 +38,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fchmod(fh.fileno(), FILE_MODE)
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
@@ -55,6 +69,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target}: already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, DIR_MODE)
     try:
         yield tmp
         if target.exists():
