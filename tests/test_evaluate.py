@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -85,8 +86,15 @@ def test_report_end_to_end_with_onnx(dataset, onnx_config, tmp_path):
     b = [r for r in scores if r["category"] == "bottle"]
     again = image_metrics([int(r["label"]) for r in b], [float(r["score"]) for r in b])
     assert again == pytest.approx(bottle["image"])
+    # the detector's own decisions: the rates in metrics.json are those of the anomalous column
+    flags = [(int(r["label"]), r["anomalous"] == "True") for r in b]
+    dec = bottle["decision"]
+    assert dec["false_alarm_rate"] == pytest.approx(np.mean([f for lab, f in flags if lab == 0]))
+    assert dec["recall"] == pytest.approx(np.mean([f for lab, f in flags if lab == 1]))
+    assert dec["threshold"] == pytest.approx(rep.results[0].decision["threshold"]) and math.isfinite(dec["threshold"])
     md = (out / "report.md").read_text()
     assert "| bottle (3 / 4) |" in md and "| **mean** |" in md and "lakead eval ..." in md
+    assert "## Decisions at the threshold learned from normal images only" in md
     assert "3 of 5 images sampled with seed 0" in md and "figures/bottle.png" in md and "text probe: off" in md
     with Image.open(out / "figures" / "bottle.png") as im:
         assert im.width > 600 and im.height > 300

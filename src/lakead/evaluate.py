@@ -135,6 +135,7 @@ class CategoryResult:
     examples: list[Example] = field(repr=False, default_factory=list)
     map_range: tuple[float, float] = (0.0, 1.0)
     pixel_roc: tuple[np.ndarray, np.ndarray] | None = field(repr=False, default=None)
+    decision: dict[str, float] = field(default_factory=dict)  # the fitted threshold's false alarms and recall
 
     def metrics(self) -> dict[str, float]:
         """The seven numbers of a table row, keyed by :data:`METRIC_COLUMNS`."""
@@ -155,6 +156,7 @@ class CategoryResult:
             "pixel_excluded": self.pixel_excluded,
             "fit_seconds": round(self.fit_seconds, 3),
             "predict_seconds_per_image": round(self.predict_seconds_per_image, 5),
+            "decision": _clean(self.decision),
         }
 
 
@@ -231,6 +233,7 @@ def evaluate_category(
     acc = PixelMetrics()
     labels = np.array([s.label for s in test], dtype=np.int64)
     scores = np.zeros(len(test), dtype=np.float64)
+    flagged = np.zeros(len(test), dtype=bool)  # the detector's own yes/no decisions
     rows: list[dict[str, Any]] = []
     kept: dict[int, Example] = {}
     excluded: list[str] = []
@@ -246,6 +249,7 @@ def evaluate_category(
             if not math.isfinite(value):
                 raise LakeadError(f"{s.path}: the {score} score is {value} (the backbone gave non-finite features?)")
             scores[i] = value
+            flagged[i] = bool(pred.anomalous[j])
             rows.append(_row(category.name, s, pred, j, value))
             mask = _mask_for(s, arr.shape[:2])
             if mask is None:
@@ -282,7 +286,24 @@ def evaluate_category(
         examples=[kept[i] for i in sorted(kept, key=lambda i: (test[i].label == 0, i))],
         map_range=tuple(det.map_range_),
         pixel_roc=roc,
+        decision=decision_rates(labels, flagged, det.threshold_),
     )
+
+
+def decision_rates(labels: np.ndarray, flagged: np.ndarray, threshold: float) -> dict[str, float]:
+    """How the yes/no decisions at the threshold learned from normal images alone fare:
+    the share of normal test images flagged (false alarms) and of defective ones flagged
+    (recall). NaN where a class is absent.
+
+    >>> decision_rates(np.array([0, 0, 1, 1]), np.array([False, True, True, True]), 1.5)
+    {'threshold': 1.5, 'false_alarm_rate': 0.5, 'recall': 1.0}
+    """
+    normal, defect = flagged[labels == 0], flagged[labels == 1]
+    return {
+        "threshold": float(threshold),
+        "false_alarm_rate": float(normal.mean()) if normal.size else float("nan"),
+        "recall": float(defect.mean()) if defect.size else float("nan"),
+    }
 
 
 class ImageCache:
@@ -333,6 +354,7 @@ def _row(category: str, s: Sample, pred: Prediction, j: int, value: float) -> di
     return {
         "category": category, "path": str(s.path), "label": s.label, "defect": s.defect, "score": value,
         "fused": float(pred.scores[j]), "visual": float(pred.visual[j]), "semantic": float(pred.semantic[j]),
+        "anomalous": bool(pred.anomalous[j]),
     }
 
 
@@ -491,7 +513,7 @@ def write_report(report: EvalReport, *, figures: bool = True) -> None:
     table.append({"category": "mean", **report.mean})
     atomic_write_text(out / "metrics.csv", _csv(table, ["category", "n_normal", "n_defect", "pixel_images", "shots", *METRIC_COLUMNS]))
     rows = [row for r in report.results for row in r.rows]
-    atomic_write_text(out / "scores.csv", _csv(rows, ["category", "path", "label", "defect", "score", "fused", "visual", "semantic"]))
+    atomic_write_text(out / "scores.csv", _csv(rows, ["category", "path", "label", "defect", "score", "fused", "visual", "semantic", "anomalous"]))
     fig_files = {}
     if figures:
         for r in report.results:
@@ -536,6 +558,18 @@ def report_markdown(report: EvalReport, figures: dict[str, str]) -> str:
         "The mean is over categories; n/a: undefined (one class only).",
         "",
         metrics_table(rows),
+        "",
+        "## Decisions at the threshold learned from normal images only",
+        "",
+        "The fitted detector's own yes/no (fused score above its leave-one-out threshold; no defect "
+        "image is used to set it): the share of normal test images it flags (false alarms) and of "
+        "defective ones (recall).",
+        "",
+        "| category | threshold | false alarms | recall |",
+        "|---|---:|---:|---:|",
+        *(f"| {r.name} | {r.decision.get('threshold', float('nan')):.4g} | "
+          f"{format_percent(r.decision.get('false_alarm_rate'))} | {format_percent(r.decision.get('recall'))} |"
+          for r in report.results),
         "",
         "## Settings",
         "",
