@@ -375,7 +375,7 @@ def serve(
 
         from .serve import ServeLimits, create_app
     except ImportError as exc:
-        raise fail(f"the service needs the serve extra ({exc.name} is missing): pip install 'lakead\\[serve]'") from None
+        raise fail(f"the service needs the serve extra ({exc.name} is missing): pip install 'lakead[serve]'") from None
 
     loopback = host in ("127.0.0.1", "localhost", "::1")
     with errors_as_messages():
