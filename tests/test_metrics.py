@@ -172,6 +172,18 @@ def test_pro_from_curve_limits_and_does_not_rescale():
 # -- binned pixel metrics against exact references --------------------------------------------
 
 
+def exact_pixel_metrics(masks, maps):
+    """Unbinned references: scikit-learn on every pixel, a brute-force F1 sweep, exact PRO."""
+    y = np.concatenate([m.ravel() != 0 for m in masks]).astype(int)
+    s = np.concatenate([a.ravel() for a in maps])
+    return {
+        "auroc": roc_auc_score(y, s),
+        "ap": average_precision_score(y, s),
+        "f1_max": brute_force_f1_max(y, s),
+        "pro": exact_pro(masks, maps),
+    }
+
+
 @pytest.mark.parametrize("quantize", [None, 0.25])
 def test_pixel_metrics_agree_with_exact_within_bound(rng, quantize):
     masks, maps = random_maps(rng, quantize=quantize)
@@ -179,14 +191,7 @@ def test_pixel_metrics_agree_with_exact_within_bound(rng, quantize):
     for mask, amap in zip(masks, maps):
         acc.update(mask, amap)
     got, bound = acc.compute(), acc.error_bounds()
-    y = np.concatenate([m.ravel() != 0 for m in masks]).astype(int)
-    s = np.concatenate([a.ravel() for a in maps])
-    exact = {
-        "auroc": roc_auc_score(y, s),
-        "ap": average_precision_score(y, s),
-        "f1_max": brute_force_f1_max(y, s),
-        "pro": exact_pro(masks, maps),
-    }
+    exact = exact_pixel_metrics(masks, maps)
     for key in exact:
         assert bound[key] < 1e-3, key  # at the default resolution the bound is small...
         assert abs(got[key] - exact[key]) <= bound[key] + 1e-12, key  # ...and it holds
@@ -202,14 +207,7 @@ def test_coarse_bins_error_stays_within_the_stated_bound(rng):
     for mask, amap in zip(masks, maps):
         acc.update(mask, amap)
     got, bound = acc.compute(), acc.error_bounds()
-    y = np.concatenate([m.ravel() != 0 for m in masks]).astype(int)
-    s = np.concatenate([a.ravel() for a in maps])
-    exact = {
-        "auroc": roc_auc_score(y, s),
-        "ap": average_precision_score(y, s),
-        "f1_max": brute_force_f1_max(y, s),
-        "pro": exact_pro(masks, maps),
-    }
+    exact = exact_pixel_metrics(masks, maps)
     assert any(abs(got[k] - exact[k]) > 1e-3 for k in exact)  # binning matters here
     for key in exact:
         assert abs(got[key] - exact[key]) <= bound[key] + 1e-12, key

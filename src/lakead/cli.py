@@ -504,6 +504,19 @@ def eval_(
     out.print(table)
 
 
+def _grid(ctx: typer.Context, data_root: Path, categories, out_dir: Path, variants, *, shot_seed, title: str, backbone=None) -> None:
+    """Run the settings of ``ablate`` or ``baselines`` over a dataset's categories, with a progress bar."""
+    from .data import load_dataset
+    from .evaluate import grid_images, run_grid
+
+    cats = load_dataset(data_root, _split(categories))
+    logging.getLogger("lakead").info("%d setting(s) x %d categories", len(variants), len(cats))
+    with progress_bar(title, grid_images(cats, variants)) as advance:
+        run_grid(cats, out_dir, variants, shot_seed=shot_seed, title=title, command=_command_line(ctx),
+                 backbone=backbone, on_progress=advance)
+    out.print(f"table written to {out_dir / (title + '.md')}", highlight=False)
+
+
 @app.command()
 def ablate(
     ctx: typer.Context,
@@ -529,9 +542,8 @@ def ablate(
     batch_size: int = _BATCH,
 ) -> None:
     """Run every combination of the lists on a dataset; write one table (ablation.md)."""
-    from .data import load_dataset
     from .detector import LakeConfig
-    from .evaluate import ablation_variants, grid_images, parse_shots, run_grid
+    from .evaluate import ablation_variants, parse_shots
 
     with errors_as_messages():
         config = LakeConfig(
@@ -543,12 +555,7 @@ def ablate(
             shots=[parse_shots(s) for s in _split(shots)], layers=[parse_layer(v) for v in _split(layer)],
             selections=_split(selection), seeds=_numbers(seeds, int, "--seeds"), score_norms=_split(score_norm),
         )
-        cats = load_dataset(data_root, _split(categories))
-        logging.getLogger("lakead").info("%d setting(s) x %d categories", len(variants), len(cats))
-        with progress_bar("ablate", grid_images(cats, variants)) as advance:
-            run_grid(cats, out_dir, variants, shot_seed=None if first else seed, title="ablation",
-                     command=_command_line(ctx), on_progress=advance)
-    out.print(f"table written to {out_dir / 'ablation.md'}", highlight=False)
+        _grid(ctx, data_root, categories, out_dir, variants, shot_seed=None if first else seed, title="ablation")
 
 
 @app.command()
@@ -576,9 +583,8 @@ def baselines(
 ) -> None:
     """Compare LAKE with its baselines on the same data and shots; write one table (baselines.md)."""
     from .backbones import load_backbone
-    from .data import load_dataset
     from .detector import LakeConfig
-    from .evaluate import baseline_variants, grid_images, parse_shots, run_grid
+    from .evaluate import baseline_variants, parse_shots
 
     with errors_as_messages():
         config = LakeConfig(
@@ -590,11 +596,7 @@ def baselines(
             config, methods=_split(methods), shots=parse_shots(shots), seeds=_numbers(seeds, int, "--seeds"),
             score_norms=_split(score_norm), has_text=bb.has_text,
         )
-        cats = load_dataset(data_root, _split(categories))
-        with progress_bar("baselines", grid_images(cats, variants)) as advance:
-            run_grid(cats, out_dir, variants, shot_seed=None if first else seed, title="baselines",
-                     command=_command_line(ctx), backbone=bb, on_progress=advance)
-    out.print(f"table written to {out_dir / 'baselines.md'}", highlight=False)
+        _grid(ctx, data_root, categories, out_dir, variants, shot_seed=None if first else seed, title="baselines", backbone=bb)
 
 
 def run() -> None:  # pragma: no cover - console entry point
