@@ -268,7 +268,8 @@ class LakeDetector:
     def is_fitted(self) -> bool:
         return hasattr(self, "gallery_")
 
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
+        """Raise :class:`NotFittedError` unless the detector was fitted or loaded."""
         if not self.is_fitted:
             raise NotFittedError("this LakeDetector is not fitted: call fit(...) or LakeDetector.load(...) first")
 
@@ -314,8 +315,13 @@ class LakeDetector:
             out.names.append(label)
         return out
 
-    def _batches(self, arrays: Sequence[np.ndarray], layer: Layer, semantic_layer: Layer | None):
-        """Yield ``(start, Features)`` for consecutive batches of images."""
+    def iter_features(self, arrays: Sequence[np.ndarray], layer: Layer, semantic_layer: Layer | None):
+        """Yield ``(start, Features)`` for consecutive batches of ``(H, W, 3)`` uint8 images.
+
+        The backbone is run exactly as ``fit`` and ``predict`` run it (the detector's input size,
+        batch size and precision), read at ``layer`` and, when given, ``semantic_layer``;
+        ``start`` is the index of the batch's first image. Features are float32.
+        """
         bs = self.config.batch_size
         for start in range(0, len(arrays), bs):
             pixels = self.backbone.preprocessing(arrays[start : start + bs], self.image_size_)
@@ -376,7 +382,7 @@ class LakeDetector:
         self.image_size_ = image_size
         feats: torch.Tensor | None = None  # (n, N, D) on the CPU
         sem_tokens: torch.Tensor | None = None  # (n, N)
-        for start, f in self._batches(loaded.arrays, layer, semantic_layer):
+        for start, f in self.iter_features(loaded.arrays, layer, semantic_layer):
             b, n_tok, width = f.visual.shape
             if feats is None:
                 if cfg.selection != "all" and cfg.k != "auto" and cfg.k > width:
@@ -520,7 +526,7 @@ class LakeDetector:
 
         ``threshold`` overrides the fitted decision threshold for this call.
         """
-        self._check_fitted()
+        self.check_fitted()
         loaded = self._read(images, names, strict=True)
         return self._predict_arrays(loaded.arrays, threshold=threshold, on_progress=on_progress)
 
@@ -543,7 +549,7 @@ class LakeDetector:
         thr = self.threshold_ if threshold is None else float(threshold)
         visual, semantic, maps = [], [], []
         gh, gw = self.grid_
-        for _, f in self._batches(arrays, self.layer_, self.semantic_layer_):
+        for _, f in self.iter_features(arrays, self.layer_, self.semantic_layer_):
             tok = self.token_scores(f.visual)  # (B, N)
             visual.append(tok.amax(dim=1).cpu())
             shown = tok  # what the maps show, (B, N)
@@ -573,7 +579,7 @@ class LakeDetector:
         """Write the fitted model to a directory: ``lakead.json`` (configuration and
         metadata, with a format version) and ``tensors.safetensors``. Atomic: the directory
         appears complete or not at all. Returns the directory."""
-        self._check_fitted()
+        self.check_fitted()
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -685,7 +691,7 @@ class LakeDetector:
 
     def summary(self) -> dict[str, Any]:
         """The facts of a fitted model worth printing or reporting."""
-        self._check_fitted()
+        self.check_fitted()
         finite = self.loo_scores_[np.isfinite(self.loo_scores_)]
         return {
             "class_name": self.class_name_,

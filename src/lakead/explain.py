@@ -150,7 +150,7 @@ def _k_rule(det: LakeDetector) -> str:
 
 def variance_curve(det: LakeDetector) -> VarianceCurve:
     """The sorted variance curve of ``det``'s support set, its ``k`` and the elbow estimate."""
-    det._check_fitted()
+    det.check_fitted()
     v = det.channel_variance_.detach().cpu().numpy().astype(np.float64)  # (D,)
     order = np.argsort(-v, kind="stable")
     neurons = det.neurons_.detach().cpu().numpy().astype(np.int64)
@@ -171,7 +171,7 @@ def explain_images(
 
     Raises :class:`~lakead.errors.ImageLoadError` on the first image that cannot be read.
     """
-    det._check_fitted()
+    det.check_fitted()
     if isinstance(images, (str, Path, np.ndarray)) or not isinstance(images, Sequence):
         images = [images]  # type: ignore[list-item]
     if top < 1:
@@ -191,7 +191,7 @@ def explain_images(
     rows_per_image = gh * gw
     out: list[ImageExplanation] = []
     # the same forward path as predict (batches, precision), read at the visual block only
-    for start, f in det._batches(arrays, det.layer_, None):
+    for start, f in det.iter_features(arrays, det.layer_, None):
         vis = f.visual.to(gallery.device)  # (B, N, D)
         b, n_tok, _ = vis.shape
         q = vis[..., neurons]  # (B, N, K)
@@ -241,7 +241,7 @@ def compare_models(detectors: Sequence[LakeDetector], labels: Sequence[str]) -> 
         raise ConfigError("comparing sensitive neurons needs at least two fitted models")
     first = detectors[0]
     for det, label in zip(detectors, labels):
-        det._check_fitted()
+        det.check_fitted()
         if det.backbone.info.fingerprint != first.backbone.info.fingerprint:
             raise ConfigError(f"model {label!r} was fitted on another backbone than {labels[0]!r}: their neurons cannot be compared")
         if det.layer_ != first.layer_ or det.width_ != first.width_:
