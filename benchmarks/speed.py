@@ -371,7 +371,7 @@ def gallery_memory(det: LakeDetector) -> dict[str, Any]:
 # -- faster paths ---------------------------------------------------------------------------
 
 
-def build_path(name: str, base: CLIPBackbone, depth: int) -> tuple[CLIPBackbone, str]:
+def build_path(name: str, base: CLIPBackbone) -> tuple[CLIPBackbone, str]:
     """A backbone and the detector precision for one path. ``base`` is never modified.
 
     - ``bfloat16``: the library option ``precision="bfloat16"`` (torch.autocast; weights stay float32);
@@ -404,10 +404,11 @@ def build_path(name: str, base: CLIPBackbone, depth: int) -> tuple[CLIPBackbone,
             model.vision_model = quantize_dynamic(model.vision_model, {torch.nn.Linear}, dtype=torch.qint8)
         return fresh(model), "float32"
     if name == "compile":
-        bb = fresh(base.model)
-        # The backbone caches one truncated view of the vision tower per depth; compile that view.
-        bb._views[depth] = torch.compile(bb._view(depth), dynamic=False, options={"freezing": True})
-        return bb, "float32"
+        # A copy whose vision tower is compiled; the backbone truncates it to the blocks it needs in
+        # place at each call (dynamo compiles that truncated graph once, then reuses it).
+        model = copy.deepcopy(base.model)
+        model.vision_model = torch.compile(model.vision_model, dynamic=False, options={"freezing": True})
+        return fresh(model), "float32"
     raise SystemExit(f"unknown path {name!r}; choose from {PATH_CHOICES}")
 
 
@@ -447,7 +448,7 @@ def paths_section(args, clock: Clock, base: CLIPBackbone, det_kwargs: dict, dept
     pxb = base.preprocessing([image1] * fit_bs, ref.image_size_)
     for name in args.paths:
         say(f"  path {name}...")
-        bb, precision = build_path(name, base, depth)
+        bb, precision = build_path(name, base)
         det = LakeDetector(backbone=bb, **{**det_kwargs, "precision": precision})
         t_first, _ = clock(lambda: det.fit(support, "object"))  # includes any compilation
         pred = det.predict(test)
@@ -495,7 +496,7 @@ def accuracy_section(args, clock: Clock, device: torch.device) -> dict[str, Any]
         if name == "float32":
             bb, precision = base, "float32"
         else:
-            bb, precision = build_path(name, base, base.num_layers)
+            bb, precision = build_path(name, base)
         det = LakeDetector(backbone=bb, precision=precision, **kwargs)
         t_fit, _ = clock(lambda: det.fit(shots, cat.class_name))
         t_pred, pred = clock(lambda: det.predict([s.path for s in cat.test]))

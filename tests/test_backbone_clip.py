@@ -48,7 +48,7 @@ def test_truncated_forward_equals_full_hidden_states(tiny_backbone):
     assert len(tiny_backbone.model.vision_model.encoder.layers) == 4
 
 
-def test_truncated_view_runs_only_the_needed_blocks(tiny_backbone):
+def test_truncated_forward_runs_only_the_needed_blocks(tiny_backbone):
     calls = []
     handles = [blk.register_forward_hook(lambda m, i, o, n=n: calls.append(n))
                for n, blk in enumerate(tiny_backbone.model.vision_model.encoder.layers)]
@@ -58,6 +58,36 @@ def test_truncated_view_runs_only_the_needed_blocks(tiny_backbone):
         for h in handles:
             h.remove()
     assert calls == [0, 1]
+
+
+def test_blocks_of_any_depth_in_any_order_give_the_same_features(tiny_clip_dir):
+    """A shallow read first, then a full one, on one backbone (as the service does with models of
+    several blocks): each block is still its own. transformers 5 records hidden states with hooks
+    installed at a model's first call; a truncated copy of the tower once installed a second set
+    on the shared blocks, and every later full call then returned shifted hidden states."""
+    reference = CLIPBackbone.from_pretrained(str(tiny_clip_dir))
+    shared = CLIPBackbone.from_pretrained(str(tiny_clip_dir))
+    x = _pixels(shared, 2, size=64)
+    want = {depth: reference.extract(x, depth, 4) for depth in (1, 2, 3)}
+    for depth in (2, 1, 4, 3, 2):  # shallow first, then deeper, then shallow again
+        f = shared.extract(x, depth, None)
+        assert torch.equal(f.visual, reference.extract(x, depth, None).visual)
+    for depth in (1, 2, 3):
+        f = shared.extract(x, depth, 4)
+        assert torch.equal(f.visual, want[depth].visual) and torch.equal(f.joint, want[depth].joint)
+
+
+def test_concurrent_reads_of_different_depths(tiny_clip_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bb = CLIPBackbone.from_pretrained(str(tiny_clip_dir))
+    x = _pixels(bb, 2)
+    want = {depth: bb.extract(x, depth, None).visual for depth in (1, 2, 3, 4)}
+    jobs = [1, 4, 2, 3] * 6
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda d: bb.extract(x, d, None).visual, jobs))
+    assert all(torch.equal(g, want[d]) for g, d in zip(got, jobs))
+    assert len(bb.model.vision_model.encoder.layers) == 4  # every block is back
 
 
 def test_other_input_size_interpolates_position_embeddings(tiny_backbone):

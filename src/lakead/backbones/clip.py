@@ -10,11 +10,11 @@ model's own ``preprocessor_config.json``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -81,21 +81,26 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _truncated_vision(vision: nn.Module, depth: int) -> nn.Module:
-    """A view of a ``CLIPVisionTransformer`` that runs only its first ``depth`` blocks.
+@contextlib.contextmanager
+def _first_blocks(encoder: nn.Module, depth: int) -> Iterator[None]:
+    """Let ``encoder`` run only its first ``depth`` blocks for the duration of the block.
 
-    The view shares every weight with the original; only the module tables are copied, so
-    the model the caller gave us is left untouched.
+    The block list is swapped in place on the model itself, never on a copy of it: transformers
+    5 records hidden states with forward hooks that a model installs on its blocks at its first
+    call, so a shallow copy of the vision tower would install a second set on the same blocks,
+    and from then on every call of the original would record each block twice (shifting every
+    hidden state after them). The backbone's warm-up call installs them on every block before
+    any truncated call. Callers hold the backbone's forward lock.
     """
-    if depth == len(vision.encoder.layers):
-        return vision
-    encoder = copy.copy(vision.encoder)
-    encoder._modules = dict(encoder._modules)  # own module table, same weights
-    encoder.layers = nn.ModuleList(list(vision.encoder.layers)[:depth])
-    view = copy.copy(vision)
-    view._modules = dict(view._modules)
-    view.encoder = encoder
-    return view
+    layers = encoder.layers
+    if depth == len(layers):
+        yield
+        return
+    encoder.layers = nn.ModuleList(list(layers)[:depth])
+    try:
+        yield
+    finally:
+        encoder.layers = layers
 
 
 class CLIPBackbone(Backbone):
@@ -134,7 +139,28 @@ class CLIPBackbone(Backbone):
         )
         self.width = int(vcfg.hidden_size)
         self.device = next(model.parameters()).device
-        self._views: dict[int, nn.Module] = {}
+        # One forward at a time: ``extract`` truncates the vision tower in place (_first_blocks).
+        self._forward_lock = threading.Lock()
+        self._warm_up()
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Call the whole vision tower once, on a 2x2-patch input (microseconds).
+
+        transformers 5 installs the hooks that record hidden states on the blocks a model has
+        at its first call. Made here, with every block in place, that first call puts them on
+        all blocks, so a later truncated call (``_first_blocks``) cannot leave the deeper ones
+        without them. Older versions collect hidden states in the encoder's loop; harmless there.
+        """
+        side = 2 * self.info.patch_size
+        vision = self.model.vision_model
+        pixels = torch.zeros(1, 3, side, side, device=self.device, dtype=next(self.model.parameters()).dtype)
+        out = vision(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=side != self.info.image_size)
+        if len(out.hidden_states) != self.num_layers + 1:
+            raise ConfigError(
+                f"{self.info.source}: the vision tower returned {len(out.hidden_states)} hidden states for "
+                f"{self.num_layers} blocks (expected {self.num_layers + 1}); this transformers version is not supported"
+            )
 
     @classmethod
     def from_pretrained(cls, source: str, *, need_text: bool = True) -> "CLIPBackbone":
@@ -205,24 +231,20 @@ class CLIPBackbone(Backbone):
             raise ConfigError(f"{what} {layer} is out of range: this CLIP has blocks 1..{self.num_layers}")
         return layer
 
-    def _view(self, depth: int) -> nn.Module:
-        if depth not in self._views:
-            self._views[depth] = _truncated_vision(self.model.vision_model, depth)
-        return self._views[depth]
-
     @torch.inference_mode()
     def extract(self, pixels: torch.Tensor, layer: Layer, semantic_layer: Layer | None) -> Features:
         assert isinstance(layer, int)
         use_sem = semantic_layer is not None
         depth = max(layer, int(semantic_layer) if use_sem else 0)  # type: ignore[arg-type]
-        vision = self._view(depth)
+        vision = self.model.vision_model
         size = pixels.shape[-1]
         dtype = next(self.model.parameters()).dtype
-        out = vision(
-            pixel_values=pixels.to(self.device, dtype),
-            output_hidden_states=True,
-            interpolate_pos_encoding=size != self.info.image_size,
-        )
+        with self._forward_lock, _first_blocks(vision.encoder, depth):
+            out = vision(
+                pixel_values=pixels.to(self.device, dtype),
+                output_hidden_states=True,
+                interpolate_pos_encoding=size != self.info.image_size,
+            )
         hidden = out.hidden_states  # depth + 1 tensors of (B, 1 + N, D); [0] is the embeddings
         visual = hidden[layer][:, 1:, :].float()  # (B, N, D), class token dropped
         joint = None
