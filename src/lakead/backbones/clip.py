@@ -228,7 +228,10 @@ class CLIPBackbone(Backbone):
             layer = int(layer)
         if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= self.num_layers:
             what = "semantic_layer" if semantic else "layer"
-            raise ConfigError(f"{what} {layer} is out of range: this CLIP has blocks 1..{self.num_layers}")
+            hint = "" if semantic else (
+                f"; LAKE reads block 18 of 24, 3/4 of the depth, which is block {max(1, round(0.75 * self.num_layers))} here"
+            )
+            raise ConfigError(f"{what} {layer} is out of range: this CLIP has blocks 1..{self.num_layers}{hint}")
         return layer
 
     @torch.inference_mode()
