@@ -164,10 +164,11 @@ def _subdirs(path: Path) -> list[Path]:
 def _category_folders(base: Path) -> list[tuple[str, Path]]:
     if _is_category(base):
         return [(base.name, base)]
-    out = [(d.name, d) for d in _subdirs(base) if _is_category(d)]
+    subdirs = _subdirs(base)
+    out = [(d.name, d) for d in subdirs if _is_category(d)]
     if out:
         return out
-    return [(f"{d.name}/{c.name}", c) for d in _subdirs(base) for c in _subdirs(d) if _is_category(c)]
+    return [(f"{d.name}/{c.name}", c) for d in subdirs for c in _subdirs(d) if _is_category(c)]
 
 
 def _images_in(folder: Path) -> list[Path]:
