@@ -219,12 +219,8 @@ def evaluate_category(
     chosen, rule = select_shots(category.train, shots, seed)
     det = LakeDetector.from_config(config, backbone=backbone)
     t0 = time.perf_counter()
-    if images is None:
-        det.fit(chosen, category.class_name, support_rule=rule, on_progress=on_progress)
-    else:
-        support = images.read_support(det, chosen)
-        det.fit([a for _, a in support], category.class_name, names=[str(p) for p, _ in support], support_rule=rule,
-                on_progress=on_progress)
+    support = chosen if images is None else [images.read_or_path(det, p) for p in chosen]
+    det.fit(support, category.class_name, names=[str(p) for p in chosen], support_rule=rule, on_progress=on_progress)
     fit_s = time.perf_counter() - t0
     read = (lambda p: images.read(det, p)) if images is not None else (lambda p: det.read_image(p, str(p)))
 
@@ -324,17 +320,13 @@ class ImageCache:
                 self.bytes += arr.nbytes
         return arr
 
-    def read_support(self, det: LakeDetector, paths: Sequence[Path]) -> list[tuple[Path, np.ndarray]]:
-        """The readable support images; the others are skipped with a warning, as ``fit`` does."""
-        out = []
-        for p in paths:
-            try:
-                out.append((p, self.read(det, p)))
-            except ImageLoadError as exc:
-                log.warning("skipping support image %s", exc)
-        if not out:
-            raise ConfigError(f"no readable support image among the {len(paths)} given")
-        return out
+    def read_or_path(self, det: LakeDetector, path: Path) -> np.ndarray | Path:
+        """The decoded image, or the path itself when it cannot be read: ``fit`` then reads
+        it again and skips it with its own warning."""
+        try:
+            return self.read(det, path)
+        except ImageLoadError:
+            return path
 
     def clear(self) -> None:
         self._arrays.clear()
