@@ -81,7 +81,7 @@ def support_image_features(tokens: np.ndarray | torch.Tensor) -> np.ndarray:
     whole profile. These are the distances the detector itself scores with, so an image
     the filter drops is one whose patches the gallery would otherwise learn as normal.
     """
-    t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens, dtype=torch.float32)
+    t = torch.as_tensor(tokens, dtype=torch.float32)
     if t.ndim != 3 or t.shape[0] < 2 or t.shape[1] == 0:
         raise ValueError(f"expected the tokens of at least two support images (n, N, K), got shape {tuple(t.shape)}")
     n, n_tok, k = t.shape
@@ -113,9 +113,7 @@ def flag_outliers(
     if x.ndim != 2:
         raise ValueError(f"expected features (n, F), got shape {x.shape}")
     n = x.shape[0]
-    forest = IsolationForest(
-        n_estimators=OUTLIER_TREES, contamination="auto" if contamination == "auto" else contamination, random_state=seed
-    ).fit(x)
+    forest = IsolationForest(n_estimators=OUTLIER_TREES, contamination=contamination, random_state=seed).fit(x)
     scores = -forest.score_samples(x)  # (n,) higher = more isolated
     if contamination == "auto":
         flags = scores > robust_threshold(scores, OUTLIER_SIGMAS)
