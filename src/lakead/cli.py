@@ -65,14 +65,15 @@ def fail(message: str) -> "typer.Exit":
 
 
 @contextmanager
-def errors_as_messages() -> Iterator[None]:
-    """Print a :class:`LakeadError` as one clear message and exit 1, without a traceback."""
+def errors_as_messages(interrupted: str = "interrupted") -> Iterator[None]:
+    """Print a :class:`LakeadError` as one clear message and exit 1, without a traceback;
+    on Ctrl-C print ``interrupted`` and exit 130."""
     try:
         yield
     except LakeadError as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print(escape(interrupted), highlight=False)  # printed verbatim, like fail()
         raise typer.Exit(code=130) from None
 
 
@@ -219,36 +220,32 @@ def predict(
         err.print(f"[yellow]cannot read[/] {escape(path)}: {escape(problem)}", highlight=False)
 
     scores_file = out_dir / "scores.csv"
-    with errors_as_messages():
-        try:
-            total = sum(1 for _ in iter_images(inputs))  # a cheap listing pass, for the progress bar
-            if ray:
-                from .distributed import predict_on_ray
+    with errors_as_messages(f"interrupted: the rows of finished batches are in {scores_file}; "
+                            "run the same command with --resume to go on"):
+        total = sum(1 for _ in iter_images(inputs))  # a cheap listing pass, for the progress bar
+        if ray:
+            from .distributed import predict_on_ray
 
-                with progress_bar("predict (ray)", total) as advance:
-                    summary = predict_on_ray(
-                        model_dir, inputs, out_dir, address=ray_address, workers=ray_workers, backbone=backbone,
-                        device=device, batch_size=batch_size, precision=precision, threshold=threshold, maps=map_kinds,
-                        resume=resume, on_progress=advance, on_error=report,
-                    )
-            else:
-                from .detector import LakeDetector
+            with progress_bar("predict (ray)", total) as advance:
+                summary = predict_on_ray(
+                    model_dir, inputs, out_dir, address=ray_address, workers=ray_workers, backbone=backbone,
+                    device=device, batch_size=batch_size, precision=precision, threshold=threshold, maps=map_kinds,
+                    resume=resume, on_progress=advance, on_error=report,
+                )
+        else:
+            from .detector import LakeDetector
 
-                det = LakeDetector.load(model_dir, backbone=backbone, device=device)
-                if batch_size is not None:
-                    det.config.batch_size = batch_size
-                if precision is not None:
-                    det.config.precision = precision
-                    det.config.validate()
-                with progress_bar("predict", total) as advance:
-                    summary = predict_to_dir(
-                        det, inputs, out_dir, threshold=threshold, maps=map_kinds, resume=resume,
-                        read_threads=read_threads, on_progress=advance, on_error=report,
-                    )
-        except KeyboardInterrupt:
-            err.print(f"interrupted: the rows of finished batches are in {scores_file}; "
-                      "run the same command with --resume to go on", highlight=False)
-            raise typer.Exit(code=130) from None
+            det = LakeDetector.load(model_dir, backbone=backbone, device=device)
+            if batch_size is not None:
+                det.config.batch_size = batch_size
+            if precision is not None:
+                det.config.precision = precision
+                det.config.validate()
+            with progress_bar("predict", total) as advance:
+                summary = predict_to_dir(
+                    det, inputs, out_dir, threshold=threshold, maps=map_kinds, resume=resume,
+                    read_threads=read_threads, on_progress=advance, on_error=report,
+                )
     skipped = f" ({summary.skipped} already in scores.csv, skipped)" if summary.skipped else ""
     out.print(
         f"scored {summary.scored} image(s){skipped}, {summary.anomalous} above the threshold {summary.threshold:.4g}; "
