@@ -295,8 +295,8 @@ def explain(
     """Write an HTML report of a model's sensitive neurons: the variance curve, per-image neuron contributions, and their overlap across models (--compare)."""
     import shlex
 
-    from .detector import LakeDetector
-    from .explain import compare_models, comparison_labels, explain_images, spread_subset, write_report
+    from .detector import LakeDetector, spread_subset
+    from .explain import compare_models, comparison_labels, explain_images, write_report
     from .images import list_images
 
     if top_neurons < 1:

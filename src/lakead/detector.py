@@ -188,7 +188,7 @@ def _resolve_device(device: str) -> torch.device:
 
 
 @dataclass
-class _Loaded:
+class LoadedImages:
     """Images that were read, with their labels, and the ones that could not be."""
 
     arrays: list[np.ndarray] = field(default_factory=list)
@@ -296,12 +296,20 @@ class LakeDetector:
             raise ImageLoadError(label, f"image is {w}x{h} pixels, smaller than one {patch}x{patch} patch")
         return arr
 
-    def _read(self, images: Sequence[ImageInput], names: Sequence[str] | None, *, strict: bool) -> _Loaded:
+    def read_images(
+        self, images: Sequence[ImageInput] | ImageInput, names: Sequence[str] | None = None, *, strict: bool = True
+    ) -> LoadedImages:
+        """Read inputs as :meth:`fit` (``strict=False``: unreadable ones are collected in
+        ``errors``) and :meth:`predict` (``strict=True``: the first one raises) read them.
+
+        A single path, PIL image or array counts as one image; labels are ``names`` or the
+        inputs' own names.
+        """
         if isinstance(images, (str, Path, np.ndarray)) or not isinstance(images, Sequence):
             images = [images]  # type: ignore[list-item]
         if names is not None and len(names) != len(images):
             raise ConfigError(f"got {len(names)} names for {len(images)} images")
-        out = _Loaded()
+        out = LoadedImages()
         for i, img in enumerate(images):
             label = names[i] if names is not None else source_name(img, i)
             try:
@@ -364,7 +372,7 @@ class LakeDetector:
         semantic_layer = backbone.resolve_layer(cfg.semantic_layer, semantic=True) if use_text else None
         image_size = backbone.check_image_size(cfg.image_size or backbone.info.image_size)
 
-        loaded = self._read(images, names, strict=False)
+        loaded = self.read_images(images, names, strict=False)
         for err in loaded.errors:
             log.warning("skipping support image %s", err)
         if not loaded.arrays:
@@ -506,7 +514,7 @@ class LakeDetector:
         if n < MIN_IMAGES_FOR_FILTER:
             log.warning("filter_outliers: %d support image(s), the filter needs at least %d; none dropped", n, MIN_IMAGES_FOR_FILTER)
             return np.ones(n, dtype=bool)
-        features = support_image_features(feats[:, :, neurons].numpy())  # (n, 2K)
+        features = support_image_features(feats[:, :, neurons])  # (n, 4)
         flags, _ = flag_outliers(features, self.config.outlier_contamination, self.config.seed)
         for name in (nm for nm, flagged in zip(names, flags) if flagged):
             log.debug("filter_outliers: dropping support image %s (flagged by the Isolation Forest)", name)
@@ -527,7 +535,7 @@ class LakeDetector:
         ``threshold`` overrides the fitted decision threshold for this call.
         """
         self.check_fitted()
-        loaded = self._read(images, names, strict=True)
+        loaded = self.read_images(images, names, strict=True)
         return self._predict_arrays(loaded.arrays, threshold=threshold, on_progress=on_progress)
 
     def token_scores(self, visual: torch.Tensor) -> torch.Tensor:
@@ -720,13 +728,16 @@ class LakeDetector:
         }
 
 
+def spread_subset(n: int, limit: int) -> list[int]:
+    """``limit`` indices evenly spaced over ``range(n)`` (all when ``n <= limit``)."""
+    if n <= limit:
+        return list(range(n))
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, limit)})
+
+
 def _loo_subset(n: int) -> list[int]:
     """Which support images are scored leave-one-out: all, or an evenly spaced subset."""
-    if n < 2:
-        return []
-    if n <= MAX_LOO_IMAGES:
-        return list(range(n))
-    return sorted({int(round(v)) for v in np.linspace(0, n - 1, MAX_LOO_IMAGES)})
+    return [] if n < 2 else spread_subset(n, MAX_LOO_IMAGES)
 
 
 def read_model_meta(path: str | Path) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from . import __version__
 from .detector import LakeDetector
 from .errors import ConfigError
 from .fileio import atomic_directory
-from .images import ImageInput, source_name
+from .images import ImageInput
 from .neurons import KNEE_RULE, embed_2d, jaccard_matrix, knee_k, neuron_fingerprints, patch_contributions, top_contributors
 from .ops import nearest_neighbor, upsample_map
 from .viz import colorize, overlay, png_bytes
@@ -172,14 +172,10 @@ def explain_images(
     Raises :class:`~lakead.errors.ImageLoadError` on the first image that cannot be read.
     """
     det.check_fitted()
-    if isinstance(images, (str, Path, np.ndarray)) or not isinstance(images, Sequence):
-        images = [images]  # type: ignore[list-item]
     if top < 1:
         raise ConfigError(f"top must be at least 1, got {top}")
-    if names is not None and len(names) != len(images):
-        raise ConfigError(f"got {len(names)} names for {len(images)} images")
-    labels = [names[i] if names is not None else source_name(img, i) for i, img in enumerate(images)]
-    arrays = [det.read_image(img, label) for img, label in zip(images, labels)]
+    loaded = det.read_images(images, names)  # as predict reads them
+    arrays, labels = loaded.arrays, loaded.names
     if not arrays:
         return []
     pred = det.predict(arrays, names=labels)
@@ -671,9 +667,3 @@ def write_report(
         (tmp / "index.html").write_text(render_html(data), encoding="utf-8")
     return target / "index.html"
 
-
-def spread_subset(n: int, limit: int) -> list[int]:
-    """``limit`` indices evenly spaced over ``range(n)`` (all when ``n <= limit``)."""
-    if n <= limit:
-        return list(range(n))
-    return sorted({int(round(v)) for v in np.linspace(0, n - 1, limit)})

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..backbones import Backbone, BackboneInfo, load_backbone
-from ..detector import LakeDetector, Prediction, read_model_meta
-from ..errors import ConfigError, ImageLoadError, LakeadError, ModelFormatError
+from ..detector import CONFIG_FILE, LakeDetector, Prediction, read_model_meta
+from ..errors import ConfigError, LakeadError, ModelFormatError
 from .uploads import UploadRejected
 
 log = logging.getLogger("lakead.serve")
@@ -177,7 +177,7 @@ class ModelStore:
         return self.root / model_id
 
     def exists(self, model_id: str) -> bool:
-        return bool(_ID.match(model_id)) and (self.root / model_id / "lakead.json").is_file()
+        return bool(_ID.match(model_id)) and _is_model(self.root / model_id)
 
     # -- backbones ------------------------------------------------------------------------
 
@@ -218,12 +218,12 @@ class ModelStore:
 
     def info(self, model_id: str) -> dict[str, Any]:
         path = self._path(model_id)
-        if not (path / "lakead.json").is_file():
+        if not _is_model(path):
             raise ModelNotFound(model_id)
         try:
             return model_info(model_id, read_model_meta(path))
         except ModelFormatError:
-            if not (path / "lakead.json").is_file():
+            if not _is_model(path):
                 raise ModelNotFound(model_id) from None  # deleted meanwhile
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -308,7 +308,7 @@ class ModelStore:
         path = self._path(model_id)
         entry = self._entry(model_id)
         with entry.rw.write():
-            if not (path / "lakead.json").is_file():
+            if not _is_model(path):
                 raise ModelNotFound(model_id)
             trash = self.root / f".{model_id}.deleted-{uuid.uuid4().hex[:8]}"
             path.rename(trash)  # the model disappears whole, at once
@@ -326,7 +326,7 @@ class ModelStore:
         colour range ``(vmin, vmax)`` (see :mod:`lakead.viz`)."""
         path = self._path(model_id)
         with self._entry(model_id).rw.read():
-            if not (path / "lakead.json").is_file():
+            if not _is_model(path):
                 raise ModelNotFound(model_id)
             det = self.detector(model_id)
             arrays = _check_patch(det, images, names)
@@ -334,17 +334,17 @@ class ModelStore:
             return pred, tuple(det.map_range_)  # type: ignore[return-value]
 
 
+def _is_model(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
 def _check_patch(det: LakeDetector, images: Sequence[np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
     """Every image through the detector's own reader (smaller than one patch is an error)."""
-    out, problems = [], []
-    for arr, name in zip(images, names):
-        try:
-            out.append(det.read_image(arr, name))
-        except ImageLoadError as exc:
-            problems.append((name, exc.problem))
-    if problems:
+    loaded = det.read_images(images, names, strict=False)
+    if loaded.errors:
+        problems = [(exc.source, exc.problem) for exc in loaded.errors]
         raise UploadRejected(422, "; ".join(f"{n}: {p}" for n, p in problems), problems)
-    return out
+    return loaded.arrays
 
 
 def model_info(model_id: str, meta: dict[str, Any]) -> dict[str, Any]:
