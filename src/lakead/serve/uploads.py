@@ -112,28 +112,25 @@ def read_uploads(files: Sequence[tuple[str, BinaryIO]], limits: ServeLimits) -> 
             with path.open("wb") as out:
                 fh.seek(0)
                 shutil.copyfileobj(fh, out, 1 * MIB)
-            size = _header_size(path)
-            if size is not None:
-                pixels = size[0] * size[1]
-                if pixels > limits.max_image_pixels:
-                    too_large.append((name, f"{size[0]}x{size[1]} pixels ({pixels / 1e6:.1f} MP) is more than the "
-                                            f"limit of {limits.max_image_pixels / 1e6:.1f} MP per image (--max-megapixels)"))
-                    os.unlink(path)
-                    continue
-                total += pixels
-                if total > limits.max_total_pixels:
-                    too_large.append((name, f"the images up to this one hold {total / 1e6:.1f} MP, more than the "
-                                            f"limit of {limits.max_total_pixels / 1e6:.1f} MP per request (--max-total-megapixels)"))
-                    os.unlink(path)
-                    continue
-            if too_large:
-                os.unlink(path)  # the request is refused anyway: decode nothing more
-                continue
             try:
-                arrays.append(load_image(path, name))
+                size = _header_size(path)
+                if size is not None:
+                    pixels = size[0] * size[1]
+                    if pixels > limits.max_image_pixels:
+                        too_large.append((name, f"{size[0]}x{size[1]} pixels ({pixels / 1e6:.1f} MP) is more than the "
+                                                f"limit of {limits.max_image_pixels / 1e6:.1f} MP per image (--max-megapixels)"))
+                        continue
+                    total += pixels
+                    if total > limits.max_total_pixels:
+                        too_large.append((name, f"the images up to this one hold {total / 1e6:.1f} MP, more than the "
+                                                f"limit of {limits.max_total_pixels / 1e6:.1f} MP per request (--max-total-megapixels)"))
+                        continue
+                if not too_large:  # else the request is refused anyway: decode nothing more
+                    arrays.append(load_image(path, name))
             except ImageLoadError as exc:
                 unreadable.append((name, exc.problem))
-            os.unlink(path)
+            finally:
+                os.unlink(path)  # free the disk now, not only at the end of a large request
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if too_large:
