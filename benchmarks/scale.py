@@ -201,7 +201,6 @@ def memory(args: argparse.Namespace, work: Path) -> None:
         "growth_mib_from_10pct_to_end": round(max(x["rss_mib"] for x in scoring if x["rows"] >= rss_at[0.1]["rows"])
                                               - rss_at[0.1]["rss_mib"], 2),
     }
-    tag = "" if args.maps == "none" else "-maps-" + args.maps.replace(",", "-")
     (args.out / f"memory{tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot([x for x in s if "rss_mib" in x], args, args.out / f"memory{tag}.png")
     print("| images scored | seconds | RSS (MiB) |\n|---:|---:|---:|")

@@ -67,6 +67,9 @@ TARGETS = {
 #: Faster paths that can be compared with float32; see ``build_path``.
 PATH_CHOICES = ("bfloat16", "bfloat16-weights", "int8", "compile")
 
+#: The steps of ``predict`` timed one by one by ``predict_breakdown``.
+STEPS = ("preprocessing", "backbone", "nearest_neighbour", "text_probe", "map")
+
 log_stream = sys.stderr
 
 
@@ -295,7 +298,7 @@ def predict_breakdown(clock: Clock, det: LakeDetector, image: np.ndarray, repeat
     h, w = image.shape[:2]
     gh, gw = det.grid_
     sig = (cfg.sigma * h / det.image_size_, cfg.sigma * w / det.image_size_)
-    parts: dict[str, list[float]] = {k: [] for k in ("preprocessing", "backbone", "nearest_neighbour", "text_probe", "map", "predict")}
+    parts: dict[str, list[float]] = {k: [] for k in (*STEPS, "predict")}
     ratios = []
     for r in range(repeats + 1):  # the first run is the warm-up
         t_pre, pixels = clock(lambda: bb.preprocessing([image], det.image_size_))
@@ -312,7 +315,7 @@ def predict_breakdown(clock: Clock, det: LakeDetector, image: np.ndarray, repeat
             parts[k].append(v)
         ratios.append(t_pred / t_bb)
     out = {k: stats(v) for k, v in parts.items()}
-    step_sum = sum(out[k]["median"] for k in ("preprocessing", "backbone", "nearest_neighbour", "text_probe", "map"))
+    step_sum = sum(out[k]["median"] for k in STEPS)
     out["sum_of_steps"] = step_sum
     out["predict_over_forward"] = stats(ratios)
     out["non_network_fraction"] = 1.0 - out["backbone"]["median"] / out["predict"]["median"]
@@ -558,7 +561,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    global log_stream
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -642,10 +644,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             say(f"throughput at batch {b}...")
             det.config.batch_size = b
             imgs = [image] * b
+            n_runs = args.repeats if b == 1 else args.batch_repeats
             with memory.measure(mem, f"predict_batch_{b}"):
-                t = repeat(clock, lambda: det.predict(imgs), args.repeats if b == 1 else args.batch_repeats)
+                t = repeat(clock, lambda: det.predict(imgs), n_runs)
             pxb = bb.preprocessing(imgs, det.image_size_)
-            tf = repeat(clock, extract_fn(det, pxb), args.repeats if b == 1 else args.batch_repeats)
+            tf = repeat(clock, extract_fn(det, pxb), n_runs)
             res["throughput"][f"batch_{b}"] = {"predict_s": t, "images_per_s": b / t["median"], "ms_per_image": 1000 * t["median"] / b,
                                                "forward_s": tf, "forward_gflops_per_s": b * flops / tf["median"] / 1e9}
     det.config.batch_size = fit_bs
@@ -706,7 +709,7 @@ def report(res: dict[str, Any]) -> str:
     lines.append(f"backbone forward, batch 1: {b['batch_1']['median'] * 1000:.1f} ms, {b['flops'] / 1e9:.1f} GFLOP "
                  f"(analytic {b['analytic_flops'] / 1e9:.1f}), {b['gflops_per_s']:.1f} GFLOP/s")
     p = res["predict"]
-    steps = ", ".join(f"{k} {p[k]['median'] * 1000:.1f} ms" for k in ("preprocessing", "backbone", "nearest_neighbour", "text_probe", "map"))
+    steps = ", ".join(f"{k} {p[k]['median'] * 1000:.1f} ms" for k in STEPS)
     lines.append(f"predict batch 1: {p['predict']['median'] * 1000:.1f} ms end to end; {steps}")
     if "fit" in res:
         f = res["fit"]
@@ -767,7 +770,7 @@ def markdown(res: dict[str, Any]) -> str:
                f"(FlopCounterMode; analytic {b['analytic_flops'] / 1e9:.1f}), {b['gflops_per_s']:.1f} GFLOP/s |")
     p = res["predict"]
     n = len(p["predict"]["runs"])
-    for k in ("preprocessing", "backbone", "nearest_neighbour", "text_probe", "map"):
+    for k in STEPS:
         out.append(f"| predict batch 1, {k.replace('_', ' ')} ({n} runs) | {ms(p[k]['median'])} ms |")
     out.append(f"| predict batch 1, end to end ({n} runs) | {ms(p['predict']['median'])} ms "
                f"(sum of the steps {ms(p['sum_of_steps'])} ms; text tower calls: {p['text_embedding_calls']}) |")
