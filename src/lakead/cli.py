@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .backbones import parse_layer
 from .errors import LakeadError
 
 app = typer.Typer(
@@ -87,14 +88,6 @@ def progress_bar(description: str, total: int) -> Iterator:
     with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
-
-
-def parse_layer(value: Optional[str]) -> "int | str | None":
-    """Block numbers are integers; ONNX tensor names stay strings."""
-    if value is None:
-        return None
-    v = value.strip()
-    return int(v) if v.lstrip("-").isdigit() else v
 
 
 def parse_k(value: str) -> "int | str":

@@ -6,7 +6,7 @@ built :class:`Backbone`) into a backbone.
 
 from __future__ import annotations
 
-from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing
+from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing, parse_layer
 from .clip import DEFAULT_CLIP, CLIPBackbone
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Layer",
     "Preprocessing",
     "load_backbone",
+    "parse_layer",
 ]
 
 ONNX_PREFIX = "onnx:"

@@ -22,6 +22,15 @@ from ..errors import ConfigError
 Layer = Union[int, str]
 
 
+def parse_layer(value: str | None) -> Layer | None:
+    """A layer as typed by a user (command line, form field): block numbers become integers;
+    ONNX tensor names stay strings."""
+    if value is None:
+        return None
+    v = value.strip()
+    return int(v) if v.lstrip("-").isdigit() else v
+
+
 @dataclass(frozen=True)
 class BackboneInfo:
     """What identifies a backbone; saved with every model and checked when it is loaded."""

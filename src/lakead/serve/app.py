@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..backbones import DEFAULT_CLIP
+from ..backbones import DEFAULT_CLIP, parse_layer
 from ..detector import AGGREGATIONS, PRECISIONS, SCORE_NORMS, SELECTIONS, LakeConfig
 from ..errors import BackboneUnavailableError, ConfigError, LakeadError, ModelFormatError
 from ..viz import overlay, png_bytes
@@ -228,7 +228,7 @@ def create_app(
         """
         await _refuse_unknown_fields(request, {"images", "class_name", "backbone", *FIT_OPTIONS})
         options = {name: value for name, value in dict(
-            k=k, layer=_layer(layer), semantic_layer=_layer(semantic_layer), lam=lam, semantic_agg=semantic_agg,
+            k=k, layer=parse_layer(layer), semantic_layer=parse_layer(semantic_layer), lam=lam, semantic_agg=semantic_agg,
             use_text=use_text, image_size=image_size, sigma=sigma, selection=selection, seed=seed,
             filter_outliers=filter_outliers, outlier_contamination=outlier_contamination, score_norm=score_norm,
             threshold=threshold, threshold_sigmas=threshold_sigmas, batch_size=batch_size, precision=precision,
@@ -291,14 +291,6 @@ def create_app(
         return await anyio.to_thread.run_sync(work, limiter=predict_slots)
 
     return app
-
-
-def _layer(value: str | None) -> int | str | None:
-    """Block numbers are integers; ONNX tensor names stay strings."""
-    if value is None:
-        return None
-    v = value.strip()
-    return int(v) if v.lstrip("-").isdigit() else v
 
 
 def _finite(x: float) -> float | None:
