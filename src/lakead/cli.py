@@ -228,12 +228,7 @@ def predict(
         else:
             from .detector import LakeDetector
 
-            det = LakeDetector.load(model_dir, backbone=backbone, device=device)
-            if batch_size is not None:
-                det.config.batch_size = batch_size
-            if precision is not None:
-                det.config.precision = precision
-                det.config.validate()
+            det = LakeDetector.load(model_dir, backbone=backbone, device=device, batch_size=batch_size, precision=precision)
             with progress_bar("predict", total) as advance:
                 summary = predict_to_dir(
                     det, inputs, out_dir, threshold=threshold, maps=map_kinds, resume=resume,

@@ -630,13 +630,19 @@ class LakeDetector:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, backbone: str | Backbone | None = None, device: str | None = None
+        cls,
+        path: str | Path,
+        *,
+        backbone: str | Backbone | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        precision: str | None = None,
     ) -> "LakeDetector":
         """Load a model written by :meth:`save`.
 
         ``backbone`` replaces where the weights are read from (for a model moved to another
         machine); it must be the same model (checked by architecture and a fingerprint of
-        the weights). ``device`` replaces the saved device setting.
+        the weights). ``device``, ``batch_size`` and ``precision`` replace the saved settings.
         """
         meta = read_model_meta(path)
         try:
@@ -644,8 +650,12 @@ class LakeDetector:
             saved_info = BackboneInfo(**meta["backbone"])
         except (TypeError, KeyError, ModelFormatError) as exc:
             raise ModelFormatError(f"{path}: {CONFIG_FILE} is damaged ({exc})") from None
-        if device is not None:
-            config.device = device
+        overrides = {"device": device, "batch_size": batch_size, "precision": precision}
+        if any(v is not None for v in overrides.values()):
+            for name, value in overrides.items():
+                if value is not None:
+                    setattr(config, name, value)
+            config.validate()
         if backbone is None:
             bb = load_backbone(saved_info.source, need_text=False)
         else:

@@ -101,12 +101,7 @@ class RayScorer:
         try:
             for name, data in model_files.items():
                 Path(tmp, name).write_bytes(data)
-            self.detector = LakeDetector.load(tmp, backbone=backbone, device=device)
-            if batch_size is not None:
-                self.detector.config.batch_size = batch_size
-            if precision is not None:
-                self.detector.config.precision = precision
-                self.detector.config.validate()
+            self.detector = LakeDetector.load(tmp, backbone=backbone, device=device, batch_size=batch_size, precision=precision)
         except LakeadError as exc:
             self.failure = str(exc).replace(tmp, "<model>")
         finally:
