@@ -145,7 +145,7 @@ class CLIPBackbone(Backbone):
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """Call the whole vision tower once, on a 2x2-patch input (microseconds).
+        """Call the whole vision tower once, on a 2x2-patch input (5 tokens: cheap).
 
         transformers 5 installs the hooks that record hidden states on the blocks a model has
         at its first call. Made here, with every block in place, that first call puts them on
