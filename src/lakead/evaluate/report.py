@@ -1,0 +1,135 @@
+"""The files of one evaluation: ``metrics.json``, ``metrics.csv``, ``scores.csv``, ``report.md``
+and the figures (:func:`write_report`); the markdown metrics table shared with the grids."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ..fileio import atomic_write_bytes, atomic_write_text
+from ..metrics import PRO_FPR_LIMIT
+from .figures import category_figure
+from .results import HEADERS, METRIC_COLUMNS, EvalReport, _clean, format_percent
+
+
+def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def write_report(report: EvalReport, *, figures: bool = True) -> None:
+    """``metrics.json``, ``metrics.csv``, ``scores.csv``, ``report.md`` and
+    ``figures/<category>.png`` in ``report.out_dir``, each written atomically."""
+    out = report.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "settings": report.settings,
+        "categories": [r.to_json() for r in report.results],
+        "mean": _clean(report.mean),
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2) + "\n")
+    table = [{"category": r.name, "n_normal": r.counts["test_normal"], "n_defect": r.counts["test_defect"],
+              "pixel_images": r.pixel_images, "shots": len(r.support), **r.metrics()} for r in report.results]
+    table.append({"category": "mean", **report.mean})
+    atomic_write_text(out / "metrics.csv", _csv(table, ["category", "n_normal", "n_defect", "pixel_images", "shots", *METRIC_COLUMNS]))
+    rows = [row for r in report.results for row in r.rows]
+    atomic_write_text(out / "scores.csv", _csv(rows, ["category", "path", "label", "defect", "score", "fused", "visual", "semantic", "anomalous"]))
+    fig_files = {}
+    if figures:
+        for r in report.results:
+            name = "figures/" + r.name.replace("/", "__") + ".png"
+            atomic_write_bytes(out / name, category_figure(r))
+            fig_files[r.name] = name
+    atomic_write_text(out / "report.md", report_markdown(report, fig_files))
+
+
+def metrics_table(rows: Sequence[tuple[Any, dict[str, float]]], first: str | Sequence[str] = "category") -> str:
+    """A markdown table: label column(s) and the seven metrics in percent. A row's label is
+    one value, or a sequence of values when ``first`` names several columns."""
+    names = [first] if isinstance(first, str) else list(first)
+    head = "| " + " | ".join([*names, *(HEADERS[c] for c in METRIC_COLUMNS)]) + " |"
+    sep = "|" + "---|" * len(names) + "---:|" * len(METRIC_COLUMNS)
+    body = []
+    for label, m in rows:
+        cells = [label] if isinstance(first, str) else list(label)
+        body.append("| " + " | ".join([*map(str, cells), *(format_percent(m.get(c)) for c in METRIC_COLUMNS)]) + " |")
+    return "\n".join([head, sep, *body])
+
+
+def report_markdown(report: EvalReport, figures: dict[str, str]) -> str:
+    s = report.settings
+    cfg = s["config"]
+    bb = s["backbone"]
+    lines = [
+        "# lakead evaluation",
+        "",
+        f"{s['date']}, lakead {s['lakead_version']}. Data: `{s['data_root']}`.",
+    ]
+    if s.get("command"):
+        lines += ["", "Command:", "", "```", s["command"], "```"]
+    rows = [(f"{r.name} ({r.counts['test_normal']} / {r.counts['test_defect']})", r.metrics()) for r in report.results]
+    rows.append(("**mean**", report.mean))
+    lines += [
+        "",
+        "## Results (%)",
+        "",
+        "I- = image level, P- = pixel level; (normal / defect test images). PRO: area under the "
+        f"per-region-overlap curve for FPR 0 to {PRO_FPR_LIMIT}, divided by {PRO_FPR_LIMIT}. "
+        "The mean is over categories; n/a: undefined (one class only).",
+        "",
+        metrics_table(rows),
+        "",
+        "## Decisions at the threshold learned from normal images only",
+        "",
+        "The fitted detector's own yes/no (fused score above its leave-one-out threshold; no defect "
+        "image is used to set it): the share of normal test images it flags (false alarms) and of "
+        "defective ones (recall).",
+        "",
+        "| category | threshold | false alarms | recall |",
+        "|---|---:|---:|---:|",
+        *(f"| {r.name} | {r.decision.get('threshold', float('nan')):.4g} | "
+          f"{format_percent(r.decision.get('false_alarm_rate'))} | {format_percent(r.decision.get('recall'))} |"
+          for r in report.results),
+        "",
+        "## Settings",
+        "",
+        f"- method: `{s['method']}`: {s['method_description']}; image score: `{s['image_score']}`",
+        f"- backbone: `{bb['source']}` ({bb['kind']}, weights sha256 {bb['fingerprint'][:16]}...)",
+        f"- layer: `{cfg['layer']}`, k: {cfg['k']}, selection: `{cfg['selection']}` (seed {cfg['seed']}), "
+        f"text probe: {'on' if cfg['use_text'] and bb['joint_dim'] else 'off'}, lam: {cfg['lam']}, "
+        f"semantic layer: {cfg['semantic_layer']}, semantic aggregation: {cfg['semantic_agg']}",
+        f"- score_norm: `{cfg['score_norm']}`, maps: `{cfg['map_source']}`, sigma: {cfg['sigma']}, "
+        f"image size: {cfg['image_size'] or bb['image_size']}, device: {cfg['device']}, batch size: {cfg['batch_size']}",
+        f"- shots: {s['shots']} per category, seed {s['shot_seed']}:",
+    ]
+    for r in report.results:
+        lines.append(f"  - {r.name}: {r.support_rule} (listed in metrics.json)")
+    excluded = [(r.name, len(r.pixel_excluded)) for r in report.results if r.pixel_excluded]
+    if excluded:
+        lines += ["", "## Images left out of pixel metrics", ""]
+        lines += [f"- {name}: {n} defect image(s) without a mask count for image metrics only (listed in metrics.json)"
+                  for name, n in excluded]
+    worst = max((v for r in report.results for v in r.pixel_bounds.values() if v is not None and math.isfinite(v)), default=0.0)
+    lines += [
+        "",
+        "## Notes",
+        "",
+        f"- Pixel metrics use score bins (lakead.metrics); the largest bound on the binning error of any pixel "
+        f"metric above is {worst:.1e} (per metric in metrics.json).",
+        f"- Time: fit {sum(r.fit_seconds for r in report.results):.1f} s in all; scoring "
+        + ", ".join(f"{r.name} {1000 * r.predict_seconds_per_image:.0f} ms" for r in report.results)
+        + " per image (reading, model, maps and metrics; this machine, not a benchmark).",
+    ]
+    if figures:
+        lines += ["", "## Figures", ""]
+        for r in report.results:
+            lines += [f"### {r.name}", "", f"![{r.name}]({figures[r.name]})", ""]
+    return "\n".join(lines) + "\n"

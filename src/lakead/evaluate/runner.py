@@ -1,0 +1,288 @@
+"""Running an evaluation: fit on one category's shots and score its test split
+(:func:`evaluate_category`), over a whole dataset (:func:`evaluate`, which writes the report).
+Images are read and scored one batch at a time and pixel metrics are accumulated in fixed
+memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..backbones import Backbone, load_backbone
+from ..data import Category, Sample, load_dataset, read_mask, select_shots
+from ..detector import LakeConfig, LakeDetector, Prediction
+from ..errors import ConfigError, ImageLoadError, LakeadError
+from ..methods import Method, method_config
+from ..metrics import PRO_FPR_LIMIT, PixelMetrics, image_metrics
+from .report import write_report
+from .results import SCORE_FIELDS, CategoryResult, EvalReport, Example, choose_examples, decision_rates, mean_metrics
+
+log = logging.getLogger(__name__)
+
+#: Longest side of the example images kept for the figures.
+EXAMPLE_SIDE = 256
+
+
+
+# -- one category -------------------------------------------------------------------------
+
+
+def _downsize(image: np.ndarray, mask: np.ndarray, amap: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    h, w = amap.shape
+    f = min(1.0, EXAMPLE_SIDE / max(h, w))
+    if f == 1.0:
+        return image, mask, amap
+    size = (max(1, round(w * f)), max(1, round(h * f)))  # PIL: (width, height)
+    img = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+    a = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+    return img, m, a.astype(np.float32)
+
+
+def evaluate_category(
+    category: Category,
+    config: LakeConfig,
+    backbone: Backbone,
+    *,
+    shots: int | None,
+    seed: int | None,
+    score: str = "scores",
+    examples: int = 0,
+    images: ImageCache | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> CategoryResult:
+    """Fit on ``shots`` normal training images of ``category`` (drawn by
+    :func:`~lakead.data.select_shots` with ``seed``), score every test image, compute the
+    metrics. ``score`` picks the image score (fused, visual or semantic). Defect images
+    without a mask count for image metrics only. ``images`` keeps decoded images for the
+    next call (grids). ``on_progress(n)`` after every batch."""
+    if score not in SCORE_FIELDS:
+        raise ConfigError(f"score must be one of {SCORE_FIELDS}, got {score!r}")
+    chosen, rule = select_shots(category.train, shots, seed)
+    det = LakeDetector.from_config(config, backbone=backbone)
+    t0 = time.perf_counter()
+    support = chosen if images is None else [images.read_or_path(det, p) for p in chosen]
+    det.fit(support, category.class_name, names=[str(p) for p in chosen], support_rule=rule, on_progress=on_progress)
+    fit_s = time.perf_counter() - t0
+    read = (lambda p: images.read(det, p)) if images is not None else (lambda p: det.read_image(p, str(p)))
+
+    test = category.test
+    show = set(choose_examples(test, examples))
+    acc = PixelMetrics()
+    labels = np.array([s.label for s in test], dtype=np.int64)
+    scores = np.zeros(len(test), dtype=np.float64)
+    flagged = np.zeros(len(test), dtype=bool)  # the detector's own yes/no decisions
+    rows: list[dict[str, Any]] = []
+    kept: dict[int, Example] = {}
+    excluded: list[str] = []
+    bs = config.batch_size
+    t0 = time.perf_counter()
+    for start in range(0, len(test), bs):
+        batch = test[start : start + bs]
+        arrays = [read(s.path) for s in batch]
+        pred = det.predict(arrays)
+        for j, (s, arr) in enumerate(zip(batch, arrays)):
+            i = start + j
+            value = float(getattr(pred, score)[j])
+            if not math.isfinite(value):
+                raise LakeadError(f"{s.path}: the {score} score is {value} (the backbone gave non-finite features?)")
+            scores[i] = value
+            flagged[i] = bool(pred.anomalous[j])
+            rows.append(_row(category.name, s, pred, j, value))
+            mask = _mask_for(s, arr.shape[:2])
+            if mask is None:
+                excluded.append(str(s.path))
+            else:
+                acc.update(mask, pred.maps[j])
+            if i in show:
+                img, m, a = _downsize(arr, mask if mask is not None else np.zeros(arr.shape[:2], bool), pred.maps[j])
+                kept[i] = Example(s.path.name, s.defect, value, img, m, a)
+        if on_progress is not None:
+            on_progress(len(batch))
+    predict_s = (time.perf_counter() - t0) / max(1, len(test))
+
+    roc = None
+    try:
+        roc = _thin(*acc.roc_curve())
+    except ValueError:
+        pass
+    return CategoryResult(
+        name=category.name,
+        counts=category.counts(),
+        support_rule=rule,
+        support=list(det.support_),
+        image=image_metrics(labels, scores),
+        pixel=acc.compute(),
+        pixel_bounds=acc.error_bounds(),
+        pixel_images=acc.images,
+        pixel_excluded=excluded,
+        fit_seconds=fit_s,
+        predict_seconds_per_image=predict_s,
+        labels=labels,
+        scores=scores,
+        rows=rows,
+        examples=[kept[i] for i in sorted(kept, key=lambda i: (test[i].label == 0, i))],
+        map_range=tuple(det.map_range_),
+        pixel_roc=roc,
+        decision=decision_rates(labels, flagged, det.threshold_),
+    )
+
+
+class ImageCache:
+    """Decoded images kept between the variants of a grid, up to ``max_bytes`` in all
+    (beyond that, images are decoded again each time)."""
+
+    def __init__(self, max_bytes: int = 2 << 30) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._arrays: dict[Path, np.ndarray] = {}
+
+    def read(self, det: LakeDetector, path: Path) -> np.ndarray:
+        arr = self._arrays.get(path)
+        if arr is None:
+            arr = det.read_image(path, str(path))
+            if self.bytes + arr.nbytes <= self.max_bytes:
+                self._arrays[path] = arr
+                self.bytes += arr.nbytes
+        return arr
+
+    def read_or_path(self, det: LakeDetector, path: Path) -> np.ndarray | Path:
+        """The decoded image, or the path itself when it cannot be read: ``fit`` then reads
+        it again and skips it with its own warning."""
+        try:
+            return self.read(det, path)
+        except ImageLoadError:
+            return path
+
+    def clear(self) -> None:
+        self._arrays.clear()
+        self.bytes = 0
+
+
+def _mask_for(s: Sample, shape: tuple[int, int]) -> np.ndarray | None:
+    """The sample's mask at ``shape``; all-zero for a normal image; None when missing."""
+    if s.label == 0:
+        return np.zeros(shape, dtype=bool)
+    if s.mask is None:
+        return None
+    return read_mask(s.mask, size=shape)
+
+
+def _row(category: str, s: Sample, pred: Prediction, j: int, value: float) -> dict[str, Any]:
+    return {
+        "category": category, "path": str(s.path), "label": s.label, "defect": s.defect, "score": value,
+        "fused": float(pred.scores[j]), "visual": float(pred.visual[j]), "semantic": float(pred.semantic[j]),
+        "anomalous": bool(pred.anomalous[j]),
+    }
+
+
+def _thin(x: np.ndarray, y: np.ndarray, n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """At most about ``n`` points of a curve, ends kept (for plotting only)."""
+    if x.size <= n:
+        return x, y
+    idx = np.unique(np.concatenate([np.linspace(0, x.size - 1, n).round().astype(int), [0, x.size - 1]]))
+    return x[idx], y[idx]
+
+
+
+# -- a whole dataset: the report ------------------------------------------------------------
+
+
+def _categories(data: str | Path | Sequence[Category], categories: Sequence[str] | None) -> tuple[list[Category], str]:
+    """Categories and the data root to report, from a folder or already loaded categories."""
+    if isinstance(data, (str, Path)):
+        return load_dataset(data, categories), str(Path(data).resolve())
+    cats = list(data)
+    if categories:
+        cats = [c for c in cats if c.name in categories or c.name.split("/")[-1] in categories]
+    if not cats:
+        raise ConfigError("no category to evaluate")
+    roots = [str(c.root.resolve()) for c in cats]
+    return cats, os.path.commonpath(roots)
+
+
+def images_to_process(categories: Sequence[Category], shots: int | None, runs: int = 1) -> int:
+    """Images read by :func:`evaluate` (shots and test images): the length of a progress bar."""
+    return runs * sum(_n_shots(c, shots) + len(c.test) for c in categories)
+
+
+def evaluate(
+    data: str | Path | Sequence[Category],
+    out_dir: str | Path,
+    config: LakeConfig,
+    *,
+    categories: Sequence[str] | None = None,
+    shots: int | None = 64,
+    seed: int | None = 0,
+    method: str = "lake",
+    examples: int = 4,
+    figures: bool = True,
+    command: str | None = None,
+    backbone: Backbone | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> EvalReport:
+    """Evaluate ``config`` (with ``method``'s overrides) on every category of ``data`` (a
+    dataset folder, see :func:`~lakead.data.load_dataset`, or loaded categories) and write
+    the report to ``out_dir`` (created; the files in it are replaced one by one, atomically).
+    ``on_progress(n)`` is called as images are processed (see :func:`images_to_process`)."""
+    cats, data_root = _categories(data, categories)
+    cfg, m = method_config(config, method)
+    bb = backbone or load_backbone(cfg.backbone, need_text=cfg.use_text)
+    _check_method(m, bb)
+    cfg = _without_missing_text(cfg, bb)
+    results = []
+    for cat in cats:
+        log.info("%s: %s shots, %d test images", cat.name, _n_shots(cat, shots), len(cat.test))
+        results.append(evaluate_category(cat, cfg, bb, shots=shots, seed=seed, score=m.score,
+                                         examples=examples if figures else 0, on_progress=on_progress))
+    settings = _settings(data_root, cfg, bb, m, shots, seed, command)
+    report = EvalReport(results, mean_metrics([r.metrics() for r in results]), settings, Path(out_dir))
+    write_report(report, figures=figures)
+    return report
+
+
+def _check_method(m: Method, bb: Backbone) -> None:
+    if m.needs_text and not bb.has_text:
+        raise ConfigError(f"method {m.name!r} needs a text tower; backbone {bb.info.source} has none")
+
+
+def _without_missing_text(cfg: LakeConfig, bb: Backbone) -> LakeConfig:
+    """The text probe turned off, with one warning, for a backbone without a text tower (so
+    that each category's fit does not warn again)."""
+    if cfg.use_text and not bb.has_text:
+        log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", bb.info.source)
+        return dataclasses.replace(cfg, use_text=False)
+    return cfg
+
+
+def _n_shots(cat: Category, shots: int | None) -> int:
+    return len(cat.train) if shots is None else min(shots, len(cat.train))
+
+
+def _settings(data_root, cfg: LakeConfig, bb: Backbone, m: Method, shots, seed, command) -> dict[str, Any]:
+    return {
+        "lakead_version": __version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "data_root": str(data_root),
+        "method": m.name,
+        "method_description": m.description,
+        "image_score": m.score,
+        "shots": "all" if shots is None else shots,
+        "shot_seed": seed,
+        "backbone": bb.info.to_dict(),
+        "config": cfg.to_dict(),
+        "pro_fpr_limit": PRO_FPR_LIMIT,
+    }
