@@ -9,10 +9,9 @@ Fit on a few normal images, then score new ones: a higher score means more anoma
 >>> pred.scores, pred.anomalous, pred.maps[0].shape                      # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
-
-from .detector import LakeConfig, LakeDetector, Prediction  # noqa: E402
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .api import Detector, Prediction, Runtime
+from .errors import (
     BackboneUnavailableError,
     ConfigError,
     ImageLoadError,
@@ -20,10 +19,12 @@ from .errors import (  # noqa: E402
     ModelFormatError,
     NotFittedError,
 )
+from .lake import LakeConfig, LakeDetector
 
 __all__ = [
     "BackboneUnavailableError",
     "ConfigError",
+    "Detector",
     "ImageLoadError",
     "LakeConfig",
     "LakeDetector",
@@ -31,5 +32,6 @@ __all__ = [
     "ModelFormatError",
     "NotFittedError",
     "Prediction",
+    "Runtime",
     "__version__",
 ]

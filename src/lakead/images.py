@@ -19,7 +19,8 @@ uint16, bool or float (values in 0..1).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
@@ -41,6 +42,46 @@ def source_name(image: ImageInput, index: int | None = None) -> str:
         return os.fspath(image)
     kind = "PIL image" if isinstance(image, Image.Image) else "array"
     return f"<{kind} {index}>" if index is not None else f"<{kind}>"
+
+
+@dataclass
+class LoadedImages:
+    """Images that were read, with their labels, and the ones that could not be."""
+
+    arrays: list[np.ndarray] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    errors: list[ImageLoadError] = field(default_factory=list)
+
+
+def read_all(
+    images: Sequence[ImageInput] | ImageInput,
+    names: Sequence[str] | None,
+    read: Callable[[ImageInput, str], np.ndarray],
+    *,
+    strict: bool = True,
+) -> LoadedImages:
+    """Read inputs with ``read(image, label)``: ``strict`` raises on the first bad one, else
+    they are collected in ``errors``. A single path, PIL image or array counts as one image;
+    labels are ``names`` or the inputs' own names."""
+    if isinstance(images, (str, Path, np.ndarray, Image.Image)) or not isinstance(images, Sequence):
+        images = [images]  # type: ignore[list-item]
+    if names is not None and len(names) != len(images):
+        from .errors import ConfigError
+
+        raise ConfigError(f"got {len(names)} names for {len(images)} images")
+    out = LoadedImages()
+    for i, img in enumerate(images):
+        label = names[i] if names is not None else source_name(img, i)
+        try:
+            arr = read(img, label)
+        except ImageLoadError as exc:
+            if strict:
+                raise
+            out.errors.append(exc)
+            continue
+        out.arrays.append(arr)
+        out.names.append(label)
+    return out
 
 
 def load_image(image: ImageInput, name: str | None = None) -> np.ndarray:

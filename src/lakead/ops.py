@@ -157,6 +157,45 @@ def anomaly_probability(
     return logits.softmax(dim=-1)[..., 1]
 
 
+BLOCK_GRIDS = ("coarsest", "finest")
+
+
+def combine_blocks(
+    tokens: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], rule: str = "coarsest"
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tokens of several blocks on one common grid, channels concatenated in the given order.
+
+    ``tokens[i]`` is ``(B, N_i, D_i)`` on grid ``grids[i]``. ``rule="coarsest"``: every block is
+    average-pooled to the smallest grid (``adaptive_avg_pool2d``: a 28 x 28 map becomes the
+    14 x 14 grid by averaging each 2 x 2 cell); ``"finest"``: bilinearly upsampled to the
+    largest (``align_corners=False``). One block is returned as it is.
+    Returns ``(B, N, sum D_i)`` and the grid.
+
+    >>> a, b = torch.ones(1, 16, 2), torch.zeros(1, 4, 3)
+    >>> out, grid = combine_blocks([a, b], [(4, 4), (2, 2)])
+    >>> tuple(out.shape), grid
+    ((1, 4, 5), (2, 2))
+    """
+    if rule not in BLOCK_GRIDS:
+        raise ValueError(f"rule must be one of {BLOCK_GRIDS}, got {rule!r}")
+    if len(tokens) == 1:
+        return tokens[0], tuple(grids[0])  # type: ignore[return-value]
+    areas = [gh * gw for gh, gw in grids]
+    target = tuple(grids[areas.index(min(areas) if rule == "coarsest" else max(areas))])
+    out = []
+    for t, (gh, gw) in zip(tokens, grids):
+        if (gh, gw) != target:
+            b, n, d = t.shape
+            x = t.transpose(1, 2).reshape(b, d, gh, gw)  # (B, D, gh, gw)
+            if rule == "coarsest":
+                x = F.adaptive_avg_pool2d(x, target)
+            else:
+                x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
+            t = x.reshape(b, d, target[0] * target[1]).transpose(1, 2)  # (B, N, D)
+        out.append(t)
+    return torch.cat(out, dim=-1).contiguous(), target  # type: ignore[return-value]
+
+
 def upsample_map(
     grid: torch.Tensor | np.ndarray,
     size: tuple[int, int],

@@ -1,8 +1,10 @@
 """The small protocol every backbone adapter implements.
 
-A backbone turns a batch of RGB images into patch tokens of one block (the visual branch)
-and, when it has a text tower, patch tokens mapped into the joint image-text space (the
-semantic branch). The detector knows nothing else about the network.
+A backbone turns a batch of RGB images into patch tokens of one or several blocks (the
+visual branch) and, when it has a text tower, patch tokens of one block mapped into the
+joint image-text space (the semantic branch). It runs the network only as deep as the
+deepest block asked for, without changing the model, so several threads may call it at
+once. The detector knows nothing else about the network.
 """
 
 from __future__ import annotations
@@ -20,15 +22,41 @@ from ..errors import ConfigError
 
 #: A block of the network: a 1-based block number for transformers, a tensor name for ONNX.
 Layer = Union[int, str]
+#: What a detector reads: one block, or several whose tokens are concatenated (a list).
+LayerSpec = Union[Layer, list]
+#: Separators of several blocks in one option value: ``12,18`` or ``12+18``.
+BLOCK_SEPARATORS = (",", "+")
 
 
-def parse_layer(value: str | None) -> Layer | None:
-    """A layer as typed by a user (command line, form field): block numbers become integers;
-    ONNX tensor names stay strings."""
+def parse_layer(value: str | None) -> LayerSpec | None:
+    """A layer as typed by a user (command line, form field): block numbers become integers,
+    ONNX tensor names stay strings; several blocks (``12,18`` or ``365_quantized+426_quantized``)
+    become a list.
+
+    >>> parse_layer("18"), parse_layer("426_quantized"), parse_layer("12,18"), parse_layer("a+b")
+    (18, '426_quantized', [12, 18], ['a', 'b'])
+    """
     if value is None:
         return None
     v = value.strip()
+    parts = [p.strip() for p in v.replace("+", ",").split(",")]
+    if len(parts) > 1:
+        return [_one_layer(p) for p in parts if p]
+    return _one_layer(v)
+
+
+def _one_layer(v: str) -> Layer:
     return int(v) if v.lstrip("-").isdigit() else v
+
+
+def as_blocks(layer: LayerSpec) -> tuple[Layer, ...]:
+    """One block or a list of blocks -> a tuple of blocks (duplicates refused)."""
+    blocks = tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
+    if not blocks:
+        raise ConfigError("layer: no block given")
+    if len(set(map(str, blocks))) != len(blocks):
+        raise ConfigError(f"layer: a block is given twice in {list(blocks)}")
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -83,32 +111,38 @@ class Preprocessing:
 class Features:
     """Block outputs for a batch.
 
-    ``visual``: patch tokens of the visual block, class token dropped, ``(B, N, D)``.
-    ``joint``: patch tokens of the semantic block mapped into the image-text space,
-    ``(B, N, E)``, or None when no semantic block was asked for or there is no text tower.
-    ``grid``: ``(gh, gw)`` with ``gh * gw == N``.
+    ``blocks``: for each block asked for, its patch tokens (class and register tokens
+    dropped), ``(B, N_b, D_b)`` float32. ``grids``: each block's token grid ``(gh, gw)``,
+    ``gh * gw == N_b``. ``joint``: patch tokens of the semantic block mapped into the
+    image-text space, ``(B, N, E)``, or None when no semantic block was asked for;
+    ``joint_grid`` its grid.
     """
 
-    visual: torch.Tensor
-    joint: torch.Tensor | None
-    grid: tuple[int, int]
+    blocks: dict[Layer, torch.Tensor]
+    grids: dict[Layer, tuple[int, int]]
+    joint: torch.Tensor | None = None
+    joint_grid: tuple[int, int] | None = None
 
 
 class Backbone(abc.ABC):
-    """A frozen image model that can be read at an intermediate block."""
+    """A frozen image model that can be read at intermediate blocks."""
 
     info: BackboneInfo
     preprocessing: Preprocessing
     has_text: bool
     device: torch.device
+    #: True for torch models: ``torch.autocast`` (bfloat16) applies to their forward.
+    supports_autocast: bool = False
 
     @abc.abstractmethod
     def resolve_layer(self, layer: Layer | None, *, semantic: bool = False) -> Layer:
         """Check a block reference and return it in canonical form; None means the default."""
 
     @abc.abstractmethod
-    def extract(self, pixels: torch.Tensor, layer: Layer, semantic_layer: Layer | None) -> Features:
-        """Run the network on ``(B, 3, S, S)`` pixels, only as deep as the blocks asked for."""
+    def extract(self, pixels: torch.Tensor, blocks: Sequence[Layer], joint_block: Layer | None = None) -> Features:
+        """Run the network on ``(B, 3, S, S)`` pixels, only as deep as the blocks asked for:
+        the tokens of each of ``blocks`` and, when ``joint_block`` is given, that block's
+        tokens in the image-text space. Never changes the model (thread-safe)."""
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> ``(P, E)`` embeddings in the joint space (not normalised)."""

@@ -1,7 +1,10 @@
 """CLIP through Hugging Face ``transformers`` (Radford et al., 2021).
 
-Blocks are read from the model's public ``hidden_states`` output; the network runs only as
-deep as the deepest block asked for. Patch tokens of the semantic block enter the joint
+Blocks are read by running the vision tower's own public submodules in order (embeddings,
+``pre_layrnorm``, then the encoder's blocks), stopping after the deepest block asked for: the
+same arithmetic as the model's forward (its ``hidden_states`` are these tensors; a test checks
+it exactly), without hooks, without changing the model and without a lock, so several
+threads may run forwards at once. Patch tokens of the semantic block enter the joint
 image-text space exactly as CLIP maps its class token: ``post_layernorm`` then
 ``visual_projection``. Preprocessing (mean, std, interpolation, size) comes from the
 model's own ``preprocessor_config.json``.
@@ -13,8 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -81,34 +83,14 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-@contextlib.contextmanager
-def _first_blocks(encoder: nn.Module, depth: int) -> Iterator[None]:
-    """Let ``encoder`` run only its first ``depth`` blocks for the duration of the block.
-
-    The block list is swapped in place on the model itself, never on a copy of it: transformers
-    5 records hidden states with forward hooks that a model installs on its blocks at its first
-    call, so a shallow copy of the vision tower would install a second set on the same blocks,
-    and from then on every call of the original would record each block twice (shifting every
-    hidden state after them). The backbone's warm-up call installs them on every block before
-    any truncated call. Callers hold the backbone's forward lock.
-    """
-    layers = encoder.layers
-    if depth == len(layers):
-        yield
-        return
-    encoder.layers = nn.ModuleList(list(layers)[:depth])
-    try:
-        yield
-    finally:
-        encoder.layers = layers
-
-
 class CLIPBackbone(Backbone):
     """A frozen ``transformers.CLIPModel`` read at intermediate blocks.
 
     Blocks are numbered 1..L (block ``l`` is the output of the l-th transformer block, as in
     the paper); the default semantic block is L, the last one.
     """
+
+    supports_autocast = True
 
     def __init__(
         self,
@@ -139,28 +121,6 @@ class CLIPBackbone(Backbone):
         )
         self.width = int(vcfg.hidden_size)
         self.device = next(model.parameters()).device
-        # One forward at a time: ``extract`` truncates the vision tower in place (_first_blocks).
-        self._forward_lock = threading.Lock()
-        self._warm_up()
-
-    @torch.inference_mode()
-    def _warm_up(self) -> None:
-        """Call the whole vision tower once, on a 2x2-patch input (5 tokens: cheap).
-
-        transformers 5 installs the hooks that record hidden states on the blocks a model has
-        at its first call. Made here, with every block in place, that first call puts them on
-        all blocks, so a later truncated call (``_first_blocks``) cannot leave the deeper ones
-        without them. Older versions collect hidden states in the encoder's loop; harmless there.
-        """
-        side = 2 * self.info.patch_size
-        vision = self.model.vision_model
-        pixels = torch.zeros(1, 3, side, side, device=self.device, dtype=next(self.model.parameters()).dtype)
-        out = vision(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=side != self.info.image_size)
-        if len(out.hidden_states) != self.num_layers + 1:
-            raise ConfigError(
-                f"{self.info.source}: the vision tower returned {len(out.hidden_states)} hidden states for "
-                f"{self.num_layers} blocks (expected {self.num_layers + 1}); this transformers version is not supported"
-            )
 
     @classmethod
     def from_pretrained(cls, source: str, *, need_text: bool = True) -> "CLIPBackbone":
@@ -235,27 +195,27 @@ class CLIPBackbone(Backbone):
         return layer
 
     @torch.inference_mode()
-    def extract(self, pixels: torch.Tensor, layer: Layer, semantic_layer: Layer | None) -> Features:
-        assert isinstance(layer, int)
-        use_sem = semantic_layer is not None
-        depth = max(layer, int(semantic_layer) if use_sem else 0)  # type: ignore[arg-type]
+    def extract(self, pixels: torch.Tensor, blocks: Sequence[Layer], joint_block: Layer | None = None) -> Features:
+        wanted = {int(b) for b in blocks}
+        if joint_block is not None:
+            wanted.add(int(joint_block))
         vision = self.model.vision_model
         size = pixels.shape[-1]
         dtype = next(self.model.parameters()).dtype
-        with self._forward_lock, _first_blocks(vision.encoder, depth):
-            out = vision(
-                pixel_values=pixels.to(self.device, dtype),
-                output_hidden_states=True,
-                interpolate_pos_encoding=size != self.info.image_size,
-            )
-        hidden = out.hidden_states  # depth + 1 tensors of (B, 1 + N, D); [0] is the embeddings
-        visual = hidden[layer][:, 1:, :].float()  # (B, N, D), class token dropped
-        joint = None
-        if use_sem:
-            tokens = hidden[int(semantic_layer)][:, 1:, :]  # (B, N, D)  # type: ignore[arg-type]
-            joint = self.to_joint(tokens).float()  # (B, N, E)
+        hidden = vision.embeddings(pixels.to(self.device, dtype), interpolate_pos_encoding=size != self.info.image_size)
+        hidden = vision.pre_layrnorm(hidden)  # (B, 1 + N, D): the encoder's input, hidden_states[0]
+        outputs: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(vision.encoder.layers[: max(wanted)], start=1):
+            out = block(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out  # (B, 1 + N, D)
+            if i in wanted:
+                outputs[i] = hidden
         grid = (pixels.shape[-2] // self.info.patch_size, pixels.shape[-1] // self.info.patch_size)
-        return Features(visual=visual, joint=joint, grid=grid)
+        feats = {b: outputs[int(b)][:, 1:, :].float() for b in blocks}  # (B, N, D) each, class token dropped
+        joint = None
+        if joint_block is not None:
+            joint = self.to_joint(outputs[int(joint_block)][:, 1:, :]).float()  # (B, N, E)
+        return Features(blocks=feats, grids={b: grid for b in blocks}, joint=joint, joint_grid=grid if joint is not None else None)
 
     def to_joint(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens ``(..., D)`` of the last block into the image-text space ``(..., E)``.

@@ -2,9 +2,9 @@
 
 ``--backbone onnx:PATH --layer TENSOR`` reads the output of one node of the graph (for
 example ``426_quantized``, a 96 x 14 x 14 block output of the int8 MobileNetV2 of the ONNX
-Model Zoo). The graph is cut just after that tensor and run with ONNX Runtime, so the
-network runs only as deep as the block asked for. A ``(B, C, H, W)`` feature map becomes
-``(B, H * W, C)`` tokens on an ``(H, W)`` grid.
+Model Zoo); ``--layer 365_quantized,426_quantized`` reads several. The graph is cut just after
+the tensors asked for and run with ONNX Runtime, so the network runs only as deep as needed.
+A ``(B, C, H, W)`` feature map becomes ``(B, H * W, C)`` tokens on an ``(H, W)`` grid.
 
 Quantized tensors (int8/uint8, named ``<base>_quantized``) are dequantized with the graph's
 own initializers: ``(q - <base>_zero_point) * <base>_scale``.
@@ -105,13 +105,13 @@ def read_sidecar(path: Path) -> dict[str, Any]:
     return out
 
 
-def _subgraph(model, output: str):
-    """A copy of ``model`` whose only output is ``output``: just the nodes it depends on."""
+def _subgraph(model, outputs: Sequence[str]):
+    """A copy of ``model`` whose outputs are ``outputs``: just the nodes they depend on."""
     import onnx
 
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
-    needed, stack, seen = [], [output], set()
+    needed, stack, seen = [], list(outputs), set()
     while stack:
         name = stack.pop()
         node = producer.get(name)
@@ -127,7 +127,7 @@ def _subgraph(model, output: str):
         nodes,
         g.name,
         [i for i in g.input if i.name in used],
-        [onnx.helper.make_empty_tensor_value_info(output)],
+        [onnx.helper.make_empty_tensor_value_info(o) for o in outputs],
         initializer=[t for t in g.initializer if t.name in used],
     )
     sub = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
@@ -220,8 +220,8 @@ class ONNXBackbone(Backbone):
 
     # -- tensors --------------------------------------------------------------------------
 
-    def _session(self, name: str):
-        if name not in self._sessions:
+    def _session(self, names: tuple[str, ...]):
+        if names not in self._sessions:
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
@@ -231,28 +231,29 @@ class ONNXBackbone(Backbone):
             if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
                 providers.insert(0, "CUDAExecutionProvider")
             try:
-                self._sessions[name] = ort.InferenceSession(
-                    _subgraph(self.model, name).SerializeToString(), sess_options=opts, providers=providers
+                self._sessions[names] = ort.InferenceSession(
+                    _subgraph(self.model, names).SerializeToString(), sess_options=opts, providers=providers
                 )
             except Exception as exc:  # onnxruntime raises its own exception types
-                raise ConfigError(f"{self.info.source}: cannot run the graph up to tensor {name!r} ({exc})") from None
-        return self._sessions[name]
+                raise ConfigError(f"{self.info.source}: cannot run the graph up to tensors {list(names)} ({exc})") from None
+        return self._sessions[names]
 
-    def _run(self, name: str, pixels: np.ndarray) -> np.ndarray:
-        """Raw values of tensor ``name`` for ``(B, 3, S, S)`` pixels, dequantized, float32."""
-        sess = self._session(name)
+    def _run(self, names: tuple[str, ...], pixels: np.ndarray) -> list[np.ndarray]:
+        """Raw values of tensors ``names`` for ``(B, 3, S, S)`` pixels, dequantized, float32."""
+        sess = self._session(names)
         try:
             if self.fixed_batch is not None and self.fixed_batch != pixels.shape[0]:
                 if self.fixed_batch != 1:
                     raise ConfigError(f"{self.info.source}: the model's batch size is fixed at {self.fixed_batch}")
-                out = np.concatenate([sess.run([name], {self.input_name: pixels[i : i + 1]})[0] for i in range(pixels.shape[0])])
+                runs = [sess.run(list(names), {self.input_name: pixels[i : i + 1]}) for i in range(pixels.shape[0])]
+                outs = [np.concatenate([r[j] for r in runs]) for j in range(len(names))]
             else:
-                out = sess.run([name], {self.input_name: pixels})[0]
+                outs = sess.run(list(names), {self.input_name: pixels})
         except ConfigError:
             raise
         except Exception as exc:
-            raise ConfigError(f"{self.info.source}: running up to tensor {name!r} failed on input {tuple(pixels.shape)} ({exc})") from None
-        return self._dequantize(name, out)
+            raise ConfigError(f"{self.info.source}: running up to tensors {list(names)} failed on input {tuple(pixels.shape)} ({exc})") from None
+        return [self._dequantize(n, o) for n, o in zip(names, outs)]
 
     def _dequantize(self, name: str, values: np.ndarray) -> np.ndarray:
         if np.issubdtype(values.dtype, np.floating):
@@ -336,16 +337,20 @@ class ONNXBackbone(Backbone):
 
     # -- run ------------------------------------------------------------------------------
 
-    def extract(self, pixels: torch.Tensor, layer: Layer, semantic_layer: Layer | None) -> Features:
-        """``(B, 3, S, S)`` pixels -> tokens ``(B, H * W, C)`` of tensor ``layer``; no joint tokens."""
-        name = str(layer)
+    def extract(self, pixels: torch.Tensor, blocks: Sequence[Layer], joint_block: Layer | None = None) -> Features:
+        """``(B, 3, S, S)`` pixels -> tokens ``(B, H * W, C)`` of each tensor in ``blocks``; no joint tokens."""
+        if joint_block is not None:
+            raise ConfigError(f"backbone {self.info.source!r} has no text tower: there is no semantic layer")
+        names = tuple(str(b) for b in blocks)
         x = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
-        fmap = self._run(name, x)  # (B, C, H, W)
-        if fmap.ndim != 4:
-            raise ConfigError(f"{self.info.source}: tensor {name!r} has shape {fmap.shape}, not (B, C, H, W)")
-        b, c, h, w = fmap.shape
-        tokens = torch.from_numpy(np.ascontiguousarray(fmap.reshape(b, c, h * w).transpose(0, 2, 1)))  # (B, H*W, C)
-        return Features(visual=tokens, joint=None, grid=(h, w))
+        feats, grids = {}, {}
+        for block, name, fmap in zip(blocks, names, self._run(names, x)):  # (B, C, H, W) each
+            if fmap.ndim != 4:
+                raise ConfigError(f"{self.info.source}: tensor {name!r} has shape {fmap.shape}, not (B, C, H, W)")
+            b, c, h, w = fmap.shape
+            feats[block] = torch.from_numpy(np.ascontiguousarray(fmap.reshape(b, c, h * w).transpose(0, 2, 1)))  # (B, H*W, C)
+            grids[block] = (h, w)
+        return Features(blocks=feats, grids=grids)
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         raise ConfigError(f"backbone {self.info.source!r} is an ONNX image model without a text tower")

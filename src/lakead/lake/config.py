@@ -1,0 +1,140 @@
+"""The options of a LAKE detector: saved with the model, one help text each.
+
+Every field is declared once here. Its type (a ``Literal`` lists the choices) and its help
+text make the options of ``lakead fit``, ``eval``, ``ablate``, ``baselines`` and the service's
+model creation (:mod:`lakead.options`), so they cannot drift apart. How a run is carried out
+(device, batch size, precision) is not an option of the model: see :class:`lakead.api.Runtime`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from ..backbones.base import Layer, LayerSpec, as_blocks
+from ..backbones.clip import DEFAULT_CLIP
+from ..errors import ConfigError, ModelFormatError
+
+NORMAL_PROMPT = "a photo of a normal {}."
+ANOMALOUS_PROMPT = "a photo of an anomalous {}."
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A configuration field with its help text (shown by ``--help`` and the API docs)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class LakeConfig:
+    """Every option of a :class:`~lakead.lake.detector.LakeDetector`; saved as JSON with the model."""
+
+    backbone: str = option(DEFAULT_CLIP, "Hub id, local save_pretrained directory, or onnx:PATH.")
+    k: Union[int, Literal["auto"]] = option(
+        100, "Number of sensitive neurons kept, or 'auto': the knee of the support set's sorted variance curve "
+        "(docs/INTERPRETABILITY.md); ignored with selection all.")
+    layer: LayerSpec = option(
+        18, "Block read for the visual branch: a 1-based block number, or a tensor name for ONNX; several "
+        "(12,18 or a+b) are concatenated on one token grid (block_grid).")
+    block_grid: Literal["coarsest", "finest"] = option(
+        "coarsest", "Common token grid of several visual blocks: coarsest (average-pooled) or finest (bilinear).")
+    semantic_layer: Optional[Layer] = option(None, "Block read for the text probe (default: the last).")
+    lam: float = option(0.1, "Weight of the text probe in the fused score (Eq. 14).")
+    semantic_agg: Literal["max", "mean"] = option("max", "Pooling of the text probe's per-token P(anomalous).")
+    use_text: bool = option(True, "Run the text probe (when the backbone has a text tower).", flag="--text/--no-text")
+    image_size: Optional[int] = option(None, "Square input size in pixels, a multiple of the patch size (default: the model's own).")
+    sigma: float = option(0.0, "Gaussian blur of maps, in pixels of the model input (0: off).")
+    selection: Literal["top", "random", "bottom", "all"] = option(
+        "top", "Neuron selection: top variance (LAKE), random, bottom, or all channels.")
+    seed: int = option(0, "Seed of selection random and of the outlier filter.")
+    filter_outliers: bool = option(
+        False, "Drop support images an Isolation Forest flags in the sensitive subspace (listed; docs/INTERPRETABILITY.md).")
+    outlier_contamination: Union[float, Literal["auto"]] = option(
+        "auto", "Contamination of the outlier filter: auto (median + 3 MAD of the isolation scores) or the "
+        "fraction of images to drop, in (0, 0.5].")
+    score_norm: Literal["loo", "none"] = option(
+        "loo", "loo: visual scores divided by the median leave-one-out score of the support images; none: raw distances.")
+    map_source: Literal["visual", "semantic"] = option(
+        "visual", "What the maps show: visual token distances (the paper) or the text probe's per-token P(anomalous).")
+    threshold: Optional[float] = option(None, "Fixed decision threshold (default: derived from the normal images).")
+    threshold_sigmas: float = option(3.0, "Robust standard deviations above the typical normal score for the derived threshold.")
+
+    @property
+    def blocks(self) -> tuple[Layer, ...]:
+        """The visual block(s) as a tuple."""
+        return as_blocks(self.layer)
+
+    def validate(self) -> "LakeConfig":
+        """Check every option; returns ``self``. Raises :class:`~lakead.errors.ConfigError`."""
+        for name, hint in field_types(type(self)).items():  # options that are one of a few words
+            choices = literal_choices(hint)
+            if choices and not _admits(hint, (int, float, str)) and getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise ConfigError(f"k must be a positive integer or 'auto', got {self.k!r}")
+        if not isinstance(self.backbone, str) or not self.backbone.strip():
+            raise ConfigError(f"backbone must be a hub id, a local directory or onnx:PATH, got {self.backbone!r}")
+        self.blocks  # noqa: B018 - raises on an empty or repeated list
+        for name in ("use_text", "filter_outliers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        c = self.outlier_contamination
+        if c != "auto" and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 0.5):
+            raise ConfigError(f"outlier_contamination must be 'auto' or a fraction in (0, 0.5], got {c!r}")
+        for name in ("lam", "sigma", "threshold_sigmas"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1):
+            raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
+        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                                           or math.isnan(self.threshold)):
+            raise ConfigError(f"threshold must be a number, not {self.threshold!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LakeConfig":
+        """From a saved model's ``config``; unknown keys are a :class:`ModelFormatError`."""
+        unknown = sorted(set(d) - set(field_types(cls)))
+        if unknown:
+            raise ModelFormatError(f"unknown configuration keys {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "LakeConfig":
+        """From keyword options, validated; a misspelled option is a clear :class:`ConfigError`."""
+        unknown = sorted(set(options) - set(field_types(cls)))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; the options are {sorted(field_types(cls))}")
+        return cls(**options).validate()
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def literal_choices(hint: Any) -> tuple[Any, ...]:
+    """The values of the ``Literal`` in a type (also inside a Union/Optional); () without one."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    out: tuple[Any, ...] = ()
+    for arg in typing.get_args(hint):
+        out += literal_choices(arg)
+    return out
+
+
+def _admits(hint: Any, kinds: type | tuple[type, ...]) -> bool:
+    """Whether a type annotation admits plain values of ``kinds`` besides its Literal."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if hint in kinds:
+        return True
+    return any(_admits(a, kinds) for a in typing.get_args(hint) if typing.get_origin(a) is not Literal and a is not type(None))

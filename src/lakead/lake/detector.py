@@ -1,0 +1,447 @@
+"""The LAKE detector: fit on a few normal images, predict scores, maps and decisions.
+
+Higher score = more anomalous, everywhere.
+
+The steps (equations of the paper as restored in ``LAKE.md``):
+
+1. ``fit``: run the support images through the frozen backbone to the visual block(s); the
+   variance of every channel over all support tokens picks ``k`` sensitive neurons (Eq. 3-4);
+   the gallery keeps every support token in that subspace (Eq. 5-6). Text embeddings of a
+   normal and an anomalous prompt are computed once. Each support image is scored against
+   the gallery of the others (leave-one-out) to learn what a normal score looks like
+   (:mod:`.fit`).
+2. ``predict``: each test token's distance to its nearest gallery vector (Eq. 7), max-pooled
+   into the visual score (Eq. 8); the text probe's anomaly probability pooled over tokens
+   (Eq. 9-13); the fused score ``visual + lam * semantic`` (Eq. 14); the visual token scores
+   upsampled to each image's own size as its map (:mod:`.score`).
+
+Choices the paper leaves open, all configurable and recorded with the model
+(:class:`~.config.LakeConfig`):
+
+- ``score_norm="loo"`` (default) divides visual distances by the median leave-one-out visual
+  score of the support images, so that ``visual`` is about 1 for a typical normal image
+  whatever the backbone's feature scale, and ``lam`` weighs the text probe the same way for
+  every backbone. ``score_norm="none"`` keeps raw distances, exactly Eq. 14.
+- The decision threshold, without any defect example: ``median + threshold_sigmas * 1.4826
+  * MAD`` of the support images' leave-one-out scores (see :func:`lakead.ops.robust_threshold`).
+  With a single support image there is nothing to leave out: the threshold is infinite
+  (every image normal) until one is set, and a warning says so.
+- Several visual blocks (``layer=[12, 18]``) are concatenated channel-wise on one token grid
+  (``block_grid``: the coarsest, average-pooled, or the finest, bilinear).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..api import Prediction, Runtime, read_model_meta, read_model_tensors, write_model_dir
+from ..backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, as_blocks, load_backbone
+from ..errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
+from ..images import ImageInput, LoadedImages, load_image, read_all, source_name
+from ..ops import anomaly_probability, pool_scores
+from . import fit as steps
+from .config import ANOMALOUS_PROMPT, NORMAL_PROMPT, LakeConfig
+from .score import ScoredBatch, batch_maps, image_parts, score_batch, visual_tokens
+from .state import LakeState
+
+log = logging.getLogger("lakead")
+
+METHOD = "lake"
+
+
+def backbone_precision(precision: str, backbone: Backbone) -> contextlib.AbstractContextManager:
+    """The context a backbone call runs in: nothing for ``"float32"``; for ``"bfloat16"``,
+    ``torch.autocast`` (matrix products and attention in bfloat16, weights kept in float32,
+    so a backbone shared by several detectors is never altered). Torch backbones only."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    if not backbone.supports_autocast:
+        raise ConfigError(f"precision {precision!r} needs a torch backbone; {backbone.info.kind} backbones run as exported")
+    return torch.autocast(backbone.device.type, dtype=torch.bfloat16)
+
+
+class LakeDetector:
+    """Training-free few-shot anomaly detector (LAKE).
+
+    >>> det = LakeDetector(backbone="path/to/clip", k=100, layer=18)  # doctest: +SKIP
+    >>> det.fit(normal_paths, class_name="bottle").predict(test_paths).scores  # doctest: +SKIP
+
+    ``backbone`` is a hub id, a local directory, ``"onnx:PATH"`` or a built
+    :class:`~lakead.backbones.Backbone`; ``options`` are the fields of :class:`LakeConfig`
+    (a misspelled one is an error), or pass ``config=``. ``device``, ``batch_size`` and
+    ``precision`` say how to run (:class:`~lakead.api.Runtime`); they are not saved.
+    Learned state is :class:`LakeState`, readable as ``det.<field>_`` after :meth:`fit` or
+    :meth:`load`.
+    """
+
+    method = METHOD
+
+    def __init__(
+        self,
+        backbone: str | Backbone = DEFAULT_CLIP,
+        *,
+        config: LakeConfig | None = None,
+        device: str = "auto",
+        batch_size: int = 8,
+        precision: str = "float32",
+        **options: Any,
+    ) -> None:
+        self._backbone_obj = backbone if isinstance(backbone, Backbone) else None
+        source = backbone.info.source if isinstance(backbone, Backbone) else backbone
+        if config is not None and options:
+            raise ConfigError("give either config= or options, not both")
+        if config is not None:
+            self.config = LakeConfig.from_dict({**config.to_dict(), "backbone": source}).validate()
+        else:
+            self.config = LakeConfig.from_options(backbone=source, **options)
+        self.runtime = Runtime(device=device, batch_size=batch_size, precision=precision).validate()
+        self.state_: LakeState | None = None
+
+    @classmethod
+    def from_config(cls, config: LakeConfig, backbone: Backbone | None = None, runtime: Runtime | None = None) -> "LakeDetector":
+        """A detector from a :class:`LakeConfig` (and optionally a built backbone and a runtime)."""
+        rt = runtime or Runtime()
+        return cls(backbone if backbone is not None else config.backbone, config=config,
+                   device=rt.device, batch_size=rt.batch_size, precision=rt.precision)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        """``det.gallery_`` and the other learned fields of :class:`LakeState`."""
+        if name.endswith("_") and not name.startswith("_") and name[:-1] in LakeState.names():
+            state = self.__dict__.get("state_")
+            if state is None:
+                raise NotFittedError(f"this LakeDetector is not fitted: {name} exists after fit(...) or LakeDetector.load(...)")
+            return getattr(state, name[:-1])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.state_ is not None
+
+    def check_fitted(self) -> LakeState:
+        """The learned state; raises :class:`NotFittedError` unless the detector was fitted or loaded."""
+        if self.state_ is None:
+            raise NotFittedError("this LakeDetector is not fitted: call fit(...) or LakeDetector.load(...) first")
+        return self.state_
+
+    def fingerprint(self) -> str:
+        """sha256 of what decides this model's outputs (see :meth:`LakeState.fingerprint`)."""
+        return self.check_fitted().fingerprint()
+
+    @property
+    def backbone(self) -> Backbone:
+        """The backbone, loaded on first use."""
+        if self._backbone_obj is None:
+            self._backbone_obj = load_backbone(self.config.backbone, need_text=not self.is_fitted)
+        return self._backbone_obj
+
+    # -- images ---------------------------------------------------------------------------
+
+    def read_image(self, image: ImageInput, name: str | None = None) -> np.ndarray:
+        """Read one input into a ``(H, W, 3)`` uint8 array, as :meth:`fit` and :meth:`predict` do.
+
+        Raises :class:`~lakead.errors.ImageLoadError` when it cannot be read or is smaller
+        than one patch of the backbone.
+        """
+        label = name or source_name(image)
+        arr = load_image(image, label)
+        patch = self.backbone.info.patch_size
+        h, w = arr.shape[:2]
+        if h < patch or w < patch:
+            raise ImageLoadError(label, f"image is {w}x{h} pixels, smaller than one {patch}x{patch} patch")
+        return arr
+
+    def read_images(
+        self, images: Sequence[ImageInput] | ImageInput, names: Sequence[str] | None = None, *, strict: bool = True
+    ) -> LoadedImages:
+        """Read inputs as :meth:`fit` (``strict=False``: unreadable ones are collected in
+        ``errors``) and :meth:`predict` (``strict=True``: the first one raises) read them."""
+        return read_all(images, names, self.read_image, strict=strict)
+
+    def iter_features(
+        self, arrays: Sequence[np.ndarray], blocks: Sequence[Layer], joint_block: Layer | None, image_size: int
+    ) -> Iterator[tuple[int, Features]]:
+        """Yield ``(start, Features)`` for consecutive batches of ``(H, W, 3)`` uint8 images, run
+        with this detector's batch size and precision; ``start`` is the batch's first index."""
+        bs = self.runtime.batch_size
+        for start in range(0, len(arrays), bs):
+            pixels = self.backbone.preprocessing(arrays[start : start + bs], image_size)
+            with backbone_precision(self.runtime.precision, self.backbone):
+                feats = self.backbone.extract(pixels, blocks, joint_block)
+            yield start, feats  # outside the autocast region: the search and the probe stay float32
+
+    def iter_scored(self, arrays: Sequence[np.ndarray], *, text: bool = True) -> Iterator[ScoredBatch]:
+        """Score batches of images against the fitted state (what predict and explain read)."""
+        state = self.check_fitted()
+        joint = state.semantic_layer if text else None
+        for start, f in self.iter_features(arrays, as_blocks(state.layer), joint, state.image_size):
+            yield score_batch(start, f, state, self.config)
+
+    # -- fit ------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        images: Sequence[ImageInput],
+        class_name: str,
+        *,
+        names: Sequence[str] | None = None,
+        support_rule: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> "LakeDetector":
+        """Fit on normal images only. Returns ``self``.
+
+        ``images``: paths, PIL images or ``(H, W[, C])`` arrays. Unreadable images are skipped
+        with a warning (recorded in ``skipped_``); it is an error when none can be read.
+        ``class_name`` fills the text prompts ("a photo of a normal {class_name}.");
+        underscores are read as spaces. ``on_progress(n)`` is called after each batch with
+        the number of images it held. ``support_rule`` says how the images were chosen
+        (for example "first 16 of 64 images sorted by name"); it is saved with the model.
+        """
+        cfg = self.config
+        if not isinstance(class_name, str) or not class_name.strip():
+            raise ConfigError("class_name must be a non-empty string (it fills the text prompts)")
+        backbone = self.backbone
+        device = self.runtime.torch_device()
+        backbone.to(device)
+        blocks = tuple(backbone.resolve_layer(b) for b in cfg.blocks)
+        use_text = cfg.use_text and backbone.has_text
+        if cfg.use_text and not backbone.has_text:
+            log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", backbone.info.source)
+        if cfg.map_source == "semantic" and not use_text:
+            raise ConfigError("map_source='semantic' needs the text probe: use_text=True and a backbone with a text tower")
+        semantic_layer = backbone.resolve_layer(cfg.semantic_layer, semantic=True) if use_text else None
+        image_size = backbone.check_image_size(cfg.image_size or backbone.info.image_size)
+
+        loaded = self.read_images(images, names, strict=False)
+        for err in loaded.errors:
+            log.warning("skipping support image %s", err)
+        if not loaded.arrays:
+            raise ConfigError(f"no readable support image among the {len(images)} given" + (
+                f" (first problem: {loaded.errors[0]})" if loaded.errors else ""))
+        n = len(loaded.arrays)
+
+        name = class_name.strip().replace("_", " ")
+        prompts = [NORMAL_PROMPT.format(name), ANOMALOUS_PROMPT.format(name)]
+        text = logit_scale = None
+        if use_text:
+            text = torch.nn.functional.normalize(backbone.text_embeddings(prompts).float(), dim=-1).to(device)  # (2, E)
+            logit_scale = backbone.logit_scale
+
+        feats: torch.Tensor | None = None  # (n, N, D) on the CPU
+        sem_tokens: torch.Tensor | None = None  # (n, Nj)
+        for start, f in self.iter_features(loaded.arrays, blocks, semantic_layer, image_size):
+            tokens, grid = visual_tokens(f, blocks, cfg.block_grid)  # (B, N, D)
+            b, n_tok, width = tokens.shape
+            if feats is None:
+                if cfg.selection != "all" and cfg.k != "auto" and cfg.k > width:
+                    raise ConfigError(f"k={cfg.k} is larger than the width of block {cfg.layer!r} ({width} channels)")
+                feats = torch.empty((n, n_tok, width), dtype=torch.float32)
+                sem_tokens = torch.zeros((n, f.joint.shape[1] if f.joint is not None else n_tok), dtype=torch.float32)
+            feats[start : start + b] = tokens.cpu()
+            if text is not None and f.joint is not None:
+                sem_tokens[start : start + b] = anomaly_probability(f.joint, text, logit_scale).cpu()  # type: ignore[index]
+            if on_progress is not None:
+                on_progress(b)
+        assert feats is not None and sem_tokens is not None
+        n_tok, width = feats.shape[1], feats.shape[2]
+
+        variance, neurons = steps.select_neurons(feats, cfg)
+        outliers: list[str] = []
+        if cfg.filter_outliers:
+            if n < steps.MIN_IMAGES_FOR_FILTER:
+                log.warning("filter_outliers: %d support image(s), the filter needs at least %d; none dropped",
+                            n, steps.MIN_IMAGES_FOR_FILTER)
+            keep = steps.support_inliers(feats, neurons, cfg)  # (n,) bool
+            if not keep.all():
+                for nm in (nm for nm, kept in zip(loaded.names, keep) if not kept):
+                    log.debug("filter_outliers: dropping support image %s (flagged by the Isolation Forest)", nm)
+                outliers = [nm for nm, kept in zip(loaded.names, keep) if not kept]
+                loaded.names = [nm for nm, kept in zip(loaded.names, keep) if kept]
+                feats, sem_tokens = feats[torch.from_numpy(keep)], sem_tokens[torch.from_numpy(keep)]
+                n = len(loaded.names)
+                variance, neurons = steps.select_neurons(feats, cfg)  # chosen again without the outliers
+        gallery = feats.reshape(n * n_tok, width)[:, neurons].contiguous()  # (n*N, K)
+        del feats
+
+        loo_raw, loo_tokens = steps.leave_one_out(gallery, n, n_tok, device)
+        semantic_support = pool_scores(sem_tokens, cfg.semantic_agg).numpy().astype(np.float64)  # (n,)
+        scale, loo_scores, threshold, map_range = steps.decision(loo_raw, loo_tokens, semantic_support, cfg, use_text)
+        if not np.isfinite(loo_raw).any() and cfg.threshold is None:
+            log.warning(
+                "only one support image: no leave-one-out threshold can be derived, so every image is "
+                "called normal until a threshold is set (threshold=... / --threshold)"
+            )
+        self.state_ = LakeState(
+            neurons=neurons,
+            channel_variance=variance,
+            gallery=gallery.to(device),
+            gallery_image=torch.arange(n, dtype=torch.int32).repeat_interleave(n_tok),
+            loo_visual=(loo_raw / scale).astype(np.float32),
+            loo_semantic=semantic_support.astype(np.float32),
+            loo_scores=loo_scores.astype(np.float32),
+            text_embeddings=text,
+            layer=list(blocks) if isinstance(cfg.layer, (list, tuple)) else blocks[0],  # canonical names
+            semantic_layer=semantic_layer,
+            image_size=image_size,
+            grid=tuple(grid),
+            width=int(width),
+            visual_scale=scale,
+            threshold=threshold,
+            map_range=map_range,
+            class_name=class_name.strip(),
+            prompts=prompts if use_text else None,
+            logit_scale=float(logit_scale) if use_text else None,
+            support=list(loaded.names),
+            support_rule=support_rule or f"{len(images)} images as given",
+            skipped=[str(e) for e in loaded.errors],
+            outliers=outliers,
+            fitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        return self
+
+    # -- predict --------------------------------------------------------------------------
+
+    def predict(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        names: Sequence[str] | None = None,
+        threshold: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Prediction:
+        """Score images. Raises :class:`~lakead.errors.ImageLoadError` on the first bad one.
+
+        ``threshold`` overrides the fitted decision threshold for this call.
+        """
+        self.check_fitted()
+        loaded = self.read_images(images, names, strict=True)
+        return self.predict_arrays(loaded.arrays, threshold=threshold, on_progress=on_progress)
+
+    def predict_arrays(
+        self,
+        arrays: Sequence[np.ndarray],
+        *,
+        threshold: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Prediction:
+        """:meth:`predict` for images already read (``(H, W, 3)`` uint8 arrays)."""
+        state = self.check_fitted()
+        thr = state.threshold if threshold is None else float(threshold)
+        visual, semantic, maps = [], [], []
+        for batch in self.iter_scored(arrays):
+            vis, sem = image_parts(batch, self.config)
+            visual.append(vis)
+            semantic.append(sem)
+            sizes = [a.shape[:2] for a in arrays[batch.start : batch.start + vis.shape[0]]]
+            maps += batch_maps(batch, sizes, self.config, state.image_size)
+            if on_progress is not None:
+                on_progress(len(sizes))
+        return assemble(visual, semantic, maps, self.config.lam, thr)
+
+    # -- save / load ----------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted model to a directory: ``lakead.json`` (method, options, backbone,
+        learned facts, format version) and ``tensors.safetensors``. Atomic: the directory
+        appears complete or not at all. Returns the directory."""
+        state = self.check_fitted()
+        meta = {
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "backbone": self.backbone.info.to_dict(),
+            **state.facts(),
+            "k": int(state.neurons.numel()),
+        }
+        return write_model_dir(path, meta, state.tensors())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        backbone: str | Backbone | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        precision: str | None = None,
+    ) -> "LakeDetector":
+        """Load a model written by :meth:`save` (format 2, or format 1 of earlier versions).
+
+        ``backbone`` replaces where the weights are read from (for a model moved to another
+        machine); it must be the same model (checked by architecture and a fingerprint of
+        the weights). ``device``, ``batch_size`` and ``precision`` say how to run it.
+        """
+        meta = read_model_meta(path)
+        if meta["method"] != METHOD:
+            raise ModelFormatError(f"{path}: is a {meta['method']!r} model, not a LAKE model: load it with lakead.methods.load_detector")
+        try:
+            config = LakeConfig.from_dict(meta["config"]).validate()
+            saved_info = BackboneInfo(**meta["backbone"])
+        except (TypeError, KeyError, ModelFormatError, ConfigError) as exc:
+            raise ModelFormatError(f"{path}: lakead.json is damaged ({exc})") from None
+        runtime = Runtime().replace(device=device, batch_size=batch_size, precision=precision)
+        bb = load_backbone(saved_info.source if backbone is None else backbone, need_text=False)
+        if not bb.info.same_model(saved_info):
+            raise ModelFormatError(
+                f"{path}: the model was fitted with backbone {saved_info.source!r} ({saved_info.kind}, "
+                f"{saved_info.num_layers} blocks, patch {saved_info.patch_size}, weights {saved_info.fingerprint[:12]}), "
+                f"but the backbone given is {bb.info.source!r} ({bb.info.kind}, {bb.info.num_layers} blocks, "
+                f"patch {bb.info.patch_size}, weights {bb.info.fingerprint[:12]}): use the same model"
+            )
+        state = LakeState.from_files(meta, read_model_tensors(path), str(path))
+        det = cls.from_config(config, backbone=bb, runtime=runtime)
+        dev = runtime.torch_device()
+        bb.to(dev)
+        state.gallery = state.gallery.to(dev)
+        if state.text_embeddings is not None:
+            state.text_embeddings = state.text_embeddings.to(dev)
+        det.state_ = state
+        return det
+
+    def summary(self) -> dict[str, Any]:
+        """The facts of a fitted model worth printing or reporting."""
+        state = self.check_fitted()
+        cfg = self.config
+        finite = state.loo_scores[np.isfinite(state.loo_scores)]
+        return {
+            "method": self.method,
+            "class_name": state.class_name,
+            "backbone": cfg.backbone,
+            "layer": state.layer,
+            "semantic_layer": state.semantic_layer,
+            "image_size": state.image_size,
+            "k": int(state.neurons.numel()),
+            "k_rule": "all channels" if cfg.selection == "all" else (
+                "auto: knee of the sorted variance curve" if cfg.k == "auto" else "fixed"),
+            "width": state.width,
+            "selection": cfg.selection,
+            "support_images": len(state.support),
+            "support_rule": state.support_rule,
+            "skipped_images": len(state.skipped),
+            "outliers_dropped": list(state.outliers),
+            "gallery_vectors": int(state.gallery.shape[0]),
+            "text_probe": state.text_embeddings is not None,
+            "score_norm": cfg.score_norm,
+            "threshold": state.threshold,
+            "threshold_rule": "fixed by the user" if cfg.threshold is not None else (
+                f"median + {cfg.threshold_sigmas:g} x 1.4826 x MAD of leave-one-out support scores"
+                if finite.size else "none (one support image)"),
+            "loo_score_median": float(np.median(finite)) if finite.size else None,
+            "loo_score_max": float(finite.max()) if finite.size else None,
+        }
+
+
+def assemble(visual: list[torch.Tensor], semantic: list[torch.Tensor], maps: list[np.ndarray], lam: float, threshold: float) -> Prediction:
+    """A :class:`Prediction` from per-batch image parts: ``scores = visual + lam * semantic`` (Eq. 14)."""
+    vis = torch.cat(visual).numpy().astype(np.float32) if visual else np.zeros(0, np.float32)
+    sem = torch.cat(semantic).numpy().astype(np.float32) if semantic else np.zeros(0, np.float32)
+    scores = (vis + np.float32(lam) * sem).astype(np.float32)
+    return Prediction(scores=scores, visual=vis, semantic=sem, anomalous=scores > threshold, maps=tuple(maps), threshold=threshold)
