@@ -31,68 +31,96 @@ def test_joint_mapping_of_class_token_equals_image_embedding(tiny_backbone):
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_truncated_forward_equals_full_hidden_states(tiny_backbone):
+def test_blocks_read_equal_the_models_own_hidden_states_exactly(tiny_backbone):
     x = _pixels(tiny_backbone)
     with torch.inference_mode():
         full = tiny_backbone.model.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
     for layer in (1, 2, 4):
-        f = tiny_backbone.extract(x, layer, None)
-        assert f.visual.shape == (3, 16, 32) and f.grid == (4, 4) and f.joint is None
-        assert torch.allclose(f.visual, full[layer][:, 1:, :], atol=1e-6)
-    f = tiny_backbone.extract(x, 2, 4)
-    assert f.joint.shape == (3, 16, 16)
+        f = tiny_backbone.extract(x, [layer])
+        assert f.blocks[layer].shape == (3, 16, 32) and f.grids[layer] == (4, 4) and f.joint is None
+        assert torch.equal(f.blocks[layer], full[layer][:, 1:, :])
+    f = tiny_backbone.extract(x, [1, 3], 4)  # several blocks and the joint one, in one pass
+    assert torch.equal(f.blocks[1], full[1][:, 1:, :]) and torch.equal(f.blocks[3], full[3][:, 1:, :])
+    assert f.joint.shape == (3, 16, 16) and f.joint_grid == (4, 4)
     with torch.inference_mode():
         want = tiny_backbone.to_joint(full[4][:, 1:, :])
-    assert torch.allclose(f.joint, want, atol=1e-6)
-    # the model handed to the adapter still has all its blocks
-    assert len(tiny_backbone.model.vision_model.encoder.layers) == 4
+    assert torch.equal(f.joint, want)
 
 
-def test_truncated_forward_runs_only_the_needed_blocks(tiny_backbone):
+def test_forward_runs_only_the_needed_blocks_and_leaves_the_model_as_it_was(tiny_backbone):
+    layers = tiny_backbone.model.vision_model.encoder.layers
+    before = list(layers)
     calls = []
-    handles = [blk.register_forward_hook(lambda m, i, o, n=n: calls.append(n))
-               for n, blk in enumerate(tiny_backbone.model.vision_model.encoder.layers)]
+    handles = [blk.register_forward_hook(lambda m, i, o, n=n: calls.append(n)) for n, blk in enumerate(layers)]
     try:
-        tiny_backbone.extract(_pixels(tiny_backbone, 1), 2, None)
+        tiny_backbone.extract(_pixels(tiny_backbone, 1), [2])
     finally:
         for h in handles:
             h.remove()
     assert calls == [0, 1]
+    assert tiny_backbone.model.vision_model.encoder.layers is layers and list(layers) == before
 
 
 def test_blocks_of_any_depth_in_any_order_give_the_same_features(tiny_clip_dir):
     """A shallow read first, then a full one, on one backbone (as the service does with models of
-    several blocks): each block is still its own. transformers 5 records hidden states with hooks
-    installed at a model's first call; a truncated copy of the tower once installed a second set
-    on the shared blocks, and every later full call then returned shifted hidden states."""
+    several blocks), and the model's own forward in between: each block is still its own."""
     reference = CLIPBackbone.from_pretrained(str(tiny_clip_dir))
     shared = CLIPBackbone.from_pretrained(str(tiny_clip_dir))
     x = _pixels(shared, 2, size=64)
-    want = {depth: reference.extract(x, depth, 4) for depth in (1, 2, 3)}
+    want = {depth: reference.extract(x, [depth], 4) for depth in (1, 2, 3)}
     for depth in (2, 1, 4, 3, 2):  # shallow first, then deeper, then shallow again
-        f = shared.extract(x, depth, None)
-        assert torch.equal(f.visual, reference.extract(x, depth, None).visual)
+        f = shared.extract(x, [depth])
+        assert torch.equal(f.blocks[depth], reference.extract(x, [depth]).blocks[depth])
+    with torch.inference_mode():
+        shared.model.vision_model(pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=True)
     for depth in (1, 2, 3):
-        f = shared.extract(x, depth, 4)
-        assert torch.equal(f.visual, want[depth].visual) and torch.equal(f.joint, want[depth].joint)
+        f = shared.extract(x, [depth], 4)
+        assert torch.equal(f.blocks[depth], want[depth].blocks[depth]) and torch.equal(f.joint, want[depth].joint)
 
 
-def test_concurrent_reads_of_different_depths(tiny_clip_dir):
+def test_two_threads_run_forwards_at_once(tiny_clip_dir):
+    """No lock: forwards of different depths overlap in time and each returns its own block."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     bb = CLIPBackbone.from_pretrained(str(tiny_clip_dir))
     x = _pixels(bb, 2)
-    want = {depth: bb.extract(x, depth, None).visual for depth in (1, 2, 3, 4)}
-    jobs = [1, 4, 2, 3] * 6
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda d: bb.extract(x, d, None).visual, jobs))
-    assert all(torch.equal(g, want[d]) for g, d in zip(got, jobs))
-    assert len(bb.model.vision_model.encoder.layers) == 4  # every block is back
+    want = {depth: bb.extract(x, [depth]).blocks[depth] for depth in (1, 2, 3, 4)}
+    inside, most = [0], [0]
+    guard = threading.Lock()
+    barrier = threading.Barrier(2, timeout=10)
+
+    def enter(module, args):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+
+    def leave(module, args, out):
+        with guard:
+            inside[0] -= 1
+
+    first = bb.model.vision_model.encoder.layers[0]
+    handles = [first.register_forward_pre_hook(enter), first.register_forward_hook(leave)]
+
+    def run(depth):
+        barrier.wait()
+        return [bb.extract(x, [depth]).blocks[depth] for _ in range(20)]
+
+    try:
+        jobs = [1, 4, 2, 3] * 2
+        with ThreadPoolExecutor(2) as pool:
+            got = [pool.submit(run, d) for d in jobs[:2]]
+            results = [g.result() for g in got]
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(torch.equal(t, want[d]) for d, ts in zip(jobs[:2], results) for t in ts)
+    assert most[0] == 2  # two forwards were inside the first block at the same time
 
 
 def test_other_input_size_interpolates_position_embeddings(tiny_backbone):
-    f = tiny_backbone.extract(_pixels(tiny_backbone, 2, size=64), 2, 4)
-    assert f.visual.shape == (2, 64, 32) and f.grid == (8, 8) and f.joint.shape == (2, 64, 16)
+    f = tiny_backbone.extract(_pixels(tiny_backbone, 2, size=64), [2], 4)
+    assert f.blocks[2].shape == (2, 64, 32) and f.grids[2] == (8, 8) and f.joint.shape == (2, 64, 16)
     with pytest.raises(ConfigError, match="multiple of the patch size 8"):
         tiny_backbone.check_image_size(60)
 

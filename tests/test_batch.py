@@ -248,8 +248,7 @@ def test_resume_refuses_another_model_threshold_or_precision(tiny_backbone, mode
         predict_to_dir(other, [images], out, resume=True)
     with pytest.raises(LakeadError, match="written with threshold .* give the same --threshold"):
         predict_to_dir(detector, [images], out, resume=True, threshold=0.5)
-    bf16 = LakeDetector.load(model_dir)
-    bf16.config.precision = "bfloat16"
+    bf16 = LakeDetector.load(model_dir, precision="bfloat16")
     with pytest.raises(LakeadError, match="written with precision float32, this run uses bfloat16"):
         predict_to_dir(bf16, [images], out, resume=True)
     assert (out / SCORES_FILE).read_bytes() == (reference / SCORES_FILE).read_bytes()[:300]  # untouched
@@ -306,8 +305,7 @@ def test_memory_does_not_grow_with_the_number_of_images(model_dir, tmp_path):
     images lie in folders of 100 because listing holds one folder's file names at a time.
     """
     src = make_images(tmp_path / "in", 2000, size=64)
-    det = LakeDetector.load(model_dir)
-    det.config.batch_size = 32  # fewer, larger batches: the same streaming, a faster test
+    det = LakeDetector.load(model_dir, batch_size=32)  # fewer, larger batches: the same streaming, a faster test
     page = os.sysconf("SC_PAGE_SIZE")
     samples: list[tuple[int, int]] = []
     done = 0

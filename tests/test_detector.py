@@ -74,7 +74,7 @@ def test_gallery_and_neurons(fitted, normals):
 
 def test_semantic_is_the_text_probe(fitted, tests_imgs):
     bb = fitted.backbone
-    f = bb.extract(bb.preprocessing(tests_imgs, 64), 2, 4)
+    f = bb.extract(bb.preprocessing(tests_imgs, 64), [2], 4)
     text = torch.nn.functional.normalize(bb.text_embeddings(fitted.prompts_), dim=-1)
     want = anomaly_probability(f.joint, text, bb.logit_scale).amax(1).numpy()
     assert np.allclose(fitted.predict(tests_imgs).semantic, want, atol=1e-5)
@@ -88,8 +88,8 @@ def test_leave_one_out_threshold(fitted, normals):
     assert fitted.threshold_ > np.median(fitted.loo_scores_)
     # each LOO score is the image scored against the others only: do it by hand for image 0
     others = LakeDetector(fitted.backbone, **OPTS, score_norm="none").fit(normals[1:], "tile")
-    others.neurons_ = fitted.neurons_  # same subspace as the full fit
-    others.gallery_ = fitted.gallery_[64:]
+    others.state_.neurons = fitted.neurons_  # same subspace as the full fit
+    others.state_.gallery = fitted.gallery_[64:]
     raw = others.predict([normals[0]]).visual[0]
     assert raw / fitted.visual_scale_ == pytest.approx(fitted.loo_visual_[0], rel=1e-5)
 
@@ -125,25 +125,27 @@ def test_save_load_round_trip(fitted, tests_imgs, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["lakead.json", "tensors.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
     meta = json.loads((out / "lakead.json").read_text())
-    assert meta["format_version"] == 1 and meta["config"]["k"] == 8 and meta["class_name"] == "tile"
+    assert meta["format_version"] == 2 and meta["method"] == "lake" and meta["config"]["k"] == 8 and meta["class_name"] == "tile"
+    assert not {"device", "batch_size", "precision"} & set(meta["config"])  # settings of the run, not of the model
     loaded = LakeDetector.load(out)
     a, b = fitted.predict(tests_imgs), loaded.predict(tests_imgs)
     assert np.array_equal(a.scores, b.scores) and np.array_equal(a.anomalous, b.anomalous)
     assert all(np.array_equal(x, y) for x, y in zip(a.maps, b.maps))
     assert loaded.threshold_ == fitted.threshold_ and loaded.support_ == fitted.support_
     assert not loaded.backbone.has_text  # the text embeddings were saved; the text tower is not loaded
+    assert loaded.fingerprint() == fitted.fingerprint()
     # saving again over it replaces it whole
     fitted.save(out)
     assert LakeDetector.load(out).threshold_ == fitted.threshold_
 
 
 def test_failed_save_leaves_nothing(fitted, tmp_path, monkeypatch):
-    import lakead.detector as d
+    import safetensors.torch
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(d, "save_file", boom)
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         fitted.save(tmp_path / "model")
     assert list(tmp_path.iterdir()) == []
@@ -160,7 +162,7 @@ def test_load_errors(fitted, tmp_path, other_clip_dir):
     old = tmp_path / "old"
     shutil.copytree(model, old)
     (old / "lakead.json").write_text(json.dumps({**meta, "format_version": 99}))
-    with pytest.raises(ModelFormatError, match="format version 99.*reads format version 1"):
+    with pytest.raises(ModelFormatError, match="format version 99.*reads format versions 1, 2: fit the model again"):
         LakeDetector.load(old)
     bad = tmp_path / "bad"
     shutil.copytree(model, bad)
@@ -191,8 +193,10 @@ def test_bad_options(tiny_backbone, normals):
                 dict(score_norm="z"), dict(batch_size=0), dict(sigma=-1.0), dict(device="tpu")):
         with pytest.raises(ConfigError):
             LakeDetector(tiny_backbone, **{**OPTS, **bad})
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['kk'\]"):
         LakeDetector(tiny_backbone, kk=3)  # a misspelled option is not swallowed
+    with pytest.raises(AttributeError, match="state_"):
+        LakeDetector(tiny_backbone).gallery_ = torch.zeros(1)  # learned state is set through state_ only
 
 
 def test_bad_images(tiny_backbone, fitted, normals, tmp_path, caplog):
@@ -245,12 +249,12 @@ def test_blur_keeps_sizes_and_lowers_peaks(tiny_backbone, normals, tests_imgs, f
 @given(batch=st.integers(1, 7))
 def test_scores_do_not_depend_on_batch_size(fitted, tests_imgs, batch):
     ref = fitted.predict(tests_imgs)
-    old = fitted.config.batch_size
-    fitted.config.batch_size = batch
+    old = fitted.runtime
+    fitted.runtime = old.replace(batch_size=batch)
     try:
         p = fitted.predict(tests_imgs)
     finally:
-        fitted.config.batch_size = old
+        fitted.runtime = old
     assert np.allclose(p.scores, ref.scores, rtol=1e-5, atol=1e-6)
     assert all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(p.maps, ref.maps))
 

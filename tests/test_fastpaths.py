@@ -94,15 +94,17 @@ def test_bfloat16_leaves_a_shared_backbone_float32(tiny_backbone, normals, test_
     np.testing.assert_array_equal(again.maps[0], ref_pred.maps[0])
 
 
-def test_precision_is_validated_saved_and_loaded(tiny_backbone, normals, test_images, tmp_path):
+def test_precision_is_a_setting_of_the_run_not_of_the_model(tiny_backbone, normals, test_images, tmp_path):
     with pytest.raises(ConfigError, match="precision must be one of"):
         LakeDetector(tiny_backbone, precision="float16", **OPTS)
     det = LakeDetector(tiny_backbone, precision="bfloat16", **OPTS).fit(normals, "tile")
     before = det.predict(test_images)
     det.save(tmp_path / "m")
-    assert json.loads((tmp_path / "m" / "lakead.json").read_text())["config"]["precision"] == "bfloat16"
-    loaded = LakeDetector.load(tmp_path / "m", backbone=tiny_backbone)
-    assert loaded.config.precision == "bfloat16"
+    saved = json.loads((tmp_path / "m" / "lakead.json").read_text())["config"]
+    assert not {"precision", "device", "batch_size"} & set(saved)
+    assert LakeDetector.load(tmp_path / "m", backbone=tiny_backbone).runtime.precision == "float32"
+    loaded = LakeDetector.load(tmp_path / "m", backbone=tiny_backbone, precision="bfloat16")
+    assert loaded.runtime.precision == "bfloat16"
     after = loaded.predict(test_images)
     np.testing.assert_allclose(after.scores, before.scores, rtol=0, atol=1e-6)
 

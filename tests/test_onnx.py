@@ -53,26 +53,36 @@ def test_info_and_fingerprint(backbone, tiny_onnx, tmp_path):
 
 def test_tokens_are_the_feature_map_row_major(backbone, tiny_onnx):
     pixels = torch.randn(3, 3, 32, 32)
-    f = backbone.extract(pixels, backbone.resolve_layer("feat1"), None)
+    f = backbone.extract(pixels, [backbone.resolve_layer("feat1")])
     ref = reference_feat1(pixels, tiny_onnx)  # (B, C, H, W)
-    assert f.visual.shape == (3, 32 * 32, 8) and f.grid == (32, 32) and f.joint is None
-    assert torch.allclose(f.visual, ref.flatten(2).transpose(1, 2), atol=1e-4)  # (B, H*W, C)
-    assert torch.allclose(f.visual.reshape(3, 32, 32, 8)[1, 5, 7], ref[1, :, 5, 7], atol=1e-4)
+    tokens = f.blocks["feat1"]
+    assert tokens.shape == (3, 32 * 32, 8) and f.grids == {"feat1": (32, 32)} and f.joint is None
+    assert torch.allclose(tokens, ref.flatten(2).transpose(1, 2), atol=1e-4)  # (B, H*W, C)
+    assert torch.allclose(tokens.reshape(3, 32, 32, 8)[1, 5, 7], ref[1, :, 5, 7], atol=1e-4)
+
+
+def test_several_tensors_in_one_run_equal_each_read_alone(backbone):
+    pixels = torch.randn(2, 3, 32, 32)
+    both = backbone.extract(pixels, ["block2_quantized", "feat1"])
+    assert list(both.blocks) == ["block2_quantized", "feat1"]
+    assert both.grids == {"block2_quantized": (16, 16), "feat1": (32, 32)}
+    for name in both.blocks:
+        assert torch.equal(both.blocks[name], backbone.extract(pixels, [name]).blocks[name])
 
 
 def test_quantized_tensor_is_dequantized(backbone):
     pixels = torch.randn(2, 3, 32, 32)
-    q = backbone.extract(pixels, backbone.resolve_layer("block2_quantized"), None)
-    ref = backbone.extract(pixels, backbone.resolve_layer("block2"), None)  # the graph's own DequantizeLinear
-    assert q.grid == (16, 16) and q.visual.shape == (2, 256, 12) and q.visual.dtype == torch.float32
-    assert torch.equal(q.visual, ref.visual)
-    assert len(torch.unique(q.visual)) > 20  # real values, not uint8 codes
+    q = backbone.extract(pixels, ["block2_quantized"]).blocks["block2_quantized"]
+    ref = backbone.extract(pixels, ["block2"]).blocks["block2"]  # the graph's own DequantizeLinear
+    assert q.shape == (2, 256, 12) and q.dtype == torch.float32
+    assert torch.equal(q, ref)
+    assert len(torch.unique(q)) > 20  # real values, not uint8 codes
 
 
 def test_batch_size_does_not_change_tokens(backbone):
     pixels = torch.randn(5, 3, 32, 32)
-    whole = backbone.extract(pixels, "feat1", None).visual
-    parts = torch.cat([backbone.extract(pixels[i : i + 2], "feat1", None).visual for i in range(0, 5, 2)])
+    whole = backbone.extract(pixels, ["feat1"]).blocks["feat1"]
+    parts = torch.cat([backbone.extract(pixels[i : i + 2], ["feat1"]).blocks["feat1"] for i in range(0, 5, 2)])
     assert torch.allclose(whole, parts, atol=1e-6)
 
 
@@ -150,15 +160,15 @@ def test_image_size_rules(tiny_onnx, tmp_path):
     assert dynamic.info.image_size == 224  # nothing says otherwise
     (tmp_path / "dyn.onnx.json").write_text(json.dumps({"image_size": 48}))
     sized = load_backbone(f"onnx:{dynamic_path}")
-    assert sized.info.image_size == 48 and sized.extract(torch.zeros(1, 3, 48, 48), "block2", None).grid == (24, 24)
+    assert sized.info.image_size == 48 and sized.extract(torch.zeros(1, 3, 48, 48), ["block2"]).grids["block2"] == (24, 24)
 
 
 def test_fixed_batch_of_one_runs_image_by_image(tmp_path):
     bb = load_backbone(f"onnx:{save_tiny_onnx(tmp_path / 'b1.onnx', batch=1)}")
     pixels = torch.randn(3, 3, 32, 32)
-    out = bb.extract(pixels, "feat1", None).visual
+    out = bb.extract(pixels, ["feat1"]).blocks["feat1"]
     assert out.shape == (3, 1024, 8)
-    assert torch.allclose(out[2], bb.extract(pixels[2:3], "feat1", None).visual[0])
+    assert torch.allclose(out[2], bb.extract(pixels[2:3], ["feat1"]).blocks["feat1"][0])
 
 
 @pytest.mark.parametrize("what", ["missing", "directory", "garbage", "empty"])
@@ -202,8 +212,9 @@ def test_real_mobilenet_int8(tmp_path):
     assert bb.info.image_size == 224
     pixels = torch.randn(2, 3, 224, 224)
     for name, width, side in [("339", 24, 56), ("382", 64, 14), ("426_quantized", 96, 14), ("452_quantized", 160, 7)]:
-        f = bb.extract(pixels, bb.resolve_layer(name), None)
-        assert f.visual.shape == (2, side * side, width) and f.grid == (side, side)
-        assert torch.isfinite(f.visual).all()
+        block = bb.resolve_layer(name)
+        f = bb.extract(pixels, [block])
+        assert f.blocks[block].shape == (2, side * side, width) and f.grids[block] == (side, side)
+        assert torch.isfinite(f.blocks[block]).all()
     # our dequantization of 627_quantized equals the graph's own DequantizeLinear output 627
-    assert torch.equal(bb.extract(pixels, "627_quantized", None).visual, bb.extract(pixels, "627", None).visual)
+    assert torch.equal(bb.extract(pixels, ["627_quantized"]).blocks["627_quantized"], bb.extract(pixels, ["627"]).blocks["627"])

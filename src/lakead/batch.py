@@ -47,8 +47,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import __version__
-from .detector import LakeDetector
+from ._version import __version__
+from .api import Detector
 from .errors import ConfigError, ImageLoadError, LakeadError, NotFittedError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .images import iter_images
@@ -132,23 +132,6 @@ def path_key(path: str) -> int:
     return int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
 
 
-def model_fingerprint(detector: LakeDetector) -> str:
-    """sha256 of what decides a fitted model's scores: its gallery, neurons and text
-    embeddings, its visual scale and when it was fitted."""
-    return fingerprint_state(detector.gallery_, detector.neurons_, detector.text_embeddings_,
-                             detector.visual_scale_, detector.fitted_at_)
-
-
-def fingerprint_state(gallery: Any, neurons: Any, text_embeddings: Any, visual_scale: float, fitted_at: str) -> str:
-    """:func:`model_fingerprint` from the tensors themselves (for a model not loaded)."""
-    h = hashlib.sha256()
-    for t in (gallery, neurons, text_embeddings):
-        if t is not None:
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    h.update(json.dumps([float(visual_scale), str(fitted_at)]).encode())
-    return h.hexdigest()
-
-
 def run_info(
     class_name: str, fitted_at: str, fingerprint: str, threshold: float, precision: str, maps: Collection[str]
 ) -> dict[str, Any]:
@@ -181,7 +164,6 @@ class OutputDir:
         self.dir = Path(out_dir)
         self.info = info
         self.resume = resume
-        self.previous_rows = 0  # rows already in scores.csv when opened
         self._done = np.zeros(0, dtype=np.uint64)  # sorted keys of those rows
         self._scores: io.BufferedWriter | None = None
         self._errors: io.BufferedWriter | None = None
@@ -298,7 +280,6 @@ class OutputDir:
         if record:
             log.warning("%s: cut off an incomplete last line (%d bytes) left by an interrupted run; "
                         "that image is scored again", path, len(record))
-        self.previous_rows = len(keys)
         self._done = np.sort(np.asarray(keys, dtype=np.uint64))
         return keep
 
@@ -398,7 +379,7 @@ def read_ahead(items: Iterable[T], read: Callable[[T], R], pool: Executor, depth
 
 
 def score_batch(
-    detector: LakeDetector,
+    detector: Detector,
     arrays: Sequence[np.ndarray],
     paths: Sequence[str],
     names: Sequence[str],
@@ -441,7 +422,7 @@ def default_read_threads() -> int:
 
 
 def predict_to_dir(
-    detector: LakeDetector,
+    detector: Detector,
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
@@ -462,7 +443,7 @@ def predict_to_dir(
     ``n`` more inputs are done (scored, failed or skipped).
     """
     if not detector.is_fitted:
-        raise NotFittedError("predict_to_dir needs a fitted LakeDetector: call fit(...) or LakeDetector.load(...) first")
+        raise NotFittedError("predict_to_dir needs a fitted detector: call fit(...) or load a saved model first")
     maps = parse_maps(maps) if isinstance(maps, str) else parse_maps(list(maps) or "none")
     threads = default_read_threads() if read_threads is None else int(read_threads)
     if threads < 1:
@@ -470,11 +451,11 @@ def predict_to_dir(
     paths = iter_images(inputs)  # checks the inputs now, lists them while they are consumed
     root = output_root(inputs)
     out = Path(out_dir)
-    bs = detector.config.batch_size
+    bs = detector.runtime.batch_size
     summary = BatchSummary(threshold=detector.threshold_ if threshold is None else float(threshold))
 
-    info = run_info(detector.class_name_, detector.fitted_at_, model_fingerprint(detector), summary.threshold,
-                    detector.config.precision, maps)
+    info = run_info(detector.class_name_, detector.fitted_at_, detector.fingerprint(), summary.threshold,
+                    detector.runtime.precision, maps)
     with OutputDir(out, info, resume=resume) as results, \
             ThreadPoolExecutor(threads, thread_name_prefix="lakead-read") as pool:
         todo = Todo(paths, results)

@@ -41,7 +41,6 @@ from .batch import (
     BatchSummary,
     OutputDir,
     Todo,
-    fingerprint_state,
     output_name,
     output_root,
     parse_maps,
@@ -93,7 +92,7 @@ class RayScorer:
     ) -> None:
         import torch
 
-        from .detector import LakeDetector
+        from .methods import load_detector
 
         torch.set_num_threads(threads)
         self.failure = ""  # a LakeadError met here is reported with the first batch (no Ray retries)
@@ -101,7 +100,7 @@ class RayScorer:
         try:
             for name, data in model_files.items():
                 Path(tmp, name).write_bytes(data)
-            self.detector = LakeDetector.load(tmp, backbone=backbone, device=device, batch_size=batch_size, precision=precision)
+            self.detector = load_detector(tmp, backbone=backbone, device=device, batch_size=batch_size, precision=precision)
         except LakeadError as exc:
             self.failure = str(exc).replace(tmp, "<model>")
         finally:
@@ -149,7 +148,7 @@ def _model_files(model_dir: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The saved model's files (to ship to the workers) and its identity for ``run.json``."""
     from safetensors.torch import load
 
-    from .detector import CONFIG_FILE, TENSORS_FILE, read_model_meta
+    from .api import CONFIG_FILE, TENSORS_FILE, read_model_meta, tensor_fingerprint
 
     meta = read_model_meta(model_dir)
     try:
@@ -158,12 +157,8 @@ def _model_files(model_dir: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
         identity = {
             "class_name": meta["class_name"],
             "fitted_at": meta["fitted_at"],
-            "fingerprint": fingerprint_state(tensors["gallery"], tensors["neurons"], tensors.get("text_embeddings"),
-                                             meta["visual_scale"], meta["fitted_at"]),
+            "fingerprint": tensor_fingerprint(tensors, {"fitted_at": meta["fitted_at"]}),
             "threshold": math.inf if meta["threshold"] is None else float(meta["threshold"]),
-            "batch_size": int(meta["config"]["batch_size"]),
-            "device": str(meta["config"]["device"]),
-            "precision": str(meta["config"].get("precision", "float32")),
         }
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise LakeadError(f"{model_dir}: saved model cannot be read ({exc})") from None
@@ -226,29 +221,31 @@ def predict_on_ray(
         raise ConfigError(f"--ray-workers must be at least 1, got {workers}")
     if cpus_per_worker < 1:
         raise ConfigError(f"cpus_per_worker must be at least 1, got {cpus_per_worker}")
+    from .api import PRECISIONS, Runtime
+
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    from .detector import PRECISIONS
-
     if precision is not None and precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    # the device is checked by the workers (the driver may have no GPU)
+    runtime = Runtime(device=device or "auto", batch_size=batch_size or Runtime.batch_size, precision=precision or Runtime.precision)
     model_dir = Path(model_dir)
     files, ident = _model_files(model_dir)
     paths = iter_images(inputs)
     root = output_root(inputs)
     out = Path(out_dir)
-    bs = batch_size or ident["batch_size"]
-    gpu = (device or ident["device"]).startswith("cuda")
+    bs = runtime.batch_size
+    gpu = runtime.device.startswith("cuda")
     summary = BatchSummary(threshold=ident["threshold"] if threshold is None else float(threshold))
     info = run_info(ident["class_name"], ident["fitted_at"], ident["fingerprint"], summary.threshold,
-                    precision or ident["precision"], maps)
+                    runtime.precision, maps)
 
     started = _start_ray(ray, address, workers, cpus_per_worker)
     try:
         resources = ray.cluster_resources()
         have_gpus, have_cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
         if gpu and not have_gpus:
-            raise ConfigError(f"device {device or ident['device']!r} asked for, but the Ray cluster has no GPU")
+            raise ConfigError(f"device {runtime.device!r} asked for, but the Ray cluster has no GPU")
         if workers is None:
             workers = max(1, have_gpus if gpu else have_cpus // cpus_per_worker)
         if workers * cpus_per_worker > have_cpus or (gpu and workers > have_gpus):

@@ -222,15 +222,6 @@ class PixelMetrics:
         }
         return self._curve
 
-    @property
-    def pixels(self) -> int:
-        c = self._build()
-        return int(c["tp"][-1] + c["fp"][-1])
-
-    @property
-    def defect_pixels(self) -> int:
-        return int(self._build()["tp"][-1])
-
     def roc_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """``(fpr, tpr)`` at every bin threshold, from (0, 0) to (1, 1)."""
         c = self._build()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneUnavailableError, ConfigError
-from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing
+from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing, as_blocks
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ class CLIPBackbone(Backbone):
 
     @torch.inference_mode()
     def extract(self, pixels: torch.Tensor, blocks: Sequence[Layer], joint_block: Layer | None = None) -> Features:
+        blocks = as_blocks(blocks)
         wanted = {int(b) for b in blocks}
         if joint_block is not None:
             wanted.add(int(joint_block))

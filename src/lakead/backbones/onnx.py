@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import BackboneUnavailableError, ConfigError
-from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing
+from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing, as_blocks
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +341,7 @@ class ONNXBackbone(Backbone):
         """``(B, 3, S, S)`` pixels -> tokens ``(B, H * W, C)`` of each tensor in ``blocks``; no joint tokens."""
         if joint_block is not None:
             raise ConfigError(f"backbone {self.info.source!r} has no text tower: there is no semantic layer")
+        blocks = as_blocks(blocks)
         names = tuple(str(b) for b in blocks)
         x = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
         feats, grids = {}, {}

@@ -123,6 +123,11 @@ class LakeDetector:
             return getattr(state, name[:-1])
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.endswith("_") and not name.startswith("_") and name[:-1] in LakeState.names():
+            raise AttributeError(f"{name} is learned state: set it on det.state_ ({name[:-1]})")
+        super().__setattr__(name, value)
+
     @property
     def is_fitted(self) -> bool:
         return self.state_ is not None
