@@ -1,9 +1,10 @@
 """The registry of methods: name -> how its detector is built, and which score it reports.
 
-A method is a :class:`~lakead.api.Detector` class with its configuration class, plus the
-options it fixes (the baselines of ``lakead baselines`` are LAKE with some options fixed).
-A new method is one module with its detector and one line in :data:`METHODS` (and one in
-:data:`DETECTORS` when it saves models under a new name).
+A method is a :class:`~lakead.api.Detector` class (usually a :class:`lakead.base.BaseDetector`
+with its config and state classes), plus the options it fixes (the baselines of ``lakead
+baselines`` are LAKE with some options fixed). A new method is one module with its detector
+and one line in :data:`METHODS` (and one in :data:`DETECTORS` when it saves models under a new
+name): see docs/ARCHITECTURE.md.
 
 >>> sorted(METHODS)
 ['all', 'bottom', 'lake', 'random', 'text', 'visual']
@@ -19,7 +20,7 @@ from typing import Any
 from .api import Detector, Runtime, read_model_meta
 from .backbones import Backbone
 from .errors import ConfigError, ModelFormatError
-from .lake import LakeConfig, LakeDetector
+from .lake import LakeDetector
 
 #: Which number of a :class:`~lakead.api.Prediction` a method reports as its image score.
 SCORE_FIELDS = ("scores", "visual", "semantic")
@@ -39,7 +40,8 @@ class Method:
 
     @property
     def config_class(self) -> type:
-        return LakeConfig if self.detector is LakeDetector else self.detector.config_class
+        """The dataclass of the method's options (its fields make the command-line options)."""
+        return self.detector.config_class
 
     def configure(self, config: Any) -> Any:
         """``config`` with this method's fixed options applied, validated."""

@@ -32,20 +32,19 @@ Choices the paper leaves open, all configurable and recorded with the model
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..api import Prediction, Runtime, read_model_meta, read_model_tensors, write_model_dir
-from ..backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, as_blocks, load_backbone
-from ..errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
-from ..images import ImageInput, LoadedImages, load_image, read_all, source_name
+from ..api import Prediction
+from ..backbones import as_blocks
+from ..base import BaseDetector, backbone_precision  # noqa: F401 - backbone_precision: used by benchmarks
+from ..errors import ConfigError
+from ..images import ImageInput
 from ..ops import anomaly_probability, pool_scores
 from . import fit as steps
 from .config import ANOMALOUS_PROMPT, NORMAL_PROMPT, LakeConfig
@@ -57,18 +56,7 @@ log = logging.getLogger("lakead")
 METHOD = "lake"
 
 
-def backbone_precision(precision: str, backbone: Backbone) -> contextlib.AbstractContextManager:
-    """The context a backbone call runs in: nothing for ``"float32"``; for ``"bfloat16"``,
-    ``torch.autocast`` (matrix products and attention in bfloat16, weights kept in float32,
-    so a backbone shared by several detectors is never altered). Torch backbones only."""
-    if precision == "float32":
-        return contextlib.nullcontext()
-    if not backbone.supports_autocast:
-        raise ConfigError(f"precision {precision!r} needs a torch backbone; {backbone.info.kind} backbones run as exported")
-    return torch.autocast(backbone.device.type, dtype=torch.bfloat16)
-
-
-class LakeDetector:
+class LakeDetector(BaseDetector):
     """Training-free few-shot anomaly detector (LAKE).
 
     >>> det = LakeDetector(backbone="path/to/clip", k=100, layer=18)  # doctest: +SKIP
@@ -79,110 +67,13 @@ class LakeDetector:
     (a misspelled one is an error), or pass ``config=``. ``device``, ``batch_size`` and
     ``precision`` say how to run (:class:`~lakead.api.Runtime`); they are not saved.
     Learned state is :class:`LakeState`, readable as ``det.<field>_`` after :meth:`fit` or
-    :meth:`load`.
+    :meth:`load`. Options, images, batching, saving and loading: :class:`lakead.base.BaseDetector`.
     """
 
     method = METHOD
-
-    def __init__(
-        self,
-        backbone: str | Backbone = DEFAULT_CLIP,
-        *,
-        config: LakeConfig | None = None,
-        device: str = "auto",
-        batch_size: int = 8,
-        precision: str = "float32",
-        **options: Any,
-    ) -> None:
-        self._backbone_obj = backbone if isinstance(backbone, Backbone) else None
-        source = backbone.info.source if isinstance(backbone, Backbone) else backbone
-        if config is not None and options:
-            raise ConfigError("give either config= or options, not both")
-        if config is not None:
-            self.config = LakeConfig.from_dict({**config.to_dict(), "backbone": source}).validate()
-        else:
-            self.config = LakeConfig.from_options(backbone=source, **options)
-        self.runtime = Runtime(device=device, batch_size=batch_size, precision=precision).validate()
-        self.state_: LakeState | None = None
-
-    @classmethod
-    def from_config(cls, config: LakeConfig, backbone: Backbone | None = None, runtime: Runtime | None = None) -> "LakeDetector":
-        """A detector from a :class:`LakeConfig` (and optionally a built backbone and a runtime)."""
-        rt = runtime or Runtime()
-        return cls(backbone if backbone is not None else config.backbone, config=config,
-                   device=rt.device, batch_size=rt.batch_size, precision=rt.precision)
-
-    # -- state ----------------------------------------------------------------------------
-
-    def __getattr__(self, name: str) -> Any:
-        """``det.gallery_`` and the other learned fields of :class:`LakeState`."""
-        if name.endswith("_") and not name.startswith("_") and name[:-1] in LakeState.names():
-            state = self.__dict__.get("state_")
-            if state is None:
-                raise NotFittedError(f"this LakeDetector is not fitted: {name} exists after fit(...) or LakeDetector.load(...)")
-            return getattr(state, name[:-1])
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name.endswith("_") and not name.startswith("_") and name[:-1] in LakeState.names():
-            raise AttributeError(f"{name} is learned state: set it on det.state_ ({name[:-1]})")
-        super().__setattr__(name, value)
-
-    @property
-    def is_fitted(self) -> bool:
-        return self.state_ is not None
-
-    def check_fitted(self) -> LakeState:
-        """The learned state; raises :class:`NotFittedError` unless the detector was fitted or loaded."""
-        if self.state_ is None:
-            raise NotFittedError("this LakeDetector is not fitted: call fit(...) or LakeDetector.load(...) first")
-        return self.state_
-
-    def fingerprint(self) -> str:
-        """sha256 of what decides this model's outputs (see :meth:`LakeState.fingerprint`)."""
-        return self.check_fitted().fingerprint()
-
-    @property
-    def backbone(self) -> Backbone:
-        """The backbone, loaded on first use."""
-        if self._backbone_obj is None:
-            self._backbone_obj = load_backbone(self.config.backbone, need_text=not self.is_fitted)
-        return self._backbone_obj
-
-    # -- images ---------------------------------------------------------------------------
-
-    def read_image(self, image: ImageInput, name: str | None = None) -> np.ndarray:
-        """Read one input into a ``(H, W, 3)`` uint8 array, as :meth:`fit` and :meth:`predict` do.
-
-        Raises :class:`~lakead.errors.ImageLoadError` when it cannot be read or is smaller
-        than one patch of the backbone.
-        """
-        label = name or source_name(image)
-        arr = load_image(image, label)
-        patch = self.backbone.info.patch_size
-        h, w = arr.shape[:2]
-        if h < patch or w < patch:
-            raise ImageLoadError(label, f"image is {w}x{h} pixels, smaller than one {patch}x{patch} patch")
-        return arr
-
-    def read_images(
-        self, images: Sequence[ImageInput] | ImageInput, names: Sequence[str] | None = None, *, strict: bool = True
-    ) -> LoadedImages:
-        """Read inputs as :meth:`fit` (``strict=False``: unreadable ones are collected in
-        ``errors``) and :meth:`predict` (``strict=True``: the first one raises) read them."""
-        return read_all(images, names, self.read_image, strict=strict)
-
-    def iter_features(
-        self, arrays: Sequence[np.ndarray], blocks: Sequence[Layer], joint_block: Layer | None, image_size: int
-    ) -> Iterator[tuple[int, Features]]:
-        """Yield ``(start, Features)`` for consecutive batches of ``(H, W, 3)`` uint8 images, run
-        with this detector's batch size and precision; ``start`` is the batch's first index."""
-        bs = self.runtime.batch_size
-        for start in range(0, len(arrays), bs):
-            pixels = self.backbone.preprocessing(arrays[start : start + bs], image_size)
-            with backbone_precision(self.runtime.precision, self.backbone):
-                feats = self.backbone.extract(pixels, blocks, joint_block)
-            yield start, feats  # outside the autocast region: the search and the probe stay float32
+    config_class = LakeConfig
+    state_class = LakeState
+    state_: LakeState | None
 
     def iter_scored(self, arrays: Sequence[np.ndarray], *, text: bool = True) -> Iterator[ScoredBatch]:
         """Score batches of images against the fitted state (what predict and explain read)."""
@@ -315,22 +206,6 @@ class LakeDetector:
 
     # -- predict --------------------------------------------------------------------------
 
-    def predict(
-        self,
-        images: Sequence[ImageInput],
-        *,
-        names: Sequence[str] | None = None,
-        threshold: float | None = None,
-        on_progress: Callable[[int], None] | None = None,
-    ) -> Prediction:
-        """Score images. Raises :class:`~lakead.errors.ImageLoadError` on the first bad one.
-
-        ``threshold`` overrides the fitted decision threshold for this call.
-        """
-        self.check_fitted()
-        loaded = self.read_images(images, names, strict=True)
-        return self.predict_arrays(loaded.arrays, threshold=threshold, on_progress=on_progress)
-
     def predict_arrays(
         self,
         arrays: Sequence[np.ndarray],
@@ -352,64 +227,10 @@ class LakeDetector:
                 on_progress(len(sizes))
         return assemble(visual, semantic, maps, self.config.lam, thr)
 
-    # -- save / load ----------------------------------------------------------------------
+    # -- model directory ------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> Path:
-        """Write the fitted model to a directory: ``lakead.json`` (method, options, backbone,
-        learned facts, format version) and ``tensors.safetensors``. Atomic: the directory
-        appears complete or not at all. Returns the directory."""
-        state = self.check_fitted()
-        meta = {
-            "method": self.method,
-            "config": self.config.to_dict(),
-            "backbone": self.backbone.info.to_dict(),
-            **state.facts(),
-            "k": int(state.neurons.numel()),
-        }
-        return write_model_dir(path, meta, state.tensors())
-
-    @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        *,
-        backbone: str | Backbone | None = None,
-        device: str | None = None,
-        batch_size: int | None = None,
-        precision: str | None = None,
-    ) -> "LakeDetector":
-        """Load a model written by :meth:`save` (format 2, or format 1 of earlier versions).
-
-        ``backbone`` replaces where the weights are read from (for a model moved to another
-        machine); it must be the same model (checked by architecture and a fingerprint of
-        the weights). ``device``, ``batch_size`` and ``precision`` say how to run it.
-        """
-        meta = read_model_meta(path)
-        if meta["method"] != METHOD:
-            raise ModelFormatError(f"{path}: is a {meta['method']!r} model, not a LAKE model: load it with lakead.methods.load_detector")
-        try:
-            config = LakeConfig.from_dict(meta["config"]).validate()
-            saved_info = BackboneInfo(**meta["backbone"])
-        except (TypeError, KeyError, ModelFormatError, ConfigError) as exc:
-            raise ModelFormatError(f"{path}: lakead.json is damaged ({exc})") from None
-        runtime = Runtime().replace(device=device, batch_size=batch_size, precision=precision)
-        bb = load_backbone(saved_info.source if backbone is None else backbone, need_text=False)
-        if not bb.info.same_model(saved_info):
-            raise ModelFormatError(
-                f"{path}: the model was fitted with backbone {saved_info.source!r} ({saved_info.kind}, "
-                f"{saved_info.num_layers} blocks, patch {saved_info.patch_size}, weights {saved_info.fingerprint[:12]}), "
-                f"but the backbone given is {bb.info.source!r} ({bb.info.kind}, {bb.info.num_layers} blocks, "
-                f"patch {bb.info.patch_size}, weights {bb.info.fingerprint[:12]}): use the same model"
-            )
-        state = LakeState.from_files(meta, read_model_tensors(path), str(path))
-        det = cls.from_config(config, backbone=bb, runtime=runtime)
-        dev = runtime.torch_device()
-        bb.to(dev)
-        state.gallery = state.gallery.to(dev)
-        if state.text_embeddings is not None:
-            state.text_embeddings = state.text_embeddings.to(dev)
-        det.state_ = state
-        return det
+    def extra_facts(self) -> dict[str, Any]:
+        return {"k": int(self.check_fitted().neurons.numel())}  # for lakead info, which reads no tensors
 
     def summary(self) -> dict[str, Any]:
         """The facts of a fitted model worth printing or reporting."""

@@ -1,0 +1,325 @@
+"""What every detector shares, so that a new method is its config, its state, fit and score.
+
+:class:`BaseDetector` implements the parts of the :class:`~lakead.api.Detector` protocol that
+do not depend on the method: options (validated by the method's config dataclass; a misspelled
+one is an error), the run settings (:class:`~lakead.api.Runtime`), the backbone (loaded on
+first use), reading images, running the backbone in batches at the run's precision, the
+learned state as ``det.<field>_`` attributes, the fingerprint, and saving and loading the
+model directory. :class:`LearnedState` is the base of a method's state: each field is declared
+once as a :func:`tensor` or a :func:`fact`, and that list drives saving, loading and the
+fingerprint.
+
+A method subclasses both and sets ``method``, ``config_class`` and ``state_class``; it writes
+``fit``, ``predict_arrays`` and ``summary`` (see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .api import Prediction, Runtime, finite_or_none, read_model_meta, read_model_tensors, tensor_fingerprint, write_model_dir
+from .backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, load_backbone
+from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
+from .images import ImageInput, LoadedImages, load_image, read_all, source_name
+
+
+def backbone_precision(precision: str, backbone: Backbone) -> contextlib.AbstractContextManager:
+    """The context a backbone call runs in: nothing for ``"float32"``; for ``"bfloat16"``,
+    ``torch.autocast`` (matrix products and attention in bfloat16, weights kept in float32,
+    so a backbone shared by several detectors is never altered). Torch backbones only."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    if not backbone.supports_autocast:
+        raise ConfigError(f"precision {precision!r} needs a torch backbone; {backbone.info.kind} backbones run as exported")
+    return torch.autocast(backbone.device.type, dtype=torch.bfloat16)
+
+
+# -- learned state ---------------------------------------------------------------------------
+
+
+def tensor(doc: str, *, optional: bool = False, numpy: bool = False, device: bool = False) -> Any:
+    """A learned array, saved in ``tensors.safetensors``. ``numpy``: held as a numpy array;
+    ``device``: moved to the run's device when loaded (what the search reads)."""
+    return field(metadata={"kind": "tensor", "doc": doc, "optional": optional, "numpy": numpy, "device": device})
+
+
+def fact(doc: str, *, default: Any = dataclasses.MISSING) -> Any:
+    """A learned fact, saved in ``lakead.json`` (``default``: what older files without it mean)."""
+    return field(metadata={"kind": "fact", "doc": doc, "default": default})
+
+
+class LearnedState:
+    """Base of a method's learned state (a dataclass of :func:`tensor` and :func:`fact` fields)."""
+
+    @classmethod
+    def names(cls, kind: str | None = None) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if kind is None or f.metadata["kind"] == kind)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The arrays as CPU tensors, by name (absent optional ones left out)."""
+        out = {}
+        for name in self.names("tensor"):
+            v = getattr(self, name)
+            if v is not None:
+                out[name] = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu()
+        return out
+
+    def facts(self) -> dict[str, Any]:
+        """The facts as JSON values (tuples as lists, an infinite float as null)."""
+        out = {}
+        for name in self.names("fact"):
+            v = getattr(self, name)
+            out[name] = list(v) if isinstance(v, tuple) else finite_or_none(v) if isinstance(v, float) else v
+        return out
+
+    @classmethod
+    def from_files(cls, facts: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> "LearnedState":
+        """From a saved model's ``lakead.json`` (as a dict) and tensors, converted by
+        :meth:`convert` and checked by :meth:`check`."""
+        values: dict[str, Any] = {}
+        try:
+            for f in dataclasses.fields(cls):
+                if f.metadata["kind"] == "tensor":
+                    t = tensors.get(f.name)
+                    if t is None and not f.metadata["optional"]:
+                        raise KeyError(f"tensor {f.name!r}")
+                    values[f.name] = t.numpy() if (t is not None and f.metadata["numpy"]) else t
+                elif f.name in facts:
+                    values[f.name] = facts[f.name]
+                elif f.metadata["default"] is not dataclasses.MISSING:
+                    values[f.name] = f.metadata["default"]
+                else:
+                    raise KeyError(f.name)
+            state = cls(**cls.convert(values))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFormatError(f"{where}: saved model is incomplete or damaged (missing or bad {exc})") from None
+        state.check(where)
+        return state
+
+    @classmethod
+    def convert(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """JSON values -> field values (tuples, floats...); raise ValueError/TypeError when bad."""
+        return values
+
+    def check(self, where: str) -> None:
+        """Raise :class:`ModelFormatError` when the arrays and facts do not agree."""
+
+    def to(self, device: torch.device) -> None:
+        """Move the arrays the search reads (``tensor(device=True)``) to ``device``."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if f.metadata["kind"] == "tensor" and f.metadata["device"] and v is not None:
+                setattr(self, f.name, v.to(device))
+
+    def fingerprint(self) -> str:
+        """sha256 of every learned array and the fit time (see :func:`lakead.api.tensor_fingerprint`)."""
+        return tensor_fingerprint(self.tensors(), {"fitted_at": getattr(self, "fitted_at", None)})
+
+
+# -- the detector ------------------------------------------------------------------------------
+
+
+class BaseDetector:
+    """The method-independent half of a detector (see the module docstring).
+
+    ``backbone`` is a hub id, a local directory, ``"onnx:PATH"`` or a built
+    :class:`~lakead.backbones.Backbone`; ``options`` are the fields of ``config_class`` (a
+    misspelled one is an error), or pass ``config=``. ``device``, ``batch_size`` and
+    ``precision`` say how to run (:class:`~lakead.api.Runtime`); they are not saved.
+    """
+
+    method: ClassVar[str]
+    config_class: ClassVar[type]
+    state_class: ClassVar[type[LearnedState]]
+
+    def __init__(
+        self,
+        backbone: str | Backbone = DEFAULT_CLIP,
+        *,
+        config: Any = None,
+        device: str = "auto",
+        batch_size: int = 8,
+        precision: str = "float32",
+        **options: Any,
+    ) -> None:
+        self._backbone_obj = backbone if isinstance(backbone, Backbone) else None
+        source = backbone.info.source if isinstance(backbone, Backbone) else backbone
+        if config is not None and options:
+            raise ConfigError("give either config= or options, not both")
+        if config is not None:
+            self.config = self.config_class.from_dict({**config.to_dict(), "backbone": source}).validate()
+        else:
+            self.config = self.config_class.from_options(backbone=source, **options)
+        self.runtime = Runtime(device=device, batch_size=batch_size, precision=precision).validate()
+        self.state_: Any = None
+
+    @classmethod
+    def from_config(cls, config: Any, backbone: Backbone | None = None, runtime: Runtime | None = None) -> "BaseDetector":
+        """A detector from its config (and optionally a built backbone and a runtime)."""
+        rt = runtime or Runtime()
+        return cls(backbone if backbone is not None else config.backbone, config=config,
+                   device=rt.device, batch_size=rt.batch_size, precision=rt.precision)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        """``det.<field>_`` for every field of the method's learned state."""
+        if name.endswith("_") and not name.startswith("_") and name[:-1] in self.state_class.names():
+            state = self.__dict__.get("state_")
+            if state is None:
+                raise NotFittedError(f"this {type(self).__name__} is not fitted: {name} exists after fit(...) or load(...)")
+            return getattr(state, name[:-1])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.endswith("_") and not name.startswith("_") and name[:-1] in self.state_class.names():
+            raise AttributeError(f"{name} is learned state: set it on det.state_ ({name[:-1]})")
+        super().__setattr__(name, value)
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.state_ is not None
+
+    def check_fitted(self) -> Any:
+        """The learned state; raises :class:`NotFittedError` unless the detector was fitted or loaded."""
+        if self.state_ is None:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted: call fit(...) or {type(self).__name__}.load(...) first")
+        return self.state_
+
+    def fingerprint(self) -> str:
+        """sha256 of what decides this model's outputs (see :meth:`LearnedState.fingerprint`)."""
+        return self.check_fitted().fingerprint()
+
+    @property
+    def backbone(self) -> Backbone:
+        """The backbone, loaded on first use."""
+        if self._backbone_obj is None:
+            self._backbone_obj = load_backbone(self.config.backbone, need_text=not self.is_fitted)
+        return self._backbone_obj
+
+    # -- images and features --------------------------------------------------------------
+
+    def read_image(self, image: ImageInput, name: str | None = None) -> np.ndarray:
+        """Read one input into a ``(H, W, 3)`` uint8 array, as ``fit`` and ``predict`` do.
+
+        Raises :class:`~lakead.errors.ImageLoadError` when it cannot be read or is smaller
+        than one patch of the backbone.
+        """
+        label = name or source_name(image)
+        arr = load_image(image, label)
+        patch = self.backbone.info.patch_size
+        h, w = arr.shape[:2]
+        if h < patch or w < patch:
+            raise ImageLoadError(label, f"image is {w}x{h} pixels, smaller than one {patch}x{patch} patch")
+        return arr
+
+    def read_images(
+        self, images: Sequence[ImageInput] | ImageInput, names: Sequence[str] | None = None, *, strict: bool = True
+    ) -> LoadedImages:
+        """Read inputs as ``fit`` (``strict=False``: unreadable ones are collected in
+        ``errors``) and ``predict`` (``strict=True``: the first one raises) read them."""
+        return read_all(images, names, self.read_image, strict=strict)
+
+    def iter_features(
+        self, arrays: Sequence[np.ndarray], blocks: Sequence[Layer], joint_block: Layer | None, image_size: int
+    ) -> Iterator[tuple[int, Features]]:
+        """Yield ``(start, Features)`` for consecutive batches of ``(H, W, 3)`` uint8 images, run
+        with this detector's batch size and precision; ``start`` is the batch's first index."""
+        bs = self.runtime.batch_size
+        for start in range(0, len(arrays), bs):
+            pixels = self.backbone.preprocessing(arrays[start : start + bs], image_size)
+            with backbone_precision(self.runtime.precision, self.backbone):
+                feats = self.backbone.extract(pixels, blocks, joint_block)
+            yield start, feats  # outside the autocast region: what follows stays float32
+
+    # -- predict, save, load --------------------------------------------------------------
+
+    def predict(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        names: Sequence[str] | None = None,
+        threshold: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Prediction:
+        """Score images. Raises :class:`~lakead.errors.ImageLoadError` on the first bad one.
+
+        ``threshold`` overrides the fitted decision threshold for this call.
+        """
+        self.check_fitted()
+        loaded = self.read_images(images, names, strict=True)
+        return self.predict_arrays(loaded.arrays, threshold=threshold, on_progress=on_progress)
+
+    def predict_arrays(
+        self, arrays: Sequence[np.ndarray], *, threshold: float | None = None, on_progress: Callable[[int], None] | None = None
+    ) -> Prediction:
+        """:meth:`predict` for images already read (``(H, W, 3)`` uint8 arrays)."""
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted model to a directory: ``lakead.json`` (method, options, backbone,
+        learned facts, format version) and ``tensors.safetensors``. Atomic: the directory
+        appears complete or not at all. Returns the directory."""
+        state = self.check_fitted()
+        meta = {
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "backbone": self.backbone.info.to_dict(),
+            **state.facts(),
+            **self.extra_facts(),
+        }
+        return write_model_dir(path, meta, state.tensors())
+
+    def extra_facts(self) -> dict[str, Any]:
+        """Derived facts written beside the state for readers that load no tensors (``lakead info``)."""
+        return {}
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        backbone: str | Backbone | None = None,
+        device: str | None = None,
+        batch_size: int | None = None,
+        precision: str | None = None,
+    ) -> "BaseDetector":
+        """Load a model written by :meth:`save`.
+
+        ``backbone`` replaces where the weights are read from (for a model moved to another
+        machine); it must be the same model (checked by architecture and a fingerprint of
+        the weights). ``device``, ``batch_size`` and ``precision`` say how to run it.
+        """
+        meta = read_model_meta(path)
+        if meta["method"] != cls.method:
+            raise ModelFormatError(f"{path}: is a {meta['method']!r} model, not a {cls.method!r} one: "
+                                   "load it with lakead.methods.load_detector")
+        try:
+            config = cls.config_class.from_dict(meta["config"]).validate()
+            saved_info = BackboneInfo(**meta["backbone"])
+        except (TypeError, KeyError, ModelFormatError, ConfigError) as exc:
+            raise ModelFormatError(f"{path}: lakead.json is damaged ({exc})") from None
+        runtime = Runtime().replace(device=device, batch_size=batch_size, precision=precision)
+        bb = load_backbone(saved_info.source if backbone is None else backbone, need_text=False)
+        if not bb.info.same_model(saved_info):
+            raise ModelFormatError(
+                f"{path}: the model was fitted with backbone {saved_info.source!r} ({saved_info.kind}, "
+                f"{saved_info.num_layers} blocks, patch {saved_info.patch_size}, weights {saved_info.fingerprint[:12]}), "
+                f"but the backbone given is {bb.info.source!r} ({bb.info.kind}, {bb.info.num_layers} blocks, "
+                f"patch {bb.info.patch_size}, weights {bb.info.fingerprint[:12]}): use the same model"
+            )
+        state = cls.state_class.from_files(meta, read_model_tensors(path), str(path))
+        det = cls.from_config(config, backbone=bb, runtime=runtime)
+        dev = runtime.torch_device()
+        bb.to(dev)
+        state.to(dev)
+        det.state_ = state
+        return det

@@ -1,0 +1,127 @@
+"""The shape of the package: imports point one way, no circles, no oversized rooms.
+
+Layers, lowest first (a module may import from its own layer or below, never above):
+
+0. ``_version``, ``errors``
+1. pure helpers: ``fileio``, ``ops``, ``images``, ``metrics``, ``neurons``, ``data``, ``viz``, ``testing``
+2. ``api``: the Detector protocol, Prediction, Runtime, the model directory
+3. ``backbones``: one adapter per family, the registry, the feature cache
+4. ``lake``: the LAKE method (config, state, fit, score, detector)
+5. ``methods``: the registry of methods
+6. users of detectors: ``batch``, ``distributed``, ``evaluate``, ``explain``, ``serve``
+7. the command line: ``options``, ``cli``
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "lakead"
+
+LAYERS = {
+    "_version": 0, "errors": 0,
+    "fileio": 1, "ops": 1, "images": 1, "metrics": 1, "neurons": 1, "data": 1, "viz": 1, "testing": 1,
+    "api": 2,
+    "backbones": 3,
+    "lake": 4,
+    "methods": 5,
+    "batch": 6, "distributed": 6, "evaluate": 6, "explain": 6, "serve": 6,
+    "options": 7, "cli": 7, "__init__": 8, "__main__": 8,
+}
+#: Most lines one module may have (a room doing one job).
+MAX_LINES = 560
+
+
+def _modules() -> dict[str, Path]:
+    return {".".join(p.relative_to(SRC).with_suffix("").parts): p for p in SRC.rglob("*.py")}
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Modules of lakead that ``name`` imports (relative imports resolved; function-level ones too)."""
+    package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")
+    if path.name == "__init__.py":
+        package = name.split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                target = ".".join([*base, node.module] if node.module else base)
+            elif node.module and node.module.startswith("lakead"):
+                target = node.module.removeprefix("lakead").lstrip(".")
+            else:
+                continue
+            for alias in node.names:
+                out.add(f"{target}.{alias.name}" if target else alias.name)
+                out.add(target)
+        elif isinstance(node, ast.Import):
+            out |= {a.name.removeprefix("lakead.") for a in node.names if a.name.startswith("lakead.")}
+    return {t for t in out if t}
+
+
+def _resolve(target: str, modules: dict[str, Path]) -> str | None:
+    """The module a dotted import target names (a name inside a module counts as the module)."""
+    parts = target.split(".")
+    for i in range(len(parts), 0, -1):
+        cand = ".".join(parts[:i])
+        if cand in modules:
+            return cand
+        if f"{cand}.__init__" in modules:
+            return f"{cand}.__init__"
+    return None
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {}
+    for name, path in modules.items():
+        deps = {_resolve(t, modules) for t in _imports(name, path)}
+        graph[name] = {d for d in deps if d and d != name}
+    return graph
+
+
+def _layer(module: str) -> int:
+    return LAYERS[module.split(".")[0]]
+
+
+def test_every_module_has_a_layer():
+    assert sorted({m.split(".")[0] for m in _modules()} - set(LAYERS)) == []
+
+
+def test_no_import_points_upward():
+    upward = [(m, d) for m, deps in _graph().items() for d in deps
+              if _layer(d) > _layer(m) and not (m.split(".")[0] == d.split(".")[0])]
+    assert upward == []
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    # a package's __init__ re-exports its modules: an edge into an __init__ from inside its package is not a dependency
+    def deps(m):
+        return {d for d in graph[m] if not (d.endswith("__init__") and m.startswith(d.removesuffix("__init__")))}
+
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m, path):
+        state[m] = 1
+        for d in deps(m):
+            if state.get(d) == 1:
+                cycles.append(path[path.index(d):] + [d] if d in path else [m, d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert cycles == []
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_no_room_is_oversized(module):
+    lines = len(_modules()[module].read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_LINES, f"{module}: {lines} lines"
