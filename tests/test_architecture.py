@@ -6,7 +6,7 @@ Layers, lowest first (a module may import from its own layer or below, never abo
 1. pure helpers: ``fileio``, ``ops``, ``images``, ``metrics``, ``neurons``, ``data``, ``viz``, ``testing``
 2. ``api``: the Detector protocol, Prediction, Runtime, the model directory
 3. ``backbones``: one adapter per family, the registry, the feature cache
-4. ``lake``: the LAKE method (config, state, fit, score, detector)
+4. ``base``: what every detector shares (BaseDetector, LearnedState); ``lake``: the LAKE method
 5. ``methods``: the registry of methods
 6. users of detectors: ``batch``, ``distributed``, ``evaluate``, ``explain``, ``serve``
 7. the command line: ``options``, ``cli``
@@ -26,7 +26,7 @@ LAYERS = {
     "fileio": 1, "ops": 1, "images": 1, "metrics": 1, "neurons": 1, "data": 1, "viz": 1, "testing": 1,
     "api": 2,
     "backbones": 3,
-    "lake": 4,
+    "base": 4, "lake": 4,
     "methods": 5,
     "batch": 6, "distributed": 6, "evaluate": 6, "explain": 6, "serve": 6,
     "options": 7, "cli": 7, "__init__": 8, "__main__": 8,
