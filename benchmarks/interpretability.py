@@ -15,7 +15,7 @@ For every category (MVTec-AD layout, default: the three real datasets under ../s
 * **k sweep**: the clean support set, ``k`` over a grid and ``k="auto"``; image AUROC on the
   full test set, and where the elbow falls.
 
-The backbone runs once per image (lakead.evaluate.FeatureCache). Writes ``results.json`` (every
+The backbone runs once per image (lakead.backbones.cache.FeatureCache). Writes ``results.json`` (every
 number) and ``results.md`` (the tables of the write-up) to ``--out`` and prints the tables.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 from lakead import LakeDetector
 from lakead.backbones import load_backbone
 from lakead.data import load_dataset, select_shots
-from lakead.evaluate import FeatureCache
+from lakead.backbones.cache import FeatureCache
 from lakead.fileio import atomic_write_text
 from lakead.images import load_image
 from lakead.metrics import image_metrics

@@ -69,7 +69,7 @@ def make_images(folder: Path, n: int, size: int) -> None:
 
 def make_model(work: Path, backbone: str, layer: str | None, size: int) -> Path:
     """Fit a detector on 16 textures and save it; ``tiny`` is the tests' random CLIP."""
-    from lakead.detector import LakeDetector
+    from lakead import LakeDetector
     from lakead.testing import save_random_clip
 
     rng = np.random.default_rng(1)

@@ -50,8 +50,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lakead.backbones import CLIPBackbone  # noqa: E402
-from lakead.detector import PRECISIONS, LakeDetector, backbone_precision  # noqa: E402
+from lakead.api import PRECISIONS  # noqa: E402
+from lakead.backbones import CLIPBackbone, as_blocks  # noqa: E402
+from lakead.lake.detector import LakeDetector, backbone_precision  # noqa: E402
+from lakead.lake.score import token_distances, visual_tokens  # noqa: E402
 from lakead.fileio import atomic_directory  # noqa: E402
 from lakead.ops import anomaly_probability, pool_scores, upsample_map  # noqa: E402
 from lakead.testing import PRESETS, save_random_clip  # noqa: E402
@@ -255,7 +257,7 @@ def count_flops(det: LakeDetector, pixels: torch.Tensor, layer: int, semantic_la
     from torch.utils.flop_counter import FlopCounterMode
 
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        det.backbone.extract(pixels, layer, semantic_layer)
+        det.backbone.extract(pixels, [layer], semantic_layer)
     return float(counter.get_total_flops())
 
 
@@ -285,9 +287,11 @@ def extract_fn(det: LakeDetector, pixels: torch.Tensor) -> Callable[[], Any]:
     """One backbone call exactly as ``predict`` makes it (same blocks, same precision)."""
     bb = det.backbone
 
+    blocks = as_blocks(det.layer_)
+
     def run():
-        with backbone_precision(det.config.precision, bb):
-            return bb.extract(pixels, det.layer_, det.semantic_layer_)
+        with backbone_precision(det.runtime.precision, bb):
+            return bb.extract(pixels, blocks, det.semantic_layer_)
 
     return run
 
@@ -295,6 +299,7 @@ def extract_fn(det: LakeDetector, pixels: torch.Tensor) -> Callable[[], Any]:
 def predict_breakdown(clock: Clock, det: LakeDetector, image: np.ndarray, repeats: int) -> dict[str, Any]:
     """``predict`` of one image, step by step and end to end, in the same loop."""
     bb, cfg = det.backbone, det.config
+    blocks = as_blocks(det.layer_)
     h, w = image.shape[:2]
     gh, gw = det.grid_
     sig = (cfg.sigma * h / det.image_size_, cfg.sigma * w / det.image_size_)
@@ -303,7 +308,7 @@ def predict_breakdown(clock: Clock, det: LakeDetector, image: np.ndarray, repeat
     for r in range(repeats + 1):  # the first run is the warm-up
         t_pre, pixels = clock(lambda: bb.preprocessing([image], det.image_size_))
         t_bb, f = clock(extract_fn(det, pixels))
-        t_nn, tok = clock(lambda: det.token_scores(f.visual))
+        t_nn, tok = clock(lambda: token_distances(visual_tokens(f, blocks, cfg.block_grid)[0], det.state_)[0])
         t_txt = 0.0
         if f.joint is not None and det.text_embeddings_ is not None:
             t_txt, _ = clock(lambda: pool_scores(anomaly_probability(f.joint, det.text_embeddings_, det.logit_scale_), cfg.semantic_agg).cpu())
@@ -605,7 +610,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def forward_b():
             with backbone_precision(args.precision, bb):
-                return bb.extract(pixels_b, layer, semantic_layer)
+                return bb.extract(pixels_b, [layer], semantic_layer)
 
         n_batches = math.ceil(args.shots / fit_bs)
         res["fit"] = fit_measure(clock, memory, mem, det, support, args.fit_repeats, forward_b, n_batches)
@@ -630,7 +635,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 4. predict, step by step, batch 1
     say("predict at batch 1, step by step...")
-    det.config.batch_size = 1
+    det.runtime = det.runtime.replace(batch_size=1)
     with memory.measure(mem, "predict_batch_1"):
         res["predict"] = predict_breakdown(clock, det, image, args.repeats)
     with count_calls(bb, "text_embeddings") as calls:
@@ -642,7 +647,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["throughput"] = {}
         for b in args.batch_sizes:
             say(f"throughput at batch {b}...")
-            det.config.batch_size = b
+            det.runtime = det.runtime.replace(batch_size=b)
             imgs = [image] * b
             n_runs = args.repeats if b == 1 else args.batch_repeats
             with memory.measure(mem, f"predict_batch_{b}"):
@@ -651,7 +656,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tf = repeat(clock, extract_fn(det, pxb), n_runs)
             res["throughput"][f"batch_{b}"] = {"predict_s": t, "images_per_s": b / t["median"], "ms_per_image": 1000 * t["median"] / b,
                                                "forward_s": tf, "forward_gflops_per_s": b * flops / tf["median"] / 1e9}
-    det.config.batch_size = fit_bs
+    det.runtime = det.runtime.replace(batch_size=fit_bs)
     res["memory"] = mem
     if device.type == "cpu":
         res["memory"]["rss_now_mib"] = (PeakMemory._rss_kib("VmRSS") or 0) / 1024

@@ -294,6 +294,40 @@ def test_contributions_add_up_to_the_patch_distance(auto_model, test_images):
     assert 0 <= ex.patch[0] < gh and 0 <= ex.patch[1] < gw
 
 
+def test_explain_runs_the_backbone_once_per_image_and_gives_predicts_numbers(auto_model, test_images, monkeypatch):
+    """One forward pass per image (not predict's and then another), and predict's numbers exactly."""
+    bb = auto_model.backbone
+    seen = []
+    real = bb.extract
+
+    def counting(pixels, blocks, joint_block=None):
+        seen.append(pixels.shape[0])
+        return real(pixels, blocks, joint_block)
+
+    monkeypatch.setattr(bb, "extract", counting)
+    exs = explain_images(auto_model, test_images, top=3)
+    assert sum(seen) == len(test_images)
+    monkeypatch.undo()
+    pred = auto_model.predict(test_images)
+    for i, ex in enumerate(exs):
+        assert (ex.score, ex.visual, ex.semantic, ex.anomalous) == (
+            float(pred.scores[i]), float(pred.visual[i]), float(pred.semantic[i]), bool(pred.anomalous[i]))
+        np.testing.assert_array_equal(ex.amap, pred.maps[i])
+        assert ex.patch_score == pytest.approx(float(pred.visual[i]), rel=1e-6) and ex.threshold == pred.threshold
+
+
+def test_explain_with_the_text_probe_and_batches(tiny_backbone, support, test_images):
+    """With the text probe on and a batch smaller than the images: still predict's numbers."""
+    images, _ = support
+    det = LakeDetector(tiny_backbone, k=6, layer=2, image_size=64, batch_size=1).fit(images[:6], "tile")
+    exs = explain_images(det, test_images, top=2)
+    pred = det.predict(test_images)
+    assert [e.score for e in exs] == [float(v) for v in pred.scores]
+    assert [e.semantic for e in exs] == [float(v) for v in pred.semantic] and pred.semantic.max() > 0
+    for ex, m in zip(exs, pred.maps):
+        np.testing.assert_array_equal(ex.amap, m)
+
+
 def test_report_without_images_or_comparison(auto_model, tmp_path):
     write_report(tmp_path / "r", auto_model)
     data = json.loads((tmp_path / "r" / "report.json").read_text())

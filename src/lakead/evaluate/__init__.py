@@ -3,13 +3,17 @@ the report; ablation grids and baselines on the same data with the same metrics.
 
 One function does one thing:
 
-- :func:`evaluate_category` fits a detector on one category's shots and scores its test
+- :func:`evaluate_category` fits a detector of any method of :mod:`lakead.methods` (built by
+  ``Method.build(config, backbone, runtime)``) on one category's shots and scores its test
   images, returning a :class:`CategoryResult` (metrics, error bounds, a few examples);
 - :func:`evaluate` runs it over a dataset and writes ``metrics.json``, ``metrics.csv``,
   ``scores.csv``, ``report.md`` and one figure per category;
-- :func:`run_grid` runs several variants (an ablation grid, or the baselines) over the same
-  categories and shots and writes one table: :func:`ablation_variants` and
-  :func:`baseline_variants` build the variants.
+- :func:`run_grid` runs several variants (an ablation grid, the baselines, or rows of any
+  methods) over the same categories and shots and writes one table: :func:`ablation_variants`
+  and :func:`baseline_variants` build the variants.
+
+How a run is carried out (device, batch size, precision) is a :class:`lakead.api.Runtime`
+argument of each of them, recorded in the reports beside the configuration, never in it.
 
 Metrics come from :mod:`lakead.metrics` (pixel metrics binned with computed error bounds,
 recorded next to them). Images are read and scored one batch at a time and pixel metrics
@@ -36,7 +40,7 @@ like every public name of the former single module.
 from __future__ import annotations
 
 from ..backbones.cache import FeatureCache
-from ..methods import METHODS, Method, method_config
+from ..methods import METHODS, SCORE_FIELDS, Method, method_config
 from .figures import category_figure
 from .grids import (
     Variant,
@@ -54,7 +58,6 @@ from .results import (
     IMAGE_KEYS,
     METRIC_COLUMNS,
     PIXEL_KEYS,
-    SCORE_FIELDS,
     CategoryResult,
     EvalReport,
     Example,
@@ -64,7 +67,7 @@ from .results import (
     format_percent,
     mean_metrics,
 )
-from .runner import EXAMPLE_SIDE, ImageCache, evaluate, evaluate_category, images_to_process
+from .runner import EXAMPLE_SIDE, ImageCache, evaluate, evaluate_category, images_to_process, runtime_settings
 
 __all__ = [
     "EXAMPLE_SIDE",
@@ -99,6 +102,7 @@ __all__ = [
     "parse_shots",
     "report_markdown",
     "run_grid",
+    "runtime_settings",
     "write_grid",
     "write_report",
 ]

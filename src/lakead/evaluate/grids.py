@@ -17,31 +17,35 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
+from ..api import Runtime
 from ..backbones import Backbone, load_backbone
 from ..backbones.cache import FeatureCache
 from ..data import Category
-from ..detector import LakeConfig
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
-from ..methods import method_config
+from ..lake import LakeConfig
+from ..methods import SCORE_FIELDS, get_method, method_config
 from ..metrics import PRO_FPR_LIMIT
-from .report import _csv, metrics_table
+from .report import _csv, _device, metrics_table
 from .results import METRIC_COLUMNS, GridReport, _clean, mean_metrics
-from .runner import ImageCache, _categories, evaluate_category, images_to_process
+from .runner import ImageCache, _categories, evaluate_category, images_to_process, runtime_settings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of a grid: a label, its configuration, image score, shots and seeds."""
+    """One row of a grid: a label, its method (any name of :data:`lakead.methods.METHODS`)
+    and configuration, image score, shots and seeds. The detector of a row is
+    ``get_method(method).build(config, backbone, runtime)``."""
 
     label: dict[str, Any]  # the settings that make this row, shown as table columns
-    config: LakeConfig
-    score: str
+    config: Any  # the method's configuration (a LakeConfig for the LAKE methods)
+    score: str  # one of lakead.methods.SCORE_FIELDS
     shots: int | None
     seeds: tuple[int, ...] = (0,)  # selection="random": one run per seed, averaged
+    method: str = "lake"
 
 
 def parse_shots(value: str) -> int | None:
@@ -106,7 +110,7 @@ def baseline_variants(
             c = dataclasses.replace(cfg, score_norm=norm).validate()
             k = "-" if m.score == "semantic" else "all" if c.selection == "all" else c.k  # the text probe uses no neurons
             label = {"method": name, "score_norm": norm if fused else "-", "k": k}
-            out.append(Variant(label, c, m.score, shots, tuple(seeds) if c.selection == "random" else (c.seed,)))
+            out.append(Variant(label, c, m.score, shots, tuple(seeds) if c.selection == "random" else (c.seed,), method=name))
     return out
 
 
@@ -125,26 +129,38 @@ def run_grid(
     title: str = "ablation",
     command: str | None = None,
     backbone: Backbone | None = None,
+    runtime: Runtime | None = None,
     cache_features: bool = True,
     on_progress: Callable[[int], None] | None = None,
 ) -> GridReport:
     """Run every variant on every category (the same shots for every variant with the same
     shot count) and write ``<title>.md``, ``<title>.csv`` and ``<title>.json``: one table,
     one row per variant, the mean over categories; then the same table per category.
+    ``runtime`` says how every row runs (default :class:`Runtime`()).
 
     With ``cache_features`` the network runs once per image and block for all variants
     (:class:`FeatureCache`; memory: one category's features) and decoded images are kept
     (:class:`ImageCache`, up to 2 GiB)."""
     if not variants:
         raise ConfigError("nothing to run: the grid is empty")
+    rt = (runtime or Runtime()).validate()
+    methods = [get_method(v.method) for v in variants]  # an unknown method fails before any work
+    for v in variants:
+        if v.score not in SCORE_FIELDS:
+            raise ConfigError(f"score must be one of {SCORE_FIELDS}, got {v.score!r}")
     cats, data_root = _categories(data, categories)
     backbones = {v.config.backbone for v in variants}
     if len(backbones) != 1:
         raise ConfigError(f"a grid runs one backbone, got {sorted(backbones)}")
-    bb = backbone or load_backbone(variants[0].config.backbone, need_text=any(v.config.use_text for v in variants))
-    if any(v.config.use_text for v in variants) and not bb.has_text:
+    wants_text = any(getattr(v.config, "use_text", False) or m.needs_text for v, m in zip(variants, methods))
+    bb = backbone or load_backbone(variants[0].config.backbone, need_text=wants_text)
+    for v, m in zip(variants, methods):
+        if m.needs_text and not bb.has_text:
+            raise ConfigError(f"method {m.name!r} needs a text tower; backbone {bb.info.source} has none")
+    if any(getattr(v.config, "use_text", False) for v in variants) and not bb.has_text:
         log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", bb.info.source)
-        variants = [dataclasses.replace(v, config=dataclasses.replace(v.config, use_text=False)) for v in variants]
+        variants = [dataclasses.replace(v, config=dataclasses.replace(v.config, use_text=False))
+                    if getattr(v.config, "use_text", False) else v for v in variants]
     per_cat: list[dict[str, dict[str, float]]] = [{} for _ in variants]
     spread: list[dict[str, dict[str, float]]] = [{} for _ in variants]
     bounds: list[dict[str, float]] = [{} for _ in variants]  # the largest binning-error bound per pixel metric
@@ -156,8 +172,8 @@ def run_grid(
             runs = []
             for s in v.seeds:
                 cfg = dataclasses.replace(v.config, seed=s)
-                res = evaluate_category(cat, cfg, reader, shots=v.shots, seed=shot_seed, score=v.score, images=images,
-                                        on_progress=on_progress)
+                res = evaluate_category(cat, cfg, reader, runtime=rt, method=methods[i], shots=v.shots, seed=shot_seed,
+                                        score=v.score, images=images, on_progress=on_progress)
                 runs.append(res.metrics())
                 for key, b in res.pixel_bounds.items():
                     if math.isfinite(b):
@@ -172,7 +188,7 @@ def run_grid(
     rows = [
         {"label": v.label, "seeds": list(v.seeds), "mean": mean_metrics(list(per_cat[i].values())),
          "categories": per_cat[i], "seed_std": spread[i], "pixel_error_bounds": bounds[i], "config": v.config.to_dict(),
-         "score": v.score}
+         "method": v.method, "score": v.score}
         for i, v in enumerate(variants)
     ]
     label_keys = [k for k in variants[0].label if len({str(v.label[k]) for v in variants}) > 1] or list(variants[0].label)
@@ -185,6 +201,7 @@ def run_grid(
         "shot_seed": shot_seed,
         "backbone": bb.info.to_dict(),
         "base_config": variants[0].config.to_dict(),
+        "runtime": runtime_settings(rt),
     }
     report = GridReport(rows, label_keys, Path(out_dir), settings)
     write_grid(report, title)
@@ -218,6 +235,7 @@ def grid_markdown(report: GridReport, title: str) -> str:
     s = report.settings
     bb = s["backbone"]
     cfg = s["base_config"]
+    rt = s.get("runtime") or {}
     keys = report.label_keys
     fixed = {k: v for k, v in report.rows[0]["label"].items() if k not in keys}
     lines = [f"# lakead {title}", "", f"{s['date']}, lakead {s['lakead_version']}. Data: `{s['data_root']}` "
@@ -227,8 +245,9 @@ def grid_markdown(report: GridReport, title: str) -> str:
     lines += [
         "",
         f"Mean over categories, in %. Fixed: {', '.join(f'{k}={v}' for k, v in fixed.items()) or 'nothing'}; "
-        f"image size {cfg['image_size'] or bb['image_size']}, shots drawn with seed {s['shot_seed']}. "
-        f"PRO: FPR limit {PRO_FPR_LIMIT}.",
+        f"image size {cfg.get('image_size') or bb['image_size']}, shots drawn with seed {s['shot_seed']}. "
+        f"PRO: FPR limit {PRO_FPR_LIMIT}." + (f" Run: device {_device(rt)}, batch size {rt.get('batch_size')}, "
+                                              f"precision {rt.get('precision')}." if rt else ""),
         "",
         metrics_table([(_label(r, keys), r["mean"]) for r in report.rows], first=keys),
         "",

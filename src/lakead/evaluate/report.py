@@ -64,6 +64,12 @@ def metrics_table(rows: Sequence[tuple[Any, dict[str, float]]], first: str | Seq
     return "\n".join([head, sep, *body])
 
 
+def _device(rt: dict[str, Any]) -> str:
+    """The device of a run as given, with what it resolved to when that differs ("auto (cpu)")."""
+    given, used = rt.get("device", "?"), rt.get("device_used")
+    return f"{given} ({used})" if used and used != given else str(given)
+
+
 def report_markdown(report: EvalReport, figures: dict[str, str]) -> str:
     s = report.settings
     cfg = s["config"]
@@ -107,7 +113,9 @@ def report_markdown(report: EvalReport, figures: dict[str, str]) -> str:
         f"text probe: {'on' if cfg['use_text'] and bb['joint_dim'] else 'off'}, lam: {cfg['lam']}, "
         f"semantic layer: {cfg['semantic_layer']}, semantic aggregation: {cfg['semantic_agg']}",
         f"- score_norm: `{cfg['score_norm']}`, maps: `{cfg['map_source']}`, sigma: {cfg['sigma']}, "
-        f"image size: {cfg['image_size'] or bb['image_size']}, device: {cfg['device']}, batch size: {cfg['batch_size']}",
+        f"image size: {cfg['image_size'] or bb['image_size']}",
+        f"- run: device {_device(s.get('runtime') or {})}, batch size {(s.get('runtime') or {}).get('batch_size', '?')}, "
+        f"precision {(s.get('runtime') or {}).get('precision', '?')}",
         f"- shots: {s['shots']} per category, seed {s['shot_seed']}:",
     ]
     for r in report.results:

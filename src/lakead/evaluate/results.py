@@ -22,8 +22,6 @@ HEADERS = {
     "image_auroc": "I-AUROC", "image_f1_max": "I-F1max", "image_ap": "I-AP",
     "pixel_auroc": "P-AUROC", "pixel_f1_max": "P-F1max", "pixel_ap": "P-AP", "pixel_pro": "PRO",
 }
-#: Which number of a :class:`~lakead.detector.Prediction` is the image score.
-SCORE_FIELDS = ("scores", "visual", "semantic")
 
 
 

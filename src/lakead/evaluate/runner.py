@@ -13,19 +13,20 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
+from ..api import Detector, Prediction, Runtime
 from ..backbones import Backbone, load_backbone
 from ..data import Category, Sample, load_dataset, read_mask, select_shots
-from ..detector import LakeConfig, LakeDetector, Prediction
 from ..errors import ConfigError, ImageLoadError, LakeadError
-from ..methods import Method, method_config
+from ..lake import LakeConfig
+from ..methods import SCORE_FIELDS, Method, get_method
 from ..metrics import PRO_FPR_LIMIT, PixelMetrics, image_metrics
 from .report import write_report
-from .results import SCORE_FIELDS, CategoryResult, EvalReport, Example, choose_examples, decision_rates, mean_metrics
+from .results import CategoryResult, EvalReport, Example, choose_examples, decision_rates, mean_metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +54,33 @@ def _downsize(image: np.ndarray, mask: np.ndarray, amap: np.ndarray) -> tuple[np
 
 def evaluate_category(
     category: Category,
-    config: LakeConfig,
+    config: Any,
     backbone: Backbone,
     *,
+    runtime: Runtime = Runtime(),
+    method: str | Method = "lake",
     shots: int | None,
     seed: int | None,
-    score: str = "scores",
+    score: str | None = None,
     examples: int = 0,
     images: ImageCache | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> CategoryResult:
-    """Fit on ``shots`` normal training images of ``category`` (drawn by
-    :func:`~lakead.data.select_shots` with ``seed``), score every test image, compute the
-    metrics. ``score`` picks the image score (fused, visual or semantic). Defect images
-    without a mask count for image metrics only. ``images`` keeps decoded images for the
-    next call (grids). ``on_progress(n)`` after every batch."""
+    """Fit a detector of ``method`` (a name of :data:`lakead.methods.METHODS`, or a
+    :class:`~lakead.methods.Method`; built by :meth:`Method.build` from ``config``, with
+    ``backbone`` and ``runtime``) on ``shots`` normal training images of ``category``
+    (drawn by :func:`~lakead.data.select_shots` with ``seed``), score every test image,
+    ``runtime.batch_size`` images at a time, and compute the metrics. ``score`` picks the
+    image score (fused, visual or semantic; default: the method's). Defect images without a
+    mask count for image metrics only. ``images`` keeps decoded images for the next call
+    (grids). ``on_progress(n)`` after every batch."""
+    m = get_method(method) if isinstance(method, str) else method
+    score = m.score if score is None else score
     if score not in SCORE_FIELDS:
         raise ConfigError(f"score must be one of {SCORE_FIELDS}, got {score!r}")
+    runtime = runtime.validate()
     chosen, rule = select_shots(category.train, shots, seed)
-    det = LakeDetector.from_config(config, backbone=backbone)
+    det = m.build(config, backbone, runtime)
     t0 = time.perf_counter()
     support = chosen if images is None else [images.read_or_path(det, p) for p in chosen]
     det.fit(support, category.class_name, names=[str(p) for p in chosen], support_rule=rule, on_progress=on_progress)
@@ -87,7 +96,7 @@ def evaluate_category(
     rows: list[dict[str, Any]] = []
     kept: dict[int, Example] = {}
     excluded: list[str] = []
-    bs = config.batch_size
+    bs = runtime.batch_size
     t0 = time.perf_counter()
     for start in range(0, len(test), bs):
         batch = test[start : start + bs]
@@ -140,29 +149,47 @@ def evaluate_category(
     )
 
 
+#: What decodes an image for :class:`ImageCache`: a ``read(path)`` callable, or a detector
+#: (its ``read_image``, so the image is checked as ``fit`` and ``predict`` check it).
+ImageReader = Union[Callable[[Path], np.ndarray], Detector]
+
+
+def _reader(source: ImageReader) -> Callable[[Path], np.ndarray]:
+    read_image = getattr(source, "read_image", None)
+    if read_image is not None:
+        return lambda p: read_image(p, str(p))
+    if callable(source):
+        return source
+    raise TypeError(f"ImageCache reads with a read(path) callable or a detector, got {type(source).__name__}")
+
+
 class ImageCache:
     """Decoded images kept between the variants of a grid, up to ``max_bytes`` in all
-    (beyond that, images are decoded again each time)."""
+    (beyond that, images are decoded again each time).
+
+    Each read names what decodes the image: a ``read(path)`` callable or a
+    :class:`~lakead.api.Detector` (any method).
+    """
 
     def __init__(self, max_bytes: int = 2 << 30) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._arrays: dict[Path, np.ndarray] = {}
 
-    def read(self, det: LakeDetector, path: Path) -> np.ndarray:
+    def read(self, source: ImageReader, path: Path) -> np.ndarray:
         arr = self._arrays.get(path)
         if arr is None:
-            arr = det.read_image(path, str(path))
+            arr = _reader(source)(path)
             if self.bytes + arr.nbytes <= self.max_bytes:
                 self._arrays[path] = arr
                 self.bytes += arr.nbytes
         return arr
 
-    def read_or_path(self, det: LakeDetector, path: Path) -> np.ndarray | Path:
+    def read_or_path(self, source: ImageReader, path: Path) -> np.ndarray | Path:
         """The decoded image, or the path itself when it cannot be read: ``fit`` then reads
         it again and skips it with its own warning."""
         try:
-            return self.read(det, path)
+            return self.read(source, path)
         except ImageLoadError:
             return path
 
@@ -226,28 +253,34 @@ def evaluate(
     categories: Sequence[str] | None = None,
     shots: int | None = 64,
     seed: int | None = 0,
-    method: str = "lake",
+    method: str | Method = "lake",
+    runtime: Runtime | None = None,
     examples: int = 4,
     figures: bool = True,
     command: str | None = None,
     backbone: Backbone | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> EvalReport:
-    """Evaluate ``config`` (with ``method``'s overrides) on every category of ``data`` (a
-    dataset folder, see :func:`~lakead.data.load_dataset`, or loaded categories) and write
+    """Evaluate ``method`` (a name of :data:`lakead.methods.METHODS` or a
+    :class:`~lakead.methods.Method`) configured by ``config`` on every category of ``data``
+    (a dataset folder, see :func:`~lakead.data.load_dataset`, or loaded categories) and write
     the report to ``out_dir`` (created; the files in it are replaced one by one, atomically).
-    ``on_progress(n)`` is called as images are processed (see :func:`images_to_process`)."""
+    ``runtime`` says how to run (device, batch size, precision; default :class:`Runtime`()),
+    recorded in the report beside the configuration. ``on_progress(n)`` is called as images
+    are processed (see :func:`images_to_process`)."""
+    rt = (runtime or Runtime()).validate()
     cats, data_root = _categories(data, categories)
-    cfg, m = method_config(config, method)
+    m = get_method(method) if isinstance(method, str) else method
+    cfg = m.configure(config)
     bb = backbone or load_backbone(cfg.backbone, need_text=cfg.use_text)
     _check_method(m, bb)
     cfg = _without_missing_text(cfg, bb)
     results = []
     for cat in cats:
         log.info("%s: %s shots, %d test images", cat.name, _n_shots(cat, shots), len(cat.test))
-        results.append(evaluate_category(cat, cfg, bb, shots=shots, seed=seed, score=m.score,
+        results.append(evaluate_category(cat, cfg, bb, runtime=rt, method=m, shots=shots, seed=seed,
                                          examples=examples if figures else 0, on_progress=on_progress))
-    settings = _settings(data_root, cfg, bb, m, shots, seed, command)
+    settings = _settings(data_root, cfg, rt, bb, m, shots, seed, command)
     report = EvalReport(results, mean_metrics([r.metrics() for r in results]), settings, Path(out_dir))
     write_report(report, figures=figures)
     return report
@@ -258,10 +291,10 @@ def _check_method(m: Method, bb: Backbone) -> None:
         raise ConfigError(f"method {m.name!r} needs a text tower; backbone {bb.info.source} has none")
 
 
-def _without_missing_text(cfg: LakeConfig, bb: Backbone) -> LakeConfig:
+def _without_missing_text(cfg: Any, bb: Backbone) -> Any:
     """The text probe turned off, with one warning, for a backbone without a text tower (so
     that each category's fit does not warn again)."""
-    if cfg.use_text and not bb.has_text:
+    if getattr(cfg, "use_text", False) and not bb.has_text:
         log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", bb.info.source)
         return dataclasses.replace(cfg, use_text=False)
     return cfg
@@ -271,7 +304,13 @@ def _n_shots(cat: Category, shots: int | None) -> int:
     return len(cat.train) if shots is None else min(shots, len(cat.train))
 
 
-def _settings(data_root, cfg: LakeConfig, bb: Backbone, m: Method, shots, seed, command) -> dict[str, Any]:
+def runtime_settings(rt: Runtime) -> dict[str, Any]:
+    """How a run was carried out, as recorded in a report: the runtime as given and the
+    device it resolved to."""
+    return {**dataclasses.asdict(rt), "device_used": str(rt.torch_device())}
+
+
+def _settings(data_root, cfg: Any, rt: Runtime, bb: Backbone, m: Method, shots, seed, command) -> dict[str, Any]:
     return {
         "lakead_version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -284,5 +323,6 @@ def _settings(data_root, cfg: LakeConfig, bb: Backbone, m: Method, shots, seed, 
         "shot_seed": seed,
         "backbone": bb.info.to_dict(),
         "config": cfg.to_dict(),
+        "runtime": runtime_settings(rt),
         "pro_fpr_limit": PRO_FPR_LIMIT,
     }

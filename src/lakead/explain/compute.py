@@ -8,18 +8,19 @@ and :func:`compare_models` (overlap and fingerprints of several models' sensitiv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..detector import LakeDetector
 from ..errors import ConfigError
 from ..images import ImageInput
+from ..lake import LakeDetector
+from ..lake.detector import assemble
+from ..lake.score import batch_maps, image_parts
 from ..neurons import embed_2d, jaccard_matrix, knee_k, neuron_fingerprints, patch_contributions, top_contributors
-from ..ops import nearest_neighbor
 
 #: Percentiles of a neuron's support values that span the colour scale of its activation map.
 NORMAL_PERCENTILES = (1.0, 99.0)
@@ -111,62 +112,74 @@ def explain_images(
     *,
     names: Sequence[str] | None = None,
     top: int = 8,
+    on_progress: Callable[[int], None] | None = None,
 ) -> list[ImageExplanation]:
     """Explain each image's score: its map, its most anomalous patch and the neurons behind it.
 
-    Raises :class:`~lakead.errors.ImageLoadError` on the first image that cannot be read.
+    The backbone runs once per image (:meth:`LakeDetector.iter_scored`, as ``predict``):
+    the scores, decisions and maps are ``predict``'s numbers, and the contributions come
+    from the same tokens, distances and nearest gallery vectors. ``on_progress(n)`` after
+    every batch. Raises :class:`~lakead.errors.ImageLoadError` on the first image that
+    cannot be read.
     """
-    det.check_fitted()
+    state = det.check_fitted()
     if top < 1:
         raise ConfigError(f"top must be at least 1, got {top}")
     loaded = det.read_images(images, names)  # as predict reads them
     arrays, labels = loaded.arrays, loaded.names
     if not arrays:
         return []
-    pred = det.predict(arrays, names=labels)
-    gh, gw = det.grid_
-    gallery = det.gallery_  # (M, K)
-    neurons = det.neurons_.to(gallery.device)
+    cfg = det.config
+    gallery = state.gallery  # (M, K)
+    neurons = state.neurons.to(gallery.device)
+    neuron_ids = state.neurons.detach().cpu().numpy()  # (K,)
     gallery_np = gallery.detach().cpu().numpy()
     lo, hi = np.percentile(gallery_np, NORMAL_PERCENTILES, axis=0)  # (K,) each
+    gh, gw = state.grid
     rows_per_image = gh * gw
-    out: list[ImageExplanation] = []
-    # the same forward path as predict (batches, precision), read at the visual block only
-    for start, f in det.iter_features(arrays, det.layer_, None):
-        vis = f.visual.to(gallery.device)  # (B, N, D)
-        b, n_tok, _ = vis.shape
-        q = vis[..., neurons]  # (B, N, K)
-        dist, idx = nearest_neighbor(q.reshape(b * n_tok, -1), gallery)
-        dist, idx = dist.reshape(b, n_tok), idx.reshape(b, n_tok)  # (B, N)
+    visual, semantic, maps = [], [], []
+    found = []  # per image: (patch token, its score, nearest gallery row, contributions)
+    for batch in det.iter_scored(arrays):  # one forward pass per batch, as predict
+        vis, sem = image_parts(batch, cfg)
+        b = vis.shape[0]
+        visual.append(vis)
+        semantic.append(sem)
+        sizes = [a.shape[:2] for a in arrays[batch.start : batch.start + b]]
+        maps += batch_maps(batch, sizes, cfg, state.image_size)
+        q = batch.tokens.to(gallery.device)[..., neurons]  # (B, N, K)
         for j in range(b):
-            i = start + j
-            t = int(torch.argmax(dist[j]))
-            g_row = int(idx[j, t])
+            t = int(torch.argmax(batch.distances[j]))
+            g_row = int(batch.nearest[j, t])
             query = q[j, t].detach().cpu().numpy()  # (K,)
             contrib = patch_contributions(query, gallery_np[g_row])  # (K,)
             total = float(contrib.sum())
-            picked = top_contributors(contrib, top)
-            acts = vis[j].detach().cpu().numpy()  # (N, D)
+            acts = batch.tokens[j].detach().cpu().numpy()  # (N, D)
             contributions = tuple(
                 NeuronContribution(
-                    channel=int(det.neurons_[p]), position=int(p), squared_diff=float(contrib[p]),
+                    channel=int(neuron_ids[p]), position=int(p), squared_diff=float(contrib[p]),
                     share=float(contrib[p] / total) if total > 0 else 0.0, value=float(query[p]),
                     normal_value=float(gallery_np[g_row, p]),
-                    activation=acts[:, int(det.neurons_[p])].reshape(gh, gw).astype(np.float32),  # (gh, gw)
+                    activation=acts[:, int(neuron_ids[p])].reshape(gh, gw).astype(np.float32),  # (gh, gw)
                     normal_range=(float(lo[p]), float(hi[p])),
                 )
-                for p in picked
+                for p in top_contributors(contrib, top)
             )
-            support_index = int(det.gallery_image_[g_row])
-            pos = g_row - support_index * rows_per_image
-            out.append(ImageExplanation(
-                name=labels[i], image=arrays[i], amap=pred.maps[i], score=float(pred.scores[i]),
-                visual=float(pred.visual[i]), semantic=float(pred.semantic[i]), anomalous=bool(pred.anomalous[i]),
-                threshold=float(pred.threshold), patch=(t // gw, t % gw),
-                patch_score=float(dist[j, t]) / det.visual_scale_, nearest_support=det.support_[support_index],
-                nearest_patch=(pos // gw, pos % gw), contributions=contributions,
-                top_share=float(sum(c.share for c in contributions)),
-            ))
+            found.append((t, float(batch.distances[j, t]), g_row, contributions))
+        if on_progress is not None:
+            on_progress(b)
+    pred = assemble(visual, semantic, maps, cfg.lam, state.threshold)  # exactly predict's numbers
+    out: list[ImageExplanation] = []
+    for i, (t, patch_score, g_row, contributions) in enumerate(found):
+        support_index = int(state.gallery_image[g_row])
+        pos = g_row - support_index * rows_per_image
+        out.append(ImageExplanation(
+            name=labels[i], image=arrays[i], amap=pred.maps[i], score=float(pred.scores[i]),
+            visual=float(pred.visual[i]), semantic=float(pred.semantic[i]), anomalous=bool(pred.anomalous[i]),
+            threshold=float(pred.threshold), patch=(t // gw, t % gw),
+            patch_score=patch_score, nearest_support=state.support[support_index],
+            nearest_patch=(pos // gw, pos % gw), contributions=contributions,
+            top_share=float(sum(c.share for c in contributions)),
+        ))
     return out
 
 
