@@ -8,27 +8,21 @@ model creation (:mod:`lakead.options`), so they cannot drift apart. How a run is
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
 
 from ..backbones.base import Layer, LayerSpec, as_blocks
 from ..backbones.clip import DEFAULT_CLIP
-from ..errors import ConfigError, ModelFormatError
+from ..base import Options, _admits, field_types, literal_choices, option  # noqa: F401 - re-exported
+from ..errors import ConfigError
 
 NORMAL_PROMPT = "a photo of a normal {}."
 ANOMALOUS_PROMPT = "a photo of an anomalous {}."
 
 
-def option(default: Any, help: str, **extra: Any) -> Any:
-    """A configuration field with its help text (shown by ``--help`` and the API docs)."""
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass
-class LakeConfig:
+class LakeConfig(Options):
     """Every option of a :class:`~lakead.lake.detector.LakeDetector`; saved as JSON with the model."""
 
     backbone: str = option(DEFAULT_CLIP, "Hub id, local save_pretrained directory, or onnx:PATH.")
@@ -68,10 +62,7 @@ class LakeConfig:
 
     def validate(self) -> "LakeConfig":
         """Check every option; returns ``self``. Raises :class:`~lakead.errors.ConfigError`."""
-        for name, hint in field_types(type(self)).items():  # options that are one of a few words
-            choices = literal_choices(hint)
-            if choices and not _admits(hint, (int, float, str)) and getattr(self, name) not in choices:
-                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        super().validate()  # the options that are one of a few words (Literal)
         if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ConfigError(f"k must be a positive integer or 'auto', got {self.k!r}")
         if not isinstance(self.backbone, str) or not self.backbone.strip():
@@ -95,46 +86,3 @@ class LakeConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LakeConfig":
-        """From a saved model's ``config``; unknown keys are a :class:`ModelFormatError`."""
-        unknown = sorted(set(d) - set(field_types(cls)))
-        if unknown:
-            raise ModelFormatError(f"unknown configuration keys {unknown}")
-        return cls(**d)
-
-    @classmethod
-    def from_options(cls, **options: Any) -> "LakeConfig":
-        """From keyword options, validated; a misspelled option is a clear :class:`ConfigError`."""
-        unknown = sorted(set(options) - set(field_types(cls)))
-        if unknown:
-            raise ConfigError(f"unknown option(s) {unknown}; the options are {sorted(field_types(cls))}")
-        return cls(**options).validate()
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    """Field name -> resolved type annotation, in declaration order."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def literal_choices(hint: Any) -> tuple[Any, ...]:
-    """The values of the ``Literal`` in a type (also inside a Union/Optional); () without one."""
-    if typing.get_origin(hint) is Literal:
-        return typing.get_args(hint)
-    out: tuple[Any, ...] = ()
-    for arg in typing.get_args(hint):
-        out += literal_choices(arg)
-    return out
-
-
-def _admits(hint: Any, kinds: type | tuple[type, ...]) -> bool:
-    """Whether a type annotation admits plain values of ``kinds`` besides its Literal."""
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    if hint in kinds:
-        return True
-    return any(_admits(a, kinds) for a in typing.get_args(hint) if typing.get_origin(a) is not Literal and a is not type(None))
