@@ -412,10 +412,15 @@ def build_path(name: str, base: CLIPBackbone) -> tuple[CLIPBackbone, str]:
             model.vision_model = quantize_dynamic(model.vision_model, {torch.nn.Linear}, dtype=torch.qint8)
         return fresh(model), "float32"
     if name == "compile":
-        # A copy whose vision tower is compiled; the backbone truncates it to the blocks it needs in
-        # place at each call (dynamo compiles that truncated graph once, then reuses it).
+        # A copy whose embeddings and blocks are compiled one by one: the backbone calls the vision
+        # tower's submodules in order up to the deepest block it needs (a compiled vision_model as a
+        # whole would never be called), so each of them is what gets compiled.
         model = copy.deepcopy(base.model)
-        model.vision_model = torch.compile(model.vision_model, dynamic=False, options={"freezing": True})
+        vision = model.vision_model
+        opts = dict(dynamic=False, options={"freezing": True})
+        vision.embeddings = torch.compile(vision.embeddings, **opts)
+        for i, block in enumerate(vision.encoder.layers):
+            vision.encoder.layers[i] = torch.compile(block, **opts)
         return fresh(model), "float32"
     raise SystemExit(f"unknown path {name!r}; choose from {PATH_CHOICES}")
 
