@@ -1,17 +1,25 @@
-"""The fit and predict commands end to end on the tiny CLIP, and their error messages."""
+"""The fit and predict commands end to end on the tiny CLIP, and their error messages; the
+model options every command shares (made from the configuration's fields)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from _synthetic import write_category
 from conftest import texture, with_defect
 from lakead.cli import app
+from lakead.lake import LakeConfig
+from lakead.methods import METHODS
 
 runner = CliRunner()
 
@@ -51,6 +59,26 @@ def test_fit_writes_a_model_and_reports(model, dataset):
     assert meta["support"][0].endswith("good/000.png")
     r = invoke("info", model)
     assert r.exit_code == 0 and "tile" in r.output and "threshold" in r.output
+    facts = table_rows(r.output)
+    assert facts["method"] == "lake" and facts["support_rule"] == "first 5 of 6 images sorted by name"
+    assert facts["layer"] == "2" and facts["k"] == "8" and float(facts["threshold"]) == pytest.approx(meta["threshold"], rel=1e-3)
+
+
+def table_rows(output: str) -> dict[str, str]:
+    """The rows of a printed two-column table (``lakead info``)."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if len(cells) == 2 and cells[0]:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_info_reads_a_format_1_model_without_its_backbone():
+    r = invoke("info", Path(__file__).parent / "regression" / "model_v1")
+    assert r.exit_code == 0, r.output
+    facts = table_rows(r.output)
+    assert facts["method"] == "lake" and facts["support_rule"] == "8 images as given" and facts["k"] == "8"
 
 
 def test_fit_with_seeded_shots(dataset, tiny_clip_dir, tmp_path):
@@ -102,7 +130,8 @@ def test_predict_lists_unreadable_inputs_and_scores_the_rest(model, dataset, tmp
         (["--k", "999"], "k=999 is larger than the width of block 2 (32 channels)"),
         (["--layer", "7"], "layer 7 is out of range: this CLIP has blocks 1..4"),
         (["--image-size", "50"], "image_size 50 must be a positive multiple of the patch size 8"),
-        (["--selection", "best"], "selection must be one of"),
+        (["--lam", "-1"], "lam must be a finite number >= 0"),
+        (["--outlier-contamination", "0.9"], "outlier_contamination must be 'auto' or a fraction in (0, 0.5]"),
     ],
 )
 def test_fit_bad_options(dataset, tiny_clip_dir, tmp_path, extra, message):
@@ -146,10 +175,114 @@ def test_predict_bad_model_dir(dataset, tmp_path, model):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("command", [[], ["fit"], ["predict"], ["info"], ["download-backbone"]])
+@pytest.mark.parametrize("command", [[], ["fit"], ["predict"], ["info"], ["explain"], ["eval"], ["ablate"], ["baselines"],
+                                     ["serve"], ["download-backbone"]])
 def test_help(command):
     r = invoke(*command, "--help")
     assert r.exit_code == 0 and "Usage" in r.output
+
+
+# -- the model options: one per configuration field, the same on every command ---------------
+
+MODEL_COMMANDS = ("fit", "eval", "ablate", "baselines")
+
+
+def plain(text: str) -> str:
+    """Printed text with the frame of typer's error panel removed, on one line."""
+    return " ".join(text.replace("│", " ").split())
+
+
+def _params(command: str) -> dict:
+    return {p.name: p for p in typer.main.get_command(app).commands[command].params}
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(LakeConfig), ids=lambda f: f.name)
+def test_every_config_field_is_an_option_of_every_model_command(field):
+    for command in MODEL_COMMANDS:
+        params = _params(command)
+        assert field.name in params, (command, field.name)
+        p = params[field.name]
+        if field.name == "use_text":
+            assert p.opts == ["--text"] and p.secondary_opts == ["--no-text"]
+        elif field.type == "bool" or isinstance(field.default, bool):
+            assert p.opts == ["--" + field.name.replace("_", "-")] and p.secondary_opts
+        else:
+            assert p.opts == ["--" + field.name.replace("_", "-")], (command, p.opts)
+        if field.name != "seed":  # the commands declare --seed themselves: it also draws the shots
+            assert " ".join(field.metadata["help"].split()[:4]) in " ".join(p.help.split()), (command, field.name)
+        if command in ("fit", "eval") and field.name != "seed":
+            assert p.default == field.default, (command, field.name, p.default)
+
+
+def test_runtime_and_method_options():
+    for command in (*MODEL_COMMANDS, "predict", "explain", "serve"):
+        assert {"device", "batch_size", "precision"} <= set(_params(command)), command
+    for command in ("info", "download-backbone"):
+        assert not {"device", "batch_size", "precision"} & set(_params(command)), command
+    assert _params("eval")["method"].default == "lake"
+    assert "--method" in _params("baselines")["methods"].opts
+    for name in ("k", "lam", "layer", "selection", "score_norm"):
+        assert _params("ablate")[name].metavar.endswith(",..."), name
+    assert "'+' joins several blocks" in " ".join(_params("ablate")["layer"].help.split())
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_a_bad_choice_is_a_usage_error(command, tmp_path):
+    where = [tmp_path, "-c", "tile"] if command == "fit" else [tmp_path]
+    r = invoke(command, *where, "--out", tmp_path / "o", "--selection", "best")
+    assert r.exit_code == 2
+    flat = plain(r.stderr)
+    assert "--selection" in flat and "'best' is not one of top, random, bottom, all" in flat
+    r = invoke(command, *where, "--out", tmp_path / "o", "--k", "many")
+    assert r.exit_code == 2 and "expected an integer or 'auto'" in plain(r.stderr)
+    r = invoke(command, *where, "--out", tmp_path / "o", "--precision", "half")
+    assert r.exit_code == 2 and "'half' is not one of float32, bfloat16" in plain(r.stderr)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_method_is_a_usage_error(tmp_path):
+    r = invoke("eval", tmp_path, "--out", tmp_path / "o", "--method", "magic")
+    assert r.exit_code == 2 and f"is not one of {', '.join(METHODS)}" in plain(r.stderr)
+    r = invoke("baselines", tmp_path, "--out", tmp_path / "o", "--methods", "lake,magic")
+    assert r.exit_code == 2 and "'magic' is not one of" in plain(r.stderr)
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaldata")
+    write_category(root, "tile", n_train=5, n_good=2, defects={"crack": 2}, seed=3)
+    return root
+
+
+def test_eval_takes_every_fit_option(eval_data, tiny_clip_dir, tmp_path):
+    """k auto (refused by eval before), the outlier filter, the threshold rule, the map source
+    and the run's precision: the same options as fit."""
+    out = tmp_path / "r"
+    r = invoke("eval", eval_data, "--out", out, "--backbone", tiny_clip_dir, "--layer", "2", "--k", "auto",
+               "--image-size", "64", "--shots", "4", "--filter-outliers", "--threshold-sigmas", "2",
+               "--map-source", "semantic", "--no-text", "--text", "--precision", "float32", "--device", "cpu",
+               "--batch-size", "3", "--no-figures", "--examples", "0")
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "metrics.json").read_text())
+    cfg = doc["settings"]["config"]
+    assert cfg["k"] == "auto" and cfg["filter_outliers"] is True and cfg["threshold_sigmas"] == 2
+    assert cfg["map_source"] == "semantic" and cfg["use_text"] is True and cfg["layer"] == 2
+    assert doc["settings"]["runtime"]["batch_size"] == 3
+    cmd = doc["settings"]["command"]
+    assert "--k auto" in cmd and "--filter-outliers" in cmd and "--map-source semantic" in cmd
+    assert "--text" not in cmd.split() and "--no-text" not in cmd  # the default, given twice: left out
+
+
+def test_eval_method_and_no_text_in_the_command_line(eval_data, tiny_clip_dir, tmp_path):
+    data = tmp_path / "d"
+    shutil.copytree(eval_data / "tile", data / "tile")
+    out = tmp_path / "r"
+    r = invoke("eval", data, "--out", out, "--backbone", tiny_clip_dir, "--layer", "2", "--k", "4", "--image-size", "64",
+               "--shots", "3", "--first", "--method", "visual", "--no-text", "--no-figures", "--examples", "0")
+    assert r.exit_code == 0, r.output
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert settings["method"] == "visual" and settings["shot_seed"] is None
+    assert "--no-text" in settings["command"] and "--method visual" in settings["command"]
 
 
 def test_error_messages_are_printed_verbatim(tmp_path):

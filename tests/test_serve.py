@@ -8,11 +8,13 @@ schemathesis run against the OpenAPI schema.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
 import threading
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,10 +29,11 @@ from typer.testing import CliRunner  # noqa: E402
 
 from conftest import texture, with_defect  # noqa: E402
 from lakead.cli import app as cli_app  # noqa: E402
-from lakead.detector import LakeDetector  # noqa: E402
+from lakead.lake import LakeConfig, LakeDetector  # noqa: E402
 from lakead.serve import ServeLimits, create_app  # noqa: E402
+from lakead.serve.store import FIT_OPTIONS  # noqa: E402
 
-FIT = {"class_name": "tile", "k": "8", "layer": "2", "image_size": "64", "batch_size": "4"}
+FIT = {"class_name": "tile", "k": "8", "layer": "2", "image_size": "64"}
 
 
 def png(arr: np.ndarray) -> bytes:
@@ -58,6 +61,7 @@ def tests_imgs() -> list[np.ndarray]:
 @pytest.fixture
 def make_app(tmp_path, tiny_clip_dir):
     def make(models_dir: Path | None = None, **kwargs):
+        kwargs.setdefault("batch_size", 4)
         return create_app(models_dir or tmp_path / "models", backbone=str(tiny_clip_dir), device="cpu", **kwargs)
 
     return make
@@ -87,6 +91,15 @@ def test_health_and_info(client):
     assert info["limits"] == ServeLimits().to_dict()
     assert info["fit_options"]["k"] == 100 and "device" not in info["fit_options"]
     assert info["option_choices"]["selection"] == ["top", "random", "bottom", "all"]
+    # every option of the configuration but the backbone, with its default, choices and help
+    fields = {f.name: f for f in dataclasses.fields(LakeConfig) if f.name != "backbone"}
+    assert list(info["fit_options"]) == list(fields) == list(FIT_OPTIONS)
+    assert info["fit_options"] == {name: f.default for name, f in fields.items()}
+    assert info["option_choices"] == {"block_grid": ["coarsest", "finest"], "semantic_agg": ["max", "mean"],
+                                      "selection": ["top", "random", "bottom", "all"], "score_norm": ["loo", "none"],
+                                      "map_source": ["visual", "semantic"]}
+    assert info["option_help"] == {name: f.metadata["help"] for name, f in fields.items()}
+    assert (info["device"], info["batch_size"], info["precision"]) == ("cpu", 4, "float32")
     page = client.get("/")
     assert page.status_code == 200 and "lakead" in page.text and "/static/app.js" in page.text
     assert client.get("/static/app.js").status_code == 200
@@ -99,6 +112,7 @@ def test_create_get_list_predict_delete(client, normals, tests_imgs, tmp_path):
     assert mid.startswith("tile-")
     assert model["support"] == [f"n{i}.png" for i in range(len(normals))] and model["support_images"] == 6
     assert model["k"] == 8 and model["layer"] == 2 and model["config"]["image_size"] == 64 and model["warnings"] == []
+    assert model["method"] == "lake" and not {"device", "batch_size", "precision"} & set(model["config"])
     assert client.get(f"/models/{mid}").json() == model
     assert [m["id"] for m in client.get("/models").json()["models"]] == [mid]
 
@@ -154,7 +168,10 @@ def test_options_are_validated(client, normals):
         ({"k": "0"}, "k must be a positive integer"),
         ({"k": "most"}, "k: Input should be"),
         ({"outlier_contamination": "0.9"}, "outlier_contamination must be 'auto' or a fraction in (0, 0.5]"),
-        ({"precision": "float16"}, "precision: Input should be"),
+        ({"precision": "bfloat16"}, "precision: unknown field"),  # how a model runs is the server's setting
+        ({"batch_size": "4"}, "batch_size: unknown field"),
+        ({"semantic_layer": "1,2"}, "semantic_layer: one block only"),
+        ({"map_source": "pixels"}, "map_source: Input should be"),
         ({"k": "abc"}, "k: Input should be a valid integer"),
         ({"k": "999"}, "k=999 is larger than the width of block 2 (32 channels)"),
         ({"layer": "9"}, "layer 9 is out of range: this CLIP has blocks 1..4"),
@@ -322,12 +339,12 @@ def test_other_directories_in_models_dir(make_app, normals, tmp_path):
 
 
 def test_failed_fit_leaves_no_model(make_app, normals, tmp_path, monkeypatch):
-    import lakead.detector as detector_module
+    import safetensors.torch
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(detector_module, "save_file", disk_full)  # fails after lakead.json was written
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)  # fails after lakead.json was written
     with TestClient(make_app(), raise_server_exceptions=False) as c:
         r = c.post("/models", data=FIT, files=files(*[(f"n{i}.png", png(a)) for i, a in enumerate(normals)]))
         assert r.status_code == 500 and "No space left on device" in r.json()["detail"]
@@ -475,7 +492,31 @@ def test_openapi_documents_errors(make_app):
     assert set(error["properties"]) == {"detail", "errors"}
     form = spec["components"]["schemas"][post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]
     assert {"images", "class_name", "k", "layer", "lam", "threshold"} <= set(form["properties"])
+    assert not {"device", "batch_size", "precision"} & set(form["properties"])  # the server's settings
     assert json.dumps(spec)  # serialisable
+
+
+@pytest.fixture(scope="module")
+def model_form(tiny_clip_dir, tmp_path_factory) -> dict:
+    """The schema of POST /models' form."""
+    spec = TestClient(create_app(tmp_path_factory.mktemp("form"), backbone=str(tiny_clip_dir), device="cpu")).get("/openapi.json").json()
+    ref = spec["paths"]["/models"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    return spec["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(LakeConfig), ids=lambda f: f.name)
+def test_every_config_field_is_a_form_field_of_model_creation(model_form, field):
+    prop = model_form[field.name]
+    if field.name == "backbone":  # chosen among the server's backbones
+        assert "backbones" in prop["description"]
+        return
+    assert prop["description"] == field.metadata["help"]
+    enums = [alt["enum"] for alt in prop.get("anyOf", [prop]) if "enum" in alt]
+    words = typing.get_args(typing.get_type_hints(LakeConfig)[field.name])
+    if words and all(isinstance(w, str) for w in words):  # a Literal: its words, and nothing else
+        assert enums == [list(words)]
+    else:
+        assert enums == []
 
 
 # -- the load script ------------------------------------------------------------------------------

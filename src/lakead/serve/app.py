@@ -18,8 +18,11 @@ where ``errors`` lists ``{"name": file or field, "problem": ...}`` when there ar
 from __future__ import annotations
 
 import base64
+import functools
+import inspect
 import math
-from dataclasses import fields
+import typing
+from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -32,10 +35,11 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..backbones import DEFAULT_CLIP, parse_layer
-from ..detector import AGGREGATIONS, PRECISIONS, SCORE_NORMS, SELECTIONS, LakeConfig
+from .._version import __version__
+from ..api import Runtime
 from ..errors import BackboneUnavailableError, ConfigError, LakeadError, ModelFormatError
+from ..lake import LakeConfig
+from ..options import option_specs
 from ..viz import overlay, png_bytes
 from .guard import Guard
 from .store import FIT_OPTIONS, ID_PATTERN, ModelNotFound, ModelStore
@@ -67,13 +71,17 @@ class ServerInfo(BaseModel):
     default_backbone: str = Field(description="Backbone of models created without a 'backbone' field.")
     backbones: list[str] = Field(description="Backbones a client may choose when creating a model.")
     device: str
+    batch_size: int = Field(description="Images per forward pass (a setting of the server).")
+    precision: str = Field(description="Backbone arithmetic (a setting of the server).")
     limits: dict[str, int]
     fit_options: dict[str, Any] = Field(description="Detector options of POST /models with their defaults.")
-    option_choices: dict[str, list[str]] = Field(description="The allowed values of the options that take a word.")
+    option_choices: dict[str, list[str]] = Field(description="The allowed values of the options that take one of a few words.")
+    option_help: dict[str, str] = Field(description="What each detector option of POST /models does.")
 
 
 class ModelInfo(BaseModel):
     id: str
+    method: str = Field(description="How the model scores (a name of lakead.methods).")
     class_name: str
     backbone: str
     fitted_at: str
@@ -84,7 +92,7 @@ class ModelInfo(BaseModel):
     outliers: list[str] = Field(description="Normal images dropped by filter_outliers.")
     threshold: Optional[float] = Field(description="Decision threshold; null when none could be derived (one image).")
     image_size: int
-    layer: Union[int, str]
+    layer: Union[int, str, list[Union[int, str]]] = Field(description="Block(s) read for the visual branch.")
     semantic_layer: Optional[Union[int, str]]
     k: int = Field(description="Number of sensitive neurons kept.")
     text_probe: bool
@@ -124,16 +132,63 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
+# -- model options as form fields ----------------------------------------------------------
+
+#: The detector options of POST /models (every configuration field but the backbone), each
+#: with its type, choices, default and help from :class:`~lakead.lake.LakeConfig`.
+OPTION_SPECS = {name: spec for name, spec in option_specs(LakeConfig).items() if name in FIT_OPTIONS}
+#: The configuration's default backbone: the server's when none is given.
+DEFAULT_BACKBONE: str = option_specs(LakeConfig)["backbone"].default
+
+
+def with_option_fields(endpoint: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``endpoint`` with one optional form field per detector option (:data:`OPTION_SPECS`)
+    in place of its ``options`` parameter. Each field has the option's type (its ``Literal``
+    words as an enum), and its help as description; FastAPI reads them from the returned
+    function's ``__signature__``. The endpoint receives the options sent, read (blocks
+    parsed), as ``options=``: those not sent keep the configuration's default."""
+    sig = inspect.signature(endpoint)
+    hints = typing.get_type_hints(endpoint, include_extras=True)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values() if p.name != "options"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                          annotation=Annotated[Optional[spec.form_type], Form(description=spec.help)])
+        for name, spec in OPTION_SPECS.items()
+    ]
+
+    @functools.wraps(endpoint)
+    async def wrapper(**kwargs: Any) -> Any:
+        options = {}
+        for name, spec in OPTION_SPECS.items():
+            value = kwargs.pop(name, None)
+            if value is None:
+                continue
+            try:
+                options[name] = spec.parse(value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        return await endpoint(options=options, **kwargs)
+
+    params = own + added
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    if "return" in hints:
+        wrapper.__annotations__["return"] = hints["return"]
+    return wrapper
+
+
 # -- the app ------------------------------------------------------------------------------
 
 def create_app(
     models_dir: str | Path,
     *,
-    backbone: str = DEFAULT_CLIP,
+    backbone: str = DEFAULT_BACKBONE,
     allowed_backbones: tuple[str, ...] = (),
     token: str | None = None,
     limits: ServeLimits | None = None,
     device: str = "auto",
+    batch_size: int = Runtime.batch_size,
+    precision: str = Runtime.precision,
     workers: int = 2,
     allowed_hosts: tuple[str, ...] | None = None,
     max_cached: int = 8,
@@ -145,6 +200,8 @@ def create_app(
     except the health check, the page and the API description needs
     ``Authorization: Bearer <token>``. ``workers`` predictions run at once (fits: one).
     ``allowed_hosts`` (host names without port) turns on the Host header check.
+    ``device``, ``batch_size`` and ``precision`` say how every model runs (server settings,
+    not options of a client).
     The backbone is loaded on first use: call ``app.state.store.backbone(backbone)`` to
     load it up front (the command line does, to fail early on a bad one).
     """
@@ -153,9 +210,9 @@ def create_app(
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if token is not None and not token.strip():
         raise ConfigError("the token must not be empty")
-    LakeConfig(device=device).validate()
+    Runtime(device=device, batch_size=batch_size, precision=precision).validate()
     store = ModelStore(models_dir, default_backbone=backbone, allowed_backbones=allowed_backbones, device=device,
-                       max_cached=max_cached)
+                       batch_size=batch_size, precision=precision, max_cached=max_cached)
     fit_slots = anyio.CapacityLimiter(1)
     predict_slots = anyio.CapacityLimiter(workers)
 
@@ -185,12 +242,15 @@ def create_app(
 
     @app.get("/info", tags=["service"], responses=_errors(401))
     def info() -> ServerInfo:
-        """The limits, backbones and detector option defaults of this server."""
-        defaults = {f.name: f.default for f in fields(LakeConfig) if f.name in FIT_OPTIONS}
-        return ServerInfo(version=__version__, default_backbone=backbone, backbones=list(store.allowed_backbones),
-                          device=device, limits=limits.to_dict(), fit_options=defaults,
-                          option_choices={"semantic_agg": list(AGGREGATIONS), "selection": list(SELECTIONS),
-                                          "score_norm": list(SCORE_NORMS), "precision": list(PRECISIONS)})
+        """The limits, backbones and detector options (defaults, choices, help) of this server."""
+        rt = store.runtime
+        return ServerInfo(
+            version=__version__, default_backbone=backbone, backbones=list(store.allowed_backbones), device=rt.device,
+            batch_size=rt.batch_size, precision=rt.precision, limits=limits.to_dict(),
+            fit_options={name: spec.default for name, spec in OPTION_SPECS.items()},
+            option_choices={name: list(spec.choices) for name, spec in OPTION_SPECS.items() if spec.kind == "choice"},
+            option_help={name: spec.help for name, spec in OPTION_SPECS.items()},
+        )
 
     @app.get("/models", tags=["models"], responses=_errors(401))
     def list_models() -> ModelList:
@@ -198,42 +258,24 @@ def create_app(
         return ModelList(models=[ModelInfo(**m) for m in store.list()])
 
     @app.post("/models", status_code=201, tags=["models"], responses=_errors(400, 401, 413, 422, 503))
+    @with_option_fields
     async def create_model(
         request: Request,
         response: Response,
         images: Annotated[list[UploadFile], File(min_length=1, description="Normal (defect-free) images: PNG, JPEG, BMP, TIFF, WebP.")],
         class_name: Annotated[str, Form(min_length=1, max_length=200, description="What the images show, e.g. 'screw'; fills the text prompts.")],
         backbone: Annotated[Optional[str], Form(description="One of GET /info 'backbones' (default: the server's).")] = None,
-        k: Annotated[Optional[Union[int, Literal["auto"]]], Form(description="Number of sensitive neurons kept, or 'auto' (the knee of the variance curve).")] = None,
-        layer: Annotated[Optional[str], Form(description="Block read for the visual branch (1-based).")] = None,
-        semantic_layer: Annotated[Optional[str], Form(description="Block read for the text probe (default: the last).")] = None,
-        lam: Annotated[Optional[float], Form(description="Weight of the text probe in the fused score.")] = None,
-        semantic_agg: Annotated[Optional[Literal[AGGREGATIONS]], Form()] = None,  # type: ignore[valid-type]
-        use_text: Annotated[Optional[bool], Form(description="Run the text probe.")] = None,
-        image_size: Annotated[Optional[int], Form(description="Square input size in pixels, a multiple of the patch size.")] = None,
-        sigma: Annotated[Optional[float], Form(description="Gaussian blur of maps, pixels of the model input; 0 = off.")] = None,
-        selection: Annotated[Optional[Literal[SELECTIONS]], Form()] = None,  # type: ignore[valid-type]
-        seed: Annotated[Optional[int], Form(description="Seed of selection=random and of the outlier filter.")] = None,
-        filter_outliers: Annotated[Optional[bool], Form(description="Drop normal images an Isolation Forest flags as outliers.")] = None,
-        outlier_contamination: Annotated[Optional[Union[float, Literal["auto"]]], Form(description="The outlier filter's contamination: 'auto' or a fraction in (0, 0.5].")] = None,
-        score_norm: Annotated[Optional[Literal[SCORE_NORMS]], Form()] = None,  # type: ignore[valid-type]
-        threshold: Annotated[Optional[float], Form(description="Fixed decision threshold (default: derived from the images).")] = None,
-        threshold_sigmas: Annotated[Optional[float], Form(description="Robust standard deviations above the typical normal score.")] = None,
-        batch_size: Annotated[Optional[int], Form(ge=1, le=256, description="Images per forward pass.")] = None,
-        precision: Annotated[Optional[Literal[PRECISIONS]], Form(description="Backbone arithmetic.")] = None,  # type: ignore[valid-type]
+        *,
+        options: dict[str, Any],
     ) -> ModelInfo:
         """Fit a model on normal images and store it. Slow: runs the network over every image.
 
-        Unknown form fields are refused (422), so a misspelled option never passes silently.
+        Every other form field is a detector option (GET /info lists them with their defaults);
+        unknown form fields are refused (422), so a misspelled option never passes silently.
         """
         await _refuse_unknown_fields(request, {"images", "class_name", "backbone", *FIT_OPTIONS})
-        options = {name: value for name, value in dict(
-            k=k, layer=parse_layer(layer), semantic_layer=parse_layer(semantic_layer), lam=lam, semantic_agg=semantic_agg,
-            use_text=use_text, image_size=image_size, sigma=sigma, selection=selection, seed=seed,
-            filter_outliers=filter_outliers, outlier_contamination=outlier_contamination, score_norm=score_norm,
-            threshold=threshold, threshold_sigmas=threshold_sigmas, batch_size=batch_size, precision=precision,
-        ).items() if value is not None}
-        LakeConfig(**options).validate()  # a bad option is refused before any image is read
+        LakeConfig.from_options(**options)  # a bad option is refused before any image is read
+        image_size = options.get("image_size")
         if image_size is not None and image_size > 2048:
             raise ConfigError(f"image_size {image_size} is larger than this service allows (2048)")
         check_count(len(images), limits.max_fit_images, "normal images given", "lakead serve --max-images")

@@ -2,7 +2,7 @@
 
 Thread-safe and framework-free: the web layer calls these methods from worker threads.
 
-- A model is a directory ``<models_dir>/<id>/`` written by :meth:`LakeDetector.save`, which
+- A model is a directory ``<models_dir>/<id>/`` written by the detector's ``save``, which
   builds it under a hidden temporary name and renames it into place: a model is listed only
   once complete, and a fit that fails (or a process killed mid-write) leaves no model behind.
   Any directory holding a saved model whose name is a valid id is served (a model written by
@@ -18,6 +18,7 @@ Thread-safe and framework-free: the web layer calls these methods from worker th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -33,9 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from ..api import CONFIG_FILE, Detector, Prediction, Runtime, read_model_meta
 from ..backbones import Backbone, BackboneInfo, load_backbone
-from ..detector import CONFIG_FILE, LakeDetector, Prediction, read_model_meta
 from ..errors import ConfigError, LakeadError, ModelFormatError
+from ..lake import LakeConfig
+from ..methods import get_method, load_detector
 from .uploads import UploadRejected
 
 log = logging.getLogger("lakead.serve")
@@ -47,12 +50,13 @@ _ID = re.compile(ID_PATTERN)
 #: Hidden leftovers of an interrupted save or delete older than this are removed at start.
 STALE_SECONDS = 3600.0
 
-#: Detector options a client may set when creating a model (``device`` is the server's).
-FIT_OPTIONS = (
-    "k", "layer", "semantic_layer", "lam", "semantic_agg", "use_text", "image_size", "sigma",
-    "selection", "seed", "filter_outliers", "outlier_contamination", "score_norm", "threshold",
-    "threshold_sigmas", "batch_size", "precision",
-)
+#: Detector options a client may set when creating a model: every field of the configuration
+#: but the backbone (chosen among the server's). How a run is carried out (device, batch size,
+#: precision) is the server's setting, not a client's option.
+FIT_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LakeConfig) if f.name != "backbone")
+
+#: The method of the models created through the service.
+METHOD = "lake"
 
 
 class ModelNotFound(LakeadError):
@@ -126,6 +130,8 @@ class ModelStore:
         default_backbone: str,
         allowed_backbones: Sequence[str] = (),
         device: str = "auto",
+        batch_size: int = Runtime.batch_size,
+        precision: str = Runtime.precision,
         max_cached: int = 8,
     ) -> None:
         self.root = Path(root)
@@ -139,11 +145,12 @@ class ModelStore:
             raise ConfigError(f"max_cached must be at least 1, got {max_cached}")
         self.default_backbone = default_backbone
         self.allowed_backbones = tuple(dict.fromkeys([default_backbone, *allowed_backbones]))
+        self.runtime = Runtime(device=device, batch_size=batch_size, precision=precision).validate()
         self.device = device
         self.max_cached = max_cached
         self._lock = threading.Lock()  # guards the dicts below
         self._entries: dict[str, _Entry] = {}
-        self._cache: OrderedDict[str, LakeDetector] = OrderedDict()
+        self._cache: OrderedDict[str, Detector] = OrderedDict()
         self._backbones: dict[str, Backbone] = {}
         self._backbone_lock = threading.Lock()
         self._fit_lock = threading.Lock()
@@ -229,7 +236,7 @@ class ModelStore:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"stored model {model_id!r} is damaged ({exc})") from None
 
-    def detector(self, model_id: str) -> LakeDetector:
+    def detector(self, model_id: str) -> Detector:
         """The loaded detector (from the cache, or read from disk once). Call under the
         model's read lock."""
         with self._lock:
@@ -248,11 +255,13 @@ class ModelStore:
                     saved = BackboneInfo(**meta["backbone"])
                 except (KeyError, TypeError) as exc:
                     raise ModelFormatError(f"stored model {model_id!r} is damaged ({exc})") from None
-                det = LakeDetector.load(path, backbone=self._backbone_for(saved), device=self.device)
+                rt = self.runtime
+                det = load_detector(path, backbone=self._backbone_for(saved), device=rt.device, batch_size=rt.batch_size,
+                                    precision=rt.precision)
                 self._remember(model_id, det)
             return det
 
-    def _remember(self, model_id: str, det: LakeDetector) -> None:
+    def _remember(self, model_id: str, det: Detector) -> None:
         with self._lock:
             self._cache[model_id] = det
             self._cache.move_to_end(model_id)
@@ -277,7 +286,7 @@ class ModelStore:
     ) -> dict[str, Any]:
         """Fit a detector on normal images, save it under a new id, and return its info.
 
-        ``options`` are :class:`~lakead.detector.LakeConfig` fields from :data:`FIT_OPTIONS`;
+        ``options`` are :class:`~lakead.lake.LakeConfig` fields from :data:`FIT_OPTIONS`;
         ``backbone`` must be one of :attr:`allowed_backbones` (default: the server's).
         Raises :class:`ConfigError` on a bad option, :class:`UploadRejected` (422) when an
         image is smaller than one patch of the backbone. Nothing is written on failure.
@@ -290,9 +299,10 @@ class ModelStore:
         spec = backbone or self.default_backbone
         if spec not in self.allowed_backbones:
             raise ConfigError(f"backbone {spec!r} is not offered by this server; choose one of {list(self.allowed_backbones)}")
+        config = LakeConfig.from_options(backbone=spec, **options)  # validated: a bad option fails before any work
         with self._fit_lock:
             bb = self.backbone(spec)
-            det = LakeDetector(backbone=bb, device=self.device, **options)
+            det = get_method(METHOD).build(config, bb, self.runtime)
             arrays = _check_patch(det, images, names)
             det.fit(arrays, class_name, names=list(names), support_rule=f"{len(arrays)} images uploaded to the service")
             model_id = self.new_id(class_name)
@@ -338,7 +348,7 @@ def _is_model(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file()
 
 
-def _check_patch(det: LakeDetector, images: Sequence[np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+def _check_patch(det: Detector, images: Sequence[np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
     """Every image through the detector's own reader (smaller than one patch is an error)."""
     loaded = det.read_images(images, names, strict=False)
     if loaded.errors:
@@ -360,6 +370,7 @@ def model_info(model_id: str, meta: dict[str, Any]) -> dict[str, Any]:
         warnings.append(f"{len(meta['outliers'])} support image(s) were dropped as outliers: {', '.join(meta['outliers'][:5])}")
     return {
         "id": model_id,
+        "method": meta["method"],
         "class_name": meta["class_name"],
         "backbone": meta["backbone"]["source"],
         "fitted_at": meta["fitted_at"],
