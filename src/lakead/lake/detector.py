@@ -132,35 +132,18 @@ class LakeDetector(BaseDetector):
             text = torch.nn.functional.normalize(backbone.text_embeddings(prompts).float(), dim=-1).to(device)  # (2, E)
             logit_scale = backbone.logit_scale
 
-        feats: torch.Tensor | None = None  # (n, N, D) on the CPU
-        sem_tokens: torch.Tensor | None = None  # (n, Nj)
-        for start, f in self.iter_features(loaded.arrays, blocks, semantic_layer, image_size):
-            tokens, grid = visual_tokens(f, blocks, cfg.block_grid)  # (B, N, D)
-            b, n_tok, width = tokens.shape
-            if feats is None:
-                if cfg.selection != "all" and cfg.k != "auto" and cfg.k > width:
-                    raise ConfigError(f"k={cfg.k} is larger than the width of block {cfg.layer!r} ({width} channels)")
-                feats = torch.empty((n, n_tok, width), dtype=torch.float32)
-                sem_tokens = torch.zeros((n, f.joint.shape[1] if f.joint is not None else n_tok), dtype=torch.float32)
-            feats[start : start + b] = tokens.cpu()
-            if text is not None and f.joint is not None:
-                sem_tokens[start : start + b] = anomaly_probability(f.joint, text, logit_scale).cpu()  # type: ignore[index]
-            if on_progress is not None:
-                on_progress(b)
-        assert feats is not None and sem_tokens is not None
-        n_tok, width = feats.shape[1], feats.shape[2]
+        feats, sem_tokens, grid = self._support_tokens(loaded.arrays, blocks, semantic_layer, image_size, text, logit_scale,
+                                                       on_progress)
+        n, n_tok, width = feats.shape
 
         variance, neurons = steps.select_neurons(feats, cfg)
         outliers: list[str] = []
         if cfg.filter_outliers:
-            if n < steps.MIN_IMAGES_FOR_FILTER:
-                log.warning("filter_outliers: %d support image(s), the filter needs at least %d; none dropped",
-                            n, steps.MIN_IMAGES_FOR_FILTER)
             keep = steps.support_inliers(feats, neurons, cfg)  # (n,) bool
-            if not keep.all():
-                for nm in (nm for nm, kept in zip(loaded.names, keep) if not kept):
-                    log.debug("filter_outliers: dropping support image %s (flagged by the Isolation Forest)", nm)
-                outliers = [nm for nm, kept in zip(loaded.names, keep) if not kept]
+            outliers = [nm for nm, kept in zip(loaded.names, keep) if not kept]
+            for nm in outliers:
+                log.debug("filter_outliers: dropping support image %s (flagged by the Isolation Forest)", nm)
+            if outliers:
                 loaded.names = [nm for nm, kept in zip(loaded.names, keep) if kept]
                 feats, sem_tokens = feats[torch.from_numpy(keep)], sem_tokens[torch.from_numpy(keep)]
                 n = len(loaded.names)
@@ -203,6 +186,28 @@ class LakeDetector(BaseDetector):
             fitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         return self
+
+    def _support_tokens(self, arrays, blocks, semantic_layer, image_size, text, logit_scale, on_progress):
+        """The support images' visual tokens ``(n, N, D)`` on the CPU, their text-probe
+        P(anomalous) per token ``(n, Nj)`` (zeros without the probe) and the token grid."""
+        cfg, n = self.config, len(arrays)
+        feats: torch.Tensor | None = None
+        sem_tokens: torch.Tensor | None = None
+        for start, f in self.iter_features(arrays, blocks, semantic_layer, image_size):
+            tokens, grid = visual_tokens(f, blocks, cfg.block_grid)  # (B, N, D)
+            b, n_tok, width = tokens.shape
+            if feats is None:
+                if cfg.selection != "all" and cfg.k != "auto" and cfg.k > width:
+                    raise ConfigError(f"k={cfg.k} is larger than the width of block {cfg.layer!r} ({width} channels)")
+                feats = torch.empty((n, n_tok, width), dtype=torch.float32)
+                sem_tokens = torch.zeros((n, f.joint.shape[1] if f.joint is not None else n_tok), dtype=torch.float32)
+            feats[start : start + b] = tokens.cpu()
+            if text is not None and f.joint is not None:
+                sem_tokens[start : start + b] = anomaly_probability(f.joint, text, logit_scale).cpu()  # type: ignore[index]
+            if on_progress is not None:
+                on_progress(b)
+        assert feats is not None and sem_tokens is not None
+        return feats, sem_tokens, grid
 
     # -- predict --------------------------------------------------------------------------
 

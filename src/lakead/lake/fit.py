@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ import torch
 from ..neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_image_features
 from ..ops import channel_variance, nearest_neighbor, robust_threshold, top_k_channels
 from .config import LakeConfig
+
+log = logging.getLogger("lakead")
 
 #: Support images scored leave-one-out at fit (an evenly spaced subset beyond this many).
 MAX_LOO_IMAGES = 128
@@ -61,6 +64,7 @@ def support_inliers(feats: torch.Tensor, neurons: torch.Tensor, config: LakeConf
     """
     n = feats.shape[0]
     if n < MIN_IMAGES_FOR_FILTER:
+        log.warning("filter_outliers: %d support image(s), the filter needs at least %d; none dropped", n, MIN_IMAGES_FOR_FILTER)
         return np.ones(n, dtype=bool)
     features = support_image_features(feats[:, :, neurons])  # (n, 4)
     flags, _ = flag_outliers(features, config.outlier_contamination, config.seed)
