@@ -448,7 +448,7 @@ def test_cli_ablate_and_baselines(dataset, tiny_onnx, tmp_path):
         assert f"| {method} |" in md
     assert "| text |" not in md  # no text tower
     r = runner.invoke(app, ["ablate", str(dataset), "--out", str(tmp_path / "c"), *common, "--k", "two"])
-    assert r.exit_code == 1 and "--k: expected comma-separated int values" in r.output
+    assert r.exit_code == 2 and "Invalid value for '--k'" in r.output and "'two'" in r.output  # a usage error
 
 
 @pytest.mark.realdata

@@ -76,7 +76,7 @@ def ablation_variants(
     seen = set()
     for layer, shot, sel, k, lam, norm in itertools.product(layers, shots, selections, ks, lams, norms):
         k_eff = None if sel == "all" else k
-        key = (layer, shot, sel, k_eff, lam, norm)
+        key = (str(layer), shot, sel, k_eff, lam, norm)  # a multi-block layer is a list
         if key in seen:
             continue
         seen.add(key)
