@@ -213,6 +213,7 @@ def test_resume_after_ctrl_c_loses_only_the_batch_in_flight(detector, images, re
     assert (out / SCORES_FILE).read_bytes() == (reference / SCORES_FILE).read_bytes()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_of_the_command(model_dir, tmp_path, detector):
     """Kill -9 a real `lakead predict` as soon as its first rows are on disk, then resume."""
     src = make_images(tmp_path / "in", 200)
@@ -297,6 +298,7 @@ def test_unreadable_inputs_are_reported_on_every_run(detector, images, reference
 # -- memory -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_the_number_of_images(model_dir, tmp_path):
     """Resident memory, sampled after every batch of a 2000-image run, stays flat.
 

@@ -405,6 +405,7 @@ def test_cli_refuses_bad_values(folders, tiny_clip_dir, tmp_path):
 # -- how it looks: headless Chromium ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium(report, tmp_path):
     pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed (pip install playwright)")
     sys.path.insert(0, str(REPO / "benchmarks"))

@@ -56,6 +56,7 @@ def reference(model_dir, images, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_ray_run_writes_the_single_process_results(ray_cluster, model_dir, images, reference, tmp_path):
     """Through the command line, with 2 workers: the same scores.csv, errors.csv and maps, byte for byte."""
     out = tmp_path / "ray"
@@ -71,6 +72,7 @@ def test_ray_run_writes_the_single_process_results(ray_cluster, model_dir, image
         assert np.array_equal(np.load(out / rel), np.load(reference / rel)), rel
 
 
+@pytest.mark.slow
 def test_ray_run_resumes_after_a_torn_line(ray_cluster, model_dir, images, reference, tmp_path):
     from lakead.distributed import predict_on_ray
 

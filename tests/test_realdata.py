@@ -17,6 +17,7 @@ from lakead.images import list_images
 pytestmark = pytest.mark.realdata
 
 
+@pytest.mark.slow
 def test_fit_and_predict_on_magnetic_tile(shared_data, tiny_clip_dir, tmp_path):
     tile = shared_data / "magnetic_tile" / "tile"
     if not tile.is_dir():

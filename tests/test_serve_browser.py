@@ -24,6 +24,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="Python Playwright 
 from conftest import texture, with_defect  # noqa: E402
 from lakead.serve import create_app  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a real browser: seconds per test
+
 CHROMIUM = os.environ.get("LAKEAD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
