@@ -89,6 +89,18 @@ def test_fit_with_seeded_shots(dataset, tiny_clip_dir, tmp_path):
     assert meta["support_rule"] == "3 of 6 images sampled with seed 7" and meta["semantic_layer"] is None
 
 
+def test_fit_and_predict_with_several_blocks(dataset, tiny_clip_dir, tmp_path):
+    """--layer 1,3 on CLIP: both blocks' channels (32 + 32) on one grid; predict reads the same blocks."""
+    r = invoke("fit", dataset / "good", "-c", "tile", "-o", tmp_path / "m", "--backbone", tiny_clip_dir,
+               "--layer", "1,3", "--k", "12")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "m" / "lakead.json").read_text())
+    assert meta["layer"] == [1, 3] and meta["config"]["layer"] == [1, 3] and meta["width"] == 64 and meta["k"] == 12
+    r = invoke("predict", tmp_path / "m", dataset / "test", "--out", tmp_path / "out", "--maps", "none")
+    assert r.exit_code == 0, r.output
+    assert len(list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))) == 3
+
+
 def test_predict_writes_scores_overlays_and_maps(model, dataset, tmp_path):
     out = tmp_path / "out"
     r = invoke("predict", model, dataset / "test", "--out", out)
