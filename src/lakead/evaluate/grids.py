@@ -81,7 +81,7 @@ def ablation_variants(
             continue
         seen.add(key)
         cfg = dataclasses.replace(base, layer=layer, selection=sel, k=k if k_eff is not None else base.k, lam=lam, score_norm=norm).validate()
-        label = {"layer": layer, "shots": "all" if shot is None else shot, "selection": sel,
+        label = {"layer": "+".join(map(str, layer)) if isinstance(layer, (list, tuple)) else layer, "shots": "all" if shot is None else shot, "selection": sel,
                  "k": "all" if k_eff is None else k, "lam": lam, "score_norm": norm}
         out.append(Variant(label, cfg, "scores", shot, tuple(seeds) if sel == "random" else (cfg.seed,)))
     return out
