@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError
+from ..ops import anomaly_probability
 
 #: A block of the network: a 1-based block number for transformers, a tensor name for ONNX.
 Layer = Union[int, str]
@@ -63,7 +64,7 @@ def as_blocks(layer: LayerSpec) -> tuple[Layer, ...]:
 class BackboneInfo:
     """What identifies a backbone; saved with every model and checked when it is loaded."""
 
-    kind: str  # adapter family: "clip" or "onnx"
+    kind: str  # adapter family: "clip", "dinov2", "siglip", ... or "onnx"
     source: str  # how it was given: a hub id, a local directory or an ONNX file
     num_layers: int  # number of blocks that can be read (0 when blocks are named tensors)
     patch_size: int  # pixels per token side at the input resolution
@@ -133,6 +134,28 @@ class Backbone(abc.ABC):
     device: torch.device
     #: True for torch models: ``torch.autocast`` (bfloat16) applies to their forward.
     supports_autocast: bool = False
+    #: Channels of a block's tokens (the same for every block of a ViT); None when it depends
+    #: on the block read (ONNX tensors).
+    width: int | None = None
+
+    #: The paper's k (100 sensitive neurons) and the width it was chosen for (ViT-L/14: 1024).
+    PAPER_K, PAPER_WIDTH = 100, 1024
+
+    def default_layer(self) -> Layer:
+        """The visual block read when none is given: 3/4 of the depth, as the paper's block 18
+        of 24 (block 9 of 12 on a ViT-B). Backbones without numbered blocks have none."""
+        n = self.info.num_layers
+        if n < 1:
+            raise ConfigError(f"backbone {self.info.source!r} has no default block: give one (--layer)")
+        return max(1, round(0.75 * n))
+
+    def default_k(self) -> int | None:
+        """Sensitive neurons kept by default: the paper's 100 of 1024 channels scaled to this
+        backbone's width, ``round(100 * width / 1024)`` (at least 1); None when the width depends
+        on the block read (ONNX)."""
+        if not self.width:
+            return None
+        return max(1, round(self.PAPER_K * self.width / self.PAPER_WIDTH))
 
     @abc.abstractmethod
     def resolve_layer(self, layer: Layer | None, *, semantic: bool = False) -> Layer:
@@ -151,6 +174,17 @@ class Backbone(abc.ABC):
     @property
     def logit_scale(self) -> float:
         raise ConfigError(f"backbone {self.info.source!r} has no text tower")
+
+    def text_probability(self, joint_tokens: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Per-token P(anomalous) of the text probe, ``(B, N, E)`` joint tokens and ``(2, E)``
+        prompt embeddings (row 0 normal, row 1 anomalous) -> ``(B, N)``.
+
+        The default is CLIP's (Eq. 11-12): both sides L2-normalised, the two cosine similarities
+        scaled by :attr:`logit_scale`, softmax over the two prompts
+        (:func:`lakead.ops.anomaly_probability`). A family trained with another contrastive loss
+        overrides it (SigLIP: sigmoid with its bias).
+        """
+        return anomaly_probability(joint_tokens, text_embeddings, self.logit_scale)
 
     def grid_size(self, image_size: int) -> tuple[int, int]:
         """Token grid ``(gh, gw)`` for a square input of ``image_size`` pixels."""

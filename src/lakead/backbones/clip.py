@@ -87,7 +87,8 @@ class CLIPBackbone(Backbone):
     """A frozen ``transformers.CLIPModel`` read at intermediate blocks.
 
     Blocks are numbered 1..L (block ``l`` is the output of the l-th transformer block, as in
-    the paper); the default semantic block is L, the last one.
+    the paper); the default visual block is 3/4 of the depth (18 of 24), the default semantic
+    block L, the last one.
     """
 
     supports_autocast = True
@@ -181,7 +182,7 @@ class CLIPBackbone(Backbone):
 
     def resolve_layer(self, layer: Layer | None, *, semantic: bool = False) -> int:
         if layer is None:
-            return self.num_layers if semantic else min(18, self.num_layers)
+            return self.num_layers if semantic else self.default_layer()
         if isinstance(layer, str):
             if not layer.lstrip("-").isdigit():
                 raise ConfigError(f"layer {layer!r}: CLIP blocks are numbered 1..{self.num_layers}")

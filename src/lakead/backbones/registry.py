@@ -22,6 +22,30 @@ def _clip(source: str, need_text: bool) -> Backbone:
     return CLIPBackbone.from_pretrained(source, need_text=need_text)
 
 
+def _dinov2(source: str, need_text: bool) -> Backbone:
+    from .dinov2 import DINOv2Backbone
+
+    return DINOv2Backbone.from_pretrained(source, need_text=need_text)
+
+
+def _dinov3(source: str, need_text: bool) -> Backbone:
+    from .dinov2 import DINOv3Backbone
+
+    return DINOv3Backbone.from_pretrained(source, need_text=need_text)
+
+
+def _siglip(source: str, need_text: bool) -> Backbone:
+    from .siglip import SigLIPBackbone
+
+    return SigLIPBackbone.from_pretrained(source, need_text=need_text)
+
+
+def _siglip2(source: str, need_text: bool) -> Backbone:
+    from .siglip import SigLIP2Backbone
+
+    return SigLIP2Backbone.from_pretrained(source, need_text=need_text)
+
+
 def _onnx(path: str, need_text: bool) -> Backbone:
     from .onnx import ONNXBackbone
 
@@ -31,8 +55,22 @@ def _onnx(path: str, need_text: bool) -> Backbone:
 #: ``model_type`` of a transformers checkpoint -> loader(source, need_text).
 CHECKPOINT_FAMILIES: dict[str, Callable[[str, bool], Backbone]] = {
     "clip": _clip,
+    "dinov2": _dinov2,
+    "dinov2_with_registers": _dinov2,
+    "dinov3_vit": _dinov3,
+    "siglip": _siglip,
+    "siglip2": _siglip2,
 }
-#: The family tried for a hub id whose config is not on this machine (it reports what it finds).
+#: What each ``model_type`` is, for messages (``lakead download-backbone``, unknown families).
+FAMILY_NAMES: dict[str, str] = {
+    "clip": "CLIP (OpenAI, LAION, MetaCLIP, ...: any CLIPModel checkpoint; text probe)",
+    "dinov2": "DINOv2 (visual only)",
+    "dinov2_with_registers": "DINOv2 with registers (visual only)",
+    "dinov3_vit": "DINOv3 ViT (visual only)",
+    "siglip": "SigLIP, and SigLIP 2 at a fixed resolution (text probe, sigmoid)",
+    "siglip2": "SigLIP 2 NaFlex (text probe, sigmoid)",
+}
+#: The family tried for a hub id whose config cannot be read (it reports what it finds).
 DEFAULT_FAMILY = "clip"
 #: Spec prefix -> loader(rest of the spec, need_text).
 PREFIX_FAMILIES: dict[str, Callable[[str, bool], Backbone]] = {
@@ -40,15 +78,37 @@ PREFIX_FAMILIES: dict[str, Callable[[str, bool], Backbone]] = {
 }
 
 
+def supported_families() -> str:
+    """One line per checkpoint family and prefix, for messages."""
+    lines = [f"  {t}: {FAMILY_NAMES.get(t, t)}" for t in CHECKPOINT_FAMILIES]
+    lines += [f"  {p}PATH: any ONNX image model, read at named tensors (visual only)" for p in PREFIX_FAMILIES]
+    return "\n".join(lines)
+
+
 def _local_model_type(spec: str) -> str | None:
-    """``model_type`` from a local directory's ``config.json``; None when it is not one."""
-    cfg = Path(spec).expanduser() / "config.json"
-    if not cfg.is_file():
+    """``model_type`` from a local directory's ``config.json`` or, for a hub id, from its
+    ``config.json`` in the Hugging Face cache (fetched when there is network); None when it
+    cannot be read."""
+    local = Path(spec).expanduser()
+    cfg = local / "config.json"
+    if not local.exists():
+        cfg = _hub_config(spec)  # type: ignore[assignment]
+    if cfg is None or not cfg.is_file():
         return None
     try:
         return json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return None  # the adapter reports the damaged file with its own message
+
+
+def _hub_config(spec: str) -> Path | None:
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(spec, "config.json", _raise_exceptions_for_missing_entries=False)
+    except Exception:  # not a hub id, no network and not cached, ...: the adapter says why
+        return None
+    return Path(found) if found else None
 
 
 def load_backbone(spec: "str | Backbone", *, need_text: bool = True) -> Backbone:
@@ -67,8 +127,5 @@ def load_backbone(spec: "str | Backbone", *, need_text: bool = True) -> Backbone
     family = _local_model_type(spec) or DEFAULT_FAMILY
     loader = CHECKPOINT_FAMILIES.get(family)
     if loader is None:
-        raise ConfigError(
-            f"{spec}: is a {family!r} model; lakead reads the families {sorted(CHECKPOINT_FAMILIES)} "
-            f"from transformers checkpoints, and any ONNX image model as {'/'.join(PREFIX_FAMILIES)}PATH"
-        )
+        raise ConfigError(f"{spec}: is a {family!r} model; lakead reads these families:\n{supported_families()}")
     return loader(spec, need_text)
