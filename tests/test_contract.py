@@ -21,6 +21,7 @@ from lakead import LakeConfig
 from lakead.api import Detector, Prediction, Runtime
 from lakead.backbones import load_backbone
 from lakead.methods import METHODS, get_method, load_detector
+from lakead.testing import save_random_backbone
 
 #: adapter -> options that fit the tiny test model of that adapter
 ADAPTERS = {
@@ -28,13 +29,24 @@ ADAPTERS = {
     "clip-multiblock": dict(k=6, layer=[1, 3], image_size=32),
     "onnx": dict(k=6, layer="block2_quantized"),
     "onnx-multiblock": dict(k=6, layer=["feat1", "block2_quantized"]),
+    "dinov2": dict(k=6, layer=2, image_size=32),
+    "dinov2registers": dict(k=6, layer=2, image_size=48),
+    "dinov3": dict(k=6, layer=3, image_size=32),
+    "siglip": dict(k=6, layer=2, image_size=48),
+    "siglip-multiblock": dict(k=6, layer=[1, 3], image_size=32),
+    "siglip2": dict(k=6, layer=2, image_size=32),
 }
+#: adapter -> the tiny random model of its family (lakead.testing preset)
+FAMILY_PRESETS = {"dinov2": "tiny-dinov2", "dinov2registers": "tiny-dinov2-registers", "dinov3": "tiny-dinov3",
+                  "siglip": "tiny-siglip", "siglip2": "tiny-siglip2"}
 
 
 @pytest.fixture(scope="module")
 def backbones(tiny_backbone, tmp_path_factory):
     onnx = load_backbone("onnx:" + str(save_tiny_onnx(tmp_path_factory.mktemp("onnx") / "tiny.onnx")))
-    return {"clip": tiny_backbone, "onnx": onnx}
+    root = tmp_path_factory.mktemp("families")
+    families = {a: load_backbone(str(save_random_backbone(root / p, p))) for a, p in FAMILY_PRESETS.items()}
+    return {"clip": tiny_backbone, "onnx": onnx, **families}
 
 
 @pytest.fixture(scope="module")
