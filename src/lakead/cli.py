@@ -312,24 +312,42 @@ def explain(
 
 @app.command("download-backbone")
 def download_backbone(
-    model_id: str = typer.Argument(..., help="Hugging Face hub id, e.g. openai/clip-vit-large-patch14-336.", show_default=False),
-    target: Path = typer.Argument(..., help="Directory to save the model, processor and tokenizer to.", show_default=False),
+    model_id: str = typer.Argument(..., help="Hugging Face hub id, e.g. openai/clip-vit-large-patch14-336, facebook/dinov2-base, google/siglip2-base-patch16-224.", show_default=False),
+    target: Path = typer.Argument(..., help="Directory to save the model, image processor and tokenizer to.", show_default=False),
 ) -> None:
-    """Save a hub CLIP to a local directory (run where there is network; use it with --backbone)."""
+    """Save a hub model of any supported family to a local directory (run where there is network; use it with --backbone)."""
+    from .backbones.registry import CHECKPOINT_FAMILIES, supported_families
     from .fileio import atomic_directory
 
     with errors_as_messages():
         try:
-            from transformers import CLIPModel, CLIPProcessor
+            from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
-            model = CLIPModel.from_pretrained(model_id)
-            processor = CLIPProcessor.from_pretrained(model_id)
+            model_type = getattr(AutoConfig.from_pretrained(model_id), "model_type", None)
+            if model_type not in CHECKPOINT_FAMILIES:
+                raise LakeadError(f"{model_id!r} is a {model_type!r} model; lakead reads these families:\n{supported_families()}")
+            model = AutoModel.from_pretrained(model_id)
+            try:
+                image_processor = AutoImageProcessor.from_pretrained(model_id)
+            except ImportError:  # a processor class that needs torchvision: keep its config file as it is
+                from transformers.utils import cached_file
+
+                image_processor = Path(cached_file(model_id, "preprocessor_config.json"))
+            tokenizer = None
+            if getattr(model, "text_model", None) is not None:
+                tokenizer = AutoTokenizer.from_pretrained(model_id)
         except (OSError, ValueError) as exc:
-            raise LakeadError(f"cannot fetch {model_id!r} from the Hugging Face Hub: {str(exc).splitlines()[0]}") from None
+            raise LakeadError(f"cannot fetch {model_id!r} from the Hugging Face Hub: {str(exc).splitlines()[0]}\n"
+                              f"lakead reads these families:\n{supported_families()}") from None
         with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-    out.print(f"saved {model_id} to {target}; use it with --backbone {target}")
+            if isinstance(image_processor, Path):
+                (Path(tmp) / image_processor.name).write_bytes(image_processor.read_bytes())
+            else:
+                image_processor.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    out.print(f"saved {model_id} ({model_type}) to {target}; use it with --backbone {target}")
 
 
 @app.command()
