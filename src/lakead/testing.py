@@ -47,7 +47,20 @@ def _char_vocab() -> dict[str, int]:
 
 def save_random_clip(path: str | Path, preset: str = "tiny", seed: int = 0, **overrides: int) -> Path:
     """Build a random CLIP from ``preset`` (sizes may be overridden) and save it to ``path``."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import CLIPImageProcessor, CLIPTokenizer
+
+    model, vocab, s = random_clip(preset, seed, **overrides)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(out)
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(out)
+    return out
+
+
+def random_clip(preset: str = "tiny", seed: int = 0, **overrides: int):
+    """``(CLIPModel, tokenizer vocabulary, input size)`` of ``preset``, in memory."""
+    from transformers import CLIPConfig, CLIPModel
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -67,14 +80,7 @@ def save_random_clip(path: str | Path, preset: str = "tiny", seed: int = 0, **ov
         projection_dim=p["proj"],
     )
     torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    s = p["image_size"]
-    CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(out)
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(out)
-    return out
+    return CLIPModel(config).eval(), vocab, p["image_size"]
 
 
 #: Other families: preset -> (model_type, sizes). ``image_size`` is the native input size.
@@ -114,6 +120,19 @@ def save_random_backbone(path: str | Path, preset: str = "tiny-dinov2", seed: in
     """Build a random model of any family's ``preset`` (CLIP ones included) and save it to ``path``."""
     if preset in PRESETS:
         return save_random_clip(path, preset, seed)
+    model, processor, tokenizer = random_backbone_parts(preset, seed)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def random_backbone_parts(preset: str, seed: int = 0):
+    """``(model, preprocessor config dict, tokenizer or None)`` of a non-CLIP ``preset``, in memory
+    (what :func:`save_random_backbone` writes)."""
     if preset not in FAMILY_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS) + sorted(FAMILY_PRESETS)}")
     import transformers
@@ -163,16 +182,10 @@ def save_random_backbone(path: str | Path, preset: str = "tiny-dinov2", seed: in
     if model_type == "dinov3_vit":  # transformers leaves the register tokens uninitialised when built from a config
         with torch.no_grad():
             model.embeddings.register_tokens.normal_(0.0, config.initializer_range)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
     processor.update(do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                      image_mean=list(mean), image_std=list(std))
     processor.setdefault("resample", 3)
-    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
+    return model, processor, tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
