@@ -99,7 +99,8 @@ def test_prediction_contract(fitted, images, adapter, method):
     assert [m.shape for m in pred.maps] == [im.shape[:2] for im in images]
     assert all(m.dtype == np.float32 and np.isfinite(m).all() for m in pred.maps)
     assert pred.threshold == det.threshold_
-    np.testing.assert_array_equal(pred.anomalous, pred.scores > det.threshold_)
+    assert pred.out_of_scope.shape == (len(images),) and pred.out_of_scope.dtype == bool
+    np.testing.assert_array_equal(pred.anomalous, (pred.scores > det.threshold_) | pred.out_of_scope)
     score = getattr(pred, get_method(method).score)
     assert np.isfinite(score).all()
 
@@ -108,6 +109,7 @@ def test_prediction_contract(fitted, images, adapter, method):
 def test_threshold_is_learned_from_the_normal_images_alone(fitted, backbones, normals, adapter, method):
     det = fitted(adapter, method)
     assert np.isfinite(det.threshold_) and det.loo_scores_.shape == (len(normals),)
+    assert det.threshold_rule_ in ("conformal", "gaussian") and det.false_alarm_rate_ == det.config.false_alarm_rate
     again = get_method(method).build(det.config, backbones[adapter.split("-")[0]], Runtime(batch_size=5)).fit(normals, "tile")
     assert again.threshold_ == pytest.approx(det.threshold_, rel=1e-5)
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import texture, with_defect
 from lakead import ConfigError, ImageLoadError, LakeDetector, ModelFormatError, NotFittedError, Prediction
+from lakead.decision import gaussian_threshold
 from lakead.ops import anomaly_probability, robust_threshold
 
 OPTS = dict(k=8, layer=2, image_size=64, batch_size=4)
@@ -84,8 +85,13 @@ def test_semantic_is_the_text_probe(fitted, tests_imgs):
 def test_leave_one_out_threshold(fitted, normals):
     assert fitted.loo_scores_.shape == (len(normals),) and np.isfinite(fitted.loo_scores_).all()
     assert np.median(fitted.loo_visual_) == pytest.approx(1.0)  # score_norm="loo"
-    assert fitted.threshold_ == pytest.approx(robust_threshold(fitted.loo_scores_, 3.0), rel=1e-5)
+    # 8 support images: a budget of 0.05 (0.045 for the defect score, beside the scope check) is below
+    # 1/(n+1), so the threshold is the Gaussian tail of the leave-one-out scores, and says so
+    assert fitted.threshold_rule_ == "gaussian" and fitted.false_alarm_rate_ == 0.05
+    assert fitted.threshold_ == pytest.approx(gaussian_threshold(fitted.loo_scores_, 0.045), rel=1e-5)
     assert fitted.threshold_ > np.median(fitted.loo_scores_)
+    old = LakeDetector(fitted.backbone, **OPTS, threshold_rule="sigmas").fit(normals, "tile")
+    assert old.threshold_ == pytest.approx(robust_threshold(old.loo_scores_, 3.0), rel=1e-5)
     # each LOO score is the image scored against the others only: do it by hand for image 0
     others = LakeDetector(fitted.backbone, **OPTS, score_norm="none").fit(normals[1:], "tile")
     others.state_.neurons = fitted.neurons_  # same subspace as the full fit

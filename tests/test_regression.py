@@ -14,7 +14,7 @@ import pytest
 from _onnx_models import save_tiny_onnx
 from lakead import LakeDetector
 from lakead.backbones import load_backbone
-from regression.cases import CASES, MODEL_V1, RECORD, run_case, held_out_images
+from regression.cases import CASES, MODEL_V1, OLD_DECISION, RECORD, held_out_images, run_case
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -37,7 +37,7 @@ def _expected(recorded: dict, case: str) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_numbers_as_before(case, recorded, tiny_backbone, onnx_backbone):
     kind, opts = CASES[case]
-    det = LakeDetector(tiny_backbone if kind == "clip" else onnx_backbone, **opts)
+    det = LakeDetector(tiny_backbone if kind == "clip" else onnx_backbone, **opts, **OLD_DECISION)
     got = run_case(det)
     want = _expected(recorded, case)
     assert sorted(got) == sorted(want)

@@ -57,12 +57,34 @@ class Prediction:
     scores: np.ndarray  # (B,) float32: the image score (LAKE: visual + lam * semantic)
     visual: np.ndarray  # (B,) float32: the visual part (LAKE: max over tokens of the distance to the gallery)
     semantic: np.ndarray  # (B,) float32: the text part (LAKE: pooled P(anomalous) of the text probe); 0 when off
-    anomalous: np.ndarray  # (B,) bool: scores > threshold
+    anomalous: np.ndarray  # (B,) bool: scores > threshold, or out of scope
     maps: tuple[np.ndarray, ...]  # B float32 maps, each at its image's own (H, W)
     threshold: float  # the decision threshold used
+    out_of_scope: np.ndarray | None = None  # (B,) bool: not the product fitted on (counted as anomalous); all False when not checked
+    scope: np.ndarray | None = None  # (B,) float32: the scope distance (0 when not checked)
+    pixel_threshold: float | None = None  # map level of defect regions (lakead.decision.find_regions); None: no regions
+    seed_threshold: float | None = None  # map level a region must reach somewhere
+
+    def __post_init__(self) -> None:
+        n = self.scores.shape[0]
+        if self.out_of_scope is None:
+            object.__setattr__(self, "out_of_scope", np.zeros(n, dtype=bool))
+        if self.scope is None:
+            object.__setattr__(self, "scope", np.zeros(n, dtype=np.float32))
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def regions(self, i: int) -> "tuple[np.ndarray, list]":
+        """Image ``i``'s defect mask ``(H, W)`` bool and its regions (:func:`lakead.decision.find_regions`):
+        connected areas of its map above ``pixel_threshold`` that reach ``seed_threshold``; none
+        when the model has no pixel level or the image is out of scope."""
+        from .decision import find_regions
+
+        amap = self.maps[i]
+        if self.pixel_threshold is None or bool(self.out_of_scope[i]):
+            return np.zeros(amap.shape, dtype=bool), []
+        return find_regions(amap, self.pixel_threshold, self.seed_threshold)
 
 
 @dataclass(frozen=True)

@@ -314,15 +314,19 @@ class BaseDetector:
         *,
         names: Sequence[str] | None = None,
         threshold: float | None = None,
+        false_alarm_rate: float | None = None,
         on_progress: Callable[[int], None] | None = None,
     ) -> Prediction:
         """Score images. Raises :class:`~lakead.errors.ImageLoadError` on the first bad one.
 
-        ``threshold`` overrides the fitted decision threshold for this call.
+        ``threshold`` overrides the fitted decision threshold for this call;
+        ``false_alarm_rate`` derives the decision levels again for that budget (methods that
+        keep their normal images' leave-one-out scores).
         """
         self.check_fitted()
         loaded = self.read_images(images, names, strict=True)
-        return self.predict_arrays(loaded.arrays, threshold=threshold, on_progress=on_progress)
+        budget = {} if false_alarm_rate is None else {"false_alarm_rate": false_alarm_rate}
+        return self.predict_arrays(loaded.arrays, threshold=threshold, on_progress=on_progress, **budget)
 
     def predict_arrays(
         self, arrays: Sequence[np.ndarray], *, threshold: float | None = None, on_progress: Callable[[int], None] | None = None

@@ -22,7 +22,9 @@ from conftest import texture, with_defect  # noqa: E402
 RECORD = HERE / "v1.npz"
 MODEL_V1 = HERE / "model_v1"  # a model directory written in format 1 by the old code
 
-#: name -> (backbone: "clip" or "onnx", detector options). Options are the ones of 412c465.
+#: name -> (backbone: "clip" or "onnx", detector options). Options are the ones of 412c465, plus
+#: the two that keep its decision: the threshold rule it had (median + 3 robust SDs) and no scope check.
+OLD_DECISION = dict(threshold_rule="sigmas", scope_check=False)
 CASES: dict[str, tuple[str, dict]] = {
     "lake": ("clip", dict(k=8, layer=2, image_size=64, batch_size=4)),
     "variants": ("clip", dict(k=6, layer=3, semantic_layer=3, semantic_agg="mean", selection="random", seed=3,
@@ -75,7 +77,7 @@ def _record() -> None:  # pragma: no cover - run by hand
     onnx = load_backbone("onnx:" + str(save_tiny_onnx(tmp / "tiny.onnx")))
     record = {}
     for name, (kind, opts) in CASES.items():
-        det = LakeDetector(clip if kind == "clip" else onnx, **opts)
+        det = LakeDetector(clip if kind == "clip" else onnx, **opts)  # recorded with 412c465, before OLD_DECISION existed
         for key, value in run_case(det).items():
             record[f"{name}/{key}"] = np.asarray(value)
         if name == "lake":

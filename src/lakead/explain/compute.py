@@ -18,8 +18,7 @@ import torch
 from ..errors import ConfigError
 from ..images import ImageInput
 from ..lake import LakeDetector
-from ..lake.detector import assemble
-from ..lake.score import batch_maps, image_parts
+from ..lake.score import ScoredBatch
 from ..neurons import embed_2d, jaccard_matrix, knee_k, neuron_fingerprints, patch_contributions, top_contributors
 
 #: Percentiles of a neuron's support values that span the colour scale of its activation map.
@@ -129,7 +128,6 @@ def explain_images(
     arrays, labels = loaded.arrays, loaded.names
     if not arrays:
         return []
-    cfg = det.config
     gallery = state.gallery  # (M, K)
     neurons = state.neurons.to(gallery.device)
     neuron_ids = state.neurons.detach().cpu().numpy()  # (K,)
@@ -137,17 +135,11 @@ def explain_images(
     lo, hi = np.percentile(gallery_np, NORMAL_PERCENTILES, axis=0)  # (K,) each
     gh, gw = state.grid
     rows_per_image = gh * gw
-    visual, semantic, maps = [], [], []
     found = []  # per image: (patch token, its score, nearest gallery row, contributions)
-    for batch in det.iter_scored(arrays):  # one forward pass per batch, as predict
-        vis, sem = image_parts(batch, cfg)
-        b = vis.shape[0]
-        visual.append(vis)
-        semantic.append(sem)
-        sizes = [a.shape[:2] for a in arrays[batch.start : batch.start + b]]
-        maps += batch_maps(batch, sizes, cfg, state.image_size)
+
+    def contributions_of(batch: ScoredBatch) -> None:  # the same forward pass as the prediction
         q = batch.tokens.to(gallery.device)[..., neurons]  # (B, N, K)
-        for j in range(b):
+        for j in range(batch.tokens.shape[0]):
             t = int(torch.argmax(batch.distances[j]))
             g_row = int(batch.nearest[j, t])
             query = q[j, t].detach().cpu().numpy()  # (K,)
@@ -165,9 +157,8 @@ def explain_images(
                 for p in top_contributors(contrib, top)
             )
             found.append((t, float(batch.distances[j, t]), g_row, contributions))
-        if on_progress is not None:
-            on_progress(b)
-    pred = assemble(visual, semantic, maps, cfg.lam, state.threshold)  # exactly predict's numbers
+
+    pred = det.predict_arrays(arrays, on_batch=contributions_of, on_progress=on_progress)  # exactly predict's numbers
     out: list[ImageExplanation] = []
     for i, (t, patch_score, g_row, contributions) in enumerate(found):
         support_index = int(state.gallery_image[g_row])

@@ -52,8 +52,17 @@ class LakeConfig(Options):
         "loo", "loo: visual scores divided by the median leave-one-out score of the support images; none: raw distances.")
     map_source: Literal["visual", "semantic"] = option(
         "visual", "What the maps show: visual token distances (the paper) or the text probe's per-token P(anomalous).")
+    false_alarm_rate: float = option(
+        0.05, "False-alarm budget: the share of normal images the decision may flag. The threshold is derived "
+        "from the support images' leave-one-out scores for it (docs/DECISIONS.md).")
+    threshold_rule: Literal["auto", "conformal", "gaussian", "sigmas"] = option(
+        "auto", "How the threshold is derived: auto (conformal when the budget is at least 1/(n+1) for n support "
+        "images, else a Gaussian tail), conformal, gaussian, or sigmas (median + threshold_sigmas robust SDs).")
     threshold: Optional[float] = option(None, "Fixed decision threshold (default: derived from the normal images).")
-    threshold_sigmas: float = option(3.0, "Robust standard deviations above the typical normal score for the derived threshold.")
+    threshold_sigmas: float = option(3.0, "With threshold_rule sigmas: robust standard deviations above the typical normal score.")
+    scope_check: bool = option(
+        True, "Also flag images that are not the product fitted on (out_of_scope): far from every support image "
+        "in mean-pooled features.")
 
     @property
     def blocks(self) -> tuple[Layer, ...]:
@@ -68,7 +77,10 @@ class LakeConfig(Options):
         if not isinstance(self.backbone, str) or not self.backbone.strip():
             raise ConfigError(f"backbone must be a hub id, a local directory or onnx:PATH, got {self.backbone!r}")
         self.blocks  # noqa: B018 - raises on an empty or repeated list
-        for name in ("use_text", "filter_outliers"):
+        if isinstance(self.false_alarm_rate, bool) or not isinstance(self.false_alarm_rate, (int, float)) \
+                or not 0 < self.false_alarm_rate < 1:
+            raise ConfigError(f"false_alarm_rate must be a number in (0, 1), got {self.false_alarm_rate!r}")
+        for name in ("use_text", "filter_outliers", "scope_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         c = self.outlier_contamination

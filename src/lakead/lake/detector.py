@@ -32,6 +32,7 @@ Choices the paper leaves open, all configurable and recorded with the model
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -149,11 +150,14 @@ class LakeDetector(BaseDetector):
                 n = len(loaded.names)
                 variance, neurons = steps.select_neurons(feats, cfg)  # chosen again without the outliers
         gallery = feats.reshape(n * n_tok, width)[:, neurons].contiguous()  # (n*N, K)
+        pooled = feats.mean(dim=1) if cfg.scope_check else None  # (n, D): each support image as a whole
         del feats
 
         loo_raw, loo_tokens = steps.leave_one_out(gallery, n, n_tok, device)
+        loo_scope = steps.scope_scores(pooled, pooled, leave_one_out=True) if pooled is not None and n >= 2 else None
         semantic_support = pool_scores(sem_tokens, cfg.semantic_agg).numpy().astype(np.float64)  # (n,)
-        scale, loo_scores, threshold, map_range = steps.decision(loo_raw, loo_tokens, semantic_support, cfg, use_text)
+        scale, loo_scores, levels, map_range, tokens = steps.decision(loo_raw, loo_tokens, semantic_support, loo_scope,
+                                                                      cfg, use_text)
         if not np.isfinite(loo_raw).any() and cfg.threshold is None:
             log.warning(
                 "only one support image: no leave-one-out threshold can be derived, so every image is "
@@ -168,13 +172,21 @@ class LakeDetector(BaseDetector):
             loo_semantic=semantic_support.astype(np.float32),
             loo_scores=loo_scores.astype(np.float32),
             text_embeddings=text,
+            loo_tokens=tokens,
+            scope_gallery=pooled if loo_scope is not None else None,
+            loo_scope=loo_scope,
             layer=list(blocks) if isinstance(cfg.layer, (list, tuple)) else blocks[0],  # canonical names
             semantic_layer=semantic_layer,
             image_size=image_size,
             grid=tuple(grid),
             width=int(width),
             visual_scale=scale,
-            threshold=threshold,
+            threshold=levels.image,
+            threshold_rule=levels.rule,
+            false_alarm_rate=levels.budget,
+            seed_threshold=levels.seed,
+            pixel_threshold=levels.pixel,
+            scope_threshold=levels.scope,
             map_range=map_range,
             class_name=class_name.strip(),
             prompts=prompts if use_text else None,
@@ -211,26 +223,53 @@ class LakeDetector(BaseDetector):
 
     # -- predict --------------------------------------------------------------------------
 
+    def thresholds(self, false_alarm_rate: float | None = None) -> steps.Thresholds:
+        """The decision levels: the fitted ones, or derived again from the saved leave-one-out
+        scores for another false-alarm budget (no refit)."""
+        state = self.check_fitted()
+        if false_alarm_rate is None:
+            return steps.Thresholds(state.threshold, state.threshold_rule, state.false_alarm_rate, state.seed_threshold,
+                                    state.pixel_threshold, state.scope_threshold)
+        try:
+            return steps.thresholds(state.loo_scores, state.loo_visual, state.loo_tokens, state.loo_scope, self.config,
+                                    false_alarm_rate)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
     def predict_arrays(
         self,
         arrays: Sequence[np.ndarray],
         *,
         threshold: float | None = None,
+        false_alarm_rate: float | None = None,
         on_progress: Callable[[int], None] | None = None,
+        on_batch: Callable[[ScoredBatch], None] | None = None,
     ) -> Prediction:
-        """:meth:`predict` for images already read (``(H, W, 3)`` uint8 arrays)."""
+        """:meth:`predict` for images already read (``(H, W, 3)`` uint8 arrays). ``threshold``
+        fixes the decision threshold for this call; ``false_alarm_rate`` derives every level
+        again from the saved leave-one-out scores for that budget. ``on_batch(batch)`` sees
+        each scored batch (what explain reads, from the same forward pass)."""
         state = self.check_fitted()
-        thr = state.threshold if threshold is None else float(threshold)
-        visual, semantic, maps = [], [], []
+        levels = self.thresholds(false_alarm_rate)
+        thr = levels.image if threshold is None else float(threshold)
+        visual, semantic, maps, scope = [], [], [], []
         for batch in self.iter_scored(arrays):
             vis, sem = image_parts(batch, self.config)
             visual.append(vis)
             semantic.append(sem)
+            if levels.scope is not None and state.scope_gallery is not None:
+                scope.append(steps.scope_scores(batch.tokens.mean(dim=1), state.scope_gallery))  # (B,)
             sizes = [a.shape[:2] for a in arrays[batch.start : batch.start + vis.shape[0]]]
             maps += batch_maps(batch, sizes, self.config, state.image_size)
+            if on_batch is not None:
+                on_batch(batch)
             if on_progress is not None:
                 on_progress(len(sizes))
-        return assemble(visual, semantic, maps, self.config.lam, thr)
+        pred = assemble(visual, semantic, maps, self.config.lam, thr)
+        scope_d = np.concatenate(scope).astype(np.float32) if scope else np.zeros(len(pred), np.float32)
+        out = scope_d > levels.scope if scope else np.zeros(len(pred), bool)
+        return dataclasses.replace(pred, anomalous=pred.anomalous | out, out_of_scope=out, scope=scope_d,
+                                   pixel_threshold=levels.pixel, seed_threshold=levels.seed)
 
     # -- model directory ------------------------------------------------------------------
 

@@ -4,8 +4,11 @@
    neurons by the configured rule (Eq. 3-4).
 2. :func:`leave_one_out`: each support image scored against the gallery of the others, to
    learn what a normal score looks like without any defect image.
-3. :func:`decision`: the scale of visual scores, the threshold and the maps' colour range
-   from those leave-one-out scores.
+3. :func:`decision`: the scale of visual scores, the decision levels (:func:`thresholds`: a
+   false-alarm budget over those leave-one-out scores, :mod:`lakead.decision`) and the maps'
+   colour range;
+4. :func:`scope_scores`: how far an image is from the support images as a whole ("not this
+   product"), scored leave-one-out on the support set too.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import logging
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..decision import budget_threshold, check_budget
 from ..neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_image_features
-from ..ops import channel_variance, nearest_neighbor, robust_threshold, top_k_channels
+from ..ops import channel_variance, nearest_neighbor, top_k_channels
 from .config import LakeConfig
 
 log = logging.getLogger("lakead")
@@ -90,31 +95,97 @@ def leave_one_out(gallery: torch.Tensor, n: int, n_tok: int, device: torch.devic
     return visual, tokens
 
 
+#: Share of the false-alarm budget given to the scope check ("not this product") when it is on;
+#: the defect decision gets the rest, so that together they stay within the budget (union bound).
+SCOPE_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every decision level of a fitted model, derived from normal images only."""
+
+    image: float  # the fused score above which an image is anomalous (inf: none could be derived)
+    rule: str  # how `image` was derived: conformal, gaussian, sigmas, fixed (by the user) or none
+    budget: float | None  # the false-alarm budget it was derived for (None: sigmas or fixed)
+    seed: float | None  # the visual token score a defect region must reach: the visual decision level
+    pixel: float | None  # the token score a region's pixels exceed
+    scope: float | None  # the pooled-feature distance above which an image is out of scope (None: off)
+
+
+def thresholds(
+    loo_scores: np.ndarray,
+    loo_visual: np.ndarray,
+    loo_tokens: np.ndarray | None,
+    loo_scope: np.ndarray | None,
+    config: LakeConfig,
+    false_alarm_rate: float | None = None,
+) -> Thresholds:
+    """The decision levels for the leave-one-out scores of the support images (all in the units
+    of the saved scores: visual parts divided by the visual scale).
+
+    ``false_alarm_rate`` replaces the configured budget (``predict --false-alarm-rate``). The
+    budget is split between the defect decision and the scope check (:data:`SCOPE_SHARE`); the
+    pixel level is the same rule over every support token's leave-one-out score, so a normal
+    token exceeds it with probability about the budget; a region must also reach the visual
+    decision level somewhere (``seed``).
+    """
+    alpha = check_budget(config.false_alarm_rate if false_alarm_rate is None else false_alarm_rate)
+    rule = config.threshold_rule
+    scope_on = loo_scope is not None and np.isfinite(loo_scope).sum() >= 2
+    a_image = alpha * (1 - SCOPE_SHARE) if scope_on else alpha
+    finite = loo_scores[np.isfinite(loo_scores)]
+    if finite.size == 0:
+        return Thresholds(math.inf if config.threshold is None else float(config.threshold),
+                          "none" if config.threshold is None else "fixed", None, None, None, None)
+    image, used = budget_threshold(finite, a_image, rule, config.threshold_sigmas)
+    if config.threshold is not None:
+        image, used = float(config.threshold), "fixed"
+    seed, _ = budget_threshold(loo_visual[np.isfinite(loo_visual)], a_image, rule, config.threshold_sigmas)
+    pixel = None
+    if loo_tokens is not None and loo_tokens.size:
+        pixel, _ = budget_threshold(loo_tokens, alpha, "auto" if rule == "sigmas" else rule, config.threshold_sigmas)
+        pixel = min(pixel, seed)
+    scope = None
+    if scope_on:
+        scope, _ = budget_threshold(loo_scope[np.isfinite(loo_scope)], alpha * SCOPE_SHARE, "auto" if rule == "sigmas" else rule)
+    return Thresholds(float(image), used, None if used in ("sigmas", "fixed") else alpha, float(seed),
+                      None if pixel is None else float(pixel), None if scope is None else float(scope))
+
+
 def decision(
     loo_visual_raw: np.ndarray,
     loo_tokens_raw: Sequence[np.ndarray],
     semantic_support: np.ndarray,
+    loo_scope: np.ndarray | None,
     config: LakeConfig,
     use_text: bool,
-) -> tuple[float, np.ndarray, float, tuple[float, float]]:
+) -> tuple[float, np.ndarray, Thresholds, tuple[float, float], np.ndarray | None]:
     """From the leave-one-out scores: the visual scale, the fused support scores ``(n,)``, the
-    threshold (``inf`` with one support image) and the maps' colour range."""
+    decision levels (:func:`thresholds`), the maps' colour range (the typical normal token up
+    to the visual decision level) and the normalised token scores ``(T,)``."""
     finite = loo_visual_raw[np.isfinite(loo_visual_raw)]
     scale = float(np.median(finite)) if (config.score_norm == "loo" and finite.size and np.median(finite) > 0) else 1.0
     loo_scores = loo_visual_raw / scale + (config.lam * semantic_support if use_text else 0.0)
-    if config.threshold is not None:
-        threshold = float(config.threshold)
-    elif finite.size:
-        threshold = robust_threshold(loo_scores[np.isfinite(loo_scores)], config.threshold_sigmas)
-    else:
-        threshold = math.inf
-    if loo_tokens_raw:
-        tokens = np.concatenate(loo_tokens_raw) / scale
-        map_range = (float(np.median(tokens)), float(robust_threshold(finite / scale, config.threshold_sigmas)))
+    tokens = np.concatenate(loo_tokens_raw).astype(np.float32) / np.float32(scale) if loo_tokens_raw else None
+    levels = thresholds(loo_scores, loo_visual_raw / scale, tokens, loo_scope, config)
+    if tokens is not None:
+        map_range = (float(np.median(tokens)), float(levels.seed))
     else:
         map_range = (0.0, 1.0)
     if map_range[1] <= map_range[0]:
         map_range = (map_range[0], map_range[0] + 1.0)
     if config.map_source == "semantic":
         map_range = (0.5, 1.0)  # probabilities: from "as likely normal as anomalous" up
-    return scale, loo_scores, threshold, map_range
+    return scale, loo_scores, levels, map_range, tokens
+
+
+def scope_scores(pooled: torch.Tensor, gallery: torch.Tensor, *, leave_one_out: bool = False) -> np.ndarray:
+    """How far each image is from the normal images as a whole: the cosine distance of its
+    mean-pooled visual tokens ``(B, D)`` to the nearest support image's ``(n, D)`` (the
+    support image itself left out with ``leave_one_out``, for the support set)."""
+    q = torch.nn.functional.normalize(pooled.float(), dim=-1)
+    g = torch.nn.functional.normalize(gallery.float(), dim=-1)
+    d = 1 - q @ g.T  # (B, n)
+    if leave_one_out:
+        d.fill_diagonal_(math.inf)
+    return d.amin(dim=1).clamp_min(0).cpu().numpy().astype(np.float64)

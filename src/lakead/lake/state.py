@@ -34,6 +34,11 @@ class LakeState(LearnedState):
     loo_scores: np.ndarray = tensor("(n,) float32: leave-one-out fused scores (what the threshold is derived from)", numpy=True)
     text_embeddings: torch.Tensor | None = tensor("(2, E) float32: normalised normal / anomalous prompt embeddings",
                                                   optional=True, device=True)
+    loo_tokens: np.ndarray | None = tensor("(T,) float32: leave-one-out token scores of the support images (pixel level)",
+                                           optional=True, numpy=True)
+    scope_gallery: torch.Tensor | None = tensor("(n, D) float32: mean-pooled visual tokens of each support image", optional=True)
+    loo_scope: np.ndarray | None = tensor("(n,) float64: leave-one-out scope distances of the support images",
+                                          optional=True, numpy=True)
     # -- facts (lakead.json) --
     layer: LayerSpec = fact("the visual block(s) read, in the backbone's canonical form")
     semantic_layer: Layer | None = fact("the text probe's block; None when the probe is off")
@@ -42,6 +47,11 @@ class LakeState(LearnedState):
     width: int = fact("D, channels of the visual tokens")
     visual_scale: float = fact("what visual distances are divided by (score_norm)")
     threshold: float = fact("the decision threshold (inf: none could be derived)")
+    threshold_rule: str = fact("how it was derived: conformal, gaussian, sigmas, fixed or none", default="sigmas")
+    false_alarm_rate: float | None = fact("the false-alarm budget it was derived for (None: sigmas or fixed)", default=None)
+    seed_threshold: float | None = fact("the visual token score a defect region must reach", default=None)
+    pixel_threshold: float | None = fact("the token score a defect region's pixels exceed", default=None)
+    scope_threshold: float | None = fact("the scope distance above which an image is out of scope (None: off)", default=None)
     map_range: tuple[float, float] = fact("(typical normal patch, visual decision level): the maps' colour scale")
     class_name: str = fact("what the images show")
     prompts: list[str] | None = fact("the normal and anomalous prompts; None when the probe is off")
