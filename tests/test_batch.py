@@ -97,7 +97,7 @@ def test_parse_maps():
 def test_output_names_are_relative_to_the_inputs(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     assert output_root([tmp_path / "a"]) == tmp_path / "a"
-    assert output_name(tmp_path / "a" / "b" / "x.png", output_root([tmp_path / "a"])) == os.path.join("b", "x")
+    assert output_name(tmp_path / "a" / "b" / "x.png", output_root([tmp_path / "a"])) == os.path.join("b", "x.png")
     f = tmp_path / "a" / "b" / "x.png"
     f.write_bytes(b"")
     assert output_root([f]) == tmp_path / "a" / "b"

@@ -110,7 +110,7 @@ def test_predict_writes_scores_overlays_and_maps(model, dataset, tmp_path):
     assert set(rows[0]) == {"path", "score", "visual", "semantic", "anomalous"}
     scores = {row["path"].split("test/")[1]: float(row["score"]) for row in rows}
     assert scores["bad/000.png"] > max(scores["ok/000.png"], scores["ok/001.jpg"])
-    for name, size in (("bad/000", (64, 64)), ("ok/000", (64, 64)), ("ok/001", (48, 80))):
+    for name, size in (("bad/000.png", (64, 64)), ("ok/000.png", (64, 64)), ("ok/001.jpg", (48, 80))):
         amap = np.load(out / "maps" / f"{name}.npy")
         assert amap.shape == size and amap.dtype == np.float32
         assert Image.open(out / "overlays" / f"{name}.png").size == (size[1], size[0])

@@ -26,7 +26,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import ConfigError, ModelFormatError
-from .fileio import atomic_directory
+from .fileio import atomic_directory, recover_directory
 
 if TYPE_CHECKING:
     import torch
@@ -237,7 +237,7 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
     precision) are dropped from the options, and its method is ``"lake"``.
     """
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not recover_directory(p):  # a replacement killed half-way is undone
         raise ModelFormatError(f"{p}: no such model directory")
     if not p.is_dir():
         raise ModelFormatError(f"{p}: is a file; a saved model is a directory")
@@ -265,3 +265,27 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta.get("method"), str):
         raise ModelFormatError(f"{cfg_file}: has no 'method'")
     return meta
+
+
+def model_facts(meta: dict[str, Any]) -> dict[str, Any]:
+    """What ``lakead info`` shows of a saved model's ``lakead.json`` (read by :func:`read_model_meta`);
+    a KeyError or TypeError when a fact is missing."""
+    config = meta["config"]
+    selection = config.get("selection")
+    return {
+        "method": meta["method"],
+        "class_name": meta["class_name"],
+        "backbone": meta["backbone"]["source"],
+        "layer": meta["layer"],
+        "semantic_layer": meta.get("semantic_layer"),
+        "image_size": meta.get("image_size"),
+        "k": meta.get("k", config.get("k")),
+        "k_rule": "all channels" if selection == "all" else "auto (knee)" if config.get("k") == "auto" else "fixed",
+        "selection": selection,
+        "support_images": len(meta["support"]),
+        "support_rule": meta.get("support_rule"),
+        "outliers_dropped": len(meta.get("outliers") or []),
+        "threshold": meta["threshold"],
+        "fitted_at": meta.get("fitted_at"),
+        "lakead_version": meta.get("lakead_version"),
+    }

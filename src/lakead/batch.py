@@ -9,8 +9,11 @@ Layout of an output directory::
     run.json              the model, threshold and precision that wrote scores.csv (checked on resume)
 
 ``<name>`` is the image's path relative to the common folder of the inputs (a folder given
-counts itself, a file its folder), suffix dropped, so that ``test/crack/000.png`` and
-``test/good/000.png`` do not overwrite each other.
+counts itself, a file its folder), suffix kept, so that ``test/crack/000.png``,
+``test/good/000.png`` and ``test/good/000.jpg`` do not overwrite each other
+(``maps/test/good/000.jpg.npy``); names differing only in case get a suffix (:class:`OutputNames`).
+Each image is listed once, even through symlink loops or inputs given twice
+(:func:`lakead.images.iter_images`), and the run's own output never, even inside an input.
 
 How a run streams. Folders are listed lazily (:func:`lakead.images.iter_images`); a pool of
 threads reads and decodes the next images (Pillow releases the GIL) while the network scores
@@ -116,9 +119,48 @@ def output_root(inputs: Sequence[str | os.PathLike]) -> Path:
 
 
 def output_name(path: str | os.PathLike, root: Path) -> str:
-    """The name of an image's output files: its path relative to ``root``, suffix dropped."""
-    rel = os.path.relpath(os.path.abspath(path), root)
-    return str(Path(rel).with_suffix(""))
+    """The name of an image's output files: its path relative to ``root``, suffix kept
+    (``a.png`` -> ``overlays/a.png.png``, ``maps/a.png.npy``)."""
+    return os.path.relpath(os.path.abspath(path), root)
+
+
+class OutputNames:
+    """The output names of one run's images, called in listing order: :func:`output_name`,
+    and where two names in one folder differ only in case (``A.png``, ``a.png``), the later
+    one with ``~`` and 8 hex digits of its path added, so that a case-insensitive file system
+    keeps both. The same inputs get the same names on every run (``resume``), as long as every
+    path is named, scored or not. Only the names of the folders on the current path are held.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._folders: dict[str, set[str]] = {}  # case-folded folder -> case-folded names in it
+
+    def __call__(self, path: str | os.PathLike) -> str:
+        name = output_name(path, self.root)
+        folder, leaf = os.path.split(name)
+        key = folder.casefold()
+        for k in [k for k in self._folders if k and k != key and not key.startswith(k + os.sep)]:
+            del self._folders[k]  # a folder the listing has left
+        taken = self._folders.setdefault(key, set())
+        if leaf.casefold() in taken:
+            tag = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+            leaf = f"{leaf}~{tag}"
+            name = os.path.join(folder, leaf)
+        taken.add(leaf.casefold())
+        return name
+
+
+def own_output(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """What a run into ``out_dir`` must not list as input: ``out_dir`` itself, or, when an input
+    is ``out_dir`` or inside it, its ``overlays/`` (the only images a run writes)."""
+    out = Path(out_dir)
+    real = os.path.realpath(out)
+    for item in inputs:
+        r = os.path.realpath(item)
+        if r == real or r.startswith(real.rstrip(os.sep) + os.sep):
+            return [out / "overlays"]
+    return [out, out / "overlays"]
 
 
 def _csv_line(row: Sequence[str]) -> bytes:
@@ -315,22 +357,34 @@ class Todo:
     """The paths of a run that have no row yet in ``results`` (as strings), lazily.
 
     Paths already scored are passed over and counted; :meth:`take_skipped` returns how many
-    since it was last called (for progress reports).
+    since it was last called (for progress reports). With ``names`` (an :class:`OutputNames`),
+    every path is named in listing order, skipped or not, and :meth:`take_name` returns the
+    name of a path yielded.
     """
 
-    def __init__(self, paths: Iterable[os.PathLike | str], results: OutputDir) -> None:
+    def __init__(self, paths: Iterable[os.PathLike | str], results: OutputDir,
+                 names: Callable[[str], str] | None = None) -> None:
         self.paths = paths
         self.results = results
+        self.names = names
         self.skipped = 0
         self._reported = 0
+        self._named: dict[str, str] = {}  # names of the paths yielded and not yet taken
 
     def __iter__(self) -> Iterator[str]:
         for p in self.paths:
             s = str(p)
+            name = self.names(s) if self.names is not None else None
             if self.results.done(s):
                 self.skipped += 1
                 continue
+            if name is not None:
+                self._named[s] = name
             yield s
+
+    def take_name(self, path: str) -> str:
+        """The output name of ``path`` (once: it is then forgotten)."""
+        return self._named.pop(path)
 
     def take_skipped(self) -> int:
         n, self._reported = self.skipped - self._reported, self.skipped
@@ -413,6 +467,16 @@ def score_batch(
     ]
 
 
+def _is_number(value: object) -> bool:
+    """A real number that is not NaN (a threshold may be infinite: nothing, or everything, is anomalous)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return not math.isnan(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
 def default_read_threads() -> int:
     """Threads that read images ahead: 4, or fewer on a smaller machine."""
     return max(1, min(4, os.cpu_count() or 1))
@@ -448,9 +512,11 @@ def predict_to_dir(
     threads = default_read_threads() if read_threads is None else int(read_threads)
     if threads < 1:
         raise ConfigError(f"read_threads must be at least 1, got {read_threads}")
-    paths = iter_images(inputs)  # checks the inputs now, lists them while they are consumed
-    root = output_root(inputs)
+    if threshold is not None and not _is_number(threshold):
+        raise ConfigError(f"threshold must be a number, not {threshold!r}")
     out = Path(out_dir)
+    paths = iter_images(inputs, exclude=own_output(out, inputs))  # checks the inputs now, lists them while consumed
+    root = output_root(inputs)
     bs = detector.runtime.batch_size
     summary = BatchSummary(threshold=detector.threshold_ if threshold is None else float(threshold))
 
@@ -458,13 +524,13 @@ def predict_to_dir(
                     detector.runtime.precision, maps)
     with OutputDir(out, info, resume=resume) as results, \
             ThreadPoolExecutor(threads, thread_name_prefix="lakead-read") as pool:
-        todo = Todo(paths, results)
+        todo = Todo(paths, results, OutputNames(root))
         arrays: list[np.ndarray] = []
         kept: list[str] = []
         errors: list[tuple[str, str]] = []
 
         def flush() -> None:
-            rows = score_batch(detector, arrays, kept, [output_name(p, root) for p in kept], out, maps,
+            rows = score_batch(detector, arrays, kept, [todo.take_name(p) for p in kept], out, maps,
                                threshold=threshold, pool=pool) if arrays else []
             results.commit(rows, errors)
             record(summary, rows, errors)
@@ -478,6 +544,7 @@ def predict_to_dir(
         try:
             for path, result in read_ahead(todo, lambda s: detector.read_image(s, s), pool, depth=2 * bs):
                 if isinstance(result, ImageLoadError):
+                    todo.take_name(path)
                     errors.append((path, result.problem))
                     if on_error is not None:
                         on_error(path, result.problem)

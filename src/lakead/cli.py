@@ -7,6 +7,7 @@ read (they are listed on stderr and in ``errors.csv``); 2 for a usage error.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from rich.table import Table
 from ._version import __version__
 from .api import Runtime
 from .errors import LakeadError
+from .fileio import check_directory_target, os_error_text
+from .images import CONTROL_CHARACTERS, printable
 from .lake import LakeConfig
 from .methods import METHODS, get_method, load_detector
 from .options import MODEL_PANEL, choice_option, command_line, config_options, option_specs, option_text, runtime_options
@@ -64,18 +67,20 @@ state: dict[str, bool] = {"quiet": False}
 
 
 def fail(message: str) -> "typer.Exit":
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(printable(message, keep=chr(10)))}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(code=1)
 
 
 @contextmanager
 def errors_as_messages(interrupted: str = "interrupted") -> Iterator[None]:
-    """Print a :class:`LakeadError` as one clear message and exit 1, without a traceback;
-    on Ctrl-C print ``interrupted`` and exit 130."""
+    """Print a :class:`LakeadError` or a system error (disk full, read-only, ...) as one clear
+    message and exit 1, without a traceback; on Ctrl-C print ``interrupted`` and exit 130."""
     try:
         yield
     except LakeadError as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(os_error_text(exc)) from None
     except KeyboardInterrupt:
         err.print(escape(interrupted), highlight=False)  # printed verbatim, like fail()
         raise typer.Exit(code=130) from None
@@ -129,7 +134,10 @@ def fit(
     from .data import select_shots
     from .images import list_images
 
+    if CONTROL_CHARACTERS.search(class_name):
+        raise typer.BadParameter(f"has a control character: '{printable(class_name)}'; give printable text", param_hint="--class-name")
     with errors_as_messages():
+        check_directory_target(out_dir)  # before the work, not after it
         pool = list_images(normal)
         chosen, rule = select_shots(pool, shots, seed)
         det = get_method("lake").build(config, runtime=runtime)
@@ -147,7 +155,7 @@ def fit(
 def _print_summary(summary: dict, title: str) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     for key, value in summary.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(escape(printable(key)), escape(printable(f"{value:.4g}" if isinstance(value, float) else value)))
     out.print(table)
 
 
@@ -173,7 +181,7 @@ def predict(
     Rows are appended to scores.csv a batch at a time; an interrupted run loses at most the
     batch in flight and goes on with --resume.
     """
-    from .batch import parse_maps, predict_to_dir
+    from .batch import own_output, parse_maps, predict_to_dir
     from .images import iter_images
 
     if (ray_address is not None or ray_workers is not None) and not ray:
@@ -186,14 +194,16 @@ def predict(
         raise typer.BadParameter(str(exc).removeprefix("maps: "), param_hint="--maps") from None
     if read_threads is not None and read_threads < 1:
         raise fail(f"--read-threads must be at least 1, got {read_threads}")
+    if threshold is not None and math.isnan(threshold):
+        raise fail("threshold must be a number, not nan")
 
     def report(path: str, problem: str) -> None:
-        err.print(f"[yellow]cannot read[/] {escape(path)}: {escape(problem)}", highlight=False)
+        err.print(f"[yellow]cannot read[/] {escape(printable(path))}: {escape(printable(problem))}", highlight=False)
 
     scores_file = out_dir / "scores.csv"
     with errors_as_messages(f"interrupted: the rows of finished batches are in {scores_file}; "
                             "run the same command with --resume to go on"):
-        total = sum(1 for _ in iter_images(inputs))  # a cheap listing pass, for the progress bar
+        total = sum(1 for _ in iter_images(inputs, exclude=own_output(out_dir, inputs), warn=False))  # for the progress bar
         if ray:
             from .distributed import predict_on_ray
 
@@ -224,39 +234,15 @@ def predict(
 @app.command()
 def info(model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit'.", show_default=False)) -> None:
     """Print what a saved model holds (without loading the backbone)."""
-    from .api import read_model_meta
+    from .api import model_facts, read_model_meta
 
     with errors_as_messages():
         meta = read_model_meta(model_dir)  # a format-1 model is converted as it is read
         try:
-            summary = _model_facts(meta)
+            summary = {**(facts := model_facts(meta)), "layer": option_text(facts["layer"])}
         except (KeyError, TypeError) as exc:
             raise LakeadError(f"{model_dir}: lakead.json is damaged (no {exc})") from None
     _print_summary(summary, title=str(model_dir))
-
-
-def _model_facts(meta: dict) -> dict:
-    """What ``lakead info`` shows of a saved model's ``lakead.json``."""
-    config = meta["config"]
-    selection = config.get("selection")
-    k = meta.get("k", config.get("k"))
-    return {
-        "method": meta["method"],
-        "class_name": meta["class_name"],
-        "backbone": meta["backbone"]["source"],
-        "layer": option_text(meta["layer"]),
-        "semantic_layer": meta.get("semantic_layer"),
-        "image_size": meta.get("image_size"),
-        "k": k,
-        "k_rule": "all channels" if selection == "all" else "auto (knee)" if config.get("k") == "auto" else "fixed",
-        "selection": selection,
-        "support_images": len(meta["support"]),
-        "support_rule": meta.get("support_rule"),
-        "outliers_dropped": len(meta.get("outliers") or []),
-        "threshold": meta["threshold"],
-        "fitted_at": meta.get("fitted_at"),
-        "lakead_version": meta.get("lakead_version"),
-    }
 
 
 @app.command()
@@ -285,6 +271,7 @@ def explain(
     if max_images < 1:
         raise typer.BadParameter(f"must be at least 1, got {max_images}", param_hint="--max-images")
     with errors_as_messages():
+        check_directory_target(out_dir)  # before the work, not after it
         paths = list_images(inputs) if inputs else []
         run = dict(device=runtime.device, batch_size=runtime.batch_size, precision=runtime.precision)
         det = LakeDetector.load(model_dir, backbone=backbone, **run)

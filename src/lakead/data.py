@@ -267,10 +267,12 @@ def _pick(found: list[Category], wanted: Sequence[str], base: Path) -> list[Cate
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from .images import open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return im.size
     except (OSError, UnidentifiedImageError) as exc:
         raise LakeadError(f"{path}: cannot be read as an image ({exc})") from None
@@ -289,11 +291,13 @@ def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
     Grey, 16-bit, palette and RGB(A) masks are read; for colour masks any non-zero colour
     channel counts (alpha is ignored). ``size=(H, W)``, when given, must match.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from .images import open_image
 
     p = Path(path)
     try:
-        with Image.open(p) as im:
+        with open_image(p) as im:
             if im.mode in ("P", "PA"):
                 im = im.convert("L")
             arr = np.asarray(im)

@@ -10,7 +10,9 @@ Every image that enters lakead goes through :func:`load_image` and comes out as 
   to 0..255 (65535 -> 255), the same mapping for every image so that intensities stay
   comparable; float images (``F``) are taken as 0..1;
 - EXIF orientation is honoured (a photo taken upright is scored upright);
-- for files with several frames (TIFF stacks, GIF) the first frame is used.
+- for files with several frames (TIFF stacks, GIF) the first frame is used;
+- only raster formats are opened (:data:`RASTER_FORMATS`, whatever the file's name): an EPS or
+  PostScript file is "not an image", so Ghostscript is never run on an input.
 
 numpy arrays may be ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``, of dtype uint8,
 uint16, bool or float (values in 0..1).
@@ -18,8 +20,10 @@ uint16, bool or float (values in 0..1).
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -32,8 +36,34 @@ from .errors import ImageLoadError, LakeadError
 #: What a user may pass wherever lakead takes an image.
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
+log = logging.getLogger("lakead")
+
 #: File endings read when a directory is listed (case-insensitive).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+#: The Pillow formats a file may be opened as (``Image.open(..., formats=...)``): raster formats
+#: decoded by Pillow itself. EPS/PostScript (which runs Ghostscript), PDF, WMF/EMF and the
+#: scientific and stub formats are left out, so such a file is "not an image".
+RASTER_FORMATS = (
+    "PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF", "WEBP", "GIF", "PPM", "TGA", "ICO", "CUR", "PCX", "SGI",
+    "JPEG2000", "QOI", "IM", "DDS", "PSD", "XBM", "XPM", "SUN", "MSP", "DCX", "FLI", "BLP", "ICNS", "AVIF",
+)
+_open_formats: tuple[str, ...] | None = None
+
+
+def raster_formats() -> tuple[str, ...]:
+    """:data:`RASTER_FORMATS` that this Pillow can read, in Pillow's own order of trying them."""
+    global _open_formats
+    if _open_formats is None:
+        Image.init()
+        _open_formats = tuple(f for f in Image.ID if f in RASTER_FORMATS)
+    return _open_formats
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """``Image.open`` restricted to :func:`raster_formats` (``UnidentifiedImageError`` for any
+    other format, e.g. EPS, whatever the file is called). Use it as a context manager."""
+    return Image.open(path, formats=raster_formats())
 
 
 def source_name(image: ImageInput, index: int | None = None) -> str:
@@ -42,6 +72,16 @@ def source_name(image: ImageInput, index: int | None = None) -> str:
         return os.fspath(image)
     kind = "PIL image" if isinstance(image, Image.Image) else "array"
     return f"<{kind} {index}>" if index is not None else f"<{kind}>"
+
+
+#: Control characters (C0, DEL, C1): never printed raw, never in a class name.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: object, keep: str = "") -> str:
+    """``text`` safe to print on a terminal: control characters (ESC, BEL, ...) written as
+    ``\\x1b``, so that a file or class name cannot drive it; those in ``keep`` are left."""
+    return CONTROL_CHARACTERS.sub(lambda m: m[0] if m[0] in keep else f"\\x{ord(m[0]):02x}", str(text))
 
 
 @dataclass
@@ -102,7 +142,7 @@ def load_image(image: ImageInput, name: str | None = None) -> np.ndarray:
         if path.is_dir():
             raise ImageLoadError(label, "is a directory, not an image file")
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 im.load()
                 return _pil_to_rgb(im, label)
         except UnidentifiedImageError:
@@ -187,14 +227,69 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
 
 
-def iter_image_files(folder: Path, recursive: bool = True) -> Iterator[Path]:
+class _Listing:
+    """What one listing has seen: each real folder once, and the files given by name.
+
+    Folders are known by ``(device, inode)``: a symlink to a folder already listed (a loop
+    such as ``sub/up -> ..``, or one folder given twice) is skipped with a warning, so a
+    listing always ends and never yields one file twice through its folders. Holds one
+    entry per folder listed, never one per file.
+    """
+
+    def __init__(self, exclude: Collection[str | os.PathLike] = (), warn: bool = True) -> None:
+        self.warn = warn
+        self.folders: dict[object, Path] = {}
+        self.excluded: set[object] = set()
+        self.pending = [Path(e) for e in exclude]  # excluded folders not found yet (made during the run)
+        self.given: dict[object, Path] = {}  # files given by name: listed there, not in their folder
+        self.yielded: set[object] = set()  # of those, the ones already listed
+
+    def is_excluded(self, key: object) -> bool:
+        if self.pending:
+            found = {p: _real_key(p) for p in self.pending}
+            self.excluded.update(k for k in found.values() if k is not None)
+            self.pending = [p for p, k in found.items() if k is None]
+        return key in self.excluded
+
+    def duplicate(self, path: Path, first: Path) -> None:
+        if self.warn:
+            log.warning("%s: already listed as %s (a symlink loop, or given twice); skipped", path, first)
+
+
+def _real_key(path: Path) -> object | None:
+    """What tells one file or folder from another whatever the path to it: ``(device, inode)``,
+    or the resolved path where the file system has no inode numbers; None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_ino:
+        return (st.st_dev, st.st_ino)
+    return os.path.normcase(os.path.realpath(path))
+
+
+def iter_image_files(folder: Path, recursive: bool = True, *, exclude: Collection[str | os.PathLike] = (),
+                     warn: bool = True) -> Iterator[Path]:
     """Image files under ``folder`` in sorted order (hidden files and other endings skipped).
 
     A generator over ``os.scandir``: only the names of one directory level are held at a
     time (as strings, about 80 bytes each), never the whole tree; files are told from
-    folders without a ``stat`` call where the file system reports the entry type.
+    folders without a ``stat`` call where the file system reports the entry type. Each real
+    folder is listed once: symlinks that lead back to a folder already listed (loops) are
+    skipped, with a warning unless ``warn`` is false. Folders in ``exclude`` are skipped.
     """
-    folder = Path(folder)
+    return _walk(Path(folder), recursive, _Listing(exclude, warn))
+
+
+def _walk(folder: Path, recursive: bool, seen: _Listing) -> Iterator[Path]:
+    key = _real_key(folder)
+    if key is not None:
+        if seen.is_excluded(key):
+            return
+        if key in seen.folders:
+            seen.duplicate(folder, seen.folders[key])
+            return
+        seen.folders[key] = folder
     names: list[str] = []
     dirs: set[str] = set()
     try:
@@ -217,16 +312,23 @@ def iter_image_files(folder: Path, recursive: bool = True) -> Iterator[Path]:
     for name in names:
         if name in dirs:
             if recursive:
-                yield from iter_image_files(folder / name, recursive)
+                yield from _walk(folder / name, recursive, seen)
+        elif seen.given and (given := seen.given.get(_real_key(folder / name))) is not None:
+            seen.duplicate(folder / name, given)  # listed where it was given by name
         else:
             yield folder / name
 
 
-def iter_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, recursive: bool = True) -> Iterator[Path]:
+def iter_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, recursive: bool = True, *,
+                exclude: Collection[str | os.PathLike] = (), warn: bool = True) -> Iterator[Path]:
     """Like :func:`list_images`, but lazily: paths are listed while they are consumed.
 
     The checks run at once, before the first path is returned: every input must exist and
     every directory must hold at least one image (the search stops at the first one found).
+    Folders in ``exclude`` (e.g. the run's own output) are not listed. An input given twice,
+    a folder reached twice (through a symlink, or given inside another input) and a file given
+    by name that is also in a folder given are listed once, with a warning unless ``warn`` is
+    false.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -234,25 +336,36 @@ def iter_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, recursi
     for p in items:
         if not p.exists():
             raise LakeadError(f"{p}: no such file or directory")
-        if p.is_dir() and next(iter(iter_image_files(p, recursive)), None) is None:
+        if p.is_dir() and next(iter(iter_image_files(p, recursive, exclude=exclude, warn=False)), None) is None:
             raise LakeadError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}{' recursively' if recursive else ''})")
-    return _iter_inputs(items, recursive)
+    seen = _Listing(exclude, warn)
+    for p in items:
+        if not p.is_dir() and (key := _real_key(p)) is not None:
+            seen.given.setdefault(key, p)
+    return _iter_inputs(items, recursive, seen)
 
 
-def _iter_inputs(items: list[Path], recursive: bool) -> Iterator[Path]:
+def _iter_inputs(items: list[Path], recursive: bool, seen: _Listing) -> Iterator[Path]:
     for p in items:
         if p.is_dir():
-            yield from iter_image_files(p, recursive)
-        else:
-            yield p
+            yield from _walk(p, recursive, seen)
+            continue
+        key = _real_key(p)
+        if key is not None and key in seen.yielded:
+            seen.duplicate(p, seen.given[key])
+            continue
+        seen.yielded.add(key)
+        yield p
 
 
-def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, recursive: bool = True) -> list[Path]:
+def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, recursive: bool = True, *,
+                exclude: Collection[str | os.PathLike] = (), warn: bool = True) -> list[Path]:
     """Expand files and directories into a sorted list of image paths.
 
     A file is taken as given (even with an unusual ending: reading it will say if it is not
     an image). A directory is searched for files ending in one of :data:`IMAGE_SUFFIXES`,
-    recursively by default. A missing path, or a directory with no image in it, is an error
+    recursively by default; each real folder and each file is listed once (see
+    :func:`iter_images`). A missing path, or a directory with no image in it, is an error
     that names it. For very many files, :func:`iter_images` lists them lazily.
     """
-    return list(iter_images(inputs, recursive))
+    return list(iter_images(inputs, recursive, exclude=exclude, warn=warn))
