@@ -80,6 +80,26 @@ def image_metrics(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | 
     return out
 
 
+def oracle_recall(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, false_alarm_rate: float) -> float:
+    """The highest recall (share of label-1 scores above a threshold) of any threshold whose
+    false-alarm rate (share of label-0 scores above it) is at most ``false_alarm_rate``: what
+    the best threshold, chosen knowing the test labels, would catch at that cost. NaN when a
+    class is absent.
+
+    >>> oracle_recall([0, 0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.9, 0.5, 0.95], 0.25)
+    1.0
+    >>> oracle_recall([0, 0, 0, 0, 1, 1], [0.1, 0.2, 0.3, 0.9, 0.5, 0.95], 0.0)
+    0.5
+    """
+    y, s = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    good, bad = np.sort(s[y == 0]), s[y == 1]
+    if not good.size or not bad.size:
+        return float("nan")
+    allowed = int(np.floor(false_alarm_rate * good.size + 1e-9))  # normal scores that may lie above
+    t = good[good.size - allowed - 1] if allowed < good.size else -np.inf  # the lowest admissible threshold
+    return float(np.mean(bad > t))
+
+
 def _check_labels(labels: Sequence[int] | np.ndarray) -> np.ndarray:
     y = np.asarray(labels).reshape(-1)
     if y.dtype == np.bool_:

@@ -28,7 +28,7 @@ from ..lake import LakeConfig
 from ..methods import SCORE_FIELDS, get_method, method_config
 from ..metrics import PRO_FPR_LIMIT
 from .report import _csv, _device, metrics_table
-from .results import METRIC_COLUMNS, GridReport, _clean, mean_metrics
+from .results import DECISION_KEYS, METRIC_COLUMNS, GridReport, _clean, format_percent, mean_metrics
 from .runner import ImageCache, _categories, evaluate_category, images_to_process, runtime_settings
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ def run_grid(
         variants = [dataclasses.replace(v, config=dataclasses.replace(v.config, use_text=False))
                     if getattr(v.config, "use_text", False) else v for v in variants]
     per_cat: list[dict[str, dict[str, float]]] = [{} for _ in variants]
+    decisions: list[dict[str, dict[str, float]]] = [{} for _ in variants]  # per category: false alarms, recall, oracle
     spread: list[dict[str, dict[str, float]]] = [{} for _ in variants]
     bounds: list[dict[str, float]] = [{} for _ in variants]  # the largest binning-error bound per pixel metric
     reader = FeatureCache(bb) if cache_features else bb
@@ -169,16 +170,18 @@ def run_grid(
     for cat in cats:  # categories outside: the cache holds one category's features at a time
         for i, v in enumerate(variants):
             log.info("%s: row %d of %d (%s)", cat.name, i + 1, len(variants), ", ".join(f"{k}={x}" for k, x in v.label.items()))
-            runs = []
+            runs, decided = [], []
             for s in v.seeds:
                 cfg = dataclasses.replace(v.config, seed=s)
                 res = evaluate_category(cat, cfg, reader, runtime=rt, method=methods[i], shots=v.shots, seed=shot_seed,
                                         score=v.score, images=images, on_progress=on_progress)
                 runs.append(res.metrics())
+                decided.append({k: res.decision.get(k, float("nan")) for k in DECISION_KEYS})
                 for key, b in res.pixel_bounds.items():
                     if math.isfinite(b):
                         bounds[i][key] = max(bounds[i].get(key, 0.0), b)
             per_cat[i][cat.name] = mean_metrics(runs) if len(runs) > 1 else runs[0]
+            decisions[i][cat.name] = {k: float(np.nanmean([d[k] for d in decided])) for k in DECISION_KEYS}
             if len(runs) > 1:
                 spread[i][cat.name] = {k: float(np.std([r[k] for r in runs])) for k in METRIC_COLUMNS}
         if isinstance(reader, FeatureCache):
@@ -188,7 +191,8 @@ def run_grid(
     rows = [
         {"label": v.label, "seeds": list(v.seeds), "mean": mean_metrics(list(per_cat[i].values())),
          "categories": per_cat[i], "seed_std": spread[i], "pixel_error_bounds": bounds[i], "config": v.config.to_dict(),
-         "method": v.method, "score": v.score}
+         "method": v.method, "score": v.score, "decision_categories": decisions[i],
+         "decision": {k: _nanmean([d[k] for d in decisions[i].values()]) for k in DECISION_KEYS}}
         for i, v in enumerate(variants)
     ]
     label_keys = [k for k in variants[0].label if len({str(v.label[k]) for v in variants}) > 1] or list(variants[0].label)
@@ -211,9 +215,10 @@ def run_grid(
 def write_grid(report: GridReport, title: str) -> None:
     out = report.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    keys = report.label_keys
     doc = {"settings": report.settings, "rows": [
-        {**r, "mean": _clean(r["mean"]), "categories": {c: _clean(m) for c, m in r["categories"].items()}} for r in report.rows]}
+        {**r, "mean": _clean(r["mean"]), "categories": {c: _clean(m) for c, m in r["categories"].items()},
+         "decision": _clean(r.get("decision", {})),
+         "decision_categories": {c: _clean(m) for c, m in r.get("decision_categories", {}).items()}} for r in report.rows]}
     atomic_write_text(out / f"{title}.json", json.dumps(doc, indent=2) + "\n")
     flat = []
     for r in report.rows:
@@ -222,6 +227,11 @@ def write_grid(report: GridReport, title: str) -> None:
     all_keys = list(report.rows[0]["label"])
     atomic_write_text(out / f"{title}.csv", _csv(flat, [*all_keys, "seeds", "category", *METRIC_COLUMNS]))
     atomic_write_text(out / f"{title}.md", grid_markdown(report, title))
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _label(r: dict[str, Any], keys: Sequence[str]) -> list[str]:
@@ -254,6 +264,15 @@ def grid_markdown(report: GridReport, title: str) -> str:
         "Pixel metrics are binned (lakead.metrics): the largest bound on the binning error of any pixel number "
         f"here is {max((b for r in report.rows for b in r.get('pixel_error_bounds', {}).values()), default=0.0):.1e} "
         "(per row in the .json).",
+        "",
+        "Decisions at each row's own fitted threshold (from the normal images alone; mean over categories, in %): "
+        "false alarms on the good test images, recall on the defective ones, and the recall the best threshold "
+        "would reach with no more false alarms (oracle).",
+        "",
+        "| " + " | ".join([*keys, "false alarms", "recall", "oracle recall"]) + " |",
+        "|" + "---|" * len(keys) + "---:|" * 3,
+        *("| " + " | ".join([*_label(r, keys), *(format_percent(r.get("decision", {}).get(k)) for k in DECISION_KEYS)]) + " |"
+          for r in report.rows),
     ]
     for cat in s["categories"]:
         lines += ["", f"## {cat}", "", metrics_table([(_label(r, keys), r["categories"][cat]) for r in report.rows], first=keys)]

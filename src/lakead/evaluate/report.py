@@ -95,14 +95,19 @@ def report_markdown(report: EvalReport, figures: dict[str, str]) -> str:
         "",
         "## Decisions at the threshold learned from normal images only",
         "",
-        "The fitted detector's own yes/no (fused score above its leave-one-out threshold; no defect "
-        "image is used to set it): the share of normal test images it flags (false alarms) and of "
-        "defective ones (recall).",
+        "The fitted detector's own yes/no (fused score above the threshold derived from the normal "
+        "images' leave-one-out scores for its false-alarm budget, or out of scope; no defect image is "
+        "used to set it): the share of normal test images it flags (false alarms) and of defective ones "
+        "(recall); the recall the best threshold would reach with no more false alarms (oracle, chosen "
+        "knowing the test labels); the share of test images out of scope; and the defect masks at the "
+        "fitted pixel level against the ground truth (pixel F1, share of ground-truth regions touched).",
         "",
-        "| category | threshold | false alarms | recall |",
-        "|---|---:|---:|---:|",
+        "| category | threshold | false alarms | recall | oracle recall | out of scope | mask pixel F1 | region recall |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         *(f"| {r.name} | {r.decision.get('threshold', float('nan')):.4g} | "
-          f"{format_percent(r.decision.get('false_alarm_rate'))} | {format_percent(r.decision.get('recall'))} |"
+          f"{format_percent(r.decision.get('false_alarm_rate'))} | {format_percent(r.decision.get('recall'))} | "
+          f"{format_percent(r.decision.get('oracle_recall'))} | {format_percent(r.decision.get('out_of_scope_rate'))} | "
+          f"{format_percent(r.decision.get('mask_pixel_f1'))} | {format_percent(r.decision.get('region_recall'))} |"
           for r in report.results),
         "",
         "## Settings",
@@ -112,6 +117,9 @@ def report_markdown(report: EvalReport, figures: dict[str, str]) -> str:
         f"- layer: `{cfg['layer']}`, k: {cfg['k']}, selection: `{cfg['selection']}` (seed {cfg['seed']}), "
         f"text probe: {'on' if cfg['use_text'] and bb['joint_dim'] else 'off'}, lam: {cfg['lam']}, "
         f"semantic layer: {cfg['semantic_layer']}, semantic aggregation: {cfg['semantic_agg']}",
+        f"- decision: false-alarm budget {cfg.get('false_alarm_rate', 'n/a')}, threshold rule `{cfg.get('threshold_rule', 'n/a')}`"
+        f" (used: {', '.join(sorted({r.decision.get('rule', '?') for r in report.results}))}), "
+        f"scope check: {'on' if cfg.get('scope_check') else 'off'} (docs/DECISIONS.md)",
         f"- score_norm: `{cfg['score_norm']}`, maps: `{cfg['map_source']}`, sigma: {cfg['sigma']}, "
         f"image size: {cfg['image_size'] or bb['image_size']}",
         f"- run: device {_device(s.get('runtime') or {})}, batch size {(s.get('runtime') or {}).get('batch_size', '?')}, "

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..data import Sample
+from ..metrics import oracle_recall
 
 IMAGE_KEYS = ("auroc", "f1_max", "ap")
 PIXEL_KEYS = ("auroc", "f1_max", "ap", "pro")
@@ -109,19 +110,27 @@ def choose_examples(test: Sequence[Sample], n: int) -> list[int]:
     return chosen[:n]
 
 
-def decision_rates(labels: np.ndarray, flagged: np.ndarray, threshold: float) -> dict[str, float]:
+#: The numbers of a decision row: at the fitted threshold, and the oracle at the same false alarms.
+DECISION_KEYS = ("false_alarm_rate", "recall", "oracle_recall")
+
+
+def decision_rates(labels: np.ndarray, flagged: np.ndarray, threshold: float, scores: np.ndarray | None = None) -> dict[str, float]:
     """How the yes/no decisions at the threshold learned from normal images alone fare:
     the share of normal test images flagged (false alarms) and of defective ones flagged
-    (recall). NaN where a class is absent.
+    (recall), and, given the image ``scores``, the recall of the best threshold with no more
+    false alarms (:func:`lakead.metrics.oracle_recall`): what not seeing defects costs.
+    NaN where a class is absent.
 
-    >>> decision_rates(np.array([0, 0, 1, 1]), np.array([False, True, True, True]), 1.5)
-    {'threshold': 1.5, 'false_alarm_rate': 0.5, 'recall': 1.0}
+    >>> decision_rates(np.array([0, 0, 1, 1]), np.array([False, True, True, True]), 1.5, np.array([1, 2, 3, 4]))
+    {'threshold': 1.5, 'false_alarm_rate': 0.5, 'recall': 1.0, 'oracle_recall': 1.0}
     """
     normal, defect = flagged[labels == 0], flagged[labels == 1]
+    far = float(normal.mean()) if normal.size else float("nan")
     return {
         "threshold": float(threshold),
-        "false_alarm_rate": float(normal.mean()) if normal.size else float("nan"),
+        "false_alarm_rate": far,
         "recall": float(defect.mean()) if defect.size else float("nan"),
+        "oracle_recall": oracle_recall(labels, scores, far) if scores is not None and math.isfinite(far) else float("nan"),
     }
 
 
@@ -157,7 +166,7 @@ def format_percent(v: float | None, digits: int = 1) -> str:
 
 def _clean(d: dict[str, float]) -> dict[str, float | None]:
     """JSON has no NaN: undefined metrics become null."""
-    return {k: (None if v is None or not math.isfinite(v) else v) for k, v in d.items()}
+    return {k: (None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v) for k, v in d.items()}
 
 
 

@@ -93,6 +93,8 @@ def evaluate_category(
     labels = np.array([s.label for s in test], dtype=np.int64)
     scores = np.zeros(len(test), dtype=np.float64)
     flagged = np.zeros(len(test), dtype=bool)  # the detector's own yes/no decisions
+    out_of_scope = np.zeros(len(test), dtype=bool)
+    masks = MaskCounts()  # the defect masks of the fitted levels against the ground truth
     rows: list[dict[str, Any]] = []
     kept: dict[int, Example] = {}
     excluded: list[str] = []
@@ -109,12 +111,14 @@ def evaluate_category(
                 raise LakeadError(f"{s.path}: the {score} score is {value} (the backbone gave non-finite features?)")
             scores[i] = value
             flagged[i] = bool(pred.anomalous[j])
+            out_of_scope[i] = bool(pred.out_of_scope[j])
             rows.append(_row(category.name, s, pred, j, value))
             mask = _mask_for(s, arr.shape[:2])
             if mask is None:
                 excluded.append(str(s.path))
             else:
                 acc.update(mask, pred.maps[j])
+                masks.update(mask, pred.regions(j)[0])
             if i in show:
                 img, m, a = _downsize(arr, mask if mask is not None else np.zeros(arr.shape[:2], bool), pred.maps[j])
                 kept[i] = Example(s.path.name, s.defect, value, img, m, a)
@@ -145,7 +149,9 @@ def evaluate_category(
         examples=[kept[i] for i in sorted(kept, key=lambda i: (test[i].label == 0, i))],
         map_range=tuple(det.map_range_),
         pixel_roc=roc,
-        decision=decision_rates(labels, flagged, det.threshold_),
+        decision={**decision_rates(labels, flagged, det.threshold_, scores), **masks.compute(),
+                  "out_of_scope_rate": float(out_of_scope.mean()) if len(test) else float("nan"),
+                  "rule": str(getattr(det, "threshold_rule_", "?"))},
     )
 
 
@@ -161,6 +167,31 @@ def _reader(source: ImageReader) -> Callable[[Path], np.ndarray]:
     if callable(source):
         return source
     raise TypeError(f"ImageCache reads with a read(path) callable or a detector, got {type(source).__name__}")
+
+
+class MaskCounts:
+    """Defect masks against ground-truth masks, accumulated image by image: the pixel F1 of
+    the masks and the share of ground-truth regions (connected areas) they touch."""
+
+    def __init__(self) -> None:
+        self.tp = self.fp = self.fn = 0
+        self.regions = self.found = 0
+
+    def update(self, truth: np.ndarray, predicted: np.ndarray) -> None:
+        from scipy import ndimage
+
+        self.tp += int((truth & predicted).sum())
+        self.fp += int((~truth & predicted).sum())
+        self.fn += int((truth & ~predicted).sum())
+        labels, count = ndimage.label(truth, structure=np.ones((3, 3), dtype=bool))
+        if count:
+            hit = np.unique(labels[predicted & truth])
+            self.regions += count
+            self.found += int((hit > 0).sum())
+
+    def compute(self) -> dict[str, float]:
+        f1 = 2 * self.tp / (2 * self.tp + self.fp + self.fn) if self.tp + self.fp + self.fn else float("nan")
+        return {"mask_pixel_f1": float(f1), "region_recall": self.found / self.regions if self.regions else float("nan")}
 
 
 class ImageCache:
