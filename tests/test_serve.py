@@ -97,7 +97,8 @@ def test_health_and_info(client):
     assert info["fit_options"] == {name: f.default for name, f in fields.items()}
     assert info["option_choices"] == {"block_grid": ["coarsest", "finest"], "semantic_agg": ["max", "mean"],
                                       "selection": ["top", "random", "bottom", "all"], "score_norm": ["loo", "none"],
-                                      "map_source": ["visual", "semantic"]}
+                                      "map_source": ["visual", "semantic"],
+                                      "threshold_rule": ["auto", "conformal", "gaussian", "sigmas"]}
     assert info["option_help"] == {name: f.metadata["help"] for name, f in fields.items()}
     assert (info["device"], info["batch_size"], info["precision"]) == ("cpu", 4, "float32")
     page = client.get("/")
@@ -198,7 +199,7 @@ def test_bad_uploads_name_every_file(client, normals, tests_imgs, tmp_path):
     r = client.post("/models", data=FIT, files=files(("ok.png", good), *bad))
     assert r.status_code == 422
     errors = {e["name"]: e["problem"] for e in r.json()["errors"]}
-    assert set(errors) == {"notes.txt", "empty.png", "cut.png"}  # the 4x4 image is refused by the detector, after these
+    assert set(errors) == {"notes.txt", "empty.png", "cut.png", "tiny.png"}  # the 4x4 image too: every bad file at once
     assert "not an image" in errors["notes.txt"] and "corrupt or truncated" in errors["cut.png"]
     assert "notes.txt" in r.json()["detail"]
 

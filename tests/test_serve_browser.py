@@ -87,7 +87,7 @@ def images(tmp_path_factory) -> dict[str, list[Path]]:
 
 
 def open_page(browser, url: str):
-    page = browser.new_page()
+    page = browser.new_page(bypass_csp=True)  # playwright waits by eval, which the CSP forbids
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)

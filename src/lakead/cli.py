@@ -346,12 +346,18 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on; 127.0.0.1 serves this machine only."),
     port: int = typer.Option(8000, help="Port to listen on."),
     token: Optional[str] = typer.Option(None, envvar="LAKEAD_TOKEN", help="Require 'Authorization: Bearer TOKEN' on every call but /healthz (or set LAKEAD_TOKEN)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Serve a non-loopback --host without a token (anyone who can reach it can use it)."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="Another host name clients use to reach the service (repeatable; checked against the Host header)."),
     workers: int = typer.Option(2, help="Predictions run at once (fits run one at a time)."),
     max_upload_mb: float = typer.Option(256.0, help="Largest request body, in MiB."),
     max_images: int = typer.Option(256, help="Most normal images in one model creation."),
     max_predict_images: int = typer.Option(32, help="Most images in one prediction request."),
-    max_megapixels: float = typer.Option(40.0, help="Most pixels of one image, in millions."),
-    max_total_megapixels: float = typer.Option(400.0, help="Most pixels of all the images of one request, in millions."),
+    max_megapixels: float = typer.Option(40.0, help="Most pixels of one image file, in millions (read from its header)."),
+    max_decode_megapixels: float = typer.Option(4.0, help="Larger images are downscaled to this many million pixels while decoded."),
+    max_total_megapixels: float = typer.Option(200.0, help="Most decoded pixels of all the images of one request, in millions."),
+    max_server_megapixels: float = typer.Option(400.0, help="Most decoded pixels held by all requests at once, in millions (others wait)."),
+    max_image_size: int = typer.Option(1024, help="Largest image_size (network input side) a client may choose."),
+    max_queued: int = typer.Option(16, help="Requests waiting for a worker, per model (and for fits); more get 503."),
     *,
     runtime: Runtime,
 ) -> None:
@@ -362,28 +368,46 @@ def serve(
         from .serve import ServeLimits, create_app
     except ImportError as exc:
         raise fail(f"the service needs the serve extra ({exc.name} is missing): pip install 'lakead[serve]'") from None
+    import os
+    import socket
+    from urllib.parse import quote
 
     loopback = host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and token is None and not insecure:
+        raise fail(f"refusing to serve on {host} without a token: anyone who can reach this machine could create, use "
+                   "and delete models. Give --token (or LAKEAD_TOKEN), or --insecure to do it anyway")
+    hosts = ["127.0.0.1", "localhost", "[::1]", *(h.lower() for h in allowed_host)]
+    if not loopback:  # the names this machine is reached by; any IP address typed as such passes too
+        hosts += [n.lower() for n in {socket.gethostname(), socket.getfqdn()} if n]
+        if host not in ("0.0.0.0", "::"):
+            hosts.append(f"[{host}]" if ":" in host else host.lower())
     with errors_as_messages():
         limits = ServeLimits(
             max_request_bytes=int(max_upload_mb * 2**20), max_fit_images=max_images,
             max_predict_images=max_predict_images, max_image_pixels=int(max_megapixels * 1e6),
-            max_total_pixels=int(max_total_megapixels * 1e6),
+            max_decode_pixels=int(max_decode_megapixels * 1e6), max_total_pixels=int(max_total_megapixels * 1e6),
+            max_server_pixels=int(max_server_megapixels * 1e6), max_image_size=max_image_size, max_queued=max_queued,
         )
         service = create_app(
             models_dir, backbone=backbone, allowed_backbones=tuple(allow_backbone), token=token, limits=limits,
             device=runtime.device, batch_size=runtime.batch_size, precision=runtime.precision, workers=workers,
-            allowed_hosts=("127.0.0.1", "localhost", "[::1]") if loopback else None,
+            allowed_hosts=tuple(dict.fromkeys(hosts)), allow_ip_hosts=not loopback,
         )
         logging.getLogger("lakead").info("loading the backbone %s", backbone)
         service.state.store.backbone(backbone)  # fail now, not at the first request
     if not loopback and token is None:
-        err.print(f"[yellow]warning:[/] serving on {host} without --token: anyone who can reach this machine can "
-                  "create, use and delete models", highlight=False)
+        err.print(f"[yellow]warning:[/] serving on {host} without --token (--insecure): anyone who can reach this "
+                  "machine can create, use and delete models", highlight=False)
     shown = f"[{host}]" if ":" in host else ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
-    url = f"http://{shown}:{port}/" + (f"#token={token}" if token else "")
+    url = f"http://{shown}:{port}/"
+    from_env = token is not None and os.environ.get("LAKEAD_TOKEN") == token  # kept off the screen and logs too
+    if token and not from_env:
+        url += f"#token={quote(token, safe='')}"
     out.print(f"lakead serving {len(service.state.store.list())} model(s) from {models_dir} at {url}", highlight=False,
               soft_wrap=True)
+    if token and from_env:
+        out.print(f"the token is LAKEAD_TOKEN's: open {url}#token=<LAKEAD_TOKEN> or type it into the page", highlight=False,
+                  soft_wrap=True)
     uvicorn.run(service, host=host, port=port, log_level="warning" if state["quiet"] else "info")
 
 

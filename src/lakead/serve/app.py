@@ -11,7 +11,9 @@
 
 Fitting and predicting run the network for seconds to minutes: they run in worker threads
 (at most one fit and ``workers`` predictions at a time, the others wait their turn without
-blocking the event loop). Every error answer is JSON ``{"detail": message, "errors": [...]}``
+blocking the event loop; models take turns, see :mod:`lakead.serve.scheduling`), and stop
+when their client disconnects. Decoded pixels are bounded per image (larger images are
+downscaled while decoded), per request and for the whole server. Every error answer is JSON ``{"detail": message, "errors": [...]}``
 where ``errors`` lists ``{"name": file or field, "problem": ...}`` when there are several.
 """
 
@@ -21,18 +23,18 @@ import base64
 import functools
 import inspect
 import math
+import threading
 import typing
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import anyio
 from fastapi import FastAPI, File, Form, Path as PathParam, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
@@ -42,8 +44,9 @@ from ..lake import LakeConfig
 from ..options import option_specs
 from ..viz import overlay, png_bytes
 from .guard import Guard
-from .store import FIT_OPTIONS, ID_PATTERN, ModelNotFound, ModelStore
-from .uploads import ServeLimits, UploadRejected, check_count, read_uploads, upload_name
+from .scheduling import Busy, FairSlots, PixelBudget, run_for_client
+from .store import FIT_OPTIONS, ID_PATTERN, BackboneNotAllowed, ModelNotFound, ModelStore, StorageError, clean_class_name
+from .uploads import Cancelled, ServeLimits, UploadRejected, Uploads, check_count, upload_name
 
 STATIC = files("lakead.serve") / "static"
 
@@ -103,12 +106,16 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+    damaged: list[Problem] = Field(default_factory=list, description="Stored models that cannot be read, each named with its problem.")
 
 
 class ImageResult(BaseModel):
     name: str
-    width: int
+    width: int = Field(description="Width of the image as sent.")
     height: int
+    scored_width: int = Field(description="Width the image was scored (and its overlay drawn) at: smaller than width "
+                                          "when a large image was downscaled while decoded (limit max_decode_pixels).")
+    scored_height: int
     score: float = Field(description="Fused score visual + lam * semantic; higher is more anomalous.")
     visual: float = Field(description="Largest distance of a patch to the normal gallery (normalised).")
     semantic: float = Field(description="P(anomalous) of the text probe, pooled over patches; 0 when off.")
@@ -191,6 +198,7 @@ def create_app(
     precision: str = Runtime.precision,
     workers: int = 2,
     allowed_hosts: tuple[str, ...] | None = None,
+    allow_ip_hosts: bool = False,
     max_cached: int = 8,
 ) -> FastAPI:
     """Build the service over the models in ``models_dir`` (created if missing).
@@ -199,7 +207,8 @@ def create_app(
     ``allowed_backbones`` the others a client may choose. With ``token``, every endpoint
     except the health check, the page and the API description needs
     ``Authorization: Bearer <token>``. ``workers`` predictions run at once (fits: one).
-    ``allowed_hosts`` (host names without port) turns on the Host header check.
+    ``allowed_hosts`` (host names without port) turns on the Host header check;
+    ``allow_ip_hosts`` lets it pass any IP address typed as the host (no rebinding risk).
     ``device``, ``batch_size`` and ``precision`` say how every model runs (server settings,
     not options of a client).
     The backbone is loaded on first use: call ``app.state.store.backbone(backbone)`` to
@@ -212,9 +221,11 @@ def create_app(
         raise ConfigError("the token must not be empty")
     Runtime(device=device, batch_size=batch_size, precision=precision).validate()
     store = ModelStore(models_dir, default_backbone=backbone, allowed_backbones=allowed_backbones, device=device,
-                       batch_size=batch_size, precision=precision, max_cached=max_cached)
-    fit_slots = anyio.CapacityLimiter(1)
-    predict_slots = anyio.CapacityLimiter(workers)
+                       batch_size=batch_size, precision=precision, max_cached=max_cached,
+                       max_image_size=limits.max_image_size)
+    fit_slots = FairSlots(1, limits.max_queued, "model creations")
+    predict_slots = FairSlots(workers, limits.max_queued)
+    pixels = PixelBudget(limits.max_server_pixels)
 
     app = FastAPI(
         title="lakead",
@@ -227,7 +238,10 @@ def create_app(
     )
     app.state.store = store
     app.state.limits = limits
-    app.add_middleware(Guard, token=token, max_body_bytes=limits.max_request_bytes, allowed_hosts=allowed_hosts)
+    app.state.pixels = pixels
+    app.state.slots = predict_slots
+    app.add_middleware(Guard, token=token, max_body_bytes=limits.max_request_bytes, allowed_hosts=allowed_hosts,
+                       allow_ip_hosts=allow_ip_hosts)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     _exception_handlers(app)
 
@@ -252,10 +266,20 @@ def create_app(
             option_help={name: spec.help for name, spec in OPTION_SPECS.items()},
         )
 
-    @app.get("/models", tags=["models"], responses=_errors(401))
+    @app.get("/models", tags=["models"], responses=_errors(401), response_model_exclude_unset=True)
     def list_models() -> ModelList:
-        """Every stored model, newest first."""
-        return ModelList(models=[ModelInfo(**m) for m in store.list()])
+        """Every stored model, newest first; stored models that cannot be read are named in
+        ``damaged`` (the others are listed all the same)."""
+        found, damaged = store.scan()
+        models = []
+        for m in found:
+            try:
+                models.append(ModelInfo(**m))
+            except ValidationError as exc:
+                damaged.append((m["id"], _field_problems(exc)))
+        if not damaged:
+            return ModelList(models=models)  # "damaged" left out
+        return ModelList(models=models, damaged=[Problem(name=n, problem=p) for n, p in sorted(damaged)])
 
     @app.post("/models", status_code=201, tags=["models"], responses=_errors(400, 401, 413, 422, 503))
     @with_option_fields
@@ -276,23 +300,31 @@ def create_app(
         await _refuse_unknown_fields(request, {"images", "class_name", "backbone", *FIT_OPTIONS})
         LakeConfig.from_options(**options)  # a bad option is refused before any image is read
         image_size = options.get("image_size")
-        if image_size is not None and image_size > 2048:
-            raise ConfigError(f"image_size {image_size} is larger than this service allows (2048)")
+        if image_size is not None and image_size > limits.max_image_size:
+            raise ConfigError(f"image_size {image_size} is larger than this service allows "
+                              f"({limits.max_image_size}, lakead serve --max-image-size)")
+        class_name = clean_class_name(class_name)
+        if not class_name:
+            raise ConfigError("class_name must be a non-empty string (it fills the text prompts)")
+        spec = store.resolve_backbone(backbone)
         check_count(len(images), limits.max_fit_images, "normal images given", "lakead serve --max-images")
         names = [upload_name(f.filename, i) for i, f in enumerate(images)]
 
-        def work() -> dict[str, Any]:
-            arrays = read_uploads([(n, f.file) for n, f in zip(names, images)], limits)
-            return store.create(arrays, names, class_name, options, backbone=backbone)
+        def work(cancel: threading.Event) -> dict[str, Any]:
+            check = _patch_check(store.backbone(spec).info.patch_size)
+            with Uploads([(n, f.file) for n, f in zip(names, images)], limits) as uploads:
+                with pixels.hold(uploads.pixels, cancel.is_set):
+                    arrays = uploads.decode(check, cancel.is_set)
+                    return store.create(arrays, names, class_name, options, backbone=spec, cancel=cancel)
 
-        result = await anyio.to_thread.run_sync(work, limiter=fit_slots)
+        result = await run_for_client(request, fit_slots, "fit", work)
         response.headers["location"] = f"/models/{result['id']}"
-        return ModelInfo(**result)
+        return _model(result)
 
     @app.get("/models/{model_id}", tags=["models"], responses=_errors(401, 404, 422))
     def get_model(model_id: ModelId) -> ModelInfo:
         """One stored model."""
-        return ModelInfo(**store.info(model_id))
+        return _model(store.info(model_id))
 
     @app.delete("/models/{model_id}", status_code=204, tags=["models"], responses=_errors(401, 404, 422))
     def delete_model(model_id: ModelId) -> Response:
@@ -300,7 +332,7 @@ def create_app(
         store.delete(model_id)
         return Response(status_code=204)
 
-    @app.post("/models/{model_id}/predict", tags=["models"], responses=_errors(400, 401, 404, 413, 422))
+    @app.post("/models/{model_id}/predict", tags=["models"], responses=_errors(400, 401, 404, 409, 413, 422, 503))
     async def predict(
         request: Request,
         model_id: ModelId,
@@ -315,28 +347,63 @@ def create_app(
         check_count(len(images), limits.max_predict_images, "images given", "lakead serve --max-predict-images")
         names = [upload_name(f.filename, i) for i, f in enumerate(images)]
 
-        def work() -> PredictResponse:
-            arrays = read_uploads([(n, f.file) for n, f in zip(names, images)], limits)
-            pred, (vmin, vmax) = store.predict(model_id, arrays, names, threshold)
-            results = []
-            for j, (arr, name) in enumerate(zip(arrays, names)):
-                png = None
-                if overlay_png:
-                    png = "data:image/png;base64," + base64.b64encode(png_bytes(overlay(arr, pred.maps[j], vmin, vmax))).decode("ascii")
-                results.append(ImageResult(
-                    name=name, width=int(arr.shape[1]), height=int(arr.shape[0]), score=float(pred.scores[j]),
-                    visual=float(pred.visual[j]), semantic=float(pred.semantic[j]), anomalous=bool(pred.anomalous[j]),
-                    threshold=_finite(pred.threshold), map_max=float(pred.maps[j].max()), overlay_png=png,
-                ))
+        def work(cancel: threading.Event) -> PredictResponse:
+            check = _patch_check(store.detector(model_id).backbone.info.patch_size)
+            with Uploads([(n, f.file) for n, f in zip(names, images)], limits) as uploads:
+                with pixels.hold(uploads.pixels, cancel.is_set):
+                    arrays = uploads.decode(check, cancel.is_set)
+                    pred, (vmin, vmax) = store.predict(model_id, arrays, names, threshold, cancel=cancel)
+                    results = []
+                    for j, (arr, name) in enumerate(zip(arrays, names)):
+                        if cancel.is_set():
+                            raise Cancelled("the client disconnected: its work was stopped")
+                        png = None
+                        if overlay_png:
+                            png = "data:image/png;base64," + base64.b64encode(png_bytes(_overlay(arr, pred.maps[j], vmin, vmax))).decode("ascii")
+                        width, height = uploads.original_size(j, arr)
+                        results.append(ImageResult(
+                            name=name, width=width, height=height, scored_width=int(arr.shape[1]),
+                            scored_height=int(arr.shape[0]), score=float(pred.scores[j]), visual=float(pred.visual[j]),
+                            semantic=float(pred.semantic[j]), anomalous=bool(pred.anomalous[j]),
+                            threshold=_finite(pred.threshold), map_max=float(pred.maps[j].max()), overlay_png=png,
+                        ))
             return PredictResponse(model=model_id, threshold=_finite(pred.threshold), map_range=[vmin, vmax], results=results)
 
-        return await anyio.to_thread.run_sync(work, limiter=predict_slots)
+        return await run_for_client(request, predict_slots, model_id, work)
 
     return app
 
 
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
+
+
+def _model(info: dict[str, Any]) -> ModelInfo:
+    try:
+        return ModelInfo(**info)
+    except ValidationError as exc:
+        raise ModelFormatError(f"stored model {info.get('id')!r} is damaged ({_field_problems(exc)})") from None
+
+
+def _field_problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
+def _patch_check(patch: int) -> Callable[[Any, str], Optional[str]]:
+    """A problem for an image smaller than one patch (the detector's own rule), checked with
+    the other files of the request so that every bad file is named at once."""
+    def check(arr: Any, name: str) -> Optional[str]:
+        h, w = arr.shape[:2]
+        return f"image is {w}x{h} pixels, smaller than one {patch}x{patch} patch" if h < patch or w < patch else None
+    return check
+
+
+def _overlay(image: Any, amap: Any, vmin: float, vmax: float, rows: int = 256) -> Any:
+    """:func:`lakead.viz.overlay` band by band (it is per pixel): its float intermediates
+    stay the size of a band, not of the image."""
+    import numpy as np
+
+    return np.concatenate([overlay(image[r:r + rows], amap[r:r + rows], vmin, vmax) for r in range(0, image.shape[0], rows)])
 
 
 async def _refuse_unknown_fields(request: Request, known: set[str]) -> None:
@@ -375,6 +442,22 @@ def _exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(UploadRejected)
     async def rejected(request: Request, exc: UploadRejected) -> JSONResponse:
         return _json_error(exc.status, str(exc), exc.problems)
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, exc: Busy) -> JSONResponse:
+        return _json_error(503, str(exc), headers={"retry-after": "5"})
+
+    @app.exception_handler(Cancelled)
+    async def cancelled(request: Request, exc: Cancelled) -> JSONResponse:
+        return _json_error(499, str(exc) or "the client disconnected")  # nobody reads it
+
+    @app.exception_handler(StorageError)
+    async def not_stored(request: Request, exc: StorageError) -> JSONResponse:
+        return _json_error(500, str(exc))
+
+    @app.exception_handler(BackboneNotAllowed)
+    async def not_offered(request: Request, exc: BackboneNotAllowed) -> JSONResponse:
+        return _json_error(409, str(exc))
 
     @app.exception_handler(ModelNotFound)
     async def not_found(request: Request, exc: ModelNotFound) -> JSONResponse:

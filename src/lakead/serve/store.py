@@ -11,7 +11,11 @@ Thread-safe and framework-free: the web layer calls these methods from worker th
   model is never removed under a running prediction. A deleted model is first renamed to a
   hidden name (it vanishes at once, whole), then removed.
 - Loaded detectors are cached (least recently used first out), so a model is read from disk
-  once; backbones are loaded once per source and shared by every model that uses them.
+  once; a model directory replaced on disk (``lakead fit --out`` over it) is seen by its
+  fingerprint (inode, size and modification time of its two files) and read again, the new
+  detector swapped in whole. Backbones are loaded once per source, always with their text
+  tower (a later fit needs it), and shared by every model that uses them; a stored model
+  loads only with a backbone this server offers.
 - Fits run one at a time: they share the backbone's tokenizer, which is not safe to call from
   two threads at once, and each one keeps the processor busy anyway.
 """
@@ -34,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from ..api import CONFIG_FILE, Detector, Prediction, Runtime, read_model_meta
+from ..api import CONFIG_FILE, TENSORS_FILE, Detector, Prediction, Runtime, read_model_meta
 from ..backbones import Backbone, BackboneInfo, load_backbone
 from ..errors import ConfigError, LakeadError, ModelFormatError
 from ..lake import LakeConfig
 from ..methods import get_method, load_detector
-from .uploads import UploadRejected
+from .uploads import Cancelled, UploadRejected
 
 log = logging.getLogger("lakead.serve")
 
@@ -114,6 +118,29 @@ class _Entry:
     loading: threading.Lock
 
 
+#: C0 and C1 control characters (ESC starts terminal escape sequences), and DEL.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean_class_name(text: str) -> str:
+    """``text`` without control characters (a class name is printed by ``lakead info`` and
+    shown on the page), spaces trimmed."""
+    return _CONTROL.sub("", text).strip()
+
+
+def fingerprint(path: Path) -> tuple:
+    """What changes when a model directory is rewritten or replaced: the directory's inode,
+    and inode, size and modification time of its two files."""
+    out: list = [path.stat().st_ino]
+    for name in (CONFIG_FILE, TENSORS_FILE):
+        try:
+            st = (path / name).stat()
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
 def slug(text: str, limit: int = 32) -> str:
     """Lower-case letters, digits and single dashes from ``text`` (for readable ids)."""
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
@@ -133,6 +160,7 @@ class ModelStore:
         batch_size: int = Runtime.batch_size,
         precision: str = Runtime.precision,
         max_cached: int = 8,
+        max_image_size: int | None = None,
     ) -> None:
         self.root = Path(root)
         try:
@@ -148,9 +176,10 @@ class ModelStore:
         self.runtime = Runtime(device=device, batch_size=batch_size, precision=precision).validate()
         self.device = device
         self.max_cached = max_cached
+        self.max_image_size = max_image_size
         self._lock = threading.Lock()  # guards the dicts below
         self._entries: dict[str, _Entry] = {}
-        self._cache: OrderedDict[str, Detector] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[tuple, Detector]] = OrderedDict()  # id -> (fingerprint, detector)
         self._backbones: dict[str, Backbone] = {}
         self._backbone_lock = threading.Lock()
         self._fit_lock = threading.Lock()
@@ -189,39 +218,59 @@ class ModelStore:
     # -- backbones ------------------------------------------------------------------------
 
     def backbone(self, spec: str) -> Backbone:
-        """The backbone for ``spec``, loaded once (with its text tower, so it can fit)."""
+        """The backbone for ``spec``, loaded once, with its text tower (so it can fit)."""
         with self._backbone_lock:
             bb = self._backbones.get(spec)
-            if bb is None:
+            if bb is None or getattr(bb, "has_text", True) is False:
                 bb = load_backbone(spec, need_text=True)
                 self._backbones[spec] = bb
             return bb
 
-    def _backbone_for(self, saved: BackboneInfo) -> Backbone:
-        """A loaded backbone that is the same model as ``saved``; else the saved source."""
+    def resolve_backbone(self, spec: str | None) -> str:
+        """The backbone a creation asks for (None: the server's), if this server offers it."""
+        spec = spec or self.default_backbone
+        if spec not in self.allowed_backbones:
+            raise ConfigError(f"backbone {spec!r} is not offered by this server; choose one of {list(self.allowed_backbones)}")
+        return spec
+
+    def _backbone_for(self, model_id: str, saved: BackboneInfo) -> Backbone:
+        """The backbone of a stored model: one this server offers (``--backbone``,
+        ``--allow-backbone``) that is the same model as ``saved``. A model on any other
+        backbone is refused (:class:`BackboneNotAllowed`): the server never loads a
+        backbone a client or a hand-placed directory names."""
         with self._backbone_lock:
-            for bb in self._backbones.values():
-                if bb.info.same_model(saved):
-                    return bb
-            bb = load_backbone(saved.source, need_text=False)
-            self._backbones[saved.source] = bb
-            return bb
+            loaded = [bb for spec, bb in self._backbones.items() if spec in self.allowed_backbones]
+        for bb in loaded:
+            if bb.info.same_model(saved):
+                return bb
+        if saved.source in self.allowed_backbones:
+            return self.backbone(saved.source)
+        raise BackboneNotAllowed(f"stored model {model_id!r} needs the backbone {saved.source!r}, which this server does "
+                                 f"not offer (lakead serve --backbone / --allow-backbone: {list(self.allowed_backbones)})")
 
     # -- reading --------------------------------------------------------------------------
 
     def list(self) -> list[dict[str, Any]]:
         """Every stored model, newest first. Directories that are not valid models are skipped
         (with a warning in the log)."""
-        out = []
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """``(models, damaged)``: every stored model that can be read, newest first, and
+        ``(id, problem)`` for each directory with a ``lakead.json`` that cannot."""
+        out, damaged = [], []
         for p in self.root.iterdir():
             if p.name.startswith(".") or not p.is_dir() or not _ID.match(p.name):
                 continue
             try:
                 out.append(model_info(p.name, read_model_meta(p)))
-            except (ModelFormatError, KeyError, TypeError, ValueError) as exc:
+            except (ModelFormatError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 if p.exists():  # else deleted while listing
                     log.warning("not serving %s: %s", p, exc)
-        return sorted(out, key=lambda m: (m["fitted_at"] or "", m["id"]), reverse=True)
+                    if _is_model(p):
+                        damaged.append((p.name, _problem(exc)))
+        out.sort(key=lambda m: (str(m["fitted_at"] or ""), m["id"]), reverse=True)
+        return out, sorted(damaged)
 
     def info(self, model_id: str) -> dict[str, Any]:
         path = self._path(model_id)
@@ -233,37 +282,50 @@ class ModelStore:
             if not _is_model(path):
                 raise ModelNotFound(model_id) from None  # deleted meanwhile
             raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFormatError(f"stored model {model_id!r} is damaged ({exc})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelFormatError(f"stored model {model_id!r} is damaged ({_problem(exc)})") from None
 
     def detector(self, model_id: str) -> Detector:
         """The loaded detector (from the cache, or read from disk once). Call under the
         model's read lock."""
+        path = self._path(model_id)
+        try:
+            now = fingerprint(path)
+        except FileNotFoundError:
+            raise ModelNotFound(model_id) from None
         with self._lock:
-            det = self._cache.get(model_id)
-            if det is not None:
+            cached = self._cache.get(model_id)
+            if cached is not None and cached[0] == now:
                 self._cache.move_to_end(model_id)
-                return det
+                return cached[1]
         entry = self._entry(model_id)
         with entry.loading:  # one thread loads; the others wait and take it from the cache
             with self._lock:
-                det = self._cache.get(model_id)
-            if det is None:
-                path = self._path(model_id)
-                meta = read_model_meta(path)  # ModelFormatError when missing or damaged
-                try:
-                    saved = BackboneInfo(**meta["backbone"])
-                except (KeyError, TypeError) as exc:
-                    raise ModelFormatError(f"stored model {model_id!r} is damaged ({exc})") from None
-                rt = self.runtime
-                det = load_detector(path, backbone=self._backbone_for(saved), device=rt.device, batch_size=rt.batch_size,
-                                    precision=rt.precision)
-                self._remember(model_id, det)
+                cached = self._cache.get(model_id)
+            if cached is not None and cached[0] == now:
+                return cached[1]
+            if cached is not None:
+                log.info("model %s changed on disk: reading it again", model_id)
+            meta = read_model_meta(path)  # ModelFormatError when missing or damaged
+            try:
+                saved = BackboneInfo(**meta["backbone"])
+                size = meta["image_size"]
+            except (KeyError, TypeError) as exc:
+                raise ModelFormatError(f"stored model {model_id!r} is damaged ({exc})") from None
+            if self.max_image_size is not None and isinstance(size, int) and size > self.max_image_size:
+                raise BackboneNotAllowed(f"stored model {model_id!r} runs at image_size {size}, larger than this server "
+                                         f"allows ({self.max_image_size}, lakead serve --max-image-size)")
+            rt = self.runtime
+            det = load_detector(path, backbone=self._backbone_for(model_id, saved), device=rt.device,
+                                batch_size=rt.batch_size, precision=rt.precision)
+            self._remember(model_id, det, now)  # swapped in whole: a running call keeps the one it has
             return det
 
-    def _remember(self, model_id: str, det: Detector) -> None:
+    def _remember(self, model_id: str, det: Detector, stamp: tuple | None = None) -> None:
+        if stamp is None:
+            stamp = fingerprint(self.root / model_id)
         with self._lock:
-            self._cache[model_id] = det
+            self._cache[model_id] = (stamp, det)
             self._cache.move_to_end(model_id)
             while len(self._cache) > self.max_cached:
                 self._cache.popitem(last=False)
@@ -283,6 +345,7 @@ class ModelStore:
         class_name: str,
         options: dict[str, Any],
         backbone: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
         """Fit a detector on normal images, save it under a new id, and return its info.
 
@@ -294,20 +357,24 @@ class ModelStore:
         unknown = sorted(set(options) - set(FIT_OPTIONS))
         if unknown:
             raise ConfigError(f"unknown detector option(s) {unknown}; known: {list(FIT_OPTIONS)}")
-        if not isinstance(class_name, str) or not class_name.strip():
+        if isinstance(class_name, str):
+            class_name = clean_class_name(class_name)
+        if not isinstance(class_name, str) or not class_name:
             raise ConfigError("class_name must be a non-empty string (it fills the text prompts)")
-        spec = backbone or self.default_backbone
-        if spec not in self.allowed_backbones:
-            raise ConfigError(f"backbone {spec!r} is not offered by this server; choose one of {list(self.allowed_backbones)}")
+        spec = self.resolve_backbone(backbone)
         config = LakeConfig.from_options(backbone=spec, **options)  # validated: a bad option fails before any work
         with self._fit_lock:
             bb = self.backbone(spec)
             det = get_method(METHOD).build(config, bb, self.runtime)
             arrays = _check_patch(det, images, names)
-            det.fit(arrays, class_name, names=list(names), support_rule=f"{len(arrays)} images uploaded to the service")
+            det.fit(arrays, class_name, names=list(names), support_rule=f"{len(arrays)} images uploaded to the service",
+                    on_progress=_stop_when(cancel))
             model_id = self.new_id(class_name)
             with self._entry(model_id).rw.write():
-                det.save(self.root / model_id)  # atomic: complete or absent
+                try:
+                    det.save(self.root / model_id)  # atomic: complete or absent
+                except LakeadError as exc:  # the server's disk, not the client's input: 500
+                    raise StorageError(f"the model cannot be stored: {exc}") from exc
                 self._remember(model_id, det)
         for problem in det.skipped_:
             log.warning("model %s: skipped %s", model_id, problem)
@@ -330,7 +397,8 @@ class ModelStore:
     # -- predicting -----------------------------------------------------------------------
 
     def predict(
-        self, model_id: str, images: Sequence[np.ndarray], names: Sequence[str], threshold: float | None = None
+        self, model_id: str, images: Sequence[np.ndarray], names: Sequence[str], threshold: float | None = None,
+        cancel: threading.Event | None = None,
     ) -> tuple[Prediction, tuple[float, float]]:
         """Score images with a stored model. Returns the prediction and the model's map
         colour range ``(vmin, vmax)`` (see :mod:`lakead.viz`)."""
@@ -340,8 +408,31 @@ class ModelStore:
                 raise ModelNotFound(model_id)
             det = self.detector(model_id)
             arrays = _check_patch(det, images, names)
-            pred = det.predict(arrays, names=list(names), threshold=threshold)
+            pred = det.predict(arrays, names=list(names), threshold=threshold, on_progress=_stop_when(cancel))
             return pred, tuple(det.map_range_)  # type: ignore[return-value]
+
+
+class StorageError(LakeadError):
+    """The server cannot write a model (a full disk, a read-only folder): answered 500."""
+
+
+class BackboneNotAllowed(LakeadError):
+    """A stored model needs a backbone (or an input size) this server does not offer."""
+
+
+def _problem(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, ModelFormatError) else f"{type(exc).__name__}: {exc}"
+
+
+def _stop_when(cancel: threading.Event | None):
+    """An ``on_progress`` callback that stops the work (raises Cancelled) once ``cancel`` is set."""
+    if cancel is None:
+        return None
+
+    def check(_n: int) -> None:
+        if cancel.is_set():
+            raise Cancelled("the client disconnected: its work was stopped")
+    return check
 
 
 def _is_model(path: Path) -> bool:

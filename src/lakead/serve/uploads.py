@@ -11,12 +11,12 @@ the status the web layer answers with (413 for a limit, 422 for a file that is n
 
 from __future__ import annotations
 
-import os
+import math
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -32,18 +32,26 @@ MIB = 2**20
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one request may send. Requests over a limit are refused with a message (413)."""
+    """What one request, and the server as a whole, may use. Requests over a limit are
+    refused with a message (413) naming it."""
 
     max_request_bytes: int = 256 * MIB  # size of the whole request body
     max_fit_images: int = 256  # normal images in one POST /models
     max_predict_images: int = 32  # images in one POST /models/{id}/predict
-    max_image_pixels: int = 40_000_000  # width x height of any one image (checked before decoding)
-    max_total_pixels: int = 400_000_000  # summed over the images of one request (bounds memory)
+    max_image_pixels: int = 40_000_000  # width x height of any one image file (checked before decoding)
+    max_decode_pixels: int = 4_000_000  # larger images are downscaled to this while they are decoded
+    max_total_pixels: int = 200_000_000  # decoded pixels of all the images of one request
+    max_server_pixels: int = 400_000_000  # decoded pixels held by all requests at once (others wait)
+    max_image_size: int = 1024  # largest image_size (network input side) a client may choose
+    max_queued: int = 16  # requests waiting for a worker, per model (and for fits); more get 503
 
     def validate(self) -> "ServeLimits":
         for name, value in asdict(self).items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"limit {name} must be a positive integer, got {value!r}")
+        if self.max_total_pixels > self.max_server_pixels:
+            raise ConfigError(f"limit max_total_pixels ({self.max_total_pixels}) must not be larger than "
+                              f"max_server_pixels ({self.max_server_pixels})")
         return self
 
     def to_dict(self) -> dict[str, int]:
@@ -79,65 +87,209 @@ def check_count(n: int, limit: int, what: str, option: str) -> None:
         raise UploadRejected(413, f"too many images: {n} {what}, at most {limit} per request ({option})")
 
 
+def _openable() -> list[str]:
+    """Every format Pillow reads but EPS (opening one may run Ghostscript)."""
+    Image.init()
+    return [f for f in Image.ID if f not in ("EPS",)]
+
+
 def _header_size(path: Path) -> tuple[int, int] | None:
     """``(width, height)`` from the file header without decoding; None when Pillow cannot
-    tell (``load_image`` then names the problem)."""
+    tell (``load_image`` then names the problem). A file over Pillow's own decompression-bomb
+    limit is measured too, so that it is reported with its real size."""
+    formats = _openable()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path, formats=formats) as im:
                 return im.size
     except Image.DecompressionBombError:
-        return (Image.MAX_IMAGE_PIXELS or 0) * 2 + 1, 1  # over any sane limit: reported below
+        return _size_past_bomb_check(path, formats)
     except Exception:  # noqa: BLE001 - any failure is diagnosed by load_image
         return None
 
 
-def read_uploads(files: Sequence[tuple[str, BinaryIO]], limits: ServeLimits) -> list[np.ndarray]:
-    """Read ``(name, file object)`` uploads into ``(H, W, 3)`` uint8 arrays, in order.
+def _size_past_bomb_check(path: Path, formats: Sequence[str]) -> tuple[int, int]:
+    """The header size of a file that ``Image.open`` refuses as a decompression bomb: the
+    format's own header reader, as ``Image.open`` calls it, without the check."""
+    with path.open("rb") as fp:
+        prefix = fp.read(16)
+        for fmt in formats:
+            factory, accept = Image.OPEN[fmt]
+            if accept is not None and not accept(prefix):
+                continue
+            fp.seek(0)
+            try:
+                return factory(fp, str(path)).size
+            except Exception:  # noqa: BLE001 - not this format: try the next
+                continue
+    return (Image.MAX_IMAGE_PIXELS or 0) * 2 + 1, 1  # cannot happen: Image.open measured it
 
-    Raises :class:`UploadRejected`: 413 when an image or the request has more pixels than
-    the limits allow, else 422 when some files are not readable images. Every file at
-    fault is listed, not only the first.
-    """
-    too_large: list[tuple[str, str]] = []
-    unreadable: list[tuple[str, str]] = []
-    arrays: list[np.ndarray] = []
-    total = 0
-    tmp = Path(tempfile.mkdtemp(prefix="lakead-upload-"))
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def reduction(width: int, height: int, max_pixels: int) -> int:
+    """The smallest integer factor that brings ``width x height`` to at most ``max_pixels``."""
+    factor = max(1, math.ceil(math.sqrt(width * height / max_pixels)))
+    while math.ceil(width / factor) * math.ceil(height / factor) > max_pixels:
+        factor += 1
+    return factor
+
+
+def decode_reduced(path: Path, name: str, max_pixels: int) -> np.ndarray:
+    """Decode an image with more than ``max_pixels`` pixels straight to a smaller size: a JPEG
+    at 1/2, 1/4 or 1/8 scale from its DCT (``Image.draft``: the full image never exists in
+    memory), then a box filter by an integer factor (``Image.reduce``). The result has at
+    most ``max_pixels`` pixels, is upright (EXIF orientation) and is read as
+    :func:`lakead.images.load_image` reads any image."""
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=_openable()) as im:
+                transpose = _TRANSPOSE.get(im.getexif().get(0x0112, 1))
+                w, h = im.size
+                if im.format == "JPEG":
+                    f = reduction(w, h, max_pixels)
+                    im.draft(im.mode if im.mode in ("L", "RGB") else "RGB", (math.ceil(w / f), math.ceil(h / f)))
+                im.load()
+                factor = reduction(*im.size, max_pixels)
+                try:
+                    small = im.reduce(factor) if factor > 1 else im.copy()
+                except (ValueError, NotImplementedError):  # a mode reduce() does not take: through RGB
+                    small = Image.fromarray(load_image(im, name)).reduce(factor)
+                    transpose = None  # load_image has already turned it upright
+                if transpose is not None:
+                    small = small.transpose(transpose)
+                small.info.pop("exif", None)
+                return load_image(small, name)
+    except ImageLoadError:
+        raise
+    except Exception:  # noqa: BLE001 - diagnosed by the one image reader, as for any image
+        return load_image(path, name)
+
+
+class Uploads:
+    """The files of one request on disk under names of the service's choosing, their sizes
+    read from the headers and checked against the limits before anything is decoded.
+
+    ``pixels`` is what decoding them will hold (after downscaling), for a server-wide
+    :class:`~lakead.serve.scheduling.PixelBudget`; :meth:`decode` reads them. Use it as a
+    context manager (the files are removed on exit). Raises :class:`UploadRejected` (413)
+    when an image or the request has more pixels than the limits allow, every file at fault
+    named with its real size.
+    """
+
+    def __init__(self, files: Sequence[tuple[str, BinaryIO]], limits: ServeLimits) -> None:
+        self.limits = limits
+        self.names = [name for name, _ in files]
+        self.tmp = Path(tempfile.mkdtemp(prefix="lakead-upload-"))
+        self.paths: list[Path] = []
+        self.sizes: list[tuple[int, int] | None] = []
+        try:
+            self._scan(files)
+        except BaseException:
+            self.close()
+            raise
+
+    def _scan(self, files: Sequence[tuple[str, BinaryIO]]) -> None:
+        limits = self.limits
+        too_large: list[tuple[str, str]] = []
+        total = largest = 0
         for i, (name, fh) in enumerate(files):
             suffix = Path(name).suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", Path(name).suffix) else ""
-            path = tmp / f"{i}{suffix}"  # our own name on disk: the client's name is only a label
+            path = self.tmp / f"{i}{suffix}"  # our own name on disk: the client's name is only a label
             with path.open("wb") as out:
                 fh.seek(0)
                 shutil.copyfileobj(fh, out, 1 * MIB)
+            size = _header_size(path)
+            self.paths.append(path)
+            self.sizes.append(size)
+            if size is None:
+                continue
+            pixels = size[0] * size[1]
+            if pixels > limits.max_image_pixels:
+                too_large.append((name, f"{size[0]}x{size[1]} pixels ({pixels / 1e6:.1f} MP) is more than the "
+                                        f"limit of {limits.max_image_pixels / 1e6:.1f} MP per image (--max-megapixels)"))
+                continue
+            decoded = self.decoded_pixels(size)
+            if decoded < pixels:
+                largest = max(largest, pixels)
+            total += decoded
+            if total > limits.max_total_pixels:
+                too_large.append((name, f"the images up to this one hold {total / 1e6:.1f} MP once decoded, more than the "
+                                        f"limit of {limits.max_total_pixels / 1e6:.1f} MP per request (--max-total-megapixels)"))
+        if too_large:
+            raise UploadRejected(413, _summary("too large", too_large), too_large)
+        # while one large image is decoded its full size exists for a moment (not for JPEG)
+        self.pixels = min(total + largest, limits.max_server_pixels)
+
+    def decoded_pixels(self, size: tuple[int, int]) -> int:
+        w, h = size
+        if w * h <= self.limits.max_decode_pixels:
+            return w * h
+        f = reduction(w, h, self.limits.max_decode_pixels)
+        return math.ceil(w / f) * math.ceil(h / f)
+
+    def decode(self, check: "Callable[[np.ndarray, str], str | None] | None" = None,
+               cancelled: "Callable[[], bool] | None" = None) -> list[np.ndarray]:
+        """The images as ``(H, W, 3)`` uint8 arrays, in order; those with more than
+        ``max_decode_pixels`` pixels downscaled while decoded. ``check(array, name)`` returns
+        a problem with a readable image (as: smaller than one patch) or None. Raises
+        :class:`UploadRejected` (422) naming every file that is not a readable image or that
+        ``check`` refuses."""
+        unreadable: list[tuple[str, str]] = []
+        arrays: list[np.ndarray] = []
+        for name, path, size in zip(self.names, self.paths, self.sizes):
+            if cancelled is not None and cancelled():
+                raise Cancelled()
             try:
-                size = _header_size(path)
-                if size is not None:
-                    pixels = size[0] * size[1]
-                    if pixels > limits.max_image_pixels:
-                        too_large.append((name, f"{size[0]}x{size[1]} pixels ({pixels / 1e6:.1f} MP) is more than the "
-                                                f"limit of {limits.max_image_pixels / 1e6:.1f} MP per image (--max-megapixels)"))
-                        continue
-                    total += pixels
-                    if total > limits.max_total_pixels:
-                        too_large.append((name, f"the images up to this one hold {total / 1e6:.1f} MP, more than the "
-                                                f"limit of {limits.max_total_pixels / 1e6:.1f} MP per request (--max-total-megapixels)"))
-                        continue
-                if not too_large:  # else the request is refused anyway: decode nothing more
-                    arrays.append(load_image(path, name))
+                if size is not None and size[0] * size[1] > self.limits.max_decode_pixels:
+                    arr = decode_reduced(path, name, self.limits.max_decode_pixels)
+                else:
+                    arr = load_image(path, name)
+                problem = check(arr, name) if check is not None else None
+                if problem is not None:
+                    unreadable.append((name, problem))
+                else:
+                    arrays.append(arr)
             except ImageLoadError as exc:
                 unreadable.append((name, exc.problem))
             finally:
-                os.unlink(path)  # free the disk now, not only at the end of a large request
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if too_large:
-        raise UploadRejected(413, _summary("too large", too_large), too_large + unreadable)
-    if unreadable:
-        raise UploadRejected(422, _summary("not readable as images", unreadable), unreadable)
-    return arrays
+                path.unlink(missing_ok=True)  # free the disk now, not only at the end of a large request
+        if unreadable:
+            raise UploadRejected(422, _summary("not readable as images", unreadable), unreadable)
+        return arrays
+
+    def original_size(self, index: int, array: np.ndarray) -> tuple[int, int]:
+        """``(width, height)`` of upload ``index`` as sent (upright), for an image decoded as ``array``."""
+        h, w = array.shape[:2]
+        size = self.sizes[index]
+        if size is None or size[0] * size[1] <= self.limits.max_decode_pixels:
+            return w, h
+        return (size[0], size[1]) if (w >= h) == (size[0] >= size[1]) else (size[1], size[0])
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "Uploads":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Cancelled(LakeadError):
+    """The client went away: the work for it was stopped."""
+
+
+def read_uploads(files: Sequence[tuple[str, BinaryIO]], limits: ServeLimits) -> list[np.ndarray]:
+    """Read ``(name, file object)`` uploads into ``(H, W, 3)`` uint8 arrays, in order (see
+    :class:`Uploads`)."""
+    with Uploads(files, limits) as uploads:
+        return uploads.decode()
 
 
 def _summary(what: str, problems: Sequence[tuple[str, str]]) -> str:

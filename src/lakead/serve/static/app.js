@@ -30,7 +30,8 @@ class ApiError extends Error {
 
 async function api(path, options = {}) {
   const headers = new Headers(options.headers || {});
-  if (token()) headers.set("Authorization", "Bearer " + token());
+  // sent as UTF-8 bytes (a header value is bytes; the server compares them with the token's UTF-8)
+  if (token()) headers.set("Authorization", "Bearer " + unescape(encodeURIComponent(token())));
   let response;
   try {
     response = await fetch(path, { ...options, headers });
@@ -328,21 +329,9 @@ function failCard(card, problem) {
   card.querySelector(".scores").textContent = "not scored: " + problem;
 }
 
-// Batches that fit the server's limits on image count and request size.
-function batches(files) {
-  const limits = state.info.limits;
-  const maxBytes = limits.max_request_bytes * 0.95;
-  const out = [];
-  let cur = [], bytes = 0;
-  for (const f of files) {
-    if (cur.length && (cur.length >= limits.max_predict_images || bytes + f.size > maxBytes)) {
-      out.push(cur); cur = []; bytes = 0;
-    }
-    cur.push(f); bytes += f.size;
-  }
-  if (cur.length) out.push(cur);
-  return out;
-}
+// One request per image (a few in flight): a file the service cannot read fails alone, and
+// every other image is still scored.
+const IN_FLIGHT = 2;
 
 async function scoreFiles(files) {
   const { images, ignored } = splitImages(files);
@@ -354,31 +343,49 @@ async function scoreFiles(files) {
   const results = $("#results");
   const cards = images.map(resultCard);
   cards.slice().reverse().forEach((c) => results.prepend(c));
-  let done = 0, anomalous = 0, failed = 0;
+  let done = 0, anomalous = 0;
+  const failures = [];
   const status = $("#predict-status");
-  for (const batch of batches(images)) {
-    const batchCards = batch.map((f) => cards[images.indexOf(f)]);
-    if (batch.length === 1 && batch[0].size > state.info.limits.max_request_bytes) {
-      failCard(batchCards[0], `file of ${mib(batch[0].size)} is larger than the server's limit`);
-      failed += 1;
-      continue;
+  const limits = state.info.limits;
+  const show = () => { status.textContent = `scoring with ${model.id}: ${done} of ${images.length} done…`; };
+
+  async function one(i) {
+    const file = images[i], card = cards[i];
+    if (file.size > limits.max_request_bytes) {
+      const problem = `file of ${mib(file.size)} is larger than the server's limit`;
+      failCard(card, problem);
+      failures.push(`${file.name}: ${problem}`);
+      return;
     }
-    status.textContent = `scoring ${done + 1}–${done + batch.length} of ${images.length} with ${model.id}…`;
     const form = new FormData();
-    for (const f of batch) form.append("images", f, f.name);
+    form.append("images", file, file.name);
     if (thresholdValue) form.append("threshold", thresholdValue);
     try {
       const res = await api(`/models/${encodeURIComponent(model.id)}/predict`, { method: "POST", body: form });
-      res.results.forEach((r, i) => { fillCard(batchCards[i], r, model.id); anomalous += r.anomalous ? 1 : 0; });
+      const r = res.results[0];
+      fillCard(card, r, model.id);
+      anomalous += r.anomalous ? 1 : 0;
     } catch (err) {
-      const byName = new Map((err.errors || []).map((e) => [e.name, e.problem]));
-      batchCards.forEach((c, i) => failCard(c, byName.get(batch[i].name) || err.message));
-      failed += batch.length;
-      showMessage(errorText(err));
+      const problem = (err.errors && err.errors.length ? err.errors[0].problem : "") || err.message;
+      failCard(card, problem);
+      failures.push(`${file.name}: ${problem}`);
     }
-    done += batch.length;
   }
+
+  let next = 0;
+  show();
+  async function worker() {
+    while (next < images.length) {
+      const i = next++;
+      await one(i);
+      done += 1;
+      show();
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(IN_FLIGHT, images.length) }, worker));
+  const failed = failures.length;
   status.textContent = `${done - failed} image(s) scored with ${model.id}: ${anomalous} anomalous` + (failed ? `, ${failed} not scored` : "");
+  if (failed) showMessage(`${failed} image(s) not scored:\n` + failures.map((f) => "• " + f).join("\n"));
 }
 
 function clearResults() {
