@@ -166,6 +166,8 @@ def predict(
     inputs: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively).", show_default=False),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for scores.csv, overlays/ and maps/."),
     threshold: Optional[float] = typer.Option(None, help="Decision threshold for this run (default: the model's)."),
+    false_alarm_rate: Optional[float] = typer.Option(None, help="False-alarm budget for this run: the decision levels are derived again from the model's saved normal scores (default: the model's budget)."),
+    masks: bool = typer.Option(False, "--masks", help="Also write the defect masks (masks/) and regions.csv (one row per defect region)."),
     backbone: Optional[str] = typer.Option(None, help="Where to read the backbone weights from, if not where the model was fitted."),
     maps: str = typer.Option("png,npy", help="Map files to write: png (overlays/), npy (raw float32 maps/), png,npy or none."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --out/scores.csv (an interrupted or earlier run) and score only the other images."),
@@ -184,6 +186,10 @@ def predict(
     from .batch import own_output, parse_maps, predict_to_dir
     from .images import iter_images
 
+    if ray and (masks or false_alarm_rate is not None):
+        raise typer.BadParameter("not used with --ray yet (the single-process run writes them)", param_hint="--masks/--false-alarm-rate")
+    if false_alarm_rate is not None and not 0 < false_alarm_rate < 1:
+        raise typer.BadParameter(f"a number in (0, 1), got {false_alarm_rate}", param_hint="--false-alarm-rate")
     if (ray_address is not None or ray_workers is not None) and not ray:
         raise typer.BadParameter("only used with --ray", param_hint="--ray-address/--ray-workers")
     if ray and read_threads is not None:
@@ -218,7 +224,8 @@ def predict(
                                 precision=runtime.precision)
             with progress_bar("predict", total) as advance:
                 summary = predict_to_dir(
-                    det, inputs, out_dir, threshold=threshold, maps=map_kinds, resume=resume,
+                    det, inputs, out_dir, threshold=threshold, false_alarm_rate=false_alarm_rate, maps=map_kinds,
+                    masks=masks, resume=resume,
                     read_threads=read_threads, on_progress=advance, on_error=report,
                 )
     skipped = f" ({summary.skipped} already in scores.csv, skipped)" if summary.skipped else ""
@@ -366,21 +373,16 @@ def serve(
         import uvicorn
 
         from .serve import ServeLimits, create_app
+        from .serve.guard import served_hosts
     except ImportError as exc:
         raise fail(f"the service needs the serve extra ({exc.name} is missing): pip install 'lakead[serve]'") from None
     import os
-    import socket
     from urllib.parse import quote
 
     loopback = host in ("127.0.0.1", "localhost", "::1")
     if not loopback and token is None and not insecure:
         raise fail(f"refusing to serve on {host} without a token: anyone who can reach this machine could create, use "
                    "and delete models. Give --token (or LAKEAD_TOKEN), or --insecure to do it anyway")
-    hosts = ["127.0.0.1", "localhost", "[::1]", *(h.lower() for h in allowed_host)]
-    if not loopback:  # the names this machine is reached by; any IP address typed as such passes too
-        hosts += [n.lower() for n in {socket.gethostname(), socket.getfqdn()} if n]
-        if host not in ("0.0.0.0", "::"):
-            hosts.append(f"[{host}]" if ":" in host else host.lower())
     with errors_as_messages():
         limits = ServeLimits(
             max_request_bytes=int(max_upload_mb * 2**20), max_fit_images=max_images,
@@ -391,7 +393,7 @@ def serve(
         service = create_app(
             models_dir, backbone=backbone, allowed_backbones=tuple(allow_backbone), token=token, limits=limits,
             device=runtime.device, batch_size=runtime.batch_size, precision=runtime.precision, workers=workers,
-            allowed_hosts=tuple(dict.fromkeys(hosts)), allow_ip_hosts=not loopback,
+            allowed_hosts=served_hosts(host, allowed_host), allow_ip_hosts=not loopback,
         )
         logging.getLogger("lakead").info("loading the backbone %s", backbone)
         service.state.store.backbone(backbone)  # fail now, not at the first request
@@ -399,15 +401,10 @@ def serve(
         err.print(f"[yellow]warning:[/] serving on {host} without --token (--insecure): anyone who can reach this "
                   "machine can create, use and delete models", highlight=False)
     shown = f"[{host}]" if ":" in host else ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
-    url = f"http://{shown}:{port}/"
     from_env = token is not None and os.environ.get("LAKEAD_TOKEN") == token  # kept off the screen and logs too
-    if token and not from_env:
-        url += f"#token={quote(token, safe='')}"
-    out.print(f"lakead serving {len(service.state.store.list())} model(s) from {models_dir} at {url}", highlight=False,
-              soft_wrap=True)
-    if token and from_env:
-        out.print(f"the token is LAKEAD_TOKEN's: open {url}#token=<LAKEAD_TOKEN> or type it into the page", highlight=False,
-                  soft_wrap=True)
+    url = f"http://{shown}:{port}/" + (f"#token={quote(token, safe='')}" if token and not from_env else "")
+    out.print(f"lakead serving {len(service.state.store.list())} model(s) from {models_dir} at {url}"
+              + (" (add #token=<LAKEAD_TOKEN>, or type it into the page)" if from_env else ""), highlight=False, soft_wrap=True)
     uvicorn.run(service, host=host, port=port, log_level="warning" if state["quiet"] else "info")
 
 

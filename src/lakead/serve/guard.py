@@ -56,6 +56,20 @@ def security_headers(path: str) -> list[tuple[bytes, bytes]]:
             (b"referrer-policy", b"no-referrer"), (b"content-security-policy", csp.encode())]
 
 
+def served_hosts(host: str, extra: "list[str] | tuple[str, ...]" = ()) -> tuple[str, ...]:
+    """The Host names a service bound to ``host`` answers: the loopback names, ``extra``
+    (``--allowed-host``), and off loopback the machine's host name and FQDN and the bound
+    address itself (an IP address typed as the host passes anyway, with ``allow_ip_hosts``)."""
+    import socket
+
+    hosts = ["127.0.0.1", "localhost", "[::1]", *(h.lower() for h in extra)]
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        hosts += [n.lower() for n in (socket.gethostname(), socket.getfqdn()) if n]
+        if host not in ("0.0.0.0", "::"):
+            hosts.append(f"[{host}]" if ":" in host else host.lower())
+    return tuple(dict.fromkeys(hosts))
+
+
 def _is_ip_literal(name: str) -> bool:
     try:
         ipaddress.ip_address(name.strip("[]"))
