@@ -136,7 +136,8 @@ def test_rows_follow_input_order_and_equal_one_predict_call(detector, images, re
     listed = sorted(p for p in images.rglob("*.png") if p.name != "broken.png")
     assert [r["path"] for r in got] == [str(p) for p in listed]
     pred = detector.predict([str(p) for p in listed])
-    assert [r["score"] for r in got] == [f"{s:.6g}" for s in pred.scores]
+    assert [r["score"] for r in got] == [str(s) for s in pred.scores]  # every float32 digit (str of np.float32)
+    assert [np.float32(r["score"]) for r in got] == list(pred.scores)  # reads back as the same float32
     assert [r["anomalous"] for r in got] == [str(bool(a)).lower() for a in pred.anomalous]
     name = output_name(listed[5], output_root([images]))
     assert np.array_equal(np.load(reference / "maps" / f"{name}.npy"), pred.maps[5])
@@ -259,7 +260,7 @@ def test_resume_refuses_another_model_threshold_or_precision(tiny_backbone, mode
         predict_to_dir(detector, [images], out, resume=True)
     lines = (reference / SCORES_FILE).read_bytes().splitlines(keepends=True)
     (out / SCORES_FILE).write_bytes(b"".join(lines[:3] + [b"edited,by hand\r\n"] + lines[4:8]))
-    with pytest.raises(LakeadError, match="line 4: expected 5 fields, found 2"):
+    with pytest.raises(LakeadError, match="line 4: expected 6 fields, found 2"):
         predict_to_dir(detector, [images], out, resume=True)
 
 

@@ -107,7 +107,7 @@ def test_predict_writes_scores_overlays_and_maps(model, dataset, tmp_path):
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert [row["path"].split("test/")[1] for row in rows] == ["bad/000.png", "ok/000.png", "ok/001.jpg"]
-    assert set(rows[0]) == {"path", "score", "visual", "semantic", "anomalous"}
+    assert set(rows[0]) == {"path", "score", "visual", "semantic", "anomalous", "out_of_scope"}
     scores = {row["path"].split("test/")[1]: float(row["score"]) for row in rows}
     assert scores["bad/000.png"] > max(scores["ok/000.png"], scores["ok/001.jpg"])
     for name, size in (("bad/000.png", (64, 64)), ("ok/000.png", (64, 64)), ("ok/001.jpg", (48, 80))):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import texture, with_defect
-from lakead import ConfigError, ImageLoadError, LakeDetector, ModelFormatError, NotFittedError, Prediction
+from lakead import ConfigError, ImageLoadError, LakeadError, LakeDetector, ModelFormatError, NotFittedError, Prediction
 from lakead.decision import gaussian_threshold
 from lakead.ops import anomaly_probability, robust_threshold
 
@@ -152,7 +152,7 @@ def test_failed_save_leaves_nothing(fitted, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(LakeadError, match="disk full"):  # one message naming the path and the cause
         fitted.save(tmp_path / "model")
     assert list(tmp_path.iterdir()) == []
 

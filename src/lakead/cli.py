@@ -9,110 +9,31 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._version import __version__
 from .api import Runtime
 from .errors import LakeadError
-from .fileio import check_directory_target, os_error_text
+from .fileio import check_directory_target
 from .images import CONTROL_CHARACTERS, printable
 from .lake import LakeConfig
-from .methods import METHODS, get_method, load_detector
-from .options import MODEL_PANEL, choice_option, command_line, config_options, option_specs, option_text, runtime_options
-
-app = typer.Typer(
-    name="lakead",
-    help="Training-free few-shot visual anomaly detection (LAKE). Higher scores are more anomalous.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+from .methods import get_method, load_detector
+from .options import MODEL_PANEL, option_text, runtime_options
+from .cli_common import (  # app: the entry point (lakead.cli:app)
+    app,
+    err,
+    errors_as_messages,
+    fail,
+    model_options,
+    out,
+    progress_bar,
+    state,
+    DEFAULT_BACKBONE,
 )
-err = Console(stderr=True, soft_wrap=True)  # messages stay on one line: greppable in logs
-out = Console()
-
-
-def _version(value: bool) -> None:
-    if value:
-        out.print(f"lakead {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print progress details and debug information."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings and errors; no progress bar."),
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-) -> None:
-    """lakead: fit on a few normal images, then score, map and judge new ones."""
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logger = logging.getLogger("lakead")
-    logger.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
-    logger.setLevel(level)
-    logger.propagate = False
-    state["quiet"] = quiet
-
-
-state: dict[str, bool] = {"quiet": False}
-
-
-def fail(message: str) -> "typer.Exit":
-    err.print(f"[bold red]error:[/] {escape(printable(message, keep=chr(10)))}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code=1)
-
-
-@contextmanager
-def errors_as_messages(interrupted: str = "interrupted") -> Iterator[None]:
-    """Print a :class:`LakeadError` or a system error (disk full, read-only, ...) as one clear
-    message and exit 1, without a traceback; on Ctrl-C print ``interrupted`` and exit 130."""
-    try:
-        yield
-    except LakeadError as exc:
-        raise fail(str(exc)) from None
-    except OSError as exc:
-        raise fail(os_error_text(exc)) from None
-    except KeyboardInterrupt:
-        err.print(escape(interrupted), highlight=False)  # printed verbatim, like fail()
-        raise typer.Exit(code=130) from None
-
-
-@contextmanager
-def progress_bar(description: str, total: int) -> Iterator:
-    """A progress bar on stderr; yields ``advance(n)``."""
-    if state["quiet"]:
-        yield lambda n: None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
-#: The default backbone: the configuration's (declared once, in lakead.lake.config).
-DEFAULT_BACKBONE: str = option_specs(LakeConfig)["backbone"].default
-
-
-def model_options(**kwargs):
-    """Every option of :class:`LakeConfig` on a command (see :func:`lakead.options.config_options`);
-    a bad value is one message and exit status 1, a bad word a usage error (2)."""
-    return config_options(LakeConfig, errors=errors_as_messages, **kwargs)
-
-
-#: The options the evaluation commands share (fit has its own --seed and --shots).
-_CATEGORIES = typer.Option(None, "--categories", help="Only these categories (repeat the option or separate with commas; default: all).")
-_EVAL_SEED = typer.Option(0, help="Seed of the shot sample; also seeds --selection random and the outlier filter.",
-                          rich_help_panel=MODEL_PANEL)
-_FIRST = typer.Option(False, "--first", help="Take the first N training images by name instead of a seeded sample.")
 
 
 @app.command()
@@ -408,157 +329,7 @@ def serve(
     uvicorn.run(service, host=host, port=port, log_level="warning" if state["quiet"] else "info")
 
 
-# -- evaluation: eval, ablate, baselines ---------------------------------------------------
-
-
-def _split(values: "list[str] | str | None") -> list[str]:
-    """Comma-separated and repeated option values, flattened."""
-    if values is None:
-        return []
-    items = [values] if isinstance(values, str) else values
-    return [v.strip() for item in items for v in item.split(",") if v.strip()]
-
-
-def _numbers(values: str, kind: type, option: str) -> list:
-    try:
-        return [kind(v) for v in _split(values)]
-    except ValueError:
-        raise fail(f"{option}: expected comma-separated {kind.__name__} values, got {values!r}") from None
-
-
-@app.command("eval")
-@runtime_options()
-@model_options()
-def eval_(
-    ctx: typer.Context,
-    data_root: Path = typer.Argument(..., help="A dataset in the MVTec-AD layout (a category, a dataset or a folder of datasets) or a folder with meta.json.", show_default=False),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Report directory: metrics.json, metrics.csv, scores.csv, report.md, figures/."),
-    categories: Optional[list[str]] = _CATEGORIES,
-    shots: str = typer.Option("64", help="Normal training images to fit on, per category: a number or 'all'."),
-    seed: int = _EVAL_SEED,
-    first: bool = _FIRST,
-    method: Any = choice_option("lake", "--method", choices=list(METHODS), help="How to score: "
-                                + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "."),
-    examples: int = typer.Option(4, help="Example maps per category in the figures."),
-    no_figures: bool = typer.Option(False, "--no-figures", help="Do not draw the figures."),
-    *,
-    config: LakeConfig,
-    runtime: Runtime,
-) -> None:
-    """Evaluate on a dataset: fit on the shots of each category, score its test images, write the report."""
-    from .data import load_dataset
-    from .evaluate import (
-        HEADERS,
-        METRIC_COLUMNS,
-        evaluate,
-        format_percent,
-        images_to_process,
-        parse_shots,
-    )
-
-    with errors_as_messages():
-        n_shots = parse_shots(shots)
-        cats = load_dataset(data_root, _split(categories))
-        with progress_bar("eval", images_to_process(cats, n_shots)) as advance:
-            report = evaluate(
-                cats, out_dir, config, shots=n_shots, seed=None if first else seed, method=method, examples=examples,
-                figures=not no_figures, command=command_line(ctx), runtime=runtime, on_progress=advance,
-            )
-    table = Table(title=f"report written to {out_dir / 'report.md'}", title_justify="left")
-    table.add_column("category")
-    for c in METRIC_COLUMNS:
-        table.add_column(HEADERS[c], justify="right")
-    for r in report.results:
-        table.add_row(r.name, *(format_percent(v) for v in r.metrics().values()))
-    table.add_row("mean", *(format_percent(report.mean[c]) for c in METRIC_COLUMNS))
-    out.print(table)
-
-
-def _grid(ctx: typer.Context, data_root: Path, categories, out_dir: Path, variants, *, shot_seed, title: str,
-          runtime: Runtime, backbone=None) -> None:
-    """Run the settings of ``ablate`` or ``baselines`` over a dataset's categories, with a progress bar."""
-    from .data import load_dataset
-    from .evaluate import grid_images, run_grid
-
-    cats = load_dataset(data_root, _split(categories))
-    logging.getLogger("lakead").info("%d setting(s) x %d categories", len(variants), len(cats))
-    with progress_bar(title, grid_images(cats, variants)) as advance:
-        run_grid(cats, out_dir, variants, shot_seed=shot_seed, title=title, command=command_line(ctx),
-                 backbone=backbone, runtime=runtime, on_progress=advance)
-    out.print(f"table written to {out_dir / (title + '.md')}", highlight=False)
-
-
-@app.command()
-@runtime_options()
-@model_options(lists=("k", "lam", "layer", "selection", "score_norm"))
-def ablate(
-    ctx: typer.Context,
-    data_root: Path = typer.Argument(..., help="A dataset (see 'lakead eval').", show_default=False),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for ablation.md, ablation.csv and ablation.json."),
-    categories: Optional[list[str]] = _CATEGORIES,
-    shots: str = typer.Option("64", "--shots", help="Shot counts, comma-separated ('all' for every training image)."),
-    seeds: str = typer.Option("0,1,2", help="Seeds that --selection random is averaged over."),
-    seed: int = _EVAL_SEED,
-    first: bool = _FIRST,
-    *,
-    config: LakeConfig,
-    alternatives: dict,
-    runtime: Runtime,
-) -> None:
-    """Run every combination of the lists on a dataset; write one table (ablation.md).
-
-    --k, --lam, --layer, --selection and --score-norm take comma-separated alternatives
-    (in --layer, '+' joins blocks into one alternative: --layer 12,18,12+18 runs three);
-    every other model option is fixed for the whole grid.
-    """
-    from .evaluate import ablation_variants, parse_shots
-
-    with errors_as_messages():
-        variants = ablation_variants(
-            config, ks=alternatives["k"], lams=alternatives["lam"], shots=[parse_shots(s) for s in _split(shots)],
-            layers=alternatives["layer"], selections=alternatives["selection"], seeds=_numbers(seeds, int, "--seeds"),
-            score_norms=alternatives["score_norm"],
-        )
-        _grid(ctx, data_root, categories, out_dir, variants, shot_seed=None if first else seed, title="ablation",
-              runtime=runtime)
-
-
-@app.command()
-@runtime_options()
-@model_options(lists={"score_norm": ("loo", "none")})
-def baselines(
-    ctx: typer.Context,
-    data_root: Path = typer.Argument(..., help="A dataset (see 'lakead eval').", show_default=False),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for baselines.md, baselines.csv and baselines.json."),
-    categories: Optional[list[str]] = _CATEGORIES,
-    methods: Any = choice_option(",".join(METHODS), "--methods", "--method", choices=list(METHODS), many=True,
-                                 help="Methods, comma-separated (text needs a CLIP): "
-                                      + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "."),
-    seeds: str = typer.Option("0,1,2", help="Seeds that the random method is averaged over."),
-    shots: str = typer.Option("64", help="Normal training images to fit on, per category: a number or 'all'."),
-    seed: int = _EVAL_SEED,
-    first: bool = _FIRST,
-    *,
-    config: LakeConfig,
-    alternatives: dict,
-    runtime: Runtime,
-) -> None:
-    """Compare LAKE with its baselines on the same data and shots; write one table (baselines.md).
-
-    Each method runs with the model options given, and the options it fixes
-    (e.g. visual: --no-text); LAKE's fused score is reported once per --score-norm.
-    """
-    from .backbones import load_backbone
-    from .evaluate import baseline_variants, parse_shots
-
-    with errors_as_messages():
-        bb = load_backbone(config.backbone)
-        variants = baseline_variants(
-            config, methods=methods, shots=parse_shots(shots), seeds=_numbers(seeds, int, "--seeds"),
-            score_norms=alternatives["score_norm"], has_text=bb.has_text,
-        )
-        _grid(ctx, data_root, categories, out_dir, variants, shot_seed=None if first else seed, title="baselines",
-              runtime=runtime, backbone=bb)
+from . import cli_eval  # noqa: E402,F401 - registers eval, ablate and baselines on the app
 
 
 if __name__ == "__main__":  # pragma: no cover

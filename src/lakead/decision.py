@@ -10,8 +10,9 @@ budget:
   finite-sample guarantee; Vovk et al. 2005, Angelopoulos & Bates 2021). It needs
   ``alpha >= 1 / (n + 1)``: with fewer scores no order statistic is high enough.
 - ``gaussian`` (a fitted tail): ``median + z(1 - alpha) * 1.4826 * MAD``, the upper ``alpha``
-  quantile of a normal distribution fitted with robust statistics. Approximate; used where the
-  budget is below ``1 / (n + 1)``.
+  quantile of a normal distribution fitted with robust statistics. Approximate; ``auto`` uses it
+  where the budget is below ``1 / (n + 1)``, and never below the largest normal score (the
+  conformal level at ``1 / (n + 1)``), so that a smaller budget never lowers the threshold.
 - ``sigmas``: ``median + s * 1.4826 * MAD`` for a given ``s`` (lakead before the budget; about
   0.1 % false alarms for s = 3 if the scores were Gaussian).
 
@@ -100,7 +101,10 @@ def budget_threshold(scores: Sequence[float] | np.ndarray, alpha: float, rule: s
         return sigmas_threshold(scores, sigmas), "sigmas"
     if rule == "conformal" or (rule == "auto" and check_budget(alpha) >= 1.0 / (n + 1)):
         return conformal_threshold(scores, alpha), "conformal"
-    return gaussian_threshold(scores, alpha), "gaussian"
+    t = gaussian_threshold(scores, alpha)
+    if rule == "auto":  # below 1/(n+1): never under the largest score (the conformal level at 1/(n+1))
+        t = max(t, float(_finite(scores).max()))
+    return t, "gaussian"
 
 
 def describe_rule(rule: str, alpha: float, n: int, sigmas: float = 3.0) -> str:

@@ -123,7 +123,7 @@ class RayScorer:
             except LakeadError as exc:  # not about one image: stop the run with this message
                 failure = str(exc)
         for i, path in enumerate(paths):
-            row = by_index.get(i, (path, "", "", "", ""))
+            row = by_index.get(i, (path,) + ("",) * (len(SCORE_COLUMNS) - 1))
             for key, value in zip(SCORE_COLUMNS, row):
                 columns[key].append(value)
             columns["error"].append(errors.get(i, ""))
@@ -140,7 +140,7 @@ class RayScorer:
                 arrays.append(result)
                 kept.append(i)
         rows = score_batch(det, arrays, [paths[i] for i in kept], [names[i] for i in kept], self.out_dir, self.maps,
-                           threshold=self.threshold, pool=self.pool) if arrays else []
+                           threshold=self.threshold, pool=self.pool)[0] if arrays else []
         return dict(zip(kept, rows)), errors
 
 

@@ -58,3 +58,41 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def _contour(mask: np.ndarray) -> np.ndarray:
+    """The boundary pixels of a bool mask ``(H, W)`` (two pixels wide on large images)."""
+    from scipy import ndimage
+
+    width = max(1, round(max(mask.shape) / 400))
+    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+
+
+def annotate(rgb: np.ndarray, mask: np.ndarray | None, text: str, vmin: float, vmax: float, *,
+             anomalous: bool, cmap: str = COLORMAP) -> np.ndarray:
+    """An overlay with what it means drawn on it, at the same size: the outline of the defect
+    regions (white), a colour bar from ``vmin`` (typical normal patch) to ``vmax`` (decision
+    level) along the right edge, and ``text`` (score and decision) in a box at the top left,
+    red when ``anomalous``, green otherwise. Returns a new ``(H, W, 3)`` uint8 array."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw, ImageFont
+
+    h, w = rgb.shape[:2]
+    out = rgb.copy()
+    if mask is not None and mask.any():
+        out[_contour(mask)] = (255, 255, 255)
+    bar = max(6, w // 40)
+    ramp = colormaps[cmap](np.linspace(1.0, 0.0, h))[:, :3]  # (H, 3): top = vmax
+    out[:, w - bar:] = (ramp * 255).round().astype(np.uint8)[:, None, :]
+    canvas = Image.fromarray(out)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(9, min(h, w) // 28))
+    for top, label in ((True, f"{vmax:.3g}"), (False, f"{vmin:.3g}")):
+        box = draw.textbbox((0, 0), label, font=font)
+        x = w - bar - (box[2] - box[0]) - 3
+        y = 2 if top else h - (box[3] - box[1]) - 5
+        draw.text((x, y), label, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+    box = draw.textbbox((4, 4), text, font=font)
+    draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(180, 0, 0) if anomalous else (0, 110, 0))
+    draw.text((4, 4), text, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)

@@ -61,8 +61,8 @@ class LakeConfig(Options):
     threshold: Optional[float] = option(None, "Fixed decision threshold (default: derived from the normal images).")
     threshold_sigmas: float = option(3.0, "With threshold_rule sigmas: robust standard deviations above the typical normal score.")
     scope_check: bool = option(
-        True, "Also flag images that are not the product fitted on (out_of_scope): far from every support image "
-        "in mean-pooled features.")
+        True, "Also flag images that are not the product fitted on (out_of_scope): most of the image unlike the "
+        "normal images (its median token score above what the support images show).")
 
     @property
     def blocks(self) -> tuple[Layer, ...]:

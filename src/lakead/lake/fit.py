@@ -7,8 +7,8 @@
 3. :func:`decision`: the scale of visual scores, the decision levels (:func:`thresholds`: a
    false-alarm budget over those leave-one-out scores, :mod:`lakead.decision`) and the maps'
    colour range;
-4. :func:`scope_scores`: how far an image is from the support images as a whole ("not this
-   product"), scored leave-one-out on the support set too.
+4. :func:`scope_scores`: how unlike the support images an image is as a whole ("not this
+   product"): the median token score, known for the support images from leave-one-out.
 """
 
 from __future__ import annotations
@@ -179,13 +179,9 @@ def decision(
     return scale, loo_scores, levels, map_range, tokens
 
 
-def scope_scores(pooled: torch.Tensor, gallery: torch.Tensor, *, leave_one_out: bool = False) -> np.ndarray:
-    """How far each image is from the normal images as a whole: the cosine distance of its
-    mean-pooled visual tokens ``(B, D)`` to the nearest support image's ``(n, D)`` (the
-    support image itself left out with ``leave_one_out``, for the support set)."""
-    q = torch.nn.functional.normalize(pooled.float(), dim=-1)
-    g = torch.nn.functional.normalize(gallery.float(), dim=-1)
-    d = 1 - q @ g.T  # (B, n)
-    if leave_one_out:
-        d.fill_diagonal_(math.inf)
-    return d.amin(dim=1).clamp_min(0).cpu().numpy().astype(np.float64)
+def scope_scores(distances: torch.Tensor) -> np.ndarray:
+    """How unlike the normal images an image is as a whole: the median of its token scores
+    ``(B, N) -> (B,)``. A defect raises the scores of the tokens it covers, and leaves the
+    median alone while it covers less than half of the image; another product, an empty
+    fixture or a camera fault raises most tokens, and so the median."""
+    return distances.float().median(dim=1).values.cpu().numpy().astype(np.float64)

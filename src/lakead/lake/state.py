@@ -36,8 +36,7 @@ class LakeState(LearnedState):
                                                   optional=True, device=True)
     loo_tokens: np.ndarray | None = tensor("(T,) float32: leave-one-out token scores of the support images (pixel level)",
                                            optional=True, numpy=True)
-    scope_gallery: torch.Tensor | None = tensor("(n, D) float32: mean-pooled visual tokens of each support image", optional=True)
-    loo_scope: np.ndarray | None = tensor("(n,) float64: leave-one-out scope distances of the support images",
+    loo_scope: np.ndarray | None = tensor("(n,) float64: median leave-one-out token score of each support image (scope)",
                                           optional=True, numpy=True)
     # -- facts (lakead.json) --
     layer: LayerSpec = fact("the visual block(s) read, in the backbone's canonical form")

@@ -1,0 +1,109 @@
+"""What the ``lakead`` commands share: the typer app and its global options, one-line error
+messages, the progress bar, and the model and run options made from the configuration
+(:mod:`lakead.options`). The commands are in :mod:`lakead.cli` and :mod:`lakead.cli_eval`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ._version import __version__
+from .errors import LakeadError
+from .fileio import os_error_text
+from .images import printable
+from .lake import LakeConfig
+from .options import MODEL_PANEL, config_options, option_specs
+
+app = typer.Typer(
+    name="lakead",
+    help="Training-free few-shot visual anomaly detection (LAKE). Higher scores are more anomalous.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True, soft_wrap=True)  # messages stay on one line: greppable in logs
+out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"lakead {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print progress details and debug information."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings and errors; no progress bar."),
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """lakead: fit on a few normal images, then score, map and judge new ones."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logger = logging.getLogger("lakead")
+    logger.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
+    logger.setLevel(level)
+    logger.propagate = False
+    state["quiet"] = quiet
+
+
+state: dict[str, bool] = {"quiet": False}
+
+
+def fail(message: str) -> "typer.Exit":
+    err.print(f"[bold red]error:[/] {escape(printable(message, keep=chr(10)))}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+@contextmanager
+def errors_as_messages(interrupted: str = "interrupted") -> Iterator[None]:
+    """Print a :class:`LakeadError` or a system error (disk full, read-only, ...) as one clear
+    message and exit 1, without a traceback; on Ctrl-C print ``interrupted`` and exit 130."""
+    try:
+        yield
+    except LakeadError as exc:
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(os_error_text(exc)) from None
+    except KeyboardInterrupt:
+        err.print(escape(interrupted), highlight=False)  # printed verbatim, like fail()
+        raise typer.Exit(code=130) from None
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator:
+    """A progress bar on stderr; yields ``advance(n)``."""
+    if state["quiet"]:
+        yield lambda n: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+#: The default backbone: the configuration's (declared once, in lakead.lake.config).
+DEFAULT_BACKBONE: str = option_specs(LakeConfig)["backbone"].default
+
+
+def model_options(**kwargs):
+    """Every option of :class:`LakeConfig` on a command (see :func:`lakead.options.config_options`);
+    a bad value is one message and exit status 1, a bad word a usage error (2)."""
+    return config_options(LakeConfig, errors=errors_as_messages, **kwargs)
+
+
+#: The options the evaluation commands share (fit has its own --seed and --shots).
+_CATEGORIES = typer.Option(None, "--categories", help="Only these categories (repeat the option or separate with commas; default: all).")
+_EVAL_SEED = typer.Option(0, help="Seed of the shot sample; also seeds --selection random and the outlier filter.",
+                          rich_help_panel=MODEL_PANEL)
+_FIRST = typer.Option(False, "--first", help="Take the first N training images by name instead of a seeded sample.")
+
+
