@@ -89,7 +89,7 @@ def test_health_and_info(client):
     assert client.get("/healthz").json() == {"status": "ok", "version": "0.1.0", "auth_required": False}
     info = client.get("/info").json()
     assert info["limits"] == ServeLimits().to_dict()
-    assert info["fit_options"]["k"] == 100 and "device" not in info["fit_options"]
+    assert info["fit_options"]["k"] is None and info["fit_options"]["layer"] is None and "device" not in info["fit_options"]
     assert info["option_choices"]["selection"] == ["top", "random", "bottom", "all"]
     # every option of the configuration but the backbone, with its default, choices and help
     fields = {f.name: f for f in dataclasses.fields(LakeConfig) if f.name != "backbone"}

@@ -400,9 +400,6 @@ def test_20_security_headers_on_every_answer(make_app):
         assert "script-src 'self';" in c.get("/").headers["content-security-policy"]  # the page: no inline script
 
 
-@pytest.mark.xfail(reason="the test tokenizer of lakead.testing saves no model_max_length (77), so truncation=True "
-                          "does nothing; lakead/testing.py is being changed by someone else, so it is not fixed here",
-                   strict=False)
 def test_20_a_long_class_name_does_not_crash(make_app, normals):
     with TestClient(make_app()) as c:
         model = fit(c, normals[:3], class_name="very long " * 12)

@@ -54,7 +54,7 @@ def save_random_clip(path: str | Path, preset: str = "tiny", seed: int = 0, **ov
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(out)
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(out)
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77).save_pretrained(out)
     return out
 
 

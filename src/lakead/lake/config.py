@@ -26,12 +26,14 @@ class LakeConfig(Options):
     """Every option of a :class:`~lakead.lake.detector.LakeDetector`; saved as JSON with the model."""
 
     backbone: str = option(DEFAULT_CLIP, "Hub id, local save_pretrained directory, or onnx:PATH.")
-    k: Union[int, Literal["auto"]] = option(
-        100, "Number of sensitive neurons kept, or 'auto': the knee of the support set's sorted variance curve "
-        "(docs/INTERPRETABILITY.md); ignored with selection all.")
-    layer: LayerSpec = option(
-        18, "Block read for the visual branch: a 1-based block number, or a tensor name for ONNX; several "
-        "(12,18 or a+b) are concatenated on one token grid (block_grid).")
+    k: Union[int, Literal["auto"], None] = option(
+        None, "Number of sensitive neurons kept, or 'auto': the knee of the support set's sorted variance curve "
+        "(docs/INTERPRETABILITY.md); default: the paper's 100 per 1024 channels of the visual tokens (100 on "
+        "ViT-L/14); ignored with selection all.")
+    layer: Optional[LayerSpec] = option(
+        None, "Block read for the visual branch: a 1-based block number, or a tensor name for ONNX; several "
+        "(12,18 or a+b) are concatenated on one token grid (block_grid); default: 3/4 of the backbone's depth "
+        "(block 18 of 24, 9 of 12).")
     block_grid: Literal["coarsest", "finest"] = option(
         "coarsest", "Common token grid of several visual blocks: coarsest (average-pooled) or finest (bilinear).")
     semantic_layer: Optional[Layer] = option(None, "Block read for the text probe (default: the last).")
@@ -65,14 +67,14 @@ class LakeConfig(Options):
         "normal images (its median token score above what the support images show).")
 
     @property
-    def blocks(self) -> tuple[Layer, ...]:
-        """The visual block(s) as a tuple."""
-        return as_blocks(self.layer)
+    def blocks(self) -> tuple[Layer | None, ...]:
+        """The visual block(s) as a tuple; ``(None,)`` for the backbone's default block."""
+        return (None,) if self.layer is None else as_blocks(self.layer)
 
     def validate(self) -> "LakeConfig":
         """Check every option; returns ``self``. Raises :class:`~lakead.errors.ConfigError`."""
         super().validate()  # the options that are one of a few words (Literal)
-        if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+        if self.k not in ("auto", None) and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ConfigError(f"k must be a positive integer or 'auto', got {self.k!r}")
         if not isinstance(self.backbone, str) or not self.backbone.strip():
             raise ConfigError(f"backbone must be a hub id, a local directory or onnx:PATH, got {self.backbone!r}")

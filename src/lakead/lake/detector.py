@@ -46,7 +46,7 @@ from ..backbones import as_blocks
 from ..base import BaseDetector, backbone_precision  # noqa: F401 - backbone_precision: used by benchmarks
 from ..errors import ConfigError
 from ..images import ImageInput
-from ..ops import anomaly_probability, pool_scores
+from ..ops import pool_scores
 from . import fit as steps
 from .config import ANOMALOUS_PROMPT, NORMAL_PROMPT, LakeConfig
 from .score import ScoredBatch, batch_maps, image_parts, score_batch, visual_tokens
@@ -81,7 +81,7 @@ class LakeDetector(BaseDetector):
         state = self.check_fitted()
         joint = state.semantic_layer if text else None
         for start, f in self.iter_features(arrays, as_blocks(state.layer), joint, state.image_size):
-            yield score_batch(start, f, state, self.config)
+            yield score_batch(start, f, state, self.config, self.backbone)
 
     # -- fit ------------------------------------------------------------------------------
 
@@ -133,8 +133,7 @@ class LakeDetector(BaseDetector):
             text = torch.nn.functional.normalize(backbone.text_embeddings(prompts).float(), dim=-1).to(device)  # (2, E)
             logit_scale = backbone.logit_scale
 
-        feats, sem_tokens, grid = self._support_tokens(loaded.arrays, blocks, semantic_layer, image_size, text, logit_scale,
-                                                       on_progress)
+        feats, sem_tokens, grid = self._support_tokens(loaded.arrays, blocks, semantic_layer, image_size, text, on_progress)
         n, n_tok, width = feats.shape
 
         variance, neurons = steps.select_neurons(feats, cfg)
@@ -176,7 +175,7 @@ class LakeDetector(BaseDetector):
             text_embeddings=text,
             loo_tokens=tokens,
             loo_scope=None if loo_scope is None else loo_scope / scale,
-            layer=list(blocks) if isinstance(cfg.layer, (list, tuple)) else blocks[0],  # canonical names
+            layer=list(blocks) if isinstance(cfg.layer, (list, tuple)) else blocks[0],  # canonical names (the default resolved)
             semantic_layer=semantic_layer,
             image_size=image_size,
             grid=tuple(grid),
@@ -200,7 +199,7 @@ class LakeDetector(BaseDetector):
         )
         return self
 
-    def _support_tokens(self, arrays, blocks, semantic_layer, image_size, text, logit_scale, on_progress):
+    def _support_tokens(self, arrays, blocks, semantic_layer, image_size, text, on_progress):
         """The support images' visual tokens ``(n, N, D)`` on the CPU, their text-probe
         P(anomalous) per token ``(n, Nj)`` (zeros without the probe) and the token grid."""
         cfg, n = self.config, len(arrays)
@@ -210,13 +209,13 @@ class LakeDetector(BaseDetector):
             tokens, grid = visual_tokens(f, blocks, cfg.block_grid)  # (B, N, D)
             b, n_tok, width = tokens.shape
             if feats is None:
-                if cfg.selection != "all" and cfg.k != "auto" and cfg.k > width:
+                if cfg.selection != "all" and cfg.k not in ("auto", None) and cfg.k > width:
                     raise ConfigError(f"k={cfg.k} is larger than the width of block {cfg.layer!r} ({width} channels)")
                 feats = torch.empty((n, n_tok, width), dtype=torch.float32)
                 sem_tokens = torch.zeros((n, f.joint.shape[1] if f.joint is not None else n_tok), dtype=torch.float32)
             feats[start : start + b] = tokens.cpu()
             if text is not None and f.joint is not None:
-                sem_tokens[start : start + b] = anomaly_probability(f.joint, text, logit_scale).cpu()  # type: ignore[index]
+                sem_tokens[start : start + b] = self.backbone.text_probability(f.joint, text).cpu()  # type: ignore[index]
             if on_progress is not None:
                 on_progress(b)
         assert feats is not None and sem_tokens is not None
@@ -291,7 +290,8 @@ class LakeDetector(BaseDetector):
             "image_size": state.image_size,
             "k": int(state.neurons.numel()),
             "k_rule": "all channels" if cfg.selection == "all" else (
-                "auto: knee of the sorted variance curve" if cfg.k == "auto" else "fixed"),
+                "auto: knee of the sorted variance curve" if cfg.k == "auto" else
+                "default: 100 per 1024 channels" if cfg.k is None else "fixed"),
             "width": state.width,
             "selection": cfg.selection,
             "support_images": len(state.support),

@@ -44,6 +44,19 @@ def spread_subset(n: int, limit: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, limit)})
 
 
+#: The paper's k: 100 sensitive neurons of ViT-L/14's 1024 channels; the default keeps that share.
+PAPER_K, PAPER_WIDTH = 100, 1024
+
+
+def default_k(width: int) -> int:
+    """The default number of sensitive neurons for ``width`` channels: the paper's share.
+
+    >>> default_k(1024), default_k(768), default_k(96), default_k(32)
+    (100, 75, 9, 3)
+    """
+    return max(1, round(PAPER_K * width / PAPER_WIDTH))
+
+
 def select_neurons(feats: torch.Tensor, config: LakeConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Support tokens ``(n, N, D)`` -> channel variances ``(D,)`` float64 and the chosen
     neurons ``(K,)`` int64; ``k="auto"`` takes ``K`` at the knee of the variance curve."""
@@ -51,7 +64,7 @@ def select_neurons(feats: torch.Tensor, config: LakeConfig) -> tuple[torch.Tenso
     variance = channel_variance(feats.reshape(n * n_tok, width))  # (D,)
     if config.selection == "all":
         return variance, torch.arange(width, dtype=torch.int64)
-    k = knee_k(variance.numpy()) if config.k == "auto" else int(config.k)
+    k = knee_k(variance.numpy()) if config.k == "auto" else default_k(width) if config.k is None else int(config.k)
     if config.selection == "top":
         return variance, top_k_channels(variance, k)
     if config.selection == "bottom":

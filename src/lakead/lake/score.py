@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..backbones.base import Features, Layer, as_blocks
-from ..ops import anomaly_probability, combine_blocks, nearest_neighbor, pool_scores, upsample_map
+from ..backbones.base import Backbone, Features, Layer, as_blocks
+from ..ops import combine_blocks, nearest_neighbor, pool_scores, upsample_map
 from .config import LakeConfig
 from .state import LakeState
 
@@ -49,13 +49,14 @@ def token_distances(tokens: torch.Tensor, state: LakeState) -> tuple[torch.Tenso
     return (d / state.visual_scale).reshape(b, n_tok), idx.reshape(b, n_tok)
 
 
-def score_batch(start: int, features: Features, state: LakeState, config: LakeConfig) -> ScoredBatch:
-    """Score one batch of backbone features against the fitted state."""
+def score_batch(start: int, features: Features, state: LakeState, config: LakeConfig, backbone: Backbone) -> ScoredBatch:
+    """Score one batch of backbone features against the fitted state (the text probe as the
+    backbone's family computes it: :meth:`~lakead.backbones.base.Backbone.text_probability`)."""
     tokens, grid = visual_tokens(features, as_blocks(state.layer), config.block_grid)
     distances, nearest = token_distances(tokens, state)
     probabilities = None
     if features.joint is not None and state.text_embeddings is not None:
-        probabilities = anomaly_probability(features.joint, state.text_embeddings, state.logit_scale)  # (B, Nj)
+        probabilities = backbone.text_probability(features.joint, state.text_embeddings)  # (B, Nj)
     return ScoredBatch(start, tokens, grid, distances, nearest, probabilities, features.joint_grid)
 
 
