@@ -559,3 +559,16 @@ def test_load_script_against_a_running_service(make_app, normals, capsys, tmp_pa
     assert result["requests"] == 12 and result["errors"] == 0 and result["images_per_request"] == 2
     assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["max"]
     assert "errors: 0" in capsys.readouterr().out
+
+
+def test_predict_returns_regions_and_out_of_scope_and_takes_a_budget(client, normals, tests_imgs):
+    model = fit(client, normals)
+    assert model["threshold_rule"] in ("conformal", "gaussian") and model["false_alarm_rate"] == 0.05
+    res = predict(client, model["id"], tests_imgs, overlay="false").json()
+    strict = predict(client, model["id"], tests_imgs, overlay="false", false_alarm_rate="0.001").json()
+    assert strict["threshold"] >= res["threshold"]
+    defect = res["results"][3]  # the planted defect
+    assert defect["anomalous"] and defect["regions"] and not defect["out_of_scope"]
+    box = defect["regions"][0]
+    assert 0 <= box["top"] < box["bottom"] <= defect["scored_height"] and box["area"] > 0
+    assert predict(client, model["id"], tests_imgs, false_alarm_rate="1.5").status_code == 422

@@ -286,6 +286,9 @@ def model_facts(meta: dict[str, Any]) -> dict[str, Any]:
         "support_rule": meta.get("support_rule"),
         "outliers_dropped": len(meta.get("outliers") or []),
         "threshold": meta["threshold"],
+        "false_alarm_budget": meta.get("false_alarm_rate"),
+        "threshold_rule": meta.get("threshold_rule", "sigmas"),
+        "scope_check": meta.get("scope_threshold") is not None,
         "fitted_at": meta.get("fitted_at"),
         "lakead_version": meta.get("lakead_version"),
     }

@@ -94,6 +94,8 @@ class ModelInfo(BaseModel):
     support_rule: str
     outliers: list[str] = Field(description="Normal images dropped by filter_outliers.")
     threshold: Optional[float] = Field(description="Decision threshold; null when none could be derived (one image).")
+    false_alarm_rate: Optional[float] = Field(None, description="The false-alarm budget the threshold was derived for (null: fixed or the old sigmas rule).")
+    threshold_rule: str = Field("sigmas", description="How the threshold was derived: conformal, gaussian, sigmas, fixed or none.")
     image_size: int
     layer: Union[int, str, list[Union[int, str]]] = Field(description="Block(s) read for the visual branch.")
     semantic_layer: Optional[Union[int, str]]
@@ -109,6 +111,16 @@ class ModelList(BaseModel):
     damaged: list[Problem] = Field(default_factory=list, description="Stored models that cannot be read, each named with its problem.")
 
 
+class Region(BaseModel):
+    top: int
+    left: int
+    bottom: int = Field(description="Exclusive.")
+    right: int = Field(description="Exclusive.")
+    area: int = Field(description="Pixels.")
+    peak: float = Field(description="Highest map value inside.")
+    mean: float = Field(description="Mean map value inside.")
+
+
 class ImageResult(BaseModel):
     name: str
     width: int = Field(description="Width of the image as sent.")
@@ -119,7 +131,9 @@ class ImageResult(BaseModel):
     score: float = Field(description="Fused score visual + lam * semantic; higher is more anomalous.")
     visual: float = Field(description="Largest distance of a patch to the normal gallery (normalised).")
     semantic: float = Field(description="P(anomalous) of the text probe, pooled over patches; 0 when off.")
-    anomalous: bool = Field(description="score > threshold")
+    anomalous: bool = Field(description="score > threshold, or out of scope")
+    out_of_scope: bool = Field(False, description="Not the product the model was fitted on (most of the image unlike its normal images).")
+    regions: list[Region] = Field(default_factory=list, description="Defect regions in pixels of the scored image, largest peak first.")
     threshold: Optional[float] = Field(description="The threshold used; null means none (every image normal).")
     map_max: float = Field(description="Largest value of the anomaly map.")
     overlay_png: Optional[str] = Field(description="The map over the image as a PNG data URL (null with overlay=false).")
@@ -338,10 +352,11 @@ def create_app(
         model_id: ModelId,
         images: Annotated[list[UploadFile], File(min_length=1, description="Images to score.")],
         threshold: Annotated[Optional[float], Form(allow_inf_nan=False, description="Decision threshold for this call (default: the model's).")] = None,
+        false_alarm_rate: Annotated[Optional[float], Form(gt=0, lt=1, description="False-alarm budget for this call: the decision levels are derived again from the model's normal scores (default: the model's budget).")] = None,
         overlay_png: Annotated[bool, Form(alias="overlay", description="Return each map as a PNG overlay (data URL).")] = True,
     ) -> PredictResponse:
         """Score images: per image the score, its parts, the decision and the map as an overlay."""
-        await _refuse_unknown_fields(request, {"images", "threshold", "overlay"})
+        await _refuse_unknown_fields(request, {"images", "threshold", "false_alarm_rate", "overlay"})
         if not store.exists(model_id):
             raise ModelNotFound(model_id)
         check_count(len(images), limits.max_predict_images, "images given", "lakead serve --max-predict-images")
@@ -352,7 +367,8 @@ def create_app(
             with Uploads([(n, f.file) for n, f in zip(names, images)], limits) as uploads:
                 with pixels.hold(uploads.pixels, cancel.is_set):
                     arrays = uploads.decode(check, cancel.is_set)
-                    pred, (vmin, vmax) = store.predict(model_id, arrays, names, threshold, cancel=cancel)
+                    pred, (vmin, vmax) = store.predict(model_id, arrays, names, threshold, cancel=cancel,
+                                                       false_alarm_rate=false_alarm_rate)
                     results = []
                     for j, (arr, name) in enumerate(zip(arrays, names)):
                         if cancel.is_set():
@@ -365,6 +381,8 @@ def create_app(
                             name=name, width=width, height=height, scored_width=int(arr.shape[1]),
                             scored_height=int(arr.shape[0]), score=float(pred.scores[j]), visual=float(pred.visual[j]),
                             semantic=float(pred.semantic[j]), anomalous=bool(pred.anomalous[j]),
+                            out_of_scope=bool(pred.out_of_scope[j]),
+                            regions=[Region(**r.to_dict()) for r in pred.regions(j)[1]],
                             threshold=_finite(pred.threshold), map_max=float(pred.maps[j].max()), overlay_png=png,
                         ))
             return PredictResponse(model=model_id, threshold=_finite(pred.threshold), map_range=[vmin, vmax], results=results)

@@ -398,7 +398,7 @@ class ModelStore:
 
     def predict(
         self, model_id: str, images: Sequence[np.ndarray], names: Sequence[str], threshold: float | None = None,
-        cancel: threading.Event | None = None,
+        cancel: threading.Event | None = None, false_alarm_rate: float | None = None,
     ) -> tuple[Prediction, tuple[float, float]]:
         """Score images with a stored model. Returns the prediction and the model's map
         colour range ``(vmin, vmax)`` (see :mod:`lakead.viz`)."""
@@ -408,7 +408,8 @@ class ModelStore:
                 raise ModelNotFound(model_id)
             det = self.detector(model_id)
             arrays = _check_patch(det, images, names)
-            pred = det.predict(arrays, names=list(names), threshold=threshold, on_progress=_stop_when(cancel))
+            budget = {} if false_alarm_rate is None else {"false_alarm_rate": false_alarm_rate}
+            pred = det.predict(arrays, names=list(names), threshold=threshold, on_progress=_stop_when(cancel), **budget)
             return pred, tuple(det.map_range_)  # type: ignore[return-value]
 
 
@@ -471,6 +472,8 @@ def model_info(model_id: str, meta: dict[str, Any]) -> dict[str, Any]:
         "support_rule": meta["support_rule"],
         "outliers": list(meta.get("outliers") or []),
         "threshold": meta["threshold"],
+        "false_alarm_rate": meta.get("false_alarm_rate"),
+        "threshold_rule": meta.get("threshold_rule", "sigmas"),
         "image_size": meta["image_size"],
         "layer": meta["layer"],
         "semantic_layer": meta["semantic_layer"],

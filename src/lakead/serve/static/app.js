@@ -154,7 +154,9 @@ function showModel() {
   if (!m) return;
   const rows = [
     ["id", m.id], ["class", m.class_name], ["normal images", m.support_images],
-    ["threshold", fmt(m.threshold)], ["backbone", m.backbone],
+    ["threshold", fmt(m.threshold)],
+    ["decision rule", m.false_alarm_rate != null ? `${m.threshold_rule}, false-alarm budget ${m.false_alarm_rate}` : m.threshold_rule],
+    ["backbone", m.backbone],
     ["blocks", `visual ${m.layer}, text ${m.semantic_layer ?? "off"}`], ["neurons (k)", m.k],
     ["fitted", m.fitted_at],
   ];
@@ -314,12 +316,13 @@ function fillCard(card, r, modelId) {
   p.replaceChildren();
   const badge = document.createElement("span");
   badge.className = "badge decision";
-  badge.textContent = r.anomalous ? "ANOMALOUS" : "NORMAL";
+  badge.textContent = r.out_of_scope ? "NOT THIS PRODUCT" : r.anomalous ? "ANOMALOUS" : "NORMAL";
   const text = document.createElement("span");
   text.textContent = ` score ${fmt(r.score)} · visual ${fmt(r.visual)} · text ${fmt(r.semantic, 3)} · threshold ${fmt(r.threshold)}`;
   const small = document.createElement("div");
   small.className = "hint";
-  small.textContent = `${r.width}×${r.height} px · model ${modelId}`;
+  const regions = (r.regions || []).length;
+  small.textContent = `${r.width}×${r.height} px · ${regions} defect region${regions === 1 ? "" : "s"} · model ${modelId}`;
   p.append(badge, text, small);
 }
 
