@@ -253,7 +253,8 @@ def _typer_option(spec: OptionSpec, *, as_list: bool = False, list_default: Sequ
     """``(annotation, typer.Option)`` of a field."""
     help_text = escape(spec.help)  # typer reads help as rich markup: brackets are text here
     if as_list:
-        default = option_text(list(list_default) if list_default is not None else [spec.default])
+        alternatives = list(list_default) if list_default is not None else [spec.default]
+        default = None if alternatives == [None] else option_text(alternatives)  # None: the field's own default
         extra = LAYER_LIST_HELP if spec.kind == "blocks" else LIST_HELP
         return Any, typer.Option(
             default, spec.option, parser=spec.parse_list, metavar=spec.metavar + ",...", help=f"{help_text} {extra}",
@@ -339,7 +340,7 @@ def config_options(
             for name in specs:
                 if name in declared and own.get(name) is not None:
                     values[name] = own[name]
-            alternatives = {name: list(values[name]) for name in list_defaults if name in values}
+            alternatives = {name: [None] if values[name] is None else list(values[name]) for name in list_defaults if name in values}
             with (errors or contextlib.nullcontext)():
                 config = build_config(config_cls, values, alternatives)
             return {"config": config, **({"alternatives": alternatives} if list_defaults else {})}

@@ -75,14 +75,16 @@ def ablation_variants(
     out: list[Variant] = []
     seen = set()
     for layer, shot, sel, k, lam, norm in itertools.product(layers, shots, selections, ks, lams, norms):
-        k_eff = None if sel == "all" else k
+        k_eff = "all" if sel == "all" else k  # None: the default k (100 per 1024 channels)
         key = (str(layer), shot, sel, k_eff, lam, norm)  # a multi-block layer is a list
         if key in seen:
             continue
         seen.add(key)
-        cfg = dataclasses.replace(base, layer=layer, selection=sel, k=k if k_eff is not None else base.k, lam=lam, score_norm=norm).validate()
-        label = {"layer": "+".join(map(str, layer)) if isinstance(layer, (list, tuple)) else layer, "shots": "all" if shot is None else shot, "selection": sel,
-                 "k": "all" if k_eff is None else k, "lam": lam, "score_norm": norm}
+        cfg = dataclasses.replace(base, layer=layer, selection=sel, k=base.k if sel == "all" else k, lam=lam,
+                                  score_norm=norm).validate()
+        shown_layer = "+".join(map(str, layer)) if isinstance(layer, (list, tuple)) else "default" if layer is None else layer
+        label = {"layer": shown_layer, "shots": "all" if shot is None else shot, "selection": sel,
+                 "k": "default" if k_eff is None else k_eff, "lam": lam, "score_norm": norm}
         out.append(Variant(label, cfg, "scores", shot, tuple(seeds) if sel == "random" else (cfg.seed,)))
     return out
 
@@ -108,7 +110,7 @@ def baseline_variants(
         fused = m.score == "scores" and has_text and cfg.use_text
         for norm in (score_norms if fused else [cfg.score_norm]):
             c = dataclasses.replace(cfg, score_norm=norm).validate()
-            k = "-" if m.score == "semantic" else "all" if c.selection == "all" else c.k  # the text probe uses no neurons
+            k = "-" if m.score == "semantic" else "all" if c.selection == "all" else ("default" if c.k is None else c.k)  # the text probe uses no neurons
             label = {"method": name, "score_norm": norm if fused else "-", "k": k}
             out.append(Variant(label, c, m.score, shots, tuple(seeds) if c.selection == "random" else (c.seed,), method=name))
     return out
