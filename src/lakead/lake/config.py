@@ -64,7 +64,8 @@ class LakeConfig(Options):
     threshold_sigmas: float = option(3.0, "With threshold_rule sigmas: robust standard deviations above the typical normal score.")
     scope_check: bool = option(
         True, "Also flag images that are not the product fitted on (out_of_scope): most of the image unlike the "
-        "normal images (its median token score above what the support images show).")
+        "normal images (the median distance of its tokens to the support tokens, every channel, above what the "
+        "support images show).")
 
     @property
     def blocks(self) -> tuple[Layer | None, ...]:

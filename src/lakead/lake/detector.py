@@ -149,13 +149,15 @@ class LakeDetector(BaseDetector):
                 n = len(loaded.names)
                 variance, neurons = steps.select_neurons(feats, cfg)  # chosen again without the outliers
         gallery = feats.reshape(n * n_tok, width)[:, neurons].contiguous()  # (n*N, K)
+        scope, scope_image, loo_scope = None, None, None
+        if cfg.scope_check and n >= 2:  # every channel, so that another product is seen even where the neurons agree
+            scope, scope_image = steps.scope_gallery(feats, cfg.seed)
+            loo_scope = np.full(n, np.nan)
+            for i in steps.spread_subset(n, steps.MAX_LOO_IMAGES):
+                loo_scope[i] = steps.scope_scores(feats[i : i + 1], scope, scope_image, image=i)[0]
         del feats
 
         loo_raw, loo_tokens = steps.leave_one_out(gallery, n, n_tok, device)
-        loo_scope = None
-        if cfg.scope_check and loo_tokens:  # the median token score of each support image scored leave-one-out
-            loo_scope = np.full(n, np.nan)
-            loo_scope[steps.spread_subset(n, steps.MAX_LOO_IMAGES)] = [float(np.median(t)) for t in loo_tokens]
         semantic_support = pool_scores(sem_tokens, cfg.semantic_agg).numpy().astype(np.float64)  # (n,)
         scale, loo_scores, levels, map_range, tokens = steps.decision(loo_raw, loo_tokens, semantic_support, loo_scope,
                                                                       cfg, use_text)
@@ -174,7 +176,9 @@ class LakeDetector(BaseDetector):
             loo_scores=loo_scores.astype(np.float32),
             text_embeddings=text,
             loo_tokens=tokens,
-            loo_scope=None if loo_scope is None else loo_scope / scale,
+            scope_gallery=None if scope is None else scope.to(device),
+            scope_gallery_image=scope_image,
+            loo_scope=loo_scope,
             layer=list(blocks) if isinstance(cfg.layer, (list, tuple)) else blocks[0],  # canonical names (the default resolved)
             semantic_layer=semantic_layer,
             image_size=image_size,
@@ -257,8 +261,8 @@ class LakeDetector(BaseDetector):
             vis, sem = image_parts(batch, self.config)
             visual.append(vis)
             semantic.append(sem)
-            if levels.scope is not None:
-                scope.append(steps.scope_scores(batch.distances))  # (B,)
+            if levels.scope is not None and state.scope_gallery is not None:
+                scope.append(steps.scope_scores(batch.tokens, state.scope_gallery))  # (B,)
             sizes = [a.shape[:2] for a in arrays[batch.start : batch.start + vis.shape[0]]]
             maps += batch_maps(batch, sizes, self.config, state.image_size)
             if on_batch is not None:

@@ -8,7 +8,8 @@
    false-alarm budget over those leave-one-out scores, :mod:`lakead.decision`) and the maps'
    colour range;
 4. :func:`scope_scores`: how unlike the support images an image is as a whole ("not this
-   product"): the median token score, known for the support images from leave-one-out.
+   product"): the median over its tokens of the distance to the nearest support token, every
+   channel (:func:`scope_gallery`), known for the support images from leave-one-out.
 """
 
 from __future__ import annotations
@@ -192,9 +193,36 @@ def decision(
     return scale, loo_scores, levels, map_range, tokens
 
 
-def scope_scores(distances: torch.Tensor) -> np.ndarray:
-    """How unlike the normal images an image is as a whole: the median of its token scores
-    ``(B, N) -> (B,)``. A defect raises the scores of the tokens it covers, and leaves the
-    median alone while it covers less than half of the image; another product, an empty
-    fixture or a camera fault raises most tokens, and so the median."""
-    return distances.float().median(dim=1).values.cpu().numpy().astype(np.float64)
+#: Support tokens (every channel) kept for the scope check: a random subset beyond this many.
+MAX_SCOPE_TOKENS = 4096
+
+
+def scope_gallery(feats: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the scope check compares with: up to :data:`MAX_SCOPE_TOKENS` support tokens with
+    every channel of the visual block(s) (not only the sensitive neurons, which another product
+    may share), ``(n, N, D) -> (G, D)``, and which image each came from ``(G,)`` int32."""
+    n, n_tok, width = feats.shape
+    flat = feats.reshape(n * n_tok, width)  # (n*N, D)
+    image = torch.arange(n, dtype=torch.int32).repeat_interleave(n_tok)  # (n*N,)
+    if flat.shape[0] > MAX_SCOPE_TOKENS:
+        keep = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:MAX_SCOPE_TOKENS].sort().values
+        flat, image = flat[keep], image[keep]
+    return flat.contiguous(), image
+
+
+def scope_scores(tokens: torch.Tensor, gallery: torch.Tensor, gallery_image: torch.Tensor | None = None,
+                 image: int | None = None) -> np.ndarray:
+    """How unlike the normal images an image is as a whole: the median over its tokens
+    ``(B, N, D)`` of the distance to the nearest support token, every channel (``gallery``
+    ``(G, D)``) -> ``(B,)``. A defect raises the distances of the tokens it covers and leaves the
+    median alone while it covers less than half of the image; another product, an empty fixture
+    or a camera fault raises most of them. ``image``: a support image scored leave-one-out (its
+    own tokens in the gallery, marked by ``gallery_image``, are left out)."""
+    b, n_tok, width = tokens.shape
+    q = tokens.reshape(b * n_tok, width).to(gallery.device)  # (B*N, D)
+    if image is None:
+        d, _ = nearest_neighbor(q, gallery)
+    else:
+        groups = torch.full((b * n_tok,), image, dtype=torch.int32, device=gallery.device)
+        d, _ = nearest_neighbor(q, gallery, query_groups=groups, gallery_groups=gallery_image.to(gallery.device))
+    return d.reshape(b, n_tok).median(dim=1).values.cpu().numpy().astype(np.float64)

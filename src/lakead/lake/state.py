@@ -36,7 +36,10 @@ class LakeState(LearnedState):
                                                   optional=True, device=True)
     loo_tokens: np.ndarray | None = tensor("(T,) float32: leave-one-out token scores of the support images (pixel level)",
                                            optional=True, numpy=True)
-    loo_scope: np.ndarray | None = tensor("(n,) float64: median leave-one-out token score of each support image (scope)",
+    scope_gallery: torch.Tensor | None = tensor("(G, D) float32: support tokens, every channel, for the scope check",
+                                                optional=True, device=True)
+    scope_gallery_image: torch.Tensor | None = tensor("(G,) int32: which support image each comes from", optional=True)
+    loo_scope: np.ndarray | None = tensor("(n,) float64: each support image's scope distance, leave-one-out",
                                           optional=True, numpy=True)
     # -- facts (lakead.json) --
     layer: LayerSpec = fact("the visual block(s) read, in the backbone's canonical form")
