@@ -41,7 +41,8 @@ from .batch import (
     BatchSummary,
     OutputDir,
     Todo,
-    output_name,
+    OutputNames,
+    own_output,
     output_root,
     parse_maps,
     read_ahead,
@@ -231,7 +232,7 @@ def predict_on_ray(
     runtime = Runtime(device=device or "auto", batch_size=batch_size or Runtime.batch_size, precision=precision or Runtime.precision)
     model_dir = Path(model_dir)
     files, ident = _model_files(model_dir)
-    paths = iter_images(inputs)
+    paths = iter_images(inputs, exclude=own_output(out_dir, inputs))  # the run's own output is never an input
     root = output_root(inputs)
     out = Path(out_dir)
     bs = runtime.batch_size
@@ -264,7 +265,8 @@ def predict_on_ray(
             resources = dict(compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
                              num_gpus=1 if gpu else 0)
             with OutputDir(out, info, resume=resume) as results:
-                _run(ray, Todo(paths, results), results, root, scorer, resources, bs, summary, on_progress, on_error)
+                _run(ray, Todo(paths, results, OutputNames(root)), results, root, scorer, resources, bs, summary, on_progress,
+                     on_error)
         finally:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
     finally:
@@ -280,7 +282,7 @@ def _run(
 ) -> None:
     """The driver's loop: chunks of paths through the actor pool, rows appended as they come."""
     for chunk in _chunks(iter(todo), CHUNK_PATHS):
-        items = [{"path": p, "name": output_name(p, root)} for p in chunk]
+        items = [{"path": p, "name": todo.take_name(p)} for p in chunk]  # unique names, as the single-process run
         blocks = max(1, math.ceil(len(items) / (batch_size * BATCHES_PER_BLOCK)))
         ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             RayScorer, fn_constructor_kwargs=scorer, batch_size=batch_size, batch_format="numpy", **resources)
