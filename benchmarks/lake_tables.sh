@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/lake_tables.sh [STEP...]      (default: every step; output under runs/benchmarks/)
 #
-# Steps: eval, layers, mobilenet, shots, wide, clip, clip_k. Each step is one lakead command; its
+# Steps: eval, layers, multiblock, mobilenet, shots, wide, clip, clip_k. Each step is one lakead command; its
 # table is OUT/<step>/ablation.md, baselines.md or report.md, and the exact command is recorded in it.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
@@ -31,6 +31,13 @@ step_shots() {  # shots 1, 4, 16, all at k = 8 of 64 (about the paper's 100 of 1
     --selection top,random,bottom,all --seeds $SEEDS --shots 1,4,16,all
 }
 
+step_multiblock() {  # several tensors on one grid: 365 (32 x 28 x 28) average-pooled 2 x 2 to the 14 x 14 of 426 (96 ch),
+  # every channel (128), all shots; then the same pair on the finer 28 x 28 grid (426 upsampled bilinearly)
+  lakead ablate "$DATA" --out "$OUT/multiblock" $MOBILENET --layer 365,426,365+426 --selection all --shots all --no-text
+  lakead ablate "$DATA" --out "$OUT/multiblock-finest" $MOBILENET --layer 365+426 --block-grid finest --selection all \
+    --shots all --no-text
+}
+
 step_wide() {  # the same question on a wide tensor: 591 (576 x 14 x 14, an expansion layer), k = 58 (10 %); "all" is in the layers table
   lakead ablate "$DATA" --out "$OUT/wide" $MOBILENET --layer 591 --k 58 --selection top,random,bottom \
     --seeds $SEEDS --shots all
@@ -53,7 +60,7 @@ step_clip_k() {  # the random CLIP, visual branch: top vs random vs bottom vs al
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(eval layers mobilenet shots wide clip clip_k)
+[ ${#steps[@]} -gt 0 ] || steps=(eval layers multiblock mobilenet shots wide clip clip_k)
 for s in "${steps[@]}"; do
   echo "== $s: $(date -u +%FT%TZ)"
   start=$(date +%s)
