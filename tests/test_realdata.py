@@ -36,7 +36,7 @@ def test_fit_and_predict_on_magnetic_tile(shared_data, tiny_clip_dir, tmp_path):
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in expected)
     assert all(np.isfinite(float(r["score"])) for r in rows)
     one = expected[0]
-    rel = one.relative_to(tile / "test").with_suffix(".npy")
+    rel = f"{one.relative_to(tile / 'test')}.npy"  # the name keeps the image's ending: a.png -> maps/a.png.npy
     from PIL import Image
 
     with Image.open(one) as im:
