@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     ap.add_argument("--batch", type=int, default=1, help="images per request")
     ap.add_argument("--warmup", type=int, default=2, help="requests sent first and not counted")
+    ap.add_argument("--attack", type=int, default=0, metavar="N",
+                    help="N attacker threads beside the normal traffic, taking turns at the memory attack (a blank "
+                         "6000x6000 PNG to predict, 11 per request) and the CPU attack (a model created at the largest "
+                         "input size the server allows); their answers are counted apart, the errors of normal requests alone fail the run")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     for name in ("requests", "concurrency", "batch", "shots"):
@@ -229,13 +233,53 @@ def main(argv: list[str] | None = None) -> int:
                     if problem:
                         errors.append(problem)
 
+        attacks: dict[str, int] = {}  # "memory 413" -> count
+        done = threading.Event()
+
+        def attacker(a: int) -> None:
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.new("RGB", (6000, 6000)).save(buf, format="PNG")
+            bomb = buf.getvalue()  # about 100 kB that decodes to 108 MB
+            small = texture_pngs(2, 64, seed=3)
+            size = int(info.get("limits", {}).get("max_image_size") or 1024)
+            turn = a
+            while not done.is_set():
+                kind = "memory" if turn % 2 == 0 else "cpu"
+                turn += 1
+                try:
+                    if kind == "memory":
+                        r = client.post(endpoint, files=[("images", (f"bomb{i}.png", bomb, "image/png")) for i in range(11)])
+                    else:
+                        r = client.post(url + "/models", data={"class_name": "attack", "image_size": str(size)},
+                                        files=[("images", (n, b, "image/png")) for n, b in small])
+                        if r.status_code == 201:
+                            client.delete(f"{url}/models/{r.json()['id']}")
+                    key = f"{kind} {r.status_code}"
+                except httpx.HTTPError as exc:
+                    key = f"{kind} {type(exc).__name__}"
+                with lock:
+                    attacks[key] = attacks.get(key, 0) + 1
+
         load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         t_start = time.perf_counter()
         stop_at[0] = t_start + args.duration
-        with ThreadPoolExecutor(args.concurrency) as pool:
+        with ThreadPoolExecutor(args.concurrency + args.attack) as pool:
+            bad = [pool.submit(attacker, a) for a in range(args.attack)]
             for f in [pool.submit(worker) for _ in range(args.concurrency)]:
                 f.result()
+            done.set()
+            for f in bad:
+                f.result()
         wall = time.perf_counter() - t_start
+        peak_rss_mb = None
+        if server is not None:
+            try:
+                status = Path(f"/proc/{server.proc.pid}/status").read_text()
+                peak_rss_mb = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM:"))) / 1024
+            except (OSError, StopIteration, ValueError):
+                pass
     finally:
         if server is not None:
             server.stop()
@@ -252,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         "test_images": len(tests), "test_image_bytes": [sizes[0], sizes[-1]],
         "requests": len(latencies), "images_per_request": args.batch, "concurrency": args.concurrency,
         "errors": len(errors), "first_errors": errors[:5],
+        "attackers": args.attack, "attack_answers": dict(sorted(attacks.items())),
+        "server_peak_rss_mb": peak_rss_mb,
         "latency_ms": {"p50": percentile(ms, 50), "p95": percentile(ms, 95), "p99": percentile(ms, 99),
                        "max": max(ms) if ms else math.nan, "mean": float(np.mean(ms)) if ms else math.nan},
         "wall_seconds": wall,
@@ -266,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     if fit_seconds is not None:
         print(f"model fitted through the API on {model['support_images']} image(s) in {fit_seconds:.2f} s")
     print(f"errors: {len(errors)}" + "".join(f"\n  {e}" for e in errors[:5]))
+    if args.attack:
+        print(f"attack answers ({args.attack} attacker(s)): " + ", ".join(f"{k}: {v}" for k, v in sorted(attacks.items())))
+    if peak_rss_mb is not None:
+        print(f"server peak resident memory: {peak_rss_mb:.0f} MB")
     print(f"latency ms: p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}  max {lat['max']:.1f}  mean {lat['mean']:.1f}")
     print(f"throughput: {result['requests_per_second']:.2f} requests/s, {result['images_per_second']:.2f} images/s "
           f"over {wall:.1f} s on {os.cpu_count()} CPU(s)" + (f" (1-min load average {load_before:.2f} before)" if load_before is not None else ""))
