@@ -572,3 +572,8 @@ def test_predict_returns_regions_and_out_of_scope_and_takes_a_budget(client, nor
     box = defect["regions"][0]
     assert 0 <= box["top"] < box["bottom"] <= defect["scored_height"] and box["area"] > 0
     assert predict(client, model["id"], tests_imgs, false_alarm_rate="1.5").status_code == 422
+
+
+def test_text_backbone_must_be_offered(client, normals):
+    r = client.post("/models", data={**FIT, "text_backbone": "/etc"}, files=files(*[(f"n{i}.png", png(a)) for i, a in enumerate(normals)]))
+    assert r.status_code == 422 and "not offered by this server" in r.text

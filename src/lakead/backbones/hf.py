@@ -229,7 +229,7 @@ class HFViTBackbone(Backbone):
     def resolve_layer(self, layer: Layer | None, *, semantic: bool = False) -> int:
         """A block number 1..L; None is the default (3/4 of the depth; the last block for the
         text probe)."""
-        if semantic and not self.has_text:
+        if semantic and self.info.joint_dim is None:  # a joint space (kept when a fitted model drops the text tower)
             raise ConfigError(f"backbone {self.info.source!r} has no text tower: there is no semantic layer")
         if layer is None:
             return self.num_layers if semantic else int(self.default_layer())
@@ -255,7 +255,7 @@ class HFViTBackbone(Backbone):
         submodules in order up to the deepest block asked for. Any square input size that is
         a multiple of the patch size: position embeddings are interpolated (or rotary)."""
         blocks = as_blocks(blocks)
-        if joint_block is not None and not self.has_text:
+        if joint_block is not None and self.info.joint_dim is None:
             raise ConfigError(f"backbone {self.info.source!r} has no text tower: there is no semantic layer")
         wanted = {int(b) for b in blocks} | ({int(joint_block)} if joint_block is not None else set())
         dtype = next(self.model.parameters()).dtype

@@ -36,6 +36,9 @@ class LakeConfig(Options):
         "(block 18 of 24, 9 of 12).")
     block_grid: Literal["coarsest", "finest"] = option(
         "coarsest", "Common token grid of several visual blocks: coarsest (average-pooled) or finest (bilinear).")
+    text_backbone: Optional[str] = option(
+        None, "Another model for the text probe (its text tower, and the patch tokens of its own image tower), "
+        "e.g. a CLIP or SigLIP beside a DINOv2 visual branch: hub id or local directory (default: the visual backbone).")
     semantic_layer: Optional[Layer] = option(None, "Block read for the text probe (default: the last).")
     lam: float = option(0.1, "Weight of the text probe in the fused score (Eq. 14).")
     semantic_agg: Literal["max", "mean"] = option("max", "Pooling of the text probe's per-token P(anomalous).")

@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..api import Prediction
-from ..backbones import as_blocks
+from ..api import Prediction, read_model_meta
+from ..backbones import Backbone, BackboneInfo, Features, Layer, as_blocks, load_backbone
 from ..base import BaseDetector, backbone_precision  # noqa: F401 - backbone_precision: used by benchmarks
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelFormatError
 from ..images import ImageInput
 from ..ops import pool_scores
 from . import fit as steps
@@ -76,12 +76,37 @@ class LakeDetector(BaseDetector):
     state_class = LakeState
     state_: LakeState | None
 
+    @property
+    def text_model(self) -> Backbone:
+        """The backbone of the text probe: the visual one, or ``text_backbone`` (loaded on first use)."""
+        if self.config.text_backbone is None:
+            return self.backbone
+        if self.__dict__.get("_text_obj") is None:
+            self._text_obj = load_backbone(self.config.text_backbone, need_text=not self.is_fitted)
+        return self._text_obj
+
+    def iter_features(
+        self, arrays: Sequence[np.ndarray], blocks: Sequence[Layer], joint_block: Layer | None, image_size: int
+    ) -> Iterator[tuple[int, Features]]:
+        """As :meth:`BaseDetector.iter_features`; with ``text_backbone``, the joint tokens come from
+        that model, run on the same images with its own preprocessing and input size."""
+        if joint_block is None or self.config.text_backbone is None:
+            yield from super().iter_features(arrays, blocks, joint_block, image_size)
+            return
+        tm = self.text_model
+        for start, f in super().iter_features(arrays, blocks, None, image_size):
+            batch = arrays[start : start + next(iter(f.blocks.values())).shape[0]]
+            pixels = tm.preprocessing(batch, tm.info.image_size)  # (B, 3, S', S')
+            with backbone_precision(self.runtime.precision, tm):
+                t = tm.extract(pixels, [joint_block], joint_block)
+            yield start, dataclasses.replace(f, joint=t.joint, joint_grid=t.joint_grid)
+
     def iter_scored(self, arrays: Sequence[np.ndarray], *, text: bool = True) -> Iterator[ScoredBatch]:
         """Score batches of images against the fitted state (what predict and explain read)."""
         state = self.check_fitted()
         joint = state.semantic_layer if text else None
         for start, f in self.iter_features(arrays, as_blocks(state.layer), joint, state.image_size):
-            yield score_batch(start, f, state, self.config, self.backbone)
+            yield score_batch(start, f, state, self.config, self.text_model)
 
     # -- fit ------------------------------------------------------------------------------
 
@@ -110,12 +135,14 @@ class LakeDetector(BaseDetector):
         device = self.runtime.torch_device()
         backbone.to(device)
         blocks = tuple(backbone.resolve_layer(b) for b in cfg.blocks)
-        use_text = cfg.use_text and backbone.has_text
-        if cfg.use_text and not backbone.has_text:
-            log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", backbone.info.source)
+        tm = self.text_model if cfg.use_text else backbone  # the text probe's model
+        tm.to(device)
+        use_text = cfg.use_text and tm.has_text
+        if cfg.use_text and not tm.has_text:
+            log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", tm.info.source)
         if cfg.map_source == "semantic" and not use_text:
             raise ConfigError("map_source='semantic' needs the text probe: use_text=True and a backbone with a text tower")
-        semantic_layer = backbone.resolve_layer(cfg.semantic_layer, semantic=True) if use_text else None
+        semantic_layer = tm.resolve_layer(cfg.semantic_layer, semantic=True) if use_text else None
         image_size = backbone.check_image_size(cfg.image_size or backbone.info.image_size)
 
         loaded = self.read_images(images, names, strict=False)
@@ -130,8 +157,8 @@ class LakeDetector(BaseDetector):
         prompts = [NORMAL_PROMPT.format(name), ANOMALOUS_PROMPT.format(name)]
         text = logit_scale = None
         if use_text:
-            text = torch.nn.functional.normalize(backbone.text_embeddings(prompts).float(), dim=-1).to(device)  # (2, E)
-            logit_scale = backbone.logit_scale
+            text = torch.nn.functional.normalize(tm.text_embeddings(prompts).float(), dim=-1).to(device)  # (2, E)
+            logit_scale = tm.logit_scale
 
         feats, sem_tokens, grid = self._support_tokens(loaded.arrays, blocks, semantic_layer, image_size, text, on_progress)
         n, n_tok, width = feats.shape
@@ -219,7 +246,7 @@ class LakeDetector(BaseDetector):
                 sem_tokens = torch.zeros((n, f.joint.shape[1] if f.joint is not None else n_tok), dtype=torch.float32)
             feats[start : start + b] = tokens.cpu()
             if text is not None and f.joint is not None:
-                sem_tokens[start : start + b] = self.backbone.text_probability(f.joint, text).cpu()  # type: ignore[index]
+                sem_tokens[start : start + b] = self.text_model.text_probability(f.joint, text).cpu()  # type: ignore[index]
             if on_progress is not None:
                 on_progress(b)
         assert feats is not None and sem_tokens is not None
@@ -278,7 +305,27 @@ class LakeDetector(BaseDetector):
     # -- model directory ------------------------------------------------------------------
 
     def extra_facts(self) -> dict[str, Any]:
-        return {"k": int(self.check_fitted().neurons.numel())}  # for lakead info, which reads no tensors
+        facts: dict[str, Any] = {"k": int(self.check_fitted().neurons.numel())}  # for lakead info, which reads no tensors
+        if self.config.text_backbone is not None:
+            facts["text_backbone"] = self.text_model.info.to_dict()  # checked when loaded, as the visual backbone is
+        return facts
+
+    @classmethod
+    def load(cls, path, *, backbone=None, device=None, batch_size=None, precision=None) -> "LakeDetector":
+        """:meth:`BaseDetector.load`, and the text probe's model when it is another one (checked
+        against the saved identity, loaded without its text tower: the prompts' embeddings are saved)."""
+        det = super().load(path, backbone=backbone, device=device, batch_size=batch_size, precision=precision)
+        if det.config.text_backbone is not None:
+            meta = read_model_meta(path)
+            try:
+                saved = BackboneInfo(**meta["text_backbone"])
+            except (KeyError, TypeError) as exc:
+                raise ModelFormatError(f"{path}: lakead.json is damaged (text_backbone: {exc})") from None
+            tm = load_backbone(saved.source, need_text=False)
+            if not tm.info.same_model(saved):
+                raise ModelFormatError(f"{path}: the text probe's model at {saved.source!r} is not the one the model was fitted with")
+            det._text_obj = tm.to(det.runtime.torch_device())
+        return det
 
     def summary(self) -> dict[str, Any]:
         """The facts of a fitted model worth printing or reporting."""
@@ -289,6 +336,7 @@ class LakeDetector(BaseDetector):
             "method": self.method,
             "class_name": state.class_name,
             "backbone": cfg.backbone,
+            "text_backbone": cfg.text_backbone or "the same",
             "layer": state.layer,
             "semantic_layer": state.semantic_layer,
             "image_size": state.image_size,

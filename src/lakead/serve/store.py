@@ -226,6 +226,15 @@ class ModelStore:
                 self._backbones[spec] = bb
             return bb
 
+    def _same(self, spec: str, saved: dict) -> bool:
+        """Whether an offered backbone already loaded is the model ``saved`` describes."""
+        with self._backbone_lock:
+            bb = self._backbones.get(spec)
+        try:
+            return bb is not None and bb.info.same_model(BackboneInfo(**saved))
+        except TypeError:
+            return False
+
     def resolve_backbone(self, spec: str | None) -> str:
         """The backbone a creation asks for (None: the server's), if this server offers it."""
         spec = spec or self.default_backbone
@@ -315,6 +324,10 @@ class ModelStore:
             if self.max_image_size is not None and isinstance(size, int) and size > self.max_image_size:
                 raise BackboneNotAllowed(f"stored model {model_id!r} runs at image_size {size}, larger than this server "
                                          f"allows ({self.max_image_size}, lakead serve --max-image-size)")
+            text = meta.get("text_backbone")
+            if isinstance(text, dict) and not any(spec == text.get("source") or self._same(spec, text) for spec in self.allowed_backbones):
+                raise BackboneNotAllowed(f"stored model {model_id!r} takes its text probe from {text.get('source')!r}, which this "
+                                         f"server does not offer (lakead serve --allow-backbone: {list(self.allowed_backbones)})")
             rt = self.runtime
             det = load_detector(path, backbone=self._backbone_for(model_id, saved), device=rt.device,
                                 batch_size=rt.batch_size, precision=rt.precision)
@@ -362,6 +375,8 @@ class ModelStore:
         if not isinstance(class_name, str) or not class_name:
             raise ConfigError("class_name must be a non-empty string (it fills the text prompts)")
         spec = self.resolve_backbone(backbone)
+        if options.get("text_backbone") is not None:  # a model of the text probe: one this server offers, too
+            options = {**options, "text_backbone": self.resolve_backbone(options["text_backbone"])}
         config = LakeConfig.from_options(backbone=spec, **options)  # validated: a bad option fails before any work
         with self._fit_lock:
             bb = self.backbone(spec)
