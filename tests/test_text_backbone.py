@@ -89,3 +89,20 @@ def test_cli_text_backbone(dirs, folders, tmp_path):
     assert r.exit_code == 0, r.output
     rows = (tmp_path / "o" / "scores.csv").read_text().splitlines()
     assert len(rows) == 4 and all(float(line.split(",")[3]) > 0 for line in rows[1:])  # semantic part from SigLIP 2
+
+
+def test_eval_and_explain_accept_another_family_and_text_model(dirs, tmp_path):
+    from _synthetic import write_category
+    from lakead.api import Runtime
+    from lakead.evaluate import evaluate
+    from lakead.explain import explain_images
+    from lakead.lake import LakeConfig
+
+    cat = write_category(tmp_path / "data", "plate", n_train=6, n_good=2, defects={"crack": 2})
+    cfg = LakeConfig(backbone=str(dirs["tiny-dinov2"]), text_backbone=str(dirs["tiny-siglip"]))
+    report = evaluate(cat, tmp_path / "report", cfg, shots=None, seed=0, runtime=Runtime(batch_size=4), figures=False)
+    result = report.results[0]
+    assert result.image["auroc"] is not None and all(row["semantic"] > 0 for row in result.rows)
+    det = LakeDetector(config=cfg, backbone=str(dirs["tiny-dinov2"])).fit(sorted((cat / "train" / "good").iterdir()), "plate")
+    ex = explain_images(det, sorted((cat / "test" / "crack").iterdir()))
+    assert len(ex) == 2 and ex[0].contributions and ex[0].semantic > 0

@@ -175,7 +175,7 @@ def baselines(
         bb = load_backbone(config.backbone)
         variants = baseline_variants(
             config, methods=methods, shots=parse_shots(shots), seeds=_numbers(seeds, int, "--seeds"),
-            score_norms=alternatives["score_norm"], has_text=bb.has_text,
+            score_norms=alternatives["score_norm"], has_text=bb.has_text or config.text_backbone is not None,
         )
         _grid(ctx, data_root, categories, out_dir, variants, shot_seed=None if first else seed, title="baselines",
               runtime=runtime, backbone=bb)

@@ -29,7 +29,7 @@ from ..methods import SCORE_FIELDS, get_method, method_config
 from ..metrics import PRO_FPR_LIMIT
 from .report import _csv, _device, metrics_table
 from .results import DECISION_KEYS, METRIC_COLUMNS, GridReport, _clean, format_percent, mean_metrics
-from .runner import ImageCache, _categories, evaluate_category, images_to_process, runtime_settings
+from .runner import ImageCache, _categories, evaluate_category, has_text_probe, images_to_process, runtime_settings
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +157,12 @@ def run_grid(
     wants_text = any(getattr(v.config, "use_text", False) or m.needs_text for v, m in zip(variants, methods))
     bb = backbone or load_backbone(variants[0].config.backbone, need_text=wants_text)
     for v, m in zip(variants, methods):
-        if m.needs_text and not bb.has_text:
+        if m.needs_text and not has_text_probe(v.config, bb):
             raise ConfigError(f"method {m.name!r} needs a text tower; backbone {bb.info.source} has none")
-    if any(getattr(v.config, "use_text", False) for v in variants) and not bb.has_text:
+    if any(getattr(v.config, "use_text", False) and not has_text_probe(v.config, bb) for v in variants):
         log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", bb.info.source)
         variants = [dataclasses.replace(v, config=dataclasses.replace(v.config, use_text=False))
-                    if getattr(v.config, "use_text", False) else v for v in variants]
+                    if getattr(v.config, "use_text", False) and not has_text_probe(v.config, bb) else v for v in variants]
     per_cat: list[dict[str, dict[str, float]]] = [{} for _ in variants]
     decisions: list[dict[str, dict[str, float]]] = [{} for _ in variants]  # per category: false alarms, recall, oracle
     spread: list[dict[str, dict[str, float]]] = [{} for _ in variants]

@@ -304,7 +304,7 @@ def evaluate(
     m = get_method(method) if isinstance(method, str) else method
     cfg = m.configure(config)
     bb = backbone or load_backbone(cfg.backbone, need_text=cfg.use_text)
-    _check_method(m, bb)
+    _check_method(m, bb, cfg)
     cfg = _without_missing_text(cfg, bb)
     results = []
     for cat in cats:
@@ -317,15 +317,21 @@ def evaluate(
     return report
 
 
-def _check_method(m: Method, bb: Backbone) -> None:
-    if m.needs_text and not bb.has_text:
+def has_text_probe(cfg: Any, bb: Backbone) -> bool:
+    """Whether a configuration on this backbone can run a text probe: the backbone has a text
+    tower, or the configuration takes the probe from another model (``text_backbone``)."""
+    return bb.has_text or getattr(cfg, "text_backbone", None) is not None
+
+
+def _check_method(m: Method, bb: Backbone, cfg: Any = None) -> None:
+    if m.needs_text and not has_text_probe(cfg, bb):
         raise ConfigError(f"method {m.name!r} needs a text tower; backbone {bb.info.source} has none")
 
 
 def _without_missing_text(cfg: Any, bb: Backbone) -> Any:
     """The text probe turned off, with one warning, for a backbone without a text tower (so
     that each category's fit does not warn again)."""
-    if getattr(cfg, "use_text", False) and not bb.has_text:
+    if getattr(cfg, "use_text", False) and not has_text_probe(cfg, bb):
         log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", bb.info.source)
         return dataclasses.replace(cfg, use_text=False)
     return cfg
