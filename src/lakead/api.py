@@ -172,6 +172,7 @@ class Detector(Protocol):
         *,
         names: Sequence[str] | None = None,
         threshold: float | None = None,
+        false_alarm_rate: float | None = None,
         on_progress: Callable[[int], None] | None = None,
     ) -> Prediction: ...
 
