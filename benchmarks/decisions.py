@@ -30,17 +30,9 @@ sys.path.insert(0, str(REPO / "src"))
 from lakead import LakeDetector  # noqa: E402
 from lakead.data import load_dataset, read_mask  # noqa: E402
 from lakead.decision import RULES  # noqa: E402
+from lakead.metrics import oracle_recall  # noqa: E402
 
 BUDGETS = (0.01, 0.05, 0.1)
-
-
-def oracle_recall(good: np.ndarray, bad: np.ndarray, far: float) -> float:
-    """The best recall of any threshold whose false-alarm rate on ``good`` is at most ``far``."""
-    best = 0.0
-    for t in np.concatenate([good, bad, [np.inf]]):
-        if np.mean(good > t) <= far + 1e-12:
-            best = max(best, float(np.mean(bad > t)))
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         labels = np.array([s.label for s in cat.test])
         pred = det.predict(paths)
         models[cat.name], tests[cat.name] = det, (cat, paths, labels)
-        good, bad = pred.scores[labels == 0], pred.scores[labels == 1]
         rows = []
         for rule in RULES:
             for a in BUDGETS:
@@ -70,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 p = det.predict(paths, false_alarm_rate=a)
                 far, rec = float(p.anomalous[labels == 0].mean()), float(p.anomalous[labels == 1].mean())
                 rows.append({"rule": rule, "budget": a, "threshold": p.threshold, "used": det.thresholds(a).rule,
-                             "false_alarms": far, "recall": rec, "oracle_recall": oracle_recall(good, bad, far)})
+                             "false_alarms": far, "recall": rec, "oracle_recall": oracle_recall(labels, pred.scores, far)})
         det.config.threshold_rule = "auto"
         pred = det.predict(paths)  # the default budget
         with_region, f1 = [], []

@@ -281,7 +281,8 @@ def model_facts(meta: dict[str, Any]) -> dict[str, Any]:
         "semantic_layer": meta.get("semantic_layer"),
         "image_size": meta.get("image_size"),
         "k": meta.get("k", config.get("k")),
-        "k_rule": "all channels" if selection == "all" else "auto (knee)" if config.get("k") == "auto" else "fixed",
+        "k_rule": "all channels" if selection == "all" else "auto (knee)" if config.get("k") == "auto" else (
+            "default (100 per 1024 channels)" if config.get("k") is None else "fixed"),
         "selection": selection,
         "support_images": len(meta["support"]),
         "support_rule": meta.get("support_rule"),

@@ -72,17 +72,15 @@ def gaussian_threshold(scores: Sequence[float] | np.ndarray, alpha: float) -> fl
 
 
 def sigmas_threshold(scores: Sequence[float] | np.ndarray, sigmas: float) -> float:
-    """``median + sigmas * 1.4826 * MAD`` (the standard deviation when the MAD is 0).
+    """``median + sigmas * 1.4826 * MAD`` (the standard deviation when the MAD is 0):
+    :func:`lakead.ops.robust_threshold`, the rule lakead had before the budget.
 
     >>> round(sigmas_threshold([1.0, 2.0, 3.0, 4.0, 100.0], 3.0), 4)
     7.4478
     """
-    s = _finite(scores)
-    med = float(np.median(s))
-    spread = 1.4826 * float(np.median(np.abs(s - med)))
-    if spread == 0.0:
-        spread = float(s.std())
-    return med + sigmas * spread
+    from .ops import robust_threshold
+
+    return robust_threshold(_finite(scores), sigmas)
 
 
 def budget_threshold(scores: Sequence[float] | np.ndarray, alpha: float, rule: str = "auto",
@@ -111,7 +109,7 @@ def describe_rule(rule: str, alpha: float, n: int, sigmas: float = 3.0) -> str:
     """One line saying how a threshold was derived (for ``lakead info``, reports, the page)."""
     if rule == "conformal":
         return (f"false-alarm budget {alpha:g}: split-conformal order statistic of {n} leave-one-out normal scores "
-                f"(the {math.ceil((n + 1) * (1 - alpha) - 1e-9)}-th smallest; P(normal image flagged) <= {alpha:g})")
+                f"(P(normal image flagged) <= {alpha:g})")
     if rule == "gaussian":
         return (f"false-alarm budget {alpha:g}: Gaussian tail fitted to {n} leave-one-out normal scores "
                 f"(median + {_z(alpha):.2f} x 1.4826 x MAD; approximate, the budget is below 1/(n+1))")

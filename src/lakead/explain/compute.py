@@ -90,6 +90,8 @@ def _k_rule(det: LakeDetector) -> str:
         return "all channels (selection 'all')"
     if det.config.k == "auto":
         return "auto: k = the elbow estimate"
+    if det.config.k is None:
+        return "default: 100 per 1024 channels"
     return "fixed by the user"
 
 

@@ -22,9 +22,9 @@ Choices the paper leaves open, all configurable and recorded with the model
   score of the support images, so that ``visual`` is about 1 for a typical normal image
   whatever the backbone's feature scale, and ``lam`` weighs the text probe the same way for
   every backbone. ``score_norm="none"`` keeps raw distances, exactly Eq. 14.
-- The decision threshold, without any defect example: ``median + threshold_sigmas * 1.4826
-  * MAD`` of the support images' leave-one-out scores (see :func:`lakead.ops.robust_threshold`).
-  With a single support image there is nothing to leave out: the threshold is infinite
+- The decision threshold, without any defect example: the level a new normal image exceeds
+  with probability at most the false-alarm budget, from the support images' leave-one-out
+  scores (:func:`lakead.decision.budget_threshold`, docs/DECISIONS.md). With a single support image there is nothing to leave out: the threshold is infinite
   (every image normal) until one is set, and a warning says so.
 - Several visual blocks (``layer=[12, 18]``) are concatenated channel-wise on one token grid
   (``block_grid``: the coarsest, average-pooled, or the finest, bilinear).
@@ -44,6 +44,7 @@ import torch
 from ..api import Prediction, read_model_meta
 from ..backbones import Backbone, BackboneInfo, Features, Layer, as_blocks, load_backbone
 from ..base import BaseDetector, backbone_precision  # noqa: F401 - backbone_precision: used by benchmarks
+from ..decision import describe_rule
 from ..errors import ConfigError, ModelFormatError
 from ..images import ImageInput
 from ..ops import pool_scores
@@ -354,8 +355,8 @@ class LakeDetector(BaseDetector):
             "text_probe": state.text_embeddings is not None,
             "score_norm": cfg.score_norm,
             "threshold": state.threshold,
-            "threshold_rule": "fixed by the user" if cfg.threshold is not None else (
-                f"median + {cfg.threshold_sigmas:g} x 1.4826 x MAD of leave-one-out support scores"
+            "threshold_rule": "fixed by the user" if state.threshold_rule == "fixed" else (
+                describe_rule(state.threshold_rule, state.false_alarm_rate or 0.0, int(finite.size), cfg.threshold_sigmas)
                 if finite.size else "none (one support image)"),
             "loo_score_median": float(np.median(finite)) if finite.size else None,
             "loo_score_max": float(finite.max()) if finite.size else None,
