@@ -10,7 +10,6 @@ Fit on a few normal images, then score new ones: a higher score means more anoma
 """
 
 from ._version import __version__
-from .api import Detector, Prediction, Runtime
 from .errors import (
     BackboneUnavailableError,
     ConfigError,
@@ -19,7 +18,28 @@ from .errors import (
     ModelFormatError,
     NotFittedError,
 )
-from .lake import LakeConfig, LakeDetector
+
+# The names below pull in torch; they are imported on first use (PEP 562), so that
+# ``import lakead.runtime`` and ``lakead --help`` do not pay for torch and transformers.
+_LAZY = {
+    "Detector": ".api", "Prediction": ".api", "Runtime": ".api",
+    "LakeConfig": ".lake", "LakeDetector": ".lake",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lakead' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BackboneUnavailableError",
