@@ -51,7 +51,7 @@ def _numbers(values: str, kind: type, option: str) -> list:
 @model_options()
 def eval_(
     ctx: typer.Context,
-    data_root: Path = typer.Argument(..., help="A dataset in the MVTec-AD layout (a category, a dataset or a folder of datasets) or a folder with meta.json.", show_default=False),
+    data_root: Path = typer.Argument(..., help="A dataset: MVTec-AD layout (a category, a dataset or a folder of datasets), a folder with meta.json, VisA, MVTec LOCO, or the folder of --normal-dir/--abnormal-dir (docs/DATA.md).", show_default=False),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Report directory: metrics.json, metrics.csv, scores.csv, report.md, figures/."),
     categories: Optional[list[str]] = _CATEGORIES,
     shots: str = typer.Option("64", help="Normal training images to fit on, per category: a number or 'all'."),
@@ -61,12 +61,17 @@ def eval_(
                                 + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "."),
     examples: int = typer.Option(4, help="Example maps per category in the figures."),
     no_figures: bool = typer.Option(False, "--no-figures", help="Do not draw the figures."),
+    save_maps: str = typer.Option("none", "--save-maps", help="Keep every test image's map: png (overlays/), npy (raw maps/), png,npy or none."),
+    normal_dir: Optional[Path] = typer.Option(None, "--normal-dir", help="Folder layout: the folder of normal images (relative to DATA_ROOT).", show_default=False),
+    abnormal_dirs: Optional[list[Path]] = typer.Option(None, "--abnormal-dir", help="Folder layout: a folder of defective images (repeat for several).", show_default=False),
+    mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", help="Folder layout: masks matched by file name (<name>.png or <name>_mask.png).", show_default=False),
+    normal_test_dir: Optional[Path] = typer.Option(None, "--normal-test-dir", help="Folder layout: normal test images (default: every 5th normal image).", show_default=False),
     *,
     config: LakeConfig,
     runtime: Runtime,
 ) -> None:
     """Evaluate on a dataset: fit on the shots of each category, score its test images, write the report."""
-    from .data import load_dataset
+    from .batch import parse_maps
     from .evaluate import (
         HEADERS,
         METRIC_COLUMNS,
@@ -77,12 +82,17 @@ def eval_(
     )
 
     with errors_as_messages():
+        from .layouts import load_any
+
         n_shots = parse_shots(shots)
-        cats = load_dataset(data_root, _split(categories))
+        kinds = parse_maps(save_maps)
+        cats = load_any(data_root, _split(categories), normal_dir=normal_dir, abnormal_dirs=abnormal_dirs or (),
+                        mask_dir=mask_dir, normal_test_dir=normal_test_dir)
         with progress_bar("eval", images_to_process(cats, n_shots)) as advance:
             report = evaluate(
                 cats, out_dir, config, shots=n_shots, seed=None if first else seed, method=method, examples=examples,
                 figures=not no_figures, command=command_line(ctx), runtime=runtime, on_progress=advance,
+                save_maps=kinds,
             )
     table = Table(title=f"report written to {out_dir / 'report.md'}", title_justify="left")
     table.add_column("category")
@@ -97,10 +107,10 @@ def eval_(
 def _grid(ctx: typer.Context, data_root: Path, categories, out_dir: Path, variants, *, shot_seed, title: str,
           runtime: Runtime, backbone=None) -> None:
     """Run the settings of ``ablate`` or ``baselines`` over a dataset's categories, with a progress bar."""
-    from .data import load_dataset
     from .evaluate import grid_images, run_grid
+    from .layouts import load_any
 
-    cats = load_dataset(data_root, _split(categories))
+    cats = load_any(data_root, _split(categories))
     logging.getLogger("lakead").info("%d setting(s) x %d categories", len(variants), len(cats))
     with progress_bar(title, grid_images(cats, variants)) as advance:
         run_grid(cats, out_dir, variants, shot_seed=shot_seed, title=title, command=command_line(ctx),

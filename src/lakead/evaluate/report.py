@@ -144,6 +144,10 @@ def report_markdown(report: EvalReport, figures: dict[str, str]) -> str:
         + ", ".join(f"{r.name} {1000 * r.predict_seconds_per_image:.0f} ms" for r in report.results)
         + " per image (reading, model, maps and metrics; this machine, not a benchmark).",
     ]
+    lines += [f"- {note}." for note in s.get("data_notes", [])]
+    if s.get("saved_maps"):
+        lines.append("- Maps of every test image kept in " + " and ".join(
+            folder for k, folder in (("png", "overlays/"), ("npy", "maps/")) if k in s["saved_maps"]) + " (lakead eval --save-maps).")
     if figures:
         lines += ["", "## Figures", ""]
         for r in report.results:

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Union
@@ -20,8 +20,10 @@ import numpy as np
 from .._version import __version__
 from ..api import Detector, Prediction, Runtime
 from ..backbones import Backbone, load_backbone
-from ..data import Category, Sample, load_dataset, read_mask, select_shots
+from ..data import Category, Sample, read_mask, select_shots
 from ..errors import ConfigError, ImageLoadError, LakeadError
+from ..fileio import atomic_write_bytes
+from ..layouts import load_any, sample_masks
 from ..lake import LakeConfig
 from ..methods import SCORE_FIELDS, Method, get_method
 from ..metrics import PRO_FPR_LIMIT, PixelMetrics, image_metrics
@@ -65,6 +67,8 @@ def evaluate_category(
     examples: int = 0,
     images: ImageCache | None = None,
     on_progress: Callable[[int], None] | None = None,
+    save_maps: Collection[str] = (),
+    maps_dir: Path | None = None,
 ) -> CategoryResult:
     """Fit a detector of ``method`` (a name of :data:`lakead.methods.METHODS`, or a
     :class:`~lakead.methods.Method`; built by :meth:`Method.build` from ``config``, with
@@ -73,7 +77,8 @@ def evaluate_category(
     ``runtime.batch_size`` images at a time, and compute the metrics. ``score`` picks the
     image score (fused, visual or semantic; default: the method's). Defect images without a
     mask count for image metrics only. ``images`` keeps decoded images for the next call
-    (grids). ``on_progress(n)`` after every batch."""
+    (grids). ``on_progress(n)`` after every batch. ``save_maps`` (``"png"`` and/or ``"npy"``)
+    keeps each test image's map under ``maps_dir`` (see :func:`save_maps_of`)."""
     m = get_method(method) if isinstance(method, str) else method
     score = m.score if score is None else score
     if score not in SCORE_FIELDS:
@@ -104,6 +109,8 @@ def evaluate_category(
         batch = test[start : start + bs]
         arrays = [read(s.path) for s in batch]
         pred = det.predict(arrays)
+        if save_maps:
+            save_maps_of(category, batch, arrays, pred, det, save_maps, maps_dir)
         for j, (s, arr) in enumerate(zip(batch, arrays)):
             i = start + j
             value = float(getattr(pred, score)[j])
@@ -230,12 +237,44 @@ class ImageCache:
 
 
 def _mask_for(s: Sample, shape: tuple[int, int]) -> np.ndarray | None:
-    """The sample's mask at ``shape``; all-zero for a normal image; None when missing."""
+    """The sample's mask at ``shape`` (the union of its mask files: MVTec LOCO has one per
+    defect); all-zero for a normal image; None when missing."""
     if s.label == 0:
         return np.zeros(shape, dtype=bool)
-    if s.mask is None:
+    files = sample_masks(s)
+    if not files:
         return None
-    return read_mask(s.mask, size=shape)
+    mask = read_mask(files[0], size=shape)
+    for more in files[1:]:
+        mask |= read_mask(more, size=shape)
+    return mask
+
+
+def save_maps_of(category: Category, batch: Sequence[Sample], arrays: Sequence[np.ndarray], pred: Prediction,
+                 det: Detector, kinds: Collection[str], maps_dir: Path | None) -> None:
+    """Write each image's map as ``lakead predict`` does, each file atomically, named by the
+    image's path under its category folder: ``overlays/<category>/<path>.png`` (the map over
+    the image with the defect regions outlined, score, decision and colour bar; ``"png"``)
+    and ``maps/<category>/<path>.npy`` (the raw float32 map at the image's size; ``"npy"``)."""
+    from ..viz import annotate, npy_bytes, overlay, png_bytes
+
+    if maps_dir is None:
+        raise ConfigError("save_maps needs maps_dir, the folder to write the maps to")
+    vmin, vmax = det.map_range_
+    for j, (s, arr) in enumerate(zip(batch, arrays)):
+        try:
+            rel = s.path.relative_to(category.root).as_posix()
+        except ValueError:
+            rel = s.path.name
+        name = f"{category.name}/{rel}"
+        if "png" in kinds:
+            verdict = ("NOT THIS PRODUCT" if pred.out_of_scope[j] else "ANOMALOUS") if pred.anomalous[j] else "normal"
+            text = f"score {pred.scores[j]:.4g}  {verdict}  (threshold {pred.threshold:.4g})"
+            image = annotate(overlay(arr, pred.maps[j], vmin, vmax), pred.regions(j)[0], text, vmin, vmax,
+                             anomalous=bool(pred.anomalous[j]))
+            atomic_write_bytes(maps_dir / "overlays" / f"{name}.png", png_bytes(image))
+        if "npy" in kinds:
+            atomic_write_bytes(maps_dir / "maps" / f"{name}.npy", npy_bytes(pred.maps[j]))
 
 
 def _row(category: str, s: Sample, pred: Prediction, j: int, value: float) -> dict[str, Any]:
@@ -261,7 +300,7 @@ def _thin(x: np.ndarray, y: np.ndarray, n: int = 2000) -> tuple[np.ndarray, np.n
 def _categories(data: str | Path | Sequence[Category], categories: Sequence[str] | None) -> tuple[list[Category], str]:
     """Categories and the data root to report, from a folder or already loaded categories."""
     if isinstance(data, (str, Path)):
-        return load_dataset(data, categories), str(Path(data).resolve())
+        return load_any(data, categories), str(Path(data).resolve())
     cats = list(data)
     if categories:
         cats = [c for c in cats if c.name in categories or c.name.split("/")[-1] in categories]
@@ -291,6 +330,7 @@ def evaluate(
     command: str | None = None,
     backbone: Backbone | None = None,
     on_progress: Callable[[int], None] | None = None,
+    save_maps: Collection[str] = (),
 ) -> EvalReport:
     """Evaluate ``method`` (a name of :data:`lakead.methods.METHODS` or a
     :class:`~lakead.methods.Method`) configured by ``config`` on every category of ``data``
@@ -298,8 +338,12 @@ def evaluate(
     the report to ``out_dir`` (created; the files in it are replaced one by one, atomically).
     ``runtime`` says how to run (device, batch size, precision; default :class:`Runtime`()),
     recorded in the report beside the configuration. ``on_progress(n)`` is called as images
-    are processed (see :func:`images_to_process`)."""
+    are processed (see :func:`images_to_process`). ``save_maps`` (``"png"`` and/or ``"npy"``)
+    keeps the maps in ``out_dir/overlays/`` and ``out_dir/maps/`` (see :func:`save_maps_of`)."""
     rt = (runtime or Runtime()).validate()
+    unknown = sorted(set(save_maps) - {"png", "npy"})
+    if unknown:
+        raise ConfigError(f"save_maps: {', '.join(unknown)} is not png or npy")
     cats, data_root = _categories(data, categories)
     m = get_method(method) if isinstance(method, str) else method
     cfg = m.configure(config)
@@ -310,8 +354,11 @@ def evaluate(
     for cat in cats:
         log.info("%s: %s shots, %d test images", cat.name, _n_shots(cat, shots), len(cat.test))
         results.append(evaluate_category(cat, cfg, bb, runtime=rt, method=m, shots=shots, seed=seed,
-                                         examples=examples if figures else 0, on_progress=on_progress))
+                                         examples=examples if figures else 0, on_progress=on_progress,
+                                         save_maps=save_maps, maps_dir=Path(out_dir)))
     settings = _settings(data_root, cfg, rt, bb, m, shots, seed, command)
+    settings["data_notes"] = sorted({note for c in cats if (note := getattr(c, "note", ""))})
+    settings["saved_maps"] = sorted(save_maps)
     report = EvalReport(results, mean_metrics([r.metrics() for r in results]), settings, Path(out_dir))
     write_report(report, figures=figures)
     return report
