@@ -207,10 +207,79 @@ def test_bad_uploads_name_every_file(client, normals, tests_imgs, tmp_path):
     assert r.status_code == 422 and r.json()["errors"] == [{"name": "tiny.png", "problem": "image is 4x4 pixels, smaller than one 8x8 patch"}]
     assert list((tmp_path / "models").iterdir()) == []
 
+    # predict: the unreadable files are listed with their problem, the others scored all the same
     mid = fit(client, normals)["id"]
+    alone = predict(client, mid, tests_imgs[:2]).json()["results"]
     r = client.post(f"/models/{mid}/predict", files=files(("a.png", png(tests_imgs[0])), ("../../evil.jpg", b"\xff\xd8junk"),
+                                                        ("tiny.png", png(normals[0][:4, :4])), ("b.png", png(tests_imgs[1])),
                                                         ("C:\\photos\\x.png", b"")))
-    assert r.status_code == 422 and [e["name"] for e in r.json()["errors"]] == ["evil.jpg", "x.png"]  # no folders
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["name"] for x in body["results"]] == ["a.png", "b.png"]
+    assert [x["score"] for x in body["results"]] == pytest.approx([x["score"] for x in alone], rel=1e-5)
+    assert [x["width"] for x in body["results"]] == [tests_imgs[0].shape[1], tests_imgs[1].shape[1]]
+    failed = {e["name"]: e["problem"] for e in body["failed"]}
+    assert list(failed) == ["evil.jpg", "tiny.png", "x.png"]  # no folders, in the order sent
+    assert "corrupt or truncated" in failed["evil.jpg"] or "not an image" in failed["evil.jpg"]
+    assert failed["tiny.png"] == "image is 4x4 pixels, smaller than one 8x8 patch"
+    assert predict(client, mid, tests_imgs[:1]).json()["failed"] == []
+    # nothing readable: nothing to score, 422 naming every file
+    r = client.post(f"/models/{mid}/predict", files=files(("../../evil.jpg", b"\xff\xd8junk"), ("C:\\photos\\x.png", b"")))
+    assert r.status_code == 422 and [e["name"] for e in r.json()["errors"]] == ["evil.jpg", "x.png"]
+
+
+def test_api_description_pages_need_no_network(make_app):
+    """/docs and /redoc load Swagger UI and ReDoc from this server: no address with a host in
+    the page, every file it loads is served (also without the token), no CDN in the CSP."""
+    import re
+
+    with TestClient(make_app(token="tok")) as c:
+        for page, wanted in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc.standalone.js",))):
+            r = c.get(page)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+            urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", r.text)
+            assert urls and not [u for u in urls if "//" in u], urls
+            for name in wanted:
+                assert f"/docs-assets/{name}" in urls
+                asset = c.get(f"/docs-assets/{name}")
+                assert asset.status_code == 200 and len(asset.content) > 100_000, name
+            assert "http" not in r.headers["content-security-policy"]
+        assert '"validatorUrl": null' in c.get("/docs").text  # no validator badge calling out
+        assert c.get("/docs/oauth2-redirect").status_code == 200
+
+
+def test_api_description_without_its_assets_package(make_app, monkeypatch):
+    from lakead.serve import docs
+
+    monkeypatch.setattr(docs, "assets_dir", lambda: None)
+    with TestClient(make_app()) as c:
+        r = c.get("/docs")
+        assert r.status_code == 200 and "fastapi-offline" in r.text and 'href="/openapi.json"' in r.text
+        assert "<script" not in r.text and c.get("/redoc").status_code == 200
+
+
+def test_the_legend_is_the_overlay(client):
+    """The footer's colour ramp is lakead.viz's overlay: at each stop, the colormap's colour at
+    MAX_ALPHA times the stop's share of the way from a typical patch (transparent) to the
+    decision level; and the text says typical regions are left uncoloured."""
+    import re
+
+    from lakead.viz import MAX_ALPHA, colorize, overlay
+
+    css = client.get("/static/style.css").text
+    ramp = css[css.index(".legend-ramp span"):]
+    stops = re.findall(r"rgba\((\d+), (\d+), (\d+), ([\d.]+)\) (\d+)%", ramp[: ramp.index("}")])
+    assert len(stops) >= 5 and stops[0][-1] == "0" and stops[-1][-1] == "100"
+    for r, g, b, a, at in stops:
+        u = int(at) / 100
+        if u > 0:
+            assert np.abs(colorize(np.array([[u]]), 0.0, 1.0)[0, 0].astype(int) - [int(r), int(g), int(b)]).max() <= 1, at
+        assert float(a) == pytest.approx(u * MAX_ALPHA, abs=0.002), at
+    grey = np.full((1, 1, 3), 136, np.uint8)
+    assert np.array_equal(overlay(grey, np.array([[0.0]]), 0.0, 1.0), grey)  # typical: the image shows through
+    footer = client.get("/").text.split("<footer>")[1]
+    assert "blue = typical" not in footer and "typical regions are left uncoloured" in footer
+    assert 'href="/redoc"' in footer
 
 
 def test_unknown_and_invalid_ids(client, tests_imgs):

@@ -193,3 +193,80 @@ def test_token_from_the_address_or_typed_in(browser, serve, images):
     page2.set_input_files("#test-files", [str(images["test"][1])])
     wait_for_overlays(page2, 1)
     assert problems == []
+
+
+def test_sort_filter_and_download_the_results_as_csv(browser, serve, images, tmp_path):
+    odd = tmp_path / "=1+1,odd.png"  # a comma to quote and a leading '=' a spreadsheet would run
+    odd.write_bytes(images["test"][0].read_bytes())
+    page, problems = open_page(browser, serve() + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    model_id = create_model(page, images["normal"])
+    assert page.is_hidden("#results-tools")
+    page.set_input_files("#test-files", [str(images["test"][0]), str(images["broken"][0]), str(images["test"][1]), str(odd)])
+    page.wait_for_function("document.querySelectorAll('.result.normal, .result.anomalous, .result.failed').length === 4",
+                           timeout=60_000)
+    assert page.inner_text("#shown-count") == "4 of 4 shown"
+
+    def shown() -> list[tuple[str, str]]:
+        return page.eval_on_selector_all(".result:not([hidden])", "cs => cs.map(c => [c.dataset.name, c.dataset.score || ''])")
+
+    assert [n for n, _ in shown()] == ["good.png", "broken.png", "scratch.png", "=1+1,odd.png"]  # as sent
+    page.select_option("#sort-by", "score-desc")
+    rows = shown()
+    scores = [float(s) for _, s in rows[:3]]
+    assert scores == sorted(scores, reverse=True) and rows[3] == ["broken.png", ""]  # not scored: last
+    page.select_option("#sort-by", "score-asc")
+    assert [float(s) for _, s in shown()[:3]] == sorted(scores) and shown()[3][0] == "broken.png"
+    page.select_option("#sort-by", "name")
+    assert [n for n, _ in shown()] == ["=1+1,odd.png", "broken.png", "good.png", "scratch.png"]
+
+    page.select_option("#show-only", "failed")
+    assert [n for n, _ in shown()] == ["broken.png"] and page.inner_text("#shown-count") == "1 of 4 shown"
+    page.select_option("#show-only", "all")
+    page.fill("#name-filter", "SCRATCH")
+    assert [n for n, _ in shown()] == ["scratch.png"]
+    page.fill("#name-filter", "")
+    decisions = page.eval_on_selector_all(".result", "cs => cs.map(c => c.dataset.decision)")
+    page.select_option("#show-only", "normal")
+    assert len(shown()) == decisions.count("normal")
+
+    # the CSV: the rows shown, in the order shown, the same numbers as the cards
+    page.select_option("#show-only", "all")
+    page.select_option("#sort-by", "score-desc")
+    with page.expect_download() as info:
+        page.click("#download-csv")
+    download = info.value
+    assert download.suggested_filename == f"lakead-results-{model_id}.csv"
+    import csv
+
+    with open(download.path(), newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["name"] for r in table] == ["'" + n if n.startswith("=") else n for n, _ in shown()]
+    assert table[0].keys() >= {"name", "decision", "score", "visual", "semantic", "threshold", "regions", "model", "problem"}
+    for r, (_, score) in zip(table, shown()):
+        assert (r["score"] == score) if score == "" else float(r["score"]) == pytest.approx(float(score))
+    assert table[-1]["decision"] == "failed" and "not an image" in table[-1]["problem"]
+    assert {r["model"] for r in table[:3]} == {model_id}
+    assert all(p == "" or "status of 422" in p for p in problems) and len(problems) <= 1, problems
+
+
+@pytest.mark.parametrize("path, rendered", [("/docs", ".opblock"), ("/redoc", "h1:has-text('lakead')")])
+def test_api_description_renders_without_network(browser, serve, path, rendered):
+    """Swagger UI and ReDoc start from this server's own files, under its CSP: every request
+    the page makes goes to the server (none to a CDN), and the operations are shown."""
+    url = serve()
+    page = browser.new_page()  # the server's CSP in force
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    failed: dict[str, str] = {}
+    page.on("requestfailed", lambda r: failed.setdefault(r.url, r.failure or ""))
+    problems: list[str] = []
+    page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+    page.goto(url + path)
+    page.wait_for_selector(rendered, timeout=60_000)
+    assert "/models/{model_id}/predict" in page.inner_text("body")
+    outside = [u for u in requested if not (u.startswith(url) or u.startswith("data:") or u.startswith("blob:"))]
+    assert any("/docs-assets/" in u for u in requested), requested
+    # ReDoc always asks for its maker's logo (cdn.redoc.ly): the CSP stops it in the browser, and the page goes on
+    assert outside in ([], ["https://cdn.redoc.ly/redoc/logo-mini.svg"]) and all(failed.get(u) == "csp" for u in outside), (outside, failed)
+    assert not [p for p in problems if "Content Security Policy" in p and "cdn.redoc.ly" not in p], problems

@@ -352,8 +352,9 @@ def test_15_upload_errors(make_app, normals, tests_imgs):
         mid = fit(c, normals)["id"]
         r = c.post(f"/models/{mid}/predict", files=files(("ok.png", png(tests_imgs[0])), ("notes.txt", b"hi"),
                                                          ("tiny.png", png(tests_imgs[0][:4, :4]))))
-        assert r.status_code == 422
-        assert {e["name"] for e in r.json()["errors"]} == {"notes.txt", "tiny.png"}  # listed together
+        assert r.status_code == 200  # the readable one is scored, the others listed together with their problems
+        assert [x["name"] for x in r.json()["results"]] == ["ok.png"]
+        assert {e["name"] for e in r.json()["failed"]} == {"notes.txt", "tiny.png"}
 
         body = multipart({"class_name": "tile"}, [("a.png", png(normals[0])), ("b.png", png(normals[1]))])
         r = c.post("/models", content=body[: len(body) // 2], headers={"content-type": "multipart/form-data; boundary=XyZ"})

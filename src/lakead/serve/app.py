@@ -7,7 +7,7 @@
     POST   /models/{id}/predict    score uploaded images: scores, decisions, overlays
     GET    /info                   limits, backbones and option defaults of this server
     GET    /healthz                liveness (never needs the token)
-    GET    /                       the web page; /docs and /openapi.json describe the API
+    GET    /                       the web page; /docs, /redoc and /openapi.json describe the API (no CDN)
 
 Fitting and predicting run the network for seconds to minutes: they run in worker threads
 (at most one fit and ``workers`` predictions at a time, the others wait their turn without
@@ -43,10 +43,11 @@ from ..errors import BackboneUnavailableError, ConfigError, LakeadError, ModelFo
 from ..lake import LakeConfig
 from ..options import option_specs
 from ..viz import overlay, png_bytes
+from .docs import add_docs
 from .guard import Guard
 from .scheduling import Busy, FairSlots, PixelBudget, run_for_client
 from .store import FIT_OPTIONS, ID_PATTERN, BackboneNotAllowed, ModelNotFound, ModelStore, StorageError, clean_class_name
-from .uploads import Cancelled, ServeLimits, UploadRejected, Uploads, check_count, upload_name
+from .uploads import Cancelled, ServeLimits, UploadRejected, Uploads, check_count, summarize_problems, upload_name
 
 STATIC = files("lakead.serve") / "static"
 
@@ -101,7 +102,7 @@ class ModelInfo(BaseModel):
     semantic_layer: Optional[Union[int, str]]
     k: int = Field(description="Number of sensitive neurons kept.")
     text_probe: bool
-    map_range: list[float] = Field(description="Map values drawn blue (typical normal) to red (decision level).")
+    map_range: list[float] = Field(description="Map values from uncoloured (typical normal) to red (decision level).")
     config: dict[str, Any]
     warnings: list[str]
 
@@ -143,7 +144,9 @@ class PredictResponse(BaseModel):
     model: str
     threshold: Optional[float]
     map_range: list[float]
-    results: list[ImageResult]
+    results: list[ImageResult] = Field(description="The images scored, in the order sent.")
+    failed: list[Problem] = Field(default_factory=list, description="The files not scored (not readable as an image, "
+                                  "or smaller than one patch), each with its problem; the others are scored all the same.")
 
 
 ModelId = Annotated[str, PathParam(pattern=ID_PATTERN, description="A model id from GET /models.")]
@@ -249,6 +252,8 @@ def create_app(
             "Fit a detector on a few normal images, then score new images: a score, a decision and an anomaly "
             "map per image. Higher scores are more anomalous. With a token, send `Authorization: Bearer <token>`."
         ),
+        docs_url=None,  # served by add_docs from local files, not from a CDN
+        redoc_url=None,
     )
     app.state.store = store
     app.state.limits = limits
@@ -257,6 +262,7 @@ def create_app(
     app.add_middleware(Guard, token=token, max_body_bytes=limits.max_request_bytes, allowed_hosts=allowed_hosts,
                        allow_ip_hosts=allow_ip_hosts)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    add_docs(app)
     _exception_handlers(app)
 
     @app.get("/", include_in_schema=False)
@@ -355,7 +361,10 @@ def create_app(
         false_alarm_rate: Annotated[Optional[float], Form(gt=0, lt=1, description="False-alarm budget for this call: the decision levels are derived again from the model's normal scores (default: the model's budget).")] = None,
         overlay_png: Annotated[bool, Form(alias="overlay", description="Return each map as a PNG overlay (data URL).")] = True,
     ) -> PredictResponse:
-        """Score images: per image the score, its parts, the decision and the map as an overlay."""
+        """Score images: per image the score, its parts, the decision and the map as an overlay.
+
+        A file that is not a readable image is listed in ``failed`` with its problem and the
+        others are scored (422 only when no file is readable; 413 when a limit is passed)."""
         await _refuse_unknown_fields(request, {"images", "threshold", "false_alarm_rate", "overlay"})
         if not store.exists(model_id):
             raise ModelNotFound(model_id)
@@ -366,17 +375,21 @@ def create_app(
             check = _patch_check(store.detector(model_id).backbone.info.patch_size)
             with Uploads([(n, f.file) for n, f in zip(names, images)], limits) as uploads:
                 with pixels.hold(uploads.pixels, cancel.is_set):
-                    arrays = uploads.decode(check, cancel.is_set)
-                    pred, (vmin, vmax) = store.predict(model_id, arrays, names, threshold, cancel=cancel,
-                                                       false_alarm_rate=false_alarm_rate)
+                    readable, failed = uploads.decode_each(check, cancel.is_set)
+                    if not readable:
+                        raise UploadRejected(422, summarize_problems("not readable as images", failed), failed)
+                    index = [i for i, _ in readable]
+                    arrays = [arr for _, arr in readable]
+                    pred, (vmin, vmax) = store.predict(model_id, arrays, [names[i] for i in index], threshold,
+                                                       cancel=cancel, false_alarm_rate=false_alarm_rate)
                     results = []
-                    for j, (arr, name) in enumerate(zip(arrays, names)):
+                    for j, (arr, name) in enumerate(zip(arrays, [names[i] for i in index])):
                         if cancel.is_set():
                             raise Cancelled("the client disconnected: its work was stopped")
                         png = None
                         if overlay_png:
                             png = "data:image/png;base64," + base64.b64encode(png_bytes(_overlay(arr, pred.maps[j], vmin, vmax))).decode("ascii")
-                        width, height = uploads.original_size(j, arr)
+                        width, height = uploads.original_size(index[j], arr)
                         results.append(ImageResult(
                             name=name, width=width, height=height, scored_width=int(arr.shape[1]),
                             scored_height=int(arr.shape[0]), score=float(pred.scores[j]), visual=float(pred.visual[j]),
@@ -385,7 +398,8 @@ def create_app(
                             regions=[Region(**r.to_dict()) for r in pred.regions(j)[1]],
                             threshold=_finite(pred.threshold), map_max=float(pred.maps[j].max()), overlay_png=png,
                         ))
-            return PredictResponse(model=model_id, threshold=_finite(pred.threshold), map_range=[vmin, vmax], results=results)
+            return PredictResponse(model=model_id, threshold=_finite(pred.threshold), map_range=[vmin, vmax], results=results,
+                                   failed=[Problem(name=n, problem=p) for n, p in failed])
 
         return await run_for_client(request, predict_slots, model_id, work)
 

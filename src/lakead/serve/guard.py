@@ -18,7 +18,7 @@ after the whole multipart body had been read into temporary files).
 - Every answer, the gate's own included, carries ``X-Frame-Options: DENY``,
   ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer`` and a
   Content-Security-Policy (the page: its own scripts and styles only; the API description
-  also the Swagger UI files it loads).
+  also the inline start of Swagger UI and ReDoc, whose files this server serves itself).
 
 The token is compared as bytes: the header's raw bytes against the token's UTF-8 bytes, so a
 token with non-ASCII characters works (the page sends it UTF-8 encoded).
@@ -37,17 +37,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Paths served without the token: they hold no model and no data.
 PUBLIC_PATHS = ("/healthz", "/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
-PUBLIC_PREFIXES = ("/static/",)
+PUBLIC_PREFIXES = ("/static/", "/docs-assets/")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 #: The page and the API's answers: nothing but this service's own files.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
-#: /docs and /redoc: FastAPI's pages load Swagger UI / ReDoc from a CDN and start them inline.
-DOCS_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-            "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
-            "connect-src 'self'; worker-src blob:; base-uri 'none'; frame-ancestors 'none'")
+#: /docs and /redoc: Swagger UI / ReDoc from this server's own files (lakead.serve.docs), started inline.
+DOCS_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; connect-src 'self'; worker-src blob:; base-uri 'none'; frame-ancestors 'none'")
 
 
 def security_headers(path: str) -> list[tuple[bytes, bytes]]:

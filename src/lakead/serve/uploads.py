@@ -222,7 +222,7 @@ class Uploads:
                 too_large.append((name, f"the images up to this one hold {total / 1e6:.1f} MP once decoded, more than the "
                                         f"limit of {limits.max_total_pixels / 1e6:.1f} MP per request (--max-total-megapixels)"))
         if too_large:
-            raise UploadRejected(413, _summary("too large", too_large), too_large)
+            raise UploadRejected(413, summarize_problems("too large", too_large), too_large)
         # while one large image is decoded its full size exists for a moment (not for JPEG)
         self.pixels = min(total + largest, limits.max_server_pixels)
 
@@ -240,9 +240,19 @@ class Uploads:
         a problem with a readable image (as: smaller than one patch) or None. Raises
         :class:`UploadRejected` (422) naming every file that is not a readable image or that
         ``check`` refuses."""
+        readable, unreadable = self.decode_each(check, cancelled)
+        if unreadable:
+            raise UploadRejected(422, summarize_problems("not readable as images", unreadable), unreadable)
+        return [arr for _, arr in readable]
+
+    def decode_each(self, check: "Callable[[np.ndarray, str], str | None] | None" = None,
+                    cancelled: "Callable[[], bool] | None" = None
+                    ) -> tuple[list[tuple[int, np.ndarray]], list[tuple[str, str]]]:
+        """As :meth:`decode`, file by file: ``(index, array)`` of each readable image, in
+        order, and ``(name, problem)`` of each file that is not (nothing is raised for them)."""
         unreadable: list[tuple[str, str]] = []
-        arrays: list[np.ndarray] = []
-        for name, path, size in zip(self.names, self.paths, self.sizes):
+        arrays: list[tuple[int, np.ndarray]] = []
+        for index, (name, path, size) in enumerate(zip(self.names, self.paths, self.sizes)):
             if cancelled is not None and cancelled():
                 raise Cancelled()
             try:
@@ -254,14 +264,12 @@ class Uploads:
                 if problem is not None:
                     unreadable.append((name, problem))
                 else:
-                    arrays.append(arr)
+                    arrays.append((index, arr))
             except ImageLoadError as exc:
                 unreadable.append((name, exc.problem))
             finally:
                 path.unlink(missing_ok=True)  # free the disk now, not only at the end of a large request
-        if unreadable:
-            raise UploadRejected(422, _summary("not readable as images", unreadable), unreadable)
-        return arrays
+        return arrays, unreadable
 
     def original_size(self, index: int, array: np.ndarray) -> tuple[int, int]:
         """``(width, height)`` of upload ``index`` as sent (upright), for an image decoded as ``array``."""
@@ -292,7 +300,7 @@ def read_uploads(files: Sequence[tuple[str, BinaryIO]], limits: ServeLimits) -> 
         return uploads.decode()
 
 
-def _summary(what: str, problems: Sequence[tuple[str, str]]) -> str:
+def summarize_problems(what: str, problems: Sequence[tuple[str, str]]) -> str:
     first = "; ".join(f"{name}: {problem}" for name, problem in problems[:3])
     more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
     return f"{len(problems)} file(s) {what}: {first}{more}"

@@ -5,7 +5,7 @@ const $ = (sel) => document.querySelector(sel);
 const IMAGE_ENDINGS = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"];
 const TOKEN_KEY = "lakead-token";
 
-const state = { info: null, models: [], fitFiles: [], authRequired: false };
+const state = { info: null, models: [], fitFiles: [], authRequired: false, batches: 0 };
 
 // ---- token: from the page address (#token=...), kept for this tab only -------------------
 
@@ -281,9 +281,11 @@ async function createModel(event) {
 
 // ---- scoring -----------------------------------------------------------------------------
 
-function resultCard(file) {
+function resultCard(file, batch, index) {
   const card = document.createElement("article");
   card.className = "result pending";
+  Object.assign(card.dataset, { name: file.name, decision: "pending", batch, index });
+  card.row = { name: file.name, decision: "pending" };
   const pair = document.createElement("div");
   pair.className = "pair";
   for (const [cls, caption] of [["input", "image"], ["overlay", "anomaly map"]]) {
@@ -311,6 +313,11 @@ function fillCard(card, r, modelId) {
   card.classList.remove("pending");
   card.classList.add(r.anomalous ? "anomalous" : "normal");
   card.dataset.score = r.score;
+  card.dataset.decision = r.out_of_scope ? "out_of_scope" : r.anomalous ? "anomalous" : "normal";
+  card.row = {
+    name: r.name, decision: card.dataset.decision, score: r.score, visual: r.visual, semantic: r.semantic,
+    threshold: r.threshold, regions: (r.regions || []).length, width: r.width, height: r.height, model: modelId, problem: "",
+  };
   card.querySelector("img.overlay").src = r.overlay_png;
   const p = card.querySelector(".scores");
   p.replaceChildren();
@@ -329,7 +336,66 @@ function fillCard(card, r, modelId) {
 function failCard(card, problem) {
   card.classList.remove("pending");
   card.classList.add("failed");
+  card.dataset.decision = "failed";
+  card.row = { ...card.row, decision: "failed", problem };
   card.querySelector(".scores").textContent = "not scored: " + problem;
+}
+
+// ---- the results: sort, filter, CSV --------------------------------------------------------
+
+// Decisions in the order "decision, then score" lists them.
+const DECISION_RANK = { anomalous: 0, out_of_scope: 1, normal: 2, failed: 3, pending: 4 };
+
+function cardScore(card) {
+  const x = parseFloat(card.dataset.score);
+  return Number.isFinite(x) ? x : -Infinity;  // not scored: after every score
+}
+
+const SORTS = {
+  order: (a, b) => (b.dataset.batch - a.dataset.batch) || (a.dataset.index - b.dataset.index),
+  "score-desc": (a, b) => cardScore(b) - cardScore(a),
+  "score-asc": (a, b) => (cardScore(a) === -Infinity) - (cardScore(b) === -Infinity) || cardScore(a) - cardScore(b),
+  decision: (a, b) => (DECISION_RANK[a.dataset.decision] - DECISION_RANK[b.dataset.decision]) || cardScore(b) - cardScore(a),
+  name: (a, b) => a.dataset.name.localeCompare(b.dataset.name, undefined, { numeric: true }),
+};
+
+// Sort the cards and hide those the filters leave out; ties keep the order they had.
+function applyView() {
+  const results = $("#results");
+  const cards = Array.from(results.children);
+  const by = SORTS[$("#sort-by").value] || SORTS.order;
+  const only = $("#show-only").value;
+  const text = $("#name-filter").value.trim().toLowerCase();
+  cards.sort(by).forEach((c) => results.append(c));
+  let shown = 0;
+  for (const c of cards) {
+    c.hidden = (only !== "all" && c.dataset.decision !== only) || (text !== "" && !c.dataset.name.toLowerCase().includes(text));
+    shown += c.hidden ? 0 : 1;
+  }
+  $("#results-tools").hidden = cards.length === 0;
+  $("#shown-count").textContent = cards.length ? `${shown} of ${cards.length} shown` : "";
+}
+
+const CSV_COLUMNS = ["name", "decision", "score", "visual", "semantic", "threshold", "regions", "width", "height", "model", "problem"];
+
+function csvField(value) {
+  let text = value === null || value === undefined ? "" : String(value);
+  if (typeof value === "string" && /^[=+\-@\t\r]/.test(text)) text = "'" + text;  // not a formula in a spreadsheet
+  return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+}
+
+// The rows shown, in the order shown, as a CSV file named after the model.
+function downloadCsv() {
+  const rows = Array.from($("#results").children).filter((c) => !c.hidden).map((c) => c.row);
+  const lines = [CSV_COLUMNS.join(","), ...rows.map((r) => CSV_COLUMNS.map((k) => csvField(r[k])).join(","))];
+  const url = URL.createObjectURL(new Blob([lines.join("\r\n") + "\r\n"], { type: "text/csv" }));
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = `lakead-results-${(currentModel() || { id: "none" }).id}.csv`;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
 // One request per image (a few in flight): a file the service cannot read fails alone, and
@@ -344,8 +410,10 @@ async function scoreFiles(files) {
   showMessage(ignored ? `${ignored} file(s) ignored: not images.` : "", "info");
   const thresholdValue = $("#threshold").value.trim();
   const results = $("#results");
-  const cards = images.map(resultCard);
+  const batch = ++state.batches;
+  const cards = images.map((f, i) => resultCard(f, batch, i));
   cards.slice().reverse().forEach((c) => results.prepend(c));
+  applyView();
   let done = 0, anomalous = 0;
   const failures = [];
   const status = $("#predict-status");
@@ -383,6 +451,7 @@ async function scoreFiles(files) {
       await one(i);
       done += 1;
       show();
+      applyView();
     }
   }
   await Promise.all(Array.from({ length: Math.min(IN_FLIGHT, images.length) }, worker));
@@ -395,6 +464,7 @@ function clearResults() {
   for (const img of $("#results").querySelectorAll("img.input")) URL.revokeObjectURL(img.src);
   $("#results").replaceChildren();
   $("#predict-status").textContent = "";
+  applyView();
 }
 
 // ---- start -------------------------------------------------------------------------------
@@ -439,6 +509,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#delete-model").addEventListener("click", deleteModel);
   $("#fit-form").addEventListener("submit", createModel);
   $("#clear-results").addEventListener("click", clearResults);
+  $("#sort-by").addEventListener("change", applyView);
+  $("#show-only").addEventListener("change", applyView);
+  $("#name-filter").addEventListener("input", applyView);
+  $("#download-csv").addEventListener("click", downloadCsv);
   setupDrop($("#fit-drop"), $("#fit-files"), setFitFiles);
   setupDrop($("#test-drop"), $("#test-files"), scoreFiles);
   // A file dropped beside a drop zone must not make the browser leave the page.
