@@ -28,12 +28,13 @@ from lakead.data import load_dataset, read_mask
 from lakead.evaluate import evaluate
 from lakead.layouts import (
     FOLDER_TEST_NORMAL_RATIO,
-    LOCO_NOTE,
     VISA_TEST_NORMAL_RATIO,
     held_out_positions,
     load_any,
+    loco_note,
     sample_masks,
 )
+from lakead.metrics import pro_from_curve
 
 RT = Runtime(device="cpu", batch_size=8)
 runner = CliRunner()
@@ -118,10 +119,17 @@ def write_visa(cat, root: Path, *, with_csv: bool) -> Path:
     return root
 
 
-def write_loco(cat, root: Path) -> Path:
+#: defects_config.json of the LOCO copies: the top half of a defect (pixel value 255) is found
+#: once 30 % of it is flagged, the bottom half (254) once 40 of its pixels are.
+LOCO_CONFIG = [{"defect_name": "top", "pixel_value": 255, "saturation_threshold": 0.3, "relative_saturation": True},
+               {"defect_name": "bottom", "pixel_value": 254, "saturation_threshold": 40, "relative_saturation": False}]
+
+
+def write_loco(cat, root: Path, *, config: bool = True) -> Path:
     """``root/<class>`` in the MVTec LOCO layout: the first defect type as logical, the
     second as structural anomalies; each mask split into two files (top and bottom rows of
-    its defect), whose union is the original."""
+    its defect, pixel values 255 and 254), whose union is the original; with ``config``,
+    :data:`LOCO_CONFIG` as its ``defects_config.json``."""
     c = root / cat.name
     for rel in ("train/good", "validation/good", "test/good"):
         (c / rel).mkdir(parents=True)
@@ -144,9 +152,10 @@ def write_loco(cat, root: Path) -> Path:
         top, bottom = mask.copy(), mask.copy()
         top[mid:] = False
         bottom[:mid] = False
-        for j, part in enumerate((top, bottom)):
-            Image.fromarray(part.astype(np.uint8) * 255).save(gt / f"{j:03d}.png")
-    (c / "defects_config.json").write_text("[]")
+        for j, (part, value) in enumerate(((top, 255), (bottom, 254))):
+            Image.fromarray(part.astype(np.uint8) * value).save(gt / f"{j:03d}.png")
+    if config:
+        (c / "defects_config.json").write_text(json.dumps(LOCO_CONFIG))
     return c
 
 
@@ -226,7 +235,8 @@ def test_each_layout_reads_the_same_images_and_masks(kind, source, tmp_path):
     assert cat.counts() == ref.counts()
     assert _content(cat) == _content(ref)
     if kind.startswith("loco"):
-        assert getattr(cat, "note", "") == LOCO_NOTE
+        assert getattr(cat, "note", "") == loco_note(cat.root / "defects_config.json")
+        assert cat.saturation == ((254, 40.0, False), (255, 0.3, True))
         assert {s.defect for s in cat.test if s.label} == {"logical_anomalies", "structural_anomalies"}
         assert all(len(sample_masks(s)) == 2 for s in cat.test if s.label)
 
@@ -244,9 +254,54 @@ def test_eval_gives_the_same_metrics_as_the_mvtec_layout(kind, source, onnx_conf
         assert b[name] == pytest.approx(a[name], abs=1e-6, nan_ok=True), name
     assert got.results[0].pixel_images == want.results[0].pixel_images == 6
     notes = json.loads((tmp_path / "b" / "metrics.json").read_text())["settings"]["data_notes"]
-    assert notes == ([LOCO_NOTE] if kind == "loco" else [])
+    assert notes == ([loco_note(cats[0].root / "defects_config.json")] if kind == "loco" else [])
+    assert ("spro" in got.results[0].pixel) == (kind == "loco")
     if kind == "loco":
-        assert "sPRO (saturated per-region overlap) is not computed" in (tmp_path / "b" / "report.md").read_text()
+        assert "AUC-sPRO" in (tmp_path / "b" / "report.md").read_text()
+
+
+def _exact_spro(normal_maps, defects, limit=0.05) -> float:
+    """AUC-sPRO computed the plain way: every distinct score a threshold, no bins."""
+    normal = np.sort(np.concatenate([m.reshape(-1) for m in normal_maps]))
+    values = np.unique(np.concatenate([normal, *(amap[mask] for amap, mask, _ in defects)]))[::-1]  # every threshold
+
+    def at_or_above(sorted_values, t):  # how many of sorted_values are >= each t
+        return sorted_values.size - np.searchsorted(sorted_values, t, side="left")
+
+    fpr = at_or_above(normal, values) / normal.size
+    spro = np.mean([np.minimum(at_or_above(np.sort(amap[mask]), values) / s, 1.0) for amap, mask, s in defects], axis=0)
+    return pro_from_curve(np.concatenate([[0.0], fpr]), np.concatenate([[0.0], spro]), limit=limit)
+
+
+def test_loco_spro_matches_a_plain_computation_on_the_saved_maps(source, onnx_config, tmp_path):
+    """eval on a LOCO copy: AUC-sPRO from the runner equals a plain computation on the maps
+    it saved (--save-maps npy) with the saturation of each mask file from defects_config.json;
+    without defects_config.json it is not computed, and the report says so."""
+    (ref,) = load_dataset(source)
+    loco = write_loco(ref, tmp_path / "loco")
+    rep = evaluate(loco, tmp_path / "r", onnx_config, shots=None, seed=None, figures=False, runtime=RT, save_maps=["npy"])
+    got = rep.results[0].pixel["spro"]
+    (cat,) = load_any(loco)
+    normal, defects = [], []
+    for s in cat.test:
+        amap = np.load(tmp_path / "r" / "maps" / cat.name / f"{s.path.relative_to(cat.root).as_posix()}.npy")
+        if s.label == 0:
+            normal.append(amap)
+            continue
+        for f in sample_masks(s):
+            raw = np.asarray(Image.open(f))
+            area = int((raw > 0).sum())
+            s_area = 0.3 * area if raw.max() == 255 else min(40, area)
+            defects.append((amap, raw > 0, s_area))
+    assert len(defects) == 8 and 0 < got <= 1
+    assert got == pytest.approx(_exact_spro(normal, defects), abs=2e-3)
+    assert "AUC-sPRO" in (tmp_path / "r" / "report.md").read_text()
+
+    bare = write_loco(ref, tmp_path / "bare", config=False)
+    rep = evaluate(bare, tmp_path / "r2", onnx_config, shots=None, seed=None, figures=False, runtime=RT)
+    assert "spro" not in rep.results[0].pixel
+    assert "sPRO (saturated per-region overlap) is not computed (no defects_config.json found)" in (
+        tmp_path / "r2" / "report.md").read_text()
 
 
 def test_loco_union_is_the_mask_the_metrics_see(source, tmp_path):

@@ -14,9 +14,10 @@ objects, as :func:`lakead.data.load_dataset` does (which it calls for the layout
   in a VisA root with ``split_csv/1cls.csv``, that file is used instead.
 - **MVTec LOCO**: ``<class>/train/good``, ``<class>/test/{good,logical_anomalies,
   structural_anomalies}`` and ``<class>/ground_truth/<type>/<stem>/000.png, 001.png, ...``
-  (one mask file per defect of the image; pixel metrics use their union). ``validation/good``
-  is not used. LOCO's own metric, sPRO, is **not computed**: the report says so
-  (:data:`LOCO_NOTE`), and its PRO is over the connected regions of the union mask.
+  (one mask file per defect of the image; the pixel metrics of MVTec-AD, PRO included, use
+  their union). ``validation/good`` is not used. LOCO's own metric, AUC-sPRO
+  (:mod:`lakead.spro`), is computed from the category's ``defects_config.json``; without that
+  file it is not, and the report says so (:func:`loco_note`).
 - **Folder** (as anomalib's ``Folder``): a folder of normal images, one or more folders of
   defective images, and optionally a folder of masks matched by file name (``<stem>.*`` or
   ``<stem>_mask.*``, also under a sub-folder named like the defective folder), and
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from .data import META_FILE, Category, Sample, _check_mask_size, _images_in, _pick, _subdirs, load_dataset
 from .errors import LakeadError
+from .spro import DEFECTS_CONFIG, SPRO_FPR_LIMIT, read_defects_config
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,15 @@ VISA_TEST_NORMAL_RATIO = 0.1
 FOLDER_TEST_NORMAL_RATIO = 0.2
 #: The test folders of MVTec LOCO's defective images.
 LOCO_DEFECTS = ("logical_anomalies", "structural_anomalies")
-#: What the report says about an MVTec LOCO evaluation.
-LOCO_NOTE = ("MVTec LOCO: its own metric sPRO (saturated per-region overlap) is not computed; pixel metrics, "
-             "PRO included, use the union of each test image's mask files")
+
+
+def loco_note(config_file: Path | None) -> str:
+    """What the report says about an MVTec LOCO category."""
+    union = "the other pixel metrics, PRO included, use the union of each test image's mask files"
+    if config_file is None:
+        return f"MVTec LOCO: sPRO (saturated per-region overlap) is not computed (no {DEFECTS_CONFIG} found); {union}"
+    return (f"MVTec LOCO: AUC-sPRO up to an FPR of {SPRO_FPR_LIMIT} from {config_file} (reported as pixel spro); "
+            f"{union}")
 #: Every layout read, for the error when none matches.
 LAYOUTS_HELP = (
     "the MVTec-AD layout (<category>/train/good, <category>/test/<good|defect>, <category>/ground_truth/<defect>), "
@@ -70,9 +78,12 @@ class MultiMaskSample(Sample):
 
 @dataclass(frozen=True)
 class NotedCategory(Category):
-    """A category whose layout needs a word in the report (:data:`LOCO_NOTE`)."""
+    """A category whose layout needs a word in the report (:func:`loco_note`), and for MVTec
+    LOCO the saturation of each defect type: ``(pixel value, saturation_threshold,
+    relative_saturation)`` from ``defects_config.json`` (empty: no sPRO)."""
 
     note: str = ""
+    saturation: tuple[tuple[int, float, bool], ...] = ()
 
 
 def sample_masks(s: Sample) -> tuple[Path, ...]:
@@ -259,7 +270,10 @@ def _loco_category(path: Path, name: str) -> Category:
             folder = path / "ground_truth" / defect / img.stem
             masks = tuple(_images_in(folder))
             test.append(MultiMaskSample(img, 1, defect, masks[0] if masks else None, masks))
-    return NotedCategory(name=name, class_name=path.name, root=path, train=train, test=tuple(test), note=LOCO_NOTE)
+    config = path / DEFECTS_CONFIG
+    saturation = tuple((v, t, r) for v, (t, r) in sorted(read_defects_config(config).items())) if config.is_file() else ()
+    return NotedCategory(name=name, class_name=path.name, root=path, train=train, test=tuple(test),
+                         note=loco_note(config if config.is_file() else None), saturation=saturation)
 
 
 # -- a plain folder layout ------------------------------------------------------------------

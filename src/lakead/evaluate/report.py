@@ -128,6 +128,12 @@ def report_markdown(report: EvalReport, figures: dict[str, str]) -> str:
     ]
     for r in report.results:
         lines.append(f"  - {r.name}: {r.support_rule} (listed in metrics.json)")
+    spro = [(r.name, r.pixel["spro"]) for r in report.results if "spro" in r.pixel]
+    if spro:
+        lines += ["", "## MVTec LOCO: AUC-sPRO (%)", "",
+                  "Saturated per-region overlap (lakead.spro): each mask file is one defect, found once its "
+                  "saturation area (defects_config.json) is flagged; FPR over the defect-free test images, up to 0.05.", ""]
+        lines += [f"- {name}: {format_percent(v)}" for name, v in spro]
     excluded = [(r.name, len(r.pixel_excluded)) for r in report.results if r.pixel_excluded]
     if excluded:
         lines += ["", "## Images left out of pixel metrics", ""]

@@ -24,6 +24,7 @@ from ..data import Category, Sample, read_mask, select_shots
 from ..errors import ConfigError, ImageLoadError, LakeadError
 from ..fileio import atomic_write_bytes
 from ..layouts import load_any, sample_masks
+from ..spro import SproMetrics, defect_of
 from ..lake import LakeConfig
 from ..methods import SCORE_FIELDS, Method, get_method
 from ..metrics import PRO_FPR_LIMIT, PixelMetrics, image_metrics
@@ -100,6 +101,8 @@ def evaluate_category(
     flagged = np.zeros(len(test), dtype=bool)  # the detector's own yes/no decisions
     out_of_scope = np.zeros(len(test), dtype=bool)
     masks = MaskCounts()  # the defect masks of the fitted levels against the ground truth
+    saturation = {v: (t, r) for v, t, r in getattr(category, "saturation", ())}  # MVTec LOCO: sPRO
+    spro = SproMetrics() if saturation else None
     rows: list[dict[str, Any]] = []
     kept: dict[int, Example] = {}
     excluded: list[str] = []
@@ -126,6 +129,10 @@ def evaluate_category(
             else:
                 acc.update(mask, pred.maps[j])
                 masks.update(mask, pred.regions(j)[0])
+                if spro is not None and s.label == 0:
+                    spro.add_normal(pred.maps[j])
+                elif spro is not None:
+                    spro.add_defects(pred.maps[j], [defect_of(f, saturation, mask.shape) for f in sample_masks(s)])
             if i in show:
                 img, m, a = _downsize(arr, mask if mask is not None else np.zeros(arr.shape[:2], bool), pred.maps[j])
                 kept[i] = Example(s.path.name, s.defect, value, img, m, a)
@@ -144,7 +151,7 @@ def evaluate_category(
         support_rule=rule,
         support=list(det.support_),
         image=image_metrics(labels, scores),
-        pixel=acc.compute(),
+        pixel={**acc.compute(), **({"spro": spro.compute()} if spro is not None else {})},
         pixel_bounds=acc.error_bounds(),
         pixel_images=acc.images,
         pixel_excluded=excluded,
