@@ -78,7 +78,7 @@ def eval_(
 
     with errors_as_messages():
         n_shots = parse_shots(shots)
-        cats = load_dataset(data_root, _split(categories))
+        cats = load_dataset(data_root, _split(categories), rule=config.read_rule)
         with progress_bar("eval", images_to_process(cats, n_shots)) as advance:
             report = evaluate(
                 cats, out_dir, config, shots=n_shots, seed=None if first else seed, method=method, examples=examples,
