@@ -337,3 +337,25 @@ def test_eval_on_volumes_in_brats_layout(plate_with_masks, tiny_clip_dir, tmp_pa
     nib.save(nib.Nifti1Image(np.zeros((SIDE, SIDE, 2), np.uint8), affine), str(root / "BraTS_004" / "BraTS_004_seg.nii.gz"))
     with pytest.raises(Exception, match=r"mask volume .*BraTS_004_seg.nii.gz has shape \(48, 48, 2\), its scan .*BraTS_004_flair"):
         load_dataset(root, rule=ReadRule("full"))
+
+
+def test_service_reads_dicom_and_nifti_uploads_with_the_models_window(files, tiny_clip_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lakead.serve import create_app
+
+    def upload(paths):
+        return [("images", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+
+    with TestClient(create_app(tmp_path / "models", backbone=str(tiny_clip_dir), device="cpu", batch_size=4)) as c:
+        data = {"class_name": "plate", "k": "8", "layer": "2", "image_size": "64", "use_text": "false", "window": "full"}
+        r = c.post("/models", data=data, files=upload(files["train_dcm"]))
+        assert r.status_code in (200, 201), r.text
+        model = r.json()["id"]
+        got = c.post(f"/models/{model}/predict", files=upload(files["test_dcm"]))
+        assert got.status_code == 200, got.text
+        png = c.post(f"/models/{model}/predict", files=upload(files["test_png"]))
+        assert [x["score"] for x in got.json()["results"]] == pytest.approx([x["score"] for x in png.json()["results"]], abs=1e-5)
+        bad = c.post(f"/models/{model}/predict", files=upload(files["test_nii"]))
+        assert bad.status_code == 422 and "scan.nii.gz" in bad.text and "3 axial slices" in bad.text

@@ -111,8 +111,8 @@ def parse_maps(spec: str | Collection[str]) -> frozenset[str]:
         return frozenset()
     bad = [p for p in parts if p not in ALL_MAP_KINDS]
     if bad or not parts:
-        raise ConfigError(f"maps: {spec!r} is not none or a list of png, npy, nifti (png: overlays/, npy: raw maps/, "
-                          "nifti: a NIfTI input's maps as a volume)")
+        raise ConfigError(f"maps: {spec!r} is not one of none, png, npy or png,npy, optionally with nifti (png: "
+                          "overlays/, npy: raw maps/, nifti: a NIfTI input's maps as one volume)")
     return frozenset(parts)
 
 

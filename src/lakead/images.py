@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError, LakeadError
+from .medical.rule import MEDICAL_SUFFIXES
 
 if TYPE_CHECKING:
     from .medical import ReadRule
@@ -282,8 +283,6 @@ def _check_shape(arr: np.ndarray, label: str) -> np.ndarray:
 
 
 def _is_image_name(name: str) -> bool:
-    from .medical import MEDICAL_SUFFIXES
-
     low = name.lower()
     return (os.path.splitext(low)[1] in IMAGE_SUFFIXES or low.endswith(MEDICAL_SUFFIXES)) and not name.startswith(".")
 

@@ -69,7 +69,7 @@ class Read:
     """One image read from a medical source, and how."""
 
     image: np.ndarray  # (H, W, 3) uint8
-    modality: str  # DICOM Modality ("CT", "MR"...), "NIfTI" for a volume
+    modality: str  # DICOM Modality ("CT", "MR"...); "" for NIfTI (it names none)
     window: str  # the window used, described
 
 
@@ -99,7 +99,7 @@ def read_source(source: str | os.PathLike, rule: ReadRule, label: str | None = N
             key, index = vol.letter, vol.indices[0]
         vol = vol.with_axis(key)
         lo_hi, used = vol.bounds(window)
-        return Read(grey_to_rgb(to_uint8(vol.display(vol.raw_slice(index)), *lo_hi)), "NIfTI", used)
+        return Read(grey_to_rgb(to_uint8(vol.display(vol.raw_slice(index)), *lo_hi)), "", used)  # NIfTI names no modality
     if key in ("x", "y", "z"):
         raise ImageLoadError(label, "a DICOM file has frames (#frame=N), not slices")
     dcm = _cache.get(path, ("dicom", window), lambda: read_dicom(path, label, window)) if key else read_dicom(path, label, window)

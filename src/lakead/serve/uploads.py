@@ -19,13 +19,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, ImageLoadError, LakeadError
 from ..images import load_image
+
+if TYPE_CHECKING:
+    from ..medical import ReadRule
 
 MIB = 2**20
 
@@ -200,6 +203,8 @@ class Uploads:
         total = largest = 0
         for i, (name, fh) in enumerate(files):
             suffix = Path(name).suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", Path(name).suffix) else ""
+            if name.lower().endswith(".nii.gz"):
+                suffix = ".nii.gz"  # NIfTI is read by its ending
             path = self.tmp / f"{i}{suffix}"  # our own name on disk: the client's name is only a label
             with path.open("wb") as out:
                 fh.seek(0)
@@ -234,12 +239,13 @@ class Uploads:
         return math.ceil(w / f) * math.ceil(h / f)
 
     def decode(self, check: "Callable[[np.ndarray, str], str | None] | None" = None,
-               cancelled: "Callable[[], bool] | None" = None) -> list[np.ndarray]:
+               cancelled: "Callable[[], bool] | None" = None, rule: "ReadRule | None" = None) -> list[np.ndarray]:
         """The images as ``(H, W, 3)`` uint8 arrays, in order; those with more than
         ``max_decode_pixels`` pixels downscaled while decoded. ``check(array, name)`` returns
         a problem with a readable image (as: smaller than one patch) or None. Raises
         :class:`UploadRejected` (422) naming every file that is not a readable image or that
-        ``check`` refuses."""
+        ``check`` refuses. DICOM files and one-slice NIfTI files are read with ``rule`` (the
+        model's window; :class:`lakead.medical.ReadRule`); a file holding several images is refused."""
         unreadable: list[tuple[str, str]] = []
         arrays: list[np.ndarray] = []
         for name, path, size in zip(self.names, self.paths, self.sizes):
@@ -249,7 +255,7 @@ class Uploads:
                 if size is not None and size[0] * size[1] > self.limits.max_decode_pixels:
                     arr = decode_reduced(path, name, self.limits.max_decode_pixels)
                 else:
-                    arr = load_image(path, name)
+                    arr = load_image(path, name, rule=rule)
                 problem = check(arr, name) if check is not None else None
                 if problem is not None:
                     unreadable.append((name, problem))
