@@ -80,6 +80,15 @@ def scores_of(det, inputs) -> np.ndarray:
 # -- the same pixels, the same scores -------------------------------------------------------
 
 
+def test_png_dicom_and_nifti_read_the_same_pixels(files):
+    png = [load_image(p) for p in files["test_png"]]
+    for kind in ("dcm", "frames", "nii"):
+        srcs, _ = expand_inputs(files[f"test_{kind}"], None, ReadRule("full"))
+        got = [read_source(s, ReadRule("full")).image for s in srcs]
+        assert len(got) == len(png) and all((g == p).all() for g, p in zip(got, png)), kind
+
+
+@pytest.mark.slow
 def test_png_dicom_and_nifti_give_the_same_scores(files, tiny_backbone):
     ref = LakeDetector(tiny_backbone, window="full", **OPTS).fit(files["train_png"], "plate")
     expected = scores_of(ref, files["test_png"])
@@ -283,6 +292,7 @@ def _eval_config(tiny_clip_dir, **extra):
     return LakeConfig(backbone=str(tiny_clip_dir), k=8, layer=2, image_size=64, use_text=False, window="full", **extra)
 
 
+@pytest.mark.slow
 def test_eval_on_dicom_slices_in_mvtec_layout_equals_png(plate_with_masks, tiny_clip_dir, tmp_path):
     from lakead.evaluate.runner import evaluate
 
