@@ -369,3 +369,30 @@ def test_service_reads_dicom_and_nifti_uploads_with_the_models_window(files, tin
         assert [x["score"] for x in got.json()["results"]] == pytest.approx([x["score"] for x in png.json()["results"]], abs=1e-5)
         bad = c.post(f"/models/{model}/predict", files=upload(files["test_nii"]))
         assert bad.status_code == 422 and "scan.nii.gz" in bad.text and "3 axial slices" in bad.text
+
+
+def test_the_files_voi_lut_is_used(tmp_path):
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    g = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    path = write_dicom(tmp_path / "lut.dcm", g, window=(128, 256))
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [256, 0, 8])  # LUT Descriptor: 256 entries from 0, 8 bits
+    item.add_new(0x00283006, "US", [255 - v for v in range(256)])  # LUT Data: an inverting LUT
+    ds.VOILUTSequence = [item]
+    ds.save_as(path)
+    got = read_source(path, ReadRule())
+    assert got.window == "file VOI LUT" and (got.image[..., 0] == 255 - g).all()
+    assert (read_source(path, ReadRule("full")).image[..., 0] == g).all()  # a window given wins over the file's
+
+
+def test_service_refuses_a_dicom_over_the_decode_limit(tmp_path):
+    from lakead.serve.uploads import ServeLimits, UploadRejected, Uploads
+
+    big = write_dicom(tmp_path / "big.dcm", np.zeros((30, 40, 50), np.uint8))  # 30 frames of 40x50
+    limits = ServeLimits(max_decode_pixels=50_000)
+    with pytest.raises(UploadRejected, match=r"big.dcm.*0.1 MP in all its images"):
+        with open(big, "rb") as fh, Uploads([("big.dcm", fh)], limits):
+            pass

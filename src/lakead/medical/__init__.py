@@ -48,12 +48,12 @@ from .rule import (
     stem,
     to_uint8,
 )
-from .sources import Read, count_images, expand, expand_all, image_size, read_mask_source, read_source
+from .sources import Read, count_images, expand, header_size, expand_all, image_size, read_mask_source, read_source
 
 __all__ = [
     "CACHE_VOLUMES", "DICOM_SUFFIXES", "EXTRA_HINT", "MEDICAL_SUFFIXES", "NIFTI_SUFFIXES", "PLANES", "PRESETS",
     "WINDOW_WORDS", "count_images", "DicomImage", "NiftiVolume", "Read", "ReadRule", "Slices", "Window", "dicom_frames", "expand",
-    "expand_all", "grey_to_rgb", "image_size", "is_dicom", "is_medical", "is_nifti", "looks_like_dicom",
+    "expand_all", "grey_to_rgb", "header_size", "image_size", "is_dicom", "is_medical", "is_nifti", "looks_like_dicom",
     "nifti_volume", "parse_slices", "parse_window", "read_dicom", "read_mask_source", "read_source", "split_source",
     "stem", "to_uint8", "write_map_volume",
 ]

@@ -155,3 +155,21 @@ def count_images(path: str | os.PathLike, rule: ReadRule) -> int:
     except ImageLoadError:
         pass
     return 1
+
+
+def header_size(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """``(width, height, images)`` of a DICOM file (frames) or a NIfTI volume (axial
+    slices, x by y), from its header only; None when the header cannot be read."""
+    p = os.fspath(path)
+    try:
+        if is_nifti(p):
+            import nibabel
+
+            shape = tuple(int(s) for s in nibabel.load(p).shape) + (1, 1)
+            return shape[0], shape[1], int(np.prod(shape[2:]))
+        import pydicom
+
+        ds = pydicom.dcmread(p, stop_before_pixels=True, force=True)
+        return int(ds.Columns), int(ds.Rows), int(float(ds.get("NumberOfFrames", 1) or 1))
+    except Exception:  # noqa: BLE001 - reading it names the problem
+        return None

@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..errors import ConfigError, ImageLoadError, LakeadError
 from ..images import load_image
+from ..medical import is_medical
 
 if TYPE_CHECKING:
     from ..medical import ReadRule
@@ -99,7 +100,13 @@ def _openable() -> list[str]:
 def _header_size(path: Path) -> tuple[int, int] | None:
     """``(width, height)`` from the file header without decoding; None when Pillow cannot
     tell (``load_image`` then names the problem). A file over Pillow's own decompression-bomb
-    limit is measured too, so that it is reported with its real size."""
+    limit is measured too, so that it is reported with its real size. A DICOM or NIfTI file
+    counts all its images: ``(width, height * images)``."""
+    from ..medical import header_size, looks_like_dicom
+
+    if is_medical(path) or looks_like_dicom(path):
+        dims = header_size(path)
+        return None if dims is None else (dims[0], dims[1] * dims[2])
     formats = _openable()
     try:
         with warnings.catch_warnings():
@@ -219,6 +226,10 @@ class Uploads:
                 too_large.append((name, f"{size[0]}x{size[1]} pixels ({pixels / 1e6:.1f} MP) is more than the "
                                         f"limit of {limits.max_image_pixels / 1e6:.1f} MP per image (--max-megapixels)"))
                 continue
+            if is_medical(path) and pixels > limits.max_decode_pixels:  # decoded whole: no downscaling
+                too_large.append((name, f"{pixels / 1e6:.1f} MP in all its images is more than the {limits.max_decode_pixels / 1e6:.1f} "
+                                        "MP a DICOM or NIfTI upload may decode to"))
+                continue
             decoded = self.decoded_pixels(size)
             if decoded < pixels:
                 largest = max(largest, pixels)
@@ -252,7 +263,7 @@ class Uploads:
             if cancelled is not None and cancelled():
                 raise Cancelled()
             try:
-                if size is not None and size[0] * size[1] > self.limits.max_decode_pixels:
+                if size is not None and size[0] * size[1] > self.limits.max_decode_pixels and not is_medical(path):
                     arr = decode_reduced(path, name, self.limits.max_decode_pixels)
                 else:
                     arr = load_image(path, name, rule=rule)
