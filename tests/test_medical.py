@@ -142,6 +142,8 @@ def test_model_saves_the_read_rule_and_checks_the_modality(files, tiny_backbone,
     det.save(tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "lakead.json").read_text())
     assert meta["config"]["window"] == "full" and meta["read"]["modalities"] == ["MR"]
+    shown = invoke("info", tmp_path / "m")
+    assert shown.exit_code == 0 and "modalities" in shown.output and "MR" in shown.output
     from lakead.methods import load_detector
 
     back = load_detector(tmp_path / "m")

@@ -174,6 +174,12 @@ def info(model_dir: Path = typer.Argument(..., help="A model directory written b
             summary = {**(facts := model_facts(meta)), "layer": option_text(facts["layer"])}
         except (KeyError, TypeError) as exc:
             raise LakeadError(f"{model_dir}: lakead.json is damaged (no {exc})") from None
+        read = meta.get("read") or {}
+        if read:  # fitted on DICOM/NIfTI: how its images were read (docs/MEDICAL.md)
+            cfg = meta.get("config") or {}
+            summary.update(window=cfg.get("window", "auto"), slices=cfg.get("slices", "axial"),
+                           modalities=", ".join(read.get("modalities", [])) or "-",
+                           windows_seen=", ".join(read.get("windows", [])) or "-")
     _print_summary(summary, title=str(model_dir))
 
 
