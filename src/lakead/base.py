@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import os
+import threading
 import typing
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -29,7 +32,10 @@ import torch
 from .api import Prediction, Runtime, finite_or_none, read_model_meta, read_model_tensors, tensor_fingerprint, write_model_dir
 from .backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, load_backbone
 from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
-from .images import ImageInput, LoadedImages, load_image, read_all, source_name
+from .images import ImageInput, LoadedImages, expand_inputs, load_image, read_all, source_name
+from .medical import ReadRule, is_medical, read_source
+
+log = logging.getLogger("lakead")
 
 
 def backbone_precision(precision: str, backbone: Backbone) -> contextlib.AbstractContextManager:
@@ -51,13 +57,35 @@ def option(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+#: Help of the read rule's options (every method has them: how DICOM and NIfTI files are read).
+WINDOW_HELP = ("DICOM/NIfTI intensity window: CENTER,WIDTH (40,80), a preset (brain, subdural, stroke, soft-tissue, "
+               "mediastinum, liver, lung, bone), file (the file's own VOI LUT / Window Center-Width), full (the full "
+               "range), or auto: the file's own window, else the full range (docs/MEDICAL.md).")
+SLICES_HELP = ("NIfTI slices: axial, coronal or sagittal, optionally :FIRST-LAST (the file's voxel indices, both "
+               "included) and /STEP (every STEP-th): axial:20-120, axial/2; slices with no signal are skipped.")
+
+
+@dataclass
 class Options:
     """Base of a method's options (a dataclass of :func:`option` fields, saved with the model).
 
-    Fields typed with a ``Literal`` are checked by :meth:`validate`; a method adds its own checks.
+    Every method has the read rule of medical images (``window``, ``slices``:
+    :class:`lakead.medical.ReadRule`). Fields typed with a ``Literal`` are checked by
+    :meth:`validate`; a method adds its own checks.
     """
 
+    window: str = option("auto", WINDOW_HELP, panel="Reading options")
+    slices: str = option("axial", SLICES_HELP, panel="Reading options")
+
+    @property
+    def read_rule(self) -> ReadRule:
+        """How DICOM and NIfTI inputs are read (:class:`lakead.medical.ReadRule`)."""
+        return ReadRule(self.window, self.slices)
+
     def validate(self) -> "Options":
+        if not isinstance(self.window, str) or not isinstance(self.slices, str):
+            raise ConfigError(f"window and slices must be text, got {self.window!r} and {self.slices!r}")
+        self.read_rule.check()
         for name, hint in field_types(type(self)).items():  # options that are one of a few words
             choices = literal_choices(hint)
             if choices and not _admits(hint, (int, float, str)) and getattr(self, name) not in choices:
@@ -280,7 +308,16 @@ class BaseDetector:
         than one patch of the backbone.
         """
         label = name or source_name(image)
-        arr = load_image(image, label)
+        if isinstance(image, (str, os.PathLike)) and is_medical(image):
+            read = read_source(image, self.read_rule, label)
+            self._note_read(label, read.modality, read.window)
+            arr = read.image
+        else:
+            arr = load_image(image, label)
+            if isinstance(image, (str, os.PathLike)) and self.is_fitted and self.read_record.get("modalities"):
+                self._warn_once(("raster",), "%s: a plain image given to a model fitted on medical images (%s, window %s): "
+                                "its pixels are taken as they are", label, ", ".join(self.read_record["modalities"]),
+                                ", ".join(self.read_record.get("windows", [])))
         patch = self.backbone.info.patch_size
         h, w = arr.shape[:2]
         if h < patch or w < patch:
@@ -292,7 +329,45 @@ class BaseDetector:
     ) -> LoadedImages:
         """Read inputs as ``fit`` (``strict=False``: unreadable ones are collected in
         ``errors``) and ``predict`` (``strict=True``: the first one raises) read them."""
+        images, names = expand_inputs(images, names, self.read_rule)
         return read_all(images, names, self.read_image, strict=strict)
+
+    @property
+    def read_rule(self) -> ReadRule:
+        """How DICOM and NIfTI inputs are read: the model's ``window`` and ``slices`` options."""
+        return ReadRule(getattr(self.config, "window", "auto"), getattr(self.config, "slices", "axial"))
+
+    @property
+    def read_record(self) -> dict[str, list[str]]:
+        """What the medical images read by ``fit`` were: their modalities (DICOM's Modality) and
+        the windows used (saved with the model as ``read``; empty for plain images)."""
+        rec = self.__dict__.setdefault("_read_record", {"modalities": [], "windows": []})
+        return rec
+
+    def _note_read(self, label: str, modality: str, window: str) -> None:
+        """Record (while fitting) or check (once fitted) how a medical image was read: another
+        modality than the fit's is an error, another window a warning (once per window)."""
+        rec = self.read_record
+        key = window.split(" ")[0] if window.startswith("full") else window  # a full range differs per volume
+        if not self.is_fitted:
+            with self.__dict__.setdefault("_read_lock", threading.Lock()):
+                for name, value in (("modalities", modality), ("windows", key)):
+                    if value and value not in rec[name]:
+                        rec[name].append(value)
+            return
+        if modality and rec["modalities"] and modality not in rec["modalities"]:
+            raise ImageLoadError(label, f"is a {modality} image, but the model was fitted on {', '.join(rec['modalities'])} "
+                                        f"images: fit a model on {modality} images")
+        if rec["windows"] and key not in rec["windows"]:
+            self._warn_once(("window", key), "%s: read with window %s, but the model's images were read with %s: scores "
+                            "compare only under one window (fix it with the window option at fit, e.g. --window 40,80)",
+                            label, key, ", ".join(rec["windows"]))
+
+    def _warn_once(self, key: tuple, message: str, *args: Any) -> None:
+        warned = self.__dict__.setdefault("_warned", set())
+        if key not in warned:
+            warned.add(key)
+            log.warning(message, *args)
 
     def iter_features(
         self, arrays: Sequence[np.ndarray], blocks: Sequence[Layer], joint_block: Layer | None, image_size: int
@@ -345,6 +420,7 @@ class BaseDetector:
             "backbone": self.backbone.info.to_dict(),
             **state.facts(),
             **self.extra_facts(),
+            **({"read": self.read_record} if any(self.read_record.values()) else {}),
         }
         return write_model_dir(path, meta, state.tensors())
 
@@ -392,4 +468,7 @@ class BaseDetector:
         bb.to(dev)
         state.to(dev)
         det.state_ = state
+        read = meta.get("read")
+        if isinstance(read, dict):
+            det.__dict__["_read_record"] = {k: [str(v) for v in read.get(k, [])] for k in ("modalities", "windows")}
         return det

@@ -8,6 +8,8 @@ Layout of an output directory::
     overlays/<name>.png   the heat map over the image, with the regions' outline, the score, the decision
                           and a colour bar                         (maps "png")
     maps/<name>.npy       the raw float32 map at the image's size  (maps "npy")
+    maps/<volume>.nii.gz  a NIfTI input's slice maps as one volume with the input's affine (maps "nifti";
+                          its slices' maps/<volume>#z=K.npy are written too)
     masks/<name>.png      the defect mask, 255 inside a region     (masks=True)
     regions.csv           path, region, top, left, bottom, right, area, peak, mean (masks=True)
     run.json              the model, threshold and precision that wrote scores.csv (checked on resume)
@@ -53,6 +55,7 @@ from .api import Detector
 from .errors import ConfigError, ImageLoadError, NotFittedError
 from .fileio import atomic_write_bytes
 from .images import iter_images
+from .medical import ReadRule, expand_all, split_source, write_map_volume
 from .rundir import (  # noqa: F401 - the output directory's names, re-exported for users of lakead.batch
     ERROR_COLUMNS,
     ERRORS_FILE,
@@ -73,8 +76,10 @@ from .viz import annotate, npy_bytes, overlay, png_bytes
 
 log = logging.getLogger("lakead")
 
-#: Map files a run can write: "png" overlays in overlays/, raw "npy" maps in maps/.
+#: Map files a run writes by default: "png" overlays in overlays/, raw "npy" maps in maps/.
 MAP_KINDS = ("png", "npy")
+#: Every map kind: also "nifti", the maps of a NIfTI input as a volume aligned with it.
+ALL_MAP_KINDS = (*MAP_KINDS, "nifti")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -95,7 +100,7 @@ class BatchSummary:
 
 
 def parse_maps(spec: str | Collection[str]) -> frozenset[str]:
-    """Which map files to write: ``"none"``, ``"png"``, ``"npy"`` or ``"png,npy"`` (any order).
+    """Which map files to write: ``"none"``, or any of ``"png"``, ``"npy"``, ``"nifti"`` comma-separated.
 
     >>> sorted(parse_maps("npy,png")), sorted(parse_maps("none"))
     (['npy', 'png'], [])
@@ -104,9 +109,10 @@ def parse_maps(spec: str | Collection[str]) -> frozenset[str]:
     parts = [p for p in parts if p]
     if parts == ["none"]:
         return frozenset()
-    bad = [p for p in parts if p not in MAP_KINDS]
+    bad = [p for p in parts if p not in ALL_MAP_KINDS]
     if bad or not parts:
-        raise ConfigError(f"maps: {spec!r} is not one of none, png, npy or png,npy (png: overlays/, npy: raw maps/)")
+        raise ConfigError(f"maps: {spec!r} is not one of none, png, npy or png,npy, optionally with nifti (png: "
+                          "overlays/, npy: raw maps/, nifti: a NIfTI input's maps as one volume)")
     return frozenset(parts)
 
 
@@ -182,7 +188,7 @@ def score_batch(
             image = annotate(overlay(arrays[j], pred.maps[j], vmin, vmax), found[j][0], text, vmin, vmax,
                              anomalous=bool(pred.anomalous[j]))
             atomic_write_bytes(out_dir / "overlays" / f"{names[j]}.png", png_bytes(image))
-        if "npy" in maps:
+        if "npy" in maps or ("nifti" in maps and is_nifti_slice(paths[j])):
             atomic_write_bytes(out_dir / "maps" / f"{names[j]}.npy", npy_bytes(pred.maps[j]))
         if masks:
             atomic_write_bytes(out_dir / "masks" / f"{names[j]}.png", png_bytes(found[j][0].astype(np.uint8) * 255))
@@ -200,6 +206,48 @@ def score_batch(
         for j in range(len(arrays)) if masks for k, r in enumerate(found[j][1], start=1)
     ]
     return rows, regions
+
+
+def is_nifti_slice(source: str) -> bool:
+    """Whether a source is a slice of a NIfTI volume (``scan.nii.gz#z=42``)."""
+    parsed = split_source(source)
+    return parsed is not None and parsed[1] != "frame"
+
+
+class VolumeMaps:
+    """The NIfTI volumes of a run (maps "nifti"): each is written as ``maps/<volume>.nii.gz``
+    once every one of its slices has a row (this run's or an earlier one's) or failed, from
+    the slices' ``maps/*.npy`` (so that a resumed run writes the whole volume)."""
+
+    def __init__(self, out: Path, root: Path, results: OutputDir) -> None:
+        self.out, self.root, self.results = out, root, results
+        self.pending: dict[str, list[str]] = {}
+        self.settled: set[str] = set()
+
+    def add(self, volume: str, sources: list[str]) -> None:
+        self.pending[volume] = sources
+
+    def settle(self, sources: Iterable[str]) -> None:
+        if self.pending:
+            self.settled.update(sources)
+        for volume, parts in list(self.pending.items()):
+            if all(s in self.settled or self.results.done(s) for s in parts):
+                del self.pending[volume]
+                self.settled.difference_update(parts)
+                self.write(volume, parts)
+
+    def write(self, volume: str, parts: list[str]) -> None:
+        sources, maps = [], []
+        for s in parts:
+            f = self.out / "maps" / f"{output_name(s, self.root)}.npy"
+            if f.is_file():
+                sources.append(s)
+                maps.append(np.load(f))
+        name = output_name(volume, self.root)
+        try:
+            write_map_volume(volume, sources, maps, str(self.out / "maps" / f"{name}.nii.gz"))
+        except (ImageLoadError, ValueError) as exc:
+            log.warning("%s: the map volume could not be written (%s)", volume, exc)
 
 
 def number(value: float) -> str:
@@ -264,7 +312,10 @@ def predict_to_dir(
     if threshold is not None and not _is_number(threshold):
         raise ConfigError(f"threshold must be a number, not {threshold!r}")
     out = Path(out_dir)
-    paths = iter_images(inputs, exclude=own_output(out, inputs))  # checks the inputs now, lists them while consumed
+    listed = iter_images(inputs, exclude=own_output(out, inputs))  # checks the inputs now, lists them while consumed
+    volumes: list[VolumeMaps] = []  # maps "nifti": set once the output directory is open
+    paths = expand_all(listed, getattr(detector, "read_rule", ReadRule()),  # volumes and multi-frame files: their images
+                       on_volume=(lambda v, s: volumes[0].add(v, s)) if "nifti" in maps else None)
     root = output_root(inputs)
     bs = detector.runtime.batch_size
     if threshold is None and false_alarm_rate is not None:
@@ -278,6 +329,7 @@ def predict_to_dir(
     with OutputDir(out, info, resume=resume) as results, \
             ThreadPoolExecutor(threads, thread_name_prefix="lakead-read") as pool:
         todo = Todo(paths, results, OutputNames(root))
+        volumes.append(VolumeMaps(out, root, results))
         arrays: list[np.ndarray] = []
         kept: list[str] = []
         errors: list[tuple[str, str]] = []
@@ -288,6 +340,8 @@ def predict_to_dir(
                                         pool=pool) if arrays else ([], [])
             results.commit(rows, errors, regions)
             record(summary, rows, errors)
+            if "nifti" in maps:
+                volumes[0].settle([*kept, *(e[0] for e in errors)])
             done = todo.take_skipped() + len(arrays) + len(errors)
             if on_progress is not None and done:
                 on_progress(done)

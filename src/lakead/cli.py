@@ -90,7 +90,7 @@ def predict(
     false_alarm_rate: Optional[float] = typer.Option(None, help="False-alarm budget for this run: the decision levels are derived again from the model's saved normal scores (default: the model's budget)."),
     masks: bool = typer.Option(False, "--masks", help="Also write the defect masks (masks/) and regions.csv (one row per defect region)."),
     backbone: Optional[str] = typer.Option(None, help="Where to read the backbone weights from, if not where the model was fitted."),
-    maps: str = typer.Option("png,npy", help="Map files to write: png (overlays/), npy (raw float32 maps/), png,npy or none."),
+    maps: str = typer.Option("png,npy", help="Map files to write: png (overlays/), npy (raw float32 maps/), nifti (a NIfTI input's maps as one volume with its affine, maps/<volume>.nii.gz), comma-separated, or none."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --out/scores.csv (an interrupted or earlier run) and score only the other images."),
     read_threads: Optional[int] = typer.Option(None, help="Threads that read images ahead of the model (default: min(4, CPUs))."),
     ray: bool = typer.Option(False, "--ray", help=r"Score on a Ray cluster (needs Ray: pip install 'lakead\[ray]')."),
@@ -106,7 +106,10 @@ def predict(
     """
     from .batch import own_output, parse_maps, predict_to_dir
     from .images import iter_images
+    from .medical import ReadRule, count_images, is_medical
 
+    if ray and "nifti" in maps.lower():
+        raise typer.BadParameter("nifti maps are written by the single-process run", param_hint="--maps")
     if ray and (masks or false_alarm_rate is not None):
         raise typer.BadParameter("not used with --ray yet (the single-process run writes them)", param_hint="--masks/--false-alarm-rate")
     if false_alarm_rate is not None and not 0 < false_alarm_rate < 1:
@@ -130,7 +133,8 @@ def predict(
     scores_file = out_dir / "scores.csv"
     with errors_as_messages(f"interrupted: the rows of finished batches are in {scores_file}; "
                             "run the same command with --resume to go on"):
-        total = sum(1 for _ in iter_images(inputs, exclude=own_output(out_dir, inputs), warn=False))  # for the progress bar
+        listed = iter_images(inputs, exclude=own_output(out_dir, inputs), warn=False)
+        total = sum(count_images(p, ReadRule()) if is_medical(p) else 1 for p in listed)  # for the progress bar (headers only)
         if ray:
             from .distributed import predict_on_ray
 
@@ -170,6 +174,12 @@ def info(model_dir: Path = typer.Argument(..., help="A model directory written b
             summary = {**(facts := model_facts(meta)), "layer": option_text(facts["layer"])}
         except (KeyError, TypeError) as exc:
             raise LakeadError(f"{model_dir}: lakead.json is damaged (no {exc})") from None
+        read = meta.get("read") or {}
+        if read:  # fitted on DICOM/NIfTI: how its images were read (docs/MEDICAL.md)
+            cfg = meta.get("config") or {}
+            summary.update(window=cfg.get("window", "auto"), slices=cfg.get("slices", "axial"),
+                           modalities=", ".join(read.get("modalities", [])) or "-",
+                           windows_seen=", ".join(read.get("windows", [])) or "-")
     _print_summary(summary, title=str(model_dir))
 
 

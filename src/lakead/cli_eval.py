@@ -87,7 +87,7 @@ def eval_(
         n_shots = parse_shots(shots)
         kinds = parse_maps(save_maps)
         cats = load_any(data_root, _split(categories), normal_dir=normal_dir, abnormal_dirs=abnormal_dirs or (),
-                        mask_dir=mask_dir, normal_test_dir=normal_test_dir)
+                        mask_dir=mask_dir, normal_test_dir=normal_test_dir, rule=config.read_rule)
         with progress_bar("eval", images_to_process(cats, n_shots)) as advance:
             report = evaluate(
                 cats, out_dir, config, shots=n_shots, seed=None if first else seed, method=method, examples=examples,

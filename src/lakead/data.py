@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, LakeadError
+from .errors import ConfigError, ImageLoadError, LakeadError
+from .medical import ReadRule, is_nifti, nifti_volume, stem
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class Category:
 
 
 def load_dataset(
-    root: str | os.PathLike, categories: Sequence[str] | None = None, *, check_masks: bool = True
+    root: str | os.PathLike, categories: Sequence[str] | None = None, *, check_masks: bool = True,
+    rule: ReadRule | None = None,
 ) -> list[Category]:
     """The categories of a dataset on disk, sorted by name.
 
@@ -107,7 +109,11 @@ def load_dataset(
       ``ok`` is accepted for ``good``);
     - a dataset: a folder of such categories (MVTec-AD, BTAD, MPDD, VisA in MVTec layout);
     - a collection: a folder of datasets (``../shared/data``); categories are then named
-      ``dataset/category``.
+      ``dataset/category``;
+    - NIfTI volumes with their mask volumes, one folder per case (the BraTS layout; see
+      :func:`load_volume_cases`), sliced by ``rule`` (:class:`lakead.medical.ReadRule`).
+
+    Images may be DICOM files or one-slice NIfTI files too (masks likewise).
 
     ``categories`` keeps only these (full names, or the last part: ``tire`` for
     ``mvtec3d_tire/tire``). With ``check_masks`` every mask is opened (header only) and must
@@ -121,6 +127,8 @@ def load_dataset(
         raise LakeadError(f"{base}: is a file; give the dataset's folder")
     if (base / META_FILE).is_file():
         found = _from_meta(base)
+    elif is_volume_dataset(base):
+        found = load_volume_cases(base, rule)
     else:
         found = [_from_folder(path, name) for name, path in _category_folders(base)]
     if not found:
@@ -180,10 +188,13 @@ def _images_in(folder: Path) -> list[Path]:
 def _find_mask(cat: Path, defect: str, image: Path) -> Path | None:
     from .images import IMAGE_SUFFIXES
 
+    from .medical import MEDICAL_SUFFIXES, is_medical, stem
+
     folder = cat / "ground_truth" / defect
+    own = image.name[len(stem(image.name)):]  # ".nii.gz" as one ending
     for suffix in MASK_SUFFIXES:
-        for ext in (image.suffix, *IMAGE_SUFFIXES):
-            candidate = folder / f"{image.stem}{suffix}{ext}"
+        for ext in (own, *IMAGE_SUFFIXES, *(MEDICAL_SUFFIXES if is_medical(image) else ())):
+            candidate = folder / f"{stem(image.name)}{suffix}{ext}"
             if candidate.is_file():
                 return candidate
     return None
@@ -270,7 +281,10 @@ def _image_size(path: Path) -> tuple[int, int]:
     from PIL import UnidentifiedImageError
 
     from .images import open_image
+    from .medical import image_size, is_medical
 
+    if is_medical(path):
+        return image_size(path)
     try:
         with open_image(path) as im:
             return im.size
@@ -295,7 +309,11 @@ def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
 
     from .images import open_image
 
+    from .medical import is_medical, read_mask_source
+
     p = Path(path)
+    if is_medical(p):
+        return read_mask_source(p, None if size is None else tuple(size))
     try:
         with open_image(p) as im:
             if im.mode in ("P", "PA"):
@@ -309,3 +327,92 @@ def read_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
     if size is not None and mask.shape != tuple(size):
         raise LakeadError(f"mask {p} is {mask.shape[1]}x{mask.shape[0]} pixels, its image {size[1]}x{size[0]}")
     return mask
+
+
+# -- NIfTI volumes with mask volumes (BraTS) -------------------------------------------------
+
+#: Words that mark a case's mask volume (``BraTS2021_00000_seg.nii.gz``).
+SEG_WORDS = ("seg", "mask", "label")
+
+
+def _case_files(case: Path) -> tuple[dict[str, Path], Path | None]:
+    """A case folder's scans by sequence name (the last ``_`` part of the name: ``flair``,
+    ``t1``...) and its mask volume."""
+    scans: dict[str, Path] = {}
+    seg = None
+    for f in sorted(p for p in case.iterdir() if p.is_file() and is_nifti(p.name) and not p.name.startswith(".")):
+        seq = stem(f.name).rsplit("_", 1)[-1].lower()
+        if seq in SEG_WORDS:
+            seg = f
+        else:
+            scans[seq] = f
+    return scans, seg
+
+
+def is_volume_dataset(root: Path) -> bool:
+    """Whether ``root`` holds case folders of NIfTI volumes with a mask volume each (directly,
+    or under ``train/`` and ``test/``)."""
+    parts = [root / "train", root / "test"] if (root / "train").is_dir() and (root / "test").is_dir() else [root]
+    for part in parts:
+        for case in _subdirs(part)[:3]:
+            scans, seg = _case_files(case)
+            if scans and seg is not None:
+                return True
+    return False
+
+
+def load_volume_cases(root: Path, rule: ReadRule | None = None) -> list[Category]:
+    """NIfTI scans with mask volumes, one folder per case (BraTS: ``<case>/<case>_flair.nii.gz``
+    ... and ``<case>/<case>_seg.nii.gz``), as one category per sequence (``flair``, ``t1``...).
+
+    Each scan is sliced by ``rule`` (slices with no signal left out); a slice is anomalous when
+    its mask slice has a non-zero voxel, its mask being that slice (``seg.nii.gz#z=42``).
+    Cases under ``train/`` give the support pool (their tumour-free slices), cases under
+    ``test/`` the test slices; without those folders the first half of the cases (sorted by
+    name) give the support pool and the second half the test. A mask volume of another shape
+    than its scan, or not aligned with it, is an error naming both files.
+    """
+    rule = rule or ReadRule()
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train_cases, test_cases = _subdirs(root / "train"), _subdirs(root / "test")
+    else:
+        cases = _subdirs(root)
+        train_cases, test_cases = cases[: len(cases) // 2], cases[len(cases) // 2 :]
+        log.info("%s: %d cases; support pool from the first %d, test on the other %d", root, len(cases),
+                 len(train_cases), len(test_cases))
+    class_name = "brain" if root.name.lower().startswith("brats") or any(
+        c.name.lower().startswith("brats") for c in train_cases[:1]) else root.name
+    train: dict[str, list[Path]] = {}
+    test: dict[str, list[Sample]] = {}
+    for part, cases in (("train", train_cases), ("test", test_cases)):
+        for case in cases:
+            scans, seg = _case_files(case)
+            if seg is None:
+                raise LakeadError(f"{case}: no mask volume (a NIfTI file named *_seg, *_mask or *_label)")
+            for seq, scan in scans.items():
+                for src, label in _labelled_slices(scan, seg, rule):
+                    if part == "train" and not label:
+                        train.setdefault(seq, []).append(Path(src))
+                    elif part == "test":
+                        mask = Path(str(seg) + src[len(str(scan)):]) if label else None
+                        test.setdefault(seq, []).append(Sample(Path(src), label, "tumour" if label else "good", mask))
+    return [Category(name=seq, class_name=class_name, root=root, train=tuple(train.get(seq, ())), test=tuple(test[seq]))
+            for seq in sorted(test)]
+
+
+def _labelled_slices(scan: Path, seg: Path, rule: ReadRule) -> list[tuple[str, int]]:
+    """The scan's slices with signal, each with 1 where its mask slice has a defect voxel."""
+    import numpy as np
+
+    try:
+        vol = nifti_volume(str(scan), str(scan), rule.slices)
+        mask = nifti_volume(str(seg), str(seg), rule.slices, mask=True)
+    except ImageLoadError as exc:
+        raise LakeadError(str(exc)) from None
+    if mask.data.shape != vol.data.shape:
+        raise LakeadError(f"mask volume {seg} has shape {mask.data.shape}, its scan {scan} {vol.data.shape}: "
+                          "they must have the same shape")
+    if not np.allclose(mask.affine, vol.affine, atol=1e-3):
+        raise LakeadError(f"mask volume {seg} is not aligned with its scan {scan} (their affines differ)")
+    found = np.moveaxis(mask.data != 0, vol.axis, 0).reshape(mask.data.shape[vol.axis], -1).any(axis=1)
+    return [(src, int(found[i])) for src, i in zip(vol.sources(), vol.indices)]

@@ -232,7 +232,13 @@ def predict_on_ray(
     runtime = Runtime(device=device or "auto", batch_size=batch_size or Runtime.batch_size, precision=precision or Runtime.precision)
     model_dir = Path(model_dir)
     files, ident = _model_files(model_dir)
-    paths = iter_images(inputs, exclude=own_output(out_dir, inputs))  # the run's own output is never an input
+    from .api import read_model_meta
+    from .medical import ReadRule, expand_all
+
+    saved = read_model_meta(model_dir).get("config") or {}
+    rule = ReadRule(str(saved.get("window", "auto")), str(saved.get("slices", "axial")))
+    # the run's own output is never an input; volumes and multi-frame files are listed by image
+    paths = expand_all(iter_images(inputs, exclude=own_output(out_dir, inputs)), rule)
     root = output_root(inputs)
     out = Path(out_dir)
     bs = runtime.batch_size

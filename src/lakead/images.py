@@ -12,7 +12,11 @@ Every image that enters lakead goes through :func:`load_image` and comes out as 
 - EXIF orientation is honoured (a photo taken upright is scored upright);
 - for files with several frames (TIFF stacks, GIF) the first frame is used;
 - only raster formats are opened (:data:`RASTER_FORMATS`, whatever the file's name): an EPS or
-  PostScript file is "not an image", so Ghostscript is never run on an input.
+  PostScript file is "not an image", so Ghostscript is never run on an input;
+- DICOM files and NIfTI slices (``.dcm``, ``.nii``, ``.nii.gz``, ``scan.nii.gz#z=42``, a file
+  with the DICOM preamble whatever its name) are read by :mod:`lakead.medical` with a
+  :class:`~lakead.medical.ReadRule` (intensity window, slices); :func:`expand_inputs` turns a
+  volume or a multi-frame file into its images.
 
 numpy arrays may be ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``, of dtype uint8,
 uint16, bool or float (values in 0..1).
@@ -26,12 +30,16 @@ import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError, LakeadError
+from .medical.rule import MEDICAL_SUFFIXES
+
+if TYPE_CHECKING:
+    from .medical import ReadRule
 
 #: What a user may pass wherever lakead takes an image.
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -124,13 +132,54 @@ def read_all(
     return out
 
 
-def load_image(image: ImageInput, name: str | None = None) -> np.ndarray:
+def expand_inputs(
+    images: Sequence[ImageInput] | ImageInput, names: Sequence[str] | None, rule: ReadRule | None = None
+) -> tuple[list[ImageInput], list[str] | None]:
+    """Inputs with each NIfTI volume and multi-frame DICOM file replaced by its images' source
+    names (``scan.nii.gz#z=42``, ``cine.dcm#frame=3``; :func:`lakead.medical.expand`); their
+    names, when given, get the same fragment. Other inputs are left as they are (a file that
+    cannot be expanded too: reading it reports the problem)."""
+    from .medical import ReadRule, expand, is_medical, split_source
+
+    if isinstance(images, (str, Path, np.ndarray, Image.Image)) or not isinstance(images, Sequence):
+        images = [images]  # type: ignore[list-item]
+    if names is not None and len(names) != len(images):
+        from .errors import ConfigError
+
+        raise ConfigError(f"got {len(names)} names for {len(images)} images")
+    out: list[ImageInput] = []
+    out_names: list[str] | None = None if names is None else []
+    for i, img in enumerate(images):
+        sources: list[str] = []
+        if isinstance(img, (str, os.PathLike)) and is_medical(img) and split_source(os.fspath(img)) is None:
+            try:
+                sources = expand(img, rule or ReadRule(), names[i] if names is not None else None)
+            except ImageLoadError:
+                sources = []
+        if not sources or sources == [os.fspath(img)]:
+            out.append(img)
+            if out_names is not None:
+                out_names.append(names[i])  # type: ignore[index]
+            continue
+        out.extend(sources)
+        if out_names is not None:
+            out_names.extend(names[i] + s[len(os.fspath(img)):] for s in sources)  # type: ignore[index]
+    return out, out_names
+
+
+def load_image(image: ImageInput, name: str | None = None, *, rule: ReadRule | None = None) -> np.ndarray:
     """Read one image into a ``(H, W, 3)`` uint8 RGB array.
 
     Raises :class:`~lakead.errors.ImageLoadError` naming the input and the problem when the
     file is missing, is not an image, is truncated or corrupt, or has an unsupported layout.
+    DICOM files and NIfTI slices are read with ``rule`` (default: ``ReadRule()``, the file's
+    own window or the full range; axial slices).
     """
     label = name or source_name(image)
+    if isinstance(image, (str, os.PathLike)) and _medical(image):
+        from .medical import ReadRule, read_source
+
+        return read_source(image, rule or ReadRule(), label).image
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image, label)
     if isinstance(image, Image.Image):
@@ -146,6 +195,10 @@ def load_image(image: ImageInput, name: str | None = None) -> np.ndarray:
                 im.load()
                 return _pil_to_rgb(im, label)
         except UnidentifiedImageError:
+            from .medical import ReadRule, looks_like_dicom, read_source
+
+            if looks_like_dicom(path):  # a DICOM file named otherwise (scanners often write no ending)
+                return read_source(path, rule or ReadRule(), label).image
             raise ImageLoadError(label, "not an image, or an image format Pillow cannot read") from None
         except Image.DecompressionBombError as exc:
             raise ImageLoadError(label, f"too many pixels to read safely ({exc})") from None
@@ -154,6 +207,12 @@ def load_image(image: ImageInput, name: str | None = None) -> np.ndarray:
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageLoadError(label, f"corrupt or truncated image ({exc})") from None
     raise ImageLoadError(label, f"unsupported input type {type(image).__name__}; give a path, a PIL image or a numpy array")
+
+
+def _medical(image: str | os.PathLike) -> bool:
+    from .medical import is_medical
+
+    return is_medical(image)
 
 
 def _pil_to_rgb(im: Image.Image, label: str) -> np.ndarray:
@@ -224,7 +283,8 @@ def _check_shape(arr: np.ndarray, label: str) -> np.ndarray:
 
 
 def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
+    low = name.lower()
+    return (os.path.splitext(low)[1] in IMAGE_SUFFIXES or low.endswith(MEDICAL_SUFFIXES)) and not name.startswith(".")
 
 
 class _Listing:
@@ -337,7 +397,8 @@ def iter_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, recursi
         if not p.exists():
             raise LakeadError(f"{p}: no such file or directory")
         if p.is_dir() and next(iter(iter_image_files(p, recursive, exclude=exclude, warn=False)), None) is None:
-            raise LakeadError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}{' recursively' if recursive else ''})")
+            raise LakeadError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, .dcm, .nii, .nii.gz"
+                              f"{' recursively' if recursive else ''})")
     seen = _Listing(exclude, warn)
     for p in items:
         if not p.is_dir() and (key := _real_key(p)) is not None:

@@ -32,6 +32,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from .data import META_FILE, Category, Sample, _check_mask_size, _images_in, _pick, _subdirs, load_dataset
@@ -115,11 +116,13 @@ def load_any(
     mask_dir: str | os.PathLike | None = None,
     normal_test_dir: str | os.PathLike | None = None,
     check_masks: bool = True,
+    rule: Any = None,
 ) -> list[Category]:
     """The categories of a dataset in any layout read (see the module docstring), sorted by
     name. ``normal_dir``/``abnormal_dirs``/``mask_dir``/``normal_test_dir`` (relative to
     ``root`` or absolute) choose the folder layout; otherwise the layout is detected. When
-    none matches, the error names the folder and every layout read."""
+    none matches, the error names the folder and every layout read. ``rule`` (a
+    :class:`lakead.medical.ReadRule`) slices volumes of the MVTec and BraTS layouts."""
     base = Path(root).expanduser()
     if normal_dir is not None or abnormal_dirs or mask_dir is not None or normal_test_dir is not None:
         found = [_from_plain_folders(base, normal_dir, abnormal_dirs, mask_dir, normal_test_dir)]
@@ -129,7 +132,7 @@ def load_any(
         if found:
             return _checked(found, categories, base, check_masks)
     try:
-        return load_dataset(base, categories, check_masks=check_masks)
+        return load_dataset(base, categories, check_masks=check_masks, rule=rule)
     except LakeadError as exc:
         if "no category found" in str(exc):
             raise LakeadError(f"{base}: no dataset layout matches this folder. Read: {LAYOUTS_HELP}") from None

@@ -105,6 +105,7 @@ class OptionSpec:
     base: type = str  # value, number_or_word: the type of a plain value
     optional: bool = False  # None is a value (it means "the default rule")
     flag: str | None = None  # flag: "--text/--no-text"
+    panel: str = MODEL_PANEL  # the help panel (metadata["panel"]: "Reading options" for window and slices)
 
     @property
     def option(self) -> str:
@@ -193,7 +194,8 @@ def option_specs(config_cls: type = LakeConfig) -> dict[str, OptionSpec]:
             default = ...  # no default: a required option
         words = literal_choices(inner)
         plain = _plain_types(inner)
-        common = dict(name=f.name, hint=hint, default=default, help=f.metadata.get("help", ""), optional=optional)
+        common = dict(name=f.name, hint=hint, default=default, help=f.metadata.get("help", ""), optional=optional,
+                      panel=f.metadata.get("panel", MODEL_PANEL))
         if inner is bool:
             spec = OptionSpec(kind="flag", flag=f.metadata.get("flag"), **common)
         elif words and not plain:
@@ -258,14 +260,14 @@ def _typer_option(spec: OptionSpec, *, as_list: bool = False, list_default: Sequ
         extra = LAYER_LIST_HELP if spec.kind == "blocks" else LIST_HELP
         return Any, typer.Option(
             default, spec.option, parser=spec.parse_list, metavar=spec.metavar + ",...", help=f"{help_text} {extra}",
-            rich_help_panel=MODEL_PANEL,
+            rich_help_panel=spec.panel,
         )
     if spec.kind == "flag":
         decls = spec.flag or f"{spec.option}/--no-{spec.option[2:]}"
-        return bool, typer.Option(spec.default, decls, help=help_text, rich_help_panel=MODEL_PANEL)
+        return bool, typer.Option(spec.default, decls, help=help_text, rich_help_panel=spec.panel)
     return Any, typer.Option(
         spec.default, spec.option, parser=spec.parse, metavar=spec.metavar, help=help_text,
-        show_default=spec.default is not None, rich_help_panel=MODEL_PANEL,
+        show_default=spec.default is not None, rich_help_panel=spec.panel,
     )
 
 

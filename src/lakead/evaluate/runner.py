@@ -304,10 +304,12 @@ def _thin(x: np.ndarray, y: np.ndarray, n: int = 2000) -> tuple[np.ndarray, np.n
 # -- a whole dataset: the report ------------------------------------------------------------
 
 
-def _categories(data: str | Path | Sequence[Category], categories: Sequence[str] | None) -> tuple[list[Category], str]:
-    """Categories and the data root to report, from a folder or already loaded categories."""
+def _categories(data: str | Path | Sequence[Category], categories: Sequence[str] | None,
+                rule: Any = None) -> tuple[list[Category], str]:
+    """Categories and the data root to report, from a folder (volumes sliced by ``rule``, a
+    :class:`lakead.medical.ReadRule`) or already loaded categories."""
     if isinstance(data, (str, Path)):
-        return load_any(data, categories), str(Path(data).resolve())
+        return load_any(data, categories, rule=rule), str(Path(data).resolve())
     cats = list(data)
     if categories:
         cats = [c for c in cats if c.name in categories or c.name.split("/")[-1] in categories]
@@ -351,7 +353,7 @@ def evaluate(
     unknown = sorted(set(save_maps) - {"png", "npy"})
     if unknown:
         raise ConfigError(f"save_maps: {', '.join(unknown)} is not png or npy")
-    cats, data_root = _categories(data, categories)
+    cats, data_root = _categories(data, categories, getattr(config, "read_rule", None))
     m = get_method(method) if isinstance(method, str) else method
     cfg = m.configure(config)
     bb = backbone or load_backbone(cfg.backbone, need_text=cfg.use_text)

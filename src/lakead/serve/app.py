@@ -47,6 +47,7 @@ from .docs import add_docs
 from .guard import Guard
 from .scheduling import Busy, FairSlots, PixelBudget, run_for_client
 from .store import FIT_OPTIONS, ID_PATTERN, BackboneNotAllowed, ModelNotFound, ModelStore, StorageError, clean_class_name
+from ..medical import ReadRule
 from .uploads import Cancelled, ServeLimits, UploadRejected, Uploads, check_count, summarize_problems, upload_name
 
 STATIC = files("lakead.serve") / "static"
@@ -334,7 +335,8 @@ def create_app(
             check = _patch_check(store.backbone(spec).info.patch_size)
             with Uploads([(n, f.file) for n, f in zip(names, images)], limits) as uploads:
                 with pixels.hold(uploads.pixels, cancel.is_set):
-                    arrays = uploads.decode(check, cancel.is_set)
+                    rule = ReadRule(str(options.get("window") or "auto"), str(options.get("slices") or "axial"))
+                    arrays = uploads.decode(check, cancel.is_set, rule)
                     return store.create(arrays, names, class_name, options, backbone=spec, cancel=cancel)
 
         result = await run_for_client(request, fit_slots, "fit", work)
@@ -375,7 +377,7 @@ def create_app(
             check = _patch_check(store.detector(model_id).backbone.info.patch_size)
             with Uploads([(n, f.file) for n, f in zip(names, images)], limits) as uploads:
                 with pixels.hold(uploads.pixels, cancel.is_set):
-                    readable, failed = uploads.decode_each(check, cancel.is_set)
+                    readable, failed = uploads.decode_each(check, cancel.is_set, store.detector(model_id).read_rule)
                     if not readable:
                         raise UploadRejected(422, summarize_problems("not readable as images", failed), failed)
                     index = [i for i, _ in readable]

@@ -19,13 +19,17 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, ImageLoadError, LakeadError
 from ..images import load_image
+from ..medical import is_medical
+
+if TYPE_CHECKING:
+    from ..medical import ReadRule
 
 MIB = 2**20
 
@@ -96,7 +100,13 @@ def _openable() -> list[str]:
 def _header_size(path: Path) -> tuple[int, int] | None:
     """``(width, height)`` from the file header without decoding; None when Pillow cannot
     tell (``load_image`` then names the problem). A file over Pillow's own decompression-bomb
-    limit is measured too, so that it is reported with its real size."""
+    limit is measured too, so that it is reported with its real size. A DICOM or NIfTI file
+    counts all its images: ``(width, height * images)``."""
+    from ..medical import header_size, looks_like_dicom
+
+    if is_medical(path) or looks_like_dicom(path):
+        dims = header_size(path)
+        return None if dims is None else (dims[0], dims[1] * dims[2])
     formats = _openable()
     try:
         with warnings.catch_warnings():
@@ -200,6 +210,8 @@ class Uploads:
         total = largest = 0
         for i, (name, fh) in enumerate(files):
             suffix = Path(name).suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", Path(name).suffix) else ""
+            if name.lower().endswith(".nii.gz"):
+                suffix = ".nii.gz"  # NIfTI is read by its ending
             path = self.tmp / f"{i}{suffix}"  # our own name on disk: the client's name is only a label
             with path.open("wb") as out:
                 fh.seek(0)
@@ -213,6 +225,10 @@ class Uploads:
             if pixels > limits.max_image_pixels:
                 too_large.append((name, f"{size[0]}x{size[1]} pixels ({pixels / 1e6:.1f} MP) is more than the "
                                         f"limit of {limits.max_image_pixels / 1e6:.1f} MP per image (--max-megapixels)"))
+                continue
+            if is_medical(path) and pixels > limits.max_decode_pixels:  # decoded whole: no downscaling
+                too_large.append((name, f"{pixels / 1e6:.1f} MP in all its images is more than the {limits.max_decode_pixels / 1e6:.1f} "
+                                        "MP a DICOM or NIfTI upload may decode to"))
                 continue
             decoded = self.decoded_pixels(size)
             if decoded < pixels:
@@ -234,19 +250,20 @@ class Uploads:
         return math.ceil(w / f) * math.ceil(h / f)
 
     def decode(self, check: "Callable[[np.ndarray, str], str | None] | None" = None,
-               cancelled: "Callable[[], bool] | None" = None) -> list[np.ndarray]:
+               cancelled: "Callable[[], bool] | None" = None, rule: "ReadRule | None" = None) -> list[np.ndarray]:
         """The images as ``(H, W, 3)`` uint8 arrays, in order; those with more than
         ``max_decode_pixels`` pixels downscaled while decoded. ``check(array, name)`` returns
         a problem with a readable image (as: smaller than one patch) or None. Raises
         :class:`UploadRejected` (422) naming every file that is not a readable image or that
-        ``check`` refuses."""
-        readable, unreadable = self.decode_each(check, cancelled)
+        ``check`` refuses. DICOM files and one-slice NIfTI files are read with ``rule`` (the
+        model's window; :class:`lakead.medical.ReadRule`); a file holding several images is refused."""
+        readable, unreadable = self.decode_each(check, cancelled, rule)
         if unreadable:
             raise UploadRejected(422, summarize_problems("not readable as images", unreadable), unreadable)
         return [arr for _, arr in readable]
 
     def decode_each(self, check: "Callable[[np.ndarray, str], str | None] | None" = None,
-                    cancelled: "Callable[[], bool] | None" = None
+                    cancelled: "Callable[[], bool] | None" = None, rule: "ReadRule | None" = None,
                     ) -> tuple[list[tuple[int, np.ndarray]], list[tuple[str, str]]]:
         """As :meth:`decode`, file by file: ``(index, array)`` of each readable image, in
         order, and ``(name, problem)`` of each file that is not (nothing is raised for them)."""
@@ -256,10 +273,10 @@ class Uploads:
             if cancelled is not None and cancelled():
                 raise Cancelled()
             try:
-                if size is not None and size[0] * size[1] > self.limits.max_decode_pixels:
+                if size is not None and size[0] * size[1] > self.limits.max_decode_pixels and not is_medical(path):
                     arr = decode_reduced(path, name, self.limits.max_decode_pixels)
                 else:
-                    arr = load_image(path, name)
+                    arr = load_image(path, name, rule=rule)
                 problem = check(arr, name) if check is not None else None
                 if problem is not None:
                     unreadable.append((name, problem))
