@@ -19,7 +19,7 @@ from rich.table import Table
 from .api import Runtime
 from .errors import LakeadError
 from .fileio import check_directory_target
-from .images import CONTROL_CHARACTERS, printable
+from .errors import CONTROL_CHARACTERS, printable
 from .lake import LakeConfig
 from .methods import get_method, load_detector
 from .options import MODEL_PANEL, option_text, runtime_options

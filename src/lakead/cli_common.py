@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ._version import __version__
 from .errors import LakeadError
 from .fileio import os_error_text
-from .images import printable
+from .errors import printable
 from .lake import LakeConfig
 from .options import MODEL_PANEL, config_options, option_specs
 

@@ -35,10 +35,9 @@ import typer
 from rich.markup import escape
 
 from .api import PRECISIONS, Runtime
-from .backbones.base import parse_layer
-from .base import field_types, literal_choices
+from .fields import field_types, literal_choices, parse_layer
 from .errors import ConfigError
-from .lake import LakeConfig
+from .lake.config import LakeConfig
 
 #: Help panels of ``--help``: the options of the model, and how a run is carried out.
 MODEL_PANEL = "Model options"

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from ..errors import BackboneUnavailableError, ConfigError
+from ..fields import DEFAULT_CLIP
 from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing, as_blocks
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 
 
 def _unavailable(source: str, reason: str) -> BackboneUnavailableError:

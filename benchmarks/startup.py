@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Start-up time of the ``lakead`` command (issue 15, item 4): how long a command takes before
+it does anything, measured in fresh processes.
+
+Times ``lakead --help``, ``lakead fit --help`` and ``lakead info MODEL`` (a model fitted on a
+tiny random CLIP, written once to a temporary directory), and for reference
+``python -c pass`` and ``python -c "import torch"`` (what the commands used to pay before
+any work). Every figure is the median of ``--rounds`` runs, the commands interleaved round by
+round so that the machine's load falls on all of them alike.
+
+    python benchmarks/startup.py                 # 7 rounds
+    python benchmarks/startup.py --rounds 15 --json startup.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _lakead() -> list[str]:
+    exe = shutil.which("lakead")
+    return [exe] if exe else [sys.executable, "-m", "lakead.cli"]
+
+
+def _time(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+    return elapsed
+
+
+def _fit_tiny_model(tmp: Path) -> Path:
+    from lakead.lake import LakeDetector
+    from lakead.testing import save_random_clip
+    import numpy as np
+
+    clip = save_random_clip(tmp / "tiny-clip", "tiny")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    model = tmp / "model"
+    LakeDetector(backbone=str(clip)).fit(images, class_name="thing").save(model)
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--json", type=Path, help="Also write the figures here.")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _fit_tiny_model(Path(tmp))
+        commands = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+            "lakead --help": [*_lakead(), "--help"],
+            "lakead fit --help": [*_lakead(), "fit", "--help"],
+            "lakead info MODEL": [*_lakead(), "info", str(model)],
+        }
+        for cmd in commands.values():  # warm the file cache once
+            _time(cmd)
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(args.rounds):
+            for name, cmd in commands.items():
+                times[name].append(_time(cmd))
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"start-up, median of {args.rounds} rounds in fresh processes ({os.cpu_count()} CPUs, {sys.version.split()[0]}):")
+    for name, m in medians.items():
+        print(f"  {name:28s} {m:6.2f} s   (min {min(times[name]):.2f}, max {max(times[name]):.2f})")
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": args.rounds, "median_s": medians, "times_s": times}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
