@@ -9,7 +9,7 @@ Layers, lowest first (a module may import from its own layer or below, never abo
 4. ``base``: what every detector shares (BaseDetector, LearnedState); ``lake``: the LAKE method
 5. ``methods``: the registry of methods
 6. users of detectors: ``batch`` (and its output directory, ``rundir``), ``distributed``, ``evaluate``, ``explain``, ``serve``; ``options``
-   (a config's fields as command-line options and form fields, for ``cli`` and ``serve``)
+   (a config's fields as command-line options and form fields, for ``cli`` and ``serve``); ``configfile`` (--config, --print-config)
 7. the command line: ``cli_common`` (the app, messages, shared options), ``cli``, ``cli_eval``
 """
 
@@ -30,7 +30,7 @@ LAYERS = {
     "base": 4, "lake": 4,
     "methods": 5,
     "batch": 6, "rundir": 6, "distributed": 6, "evaluate": 6, "explain": 6, "serve": 6,
-    "options": 6, "cli": 7, "cli_common": 7, "cli_eval": 7, "__init__": 8, "__main__": 8,
+    "options": 6, "configfile": 6, "cli": 7, "cli_common": 7, "cli_eval": 7, "cli_demo": 7, "__init__": 8, "__main__": 8,
 }
 #: Most lines one module may have (a room doing one job).
 MAX_LINES = 560

@@ -13,10 +13,12 @@ from rich.table import Table
 from .api import Runtime
 from .lake import LakeConfig
 from .methods import METHODS
+from .configfile import config_file_option
 from .options import choice_option, command_line, runtime_options
 
 from .cli_common import (
     app,
+    check_hub,
     errors_as_messages,
     fail,
     model_options,
@@ -61,6 +63,7 @@ def eval_(
                                 + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "."),
     examples: int = typer.Option(4, help="Example maps per category in the figures."),
     no_figures: bool = typer.Option(False, "--no-figures", help="Do not draw the figures."),
+    config_file: Optional[Path] = config_file_option(),
     *,
     config: LakeConfig,
     runtime: Runtime,
@@ -79,13 +82,15 @@ def eval_(
     with errors_as_messages():
         n_shots = parse_shots(shots)
         cats = load_dataset(data_root, _split(categories))
+        check_hub(config)
         with progress_bar("eval", images_to_process(cats, n_shots)) as advance:
             report = evaluate(
                 cats, out_dir, config, shots=n_shots, seed=None if first else seed, method=method, examples=examples,
                 figures=not no_figures, command=command_line(ctx), runtime=runtime, on_progress=advance,
             )
     table = Table(title=f"report written to {out_dir / 'report.md'}", title_justify="left")
-    table.add_column("category")
+    names = [r.name for r in report.results]
+    table.add_column("category", overflow="fold", min_width=min(40, max(map(len, ["mean", *names]))))  # never cut short
     for c in METRIC_COLUMNS:
         table.add_column(HEADERS[c], justify="right")
     for r in report.results:
@@ -101,6 +106,8 @@ def _grid(ctx: typer.Context, data_root: Path, categories, out_dir: Path, varian
     from .evaluate import grid_images, run_grid
 
     cats = load_dataset(data_root, _split(categories))
+    if backbone is None and variants:
+        check_hub(variants[0].config)  # the settings of a grid share one backbone
     logging.getLogger("lakead").info("%d setting(s) x %d categories", len(variants), len(cats))
     with progress_bar(title, grid_images(cats, variants)) as advance:
         run_grid(cats, out_dir, variants, shot_seed=shot_seed, title=title, command=command_line(ctx),
@@ -120,6 +127,7 @@ def ablate(
     seeds: str = typer.Option("0,1,2", help="Seeds that --selection random is averaged over."),
     seed: int = _EVAL_SEED,
     first: bool = _FIRST,
+    config_file: Optional[Path] = config_file_option(),
     *,
     config: LakeConfig,
     alternatives: dict,
@@ -158,6 +166,7 @@ def baselines(
     shots: str = typer.Option("64", help="Normal training images to fit on, per category: a number or 'all'."),
     seed: int = _EVAL_SEED,
     first: bool = _FIRST,
+    config_file: Optional[Path] = config_file_option(),
     *,
     config: LakeConfig,
     alternatives: dict,
