@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json", type=Path, help="Also write the figures here.")
     args = ap.parse_args()
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         model = _fit_tiny_model(Path(tmp))
         commands = {
@@ -74,11 +75,17 @@ def main() -> None:
             for name, cmd in commands.items():
                 times[name].append(_time(cmd))
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"start-up, median of {args.rounds} rounds in fresh processes ({os.cpu_count()} CPUs, {sys.version.split()[0]}):")
+    load_end = os.getloadavg()
+    print(f"start-up, median of {args.rounds} rounds in fresh processes ({os.cpu_count()} CPUs, {sys.version.split()[0]}; "
+          f"load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f}):")
     for name, m in medians.items():
         print(f"  {name:28s} {m:6.2f} s   (min {min(times[name]):.2f}, max {max(times[name]):.2f})")
+    torch_s = medians["python -c 'import torch'"]
+    for name in ("lakead --help", "lakead fit --help", "lakead info MODEL"):
+        print(f"  {name} / import torch: {medians[name] / torch_s:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"rounds": args.rounds, "median_s": medians, "times_s": times}, indent=2))
+        args.json.write_text(json.dumps({"rounds": args.rounds, "median_s": medians, "times_s": times,
+                                         "load_average": [load_start, load_end]}, indent=2))
 
 
 if __name__ == "__main__":
