@@ -4,6 +4,7 @@ tiny random-weight CLIP; with a backbone given it uses that one (issue 15, item 
 from __future__ import annotations
 
 import csv
+import json
 
 from typer.testing import CliRunner
 
@@ -34,9 +35,13 @@ def test_demo_offline_runs_end_to_end_on_a_random_tiny_clip(tmp_path, monkeypatc
 def test_demo_with_a_backbone_uses_it_and_says_nothing_about_the_hub(tmp_path, tiny_clip_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cat = write_category(tmp_path / "data", "widget", n_train=3, n_good=1, defects={"crack": 1})
-    r = runner.invoke(app, ["-q", "demo", str(cat), "--out", str(tmp_path / "d"), "--backbone", str(tiny_clip_dir)])
+    r = runner.invoke(app, ["-q", "demo", str(cat), "--out", str(tmp_path / "d"), "--backbone", str(tiny_clip_dir),
+                            "--k", "4", "--layer", "2"], env={"COLUMNS": "300"})
     assert r.exit_code == 0, r.output
     assert "random weights" not in r.stderr and not (tmp_path / "d" / "tiny-clip").exists()
+    cfg = json.loads((tmp_path / "d" / "model" / "lakead.json").read_text())["config"]
+    assert (cfg["backbone"], cfg["k"], cfg["layer"]) == (str(tiny_clip_dir), 4, 2)
+    assert f"--backbone {tiny_clip_dir} --k 4 --layer 2" in r.stdout  # the fit command that does the same
 
 
 def test_demo_names_a_folder_that_is_not_a_category(tmp_path):

@@ -18,9 +18,10 @@ import typer
 from rich.markup import escape
 
 from .api import Runtime
-from .cli_common import DEFAULT_BACKBONE, app, err, errors_as_messages, fail, out, progress_bar
+from .cli_common import DEFAULT_BACKBONE, app, err, errors_as_messages, fail, model_options, out, progress_bar
 from .errors import printable
-from .options import runtime_options
+from .lake import LakeConfig
+from .options import option_specs, option_text, runtime_options
 
 #: What the demo writes under --out.
 MODEL, RESULTS, TINY = "model", "results", "tiny-clip"
@@ -53,6 +54,7 @@ def choose_backbone(given: Optional[str], out_dir: Path) -> tuple[str, str | Non
 
 @app.command()
 @runtime_options()
+@model_options()
 def demo(
     category: Path = typer.Argument(..., help="One category in the MVTec layout: CATEGORY/train/good (normal images) "
                                               "and CATEGORY/test/ (images to score, in sub-folders).", show_default=False),
@@ -61,14 +63,15 @@ def demo(
     backbone: Optional[str] = typer.Option(None, help="Hub id, local save_pretrained directory, or onnx:PATH (default: "
                                            "the default CLIP, or without network a tiny random-weight CLIP)."),
     *,
+    config: LakeConfig,
     runtime: Runtime,
 ) -> None:
     """Try lakead on one category: fit on its train/good images, score its test images, write the results."""
+    import dataclasses
     import shlex
 
     from .batch import predict_to_dir
     from .images import list_images
-    from .lake import LakeConfig
     from .methods import get_method
 
     normal, test = category / "train" / "good", category / "test"
@@ -81,7 +84,7 @@ def demo(
         if warning:
             err.print(f"[yellow]note:[/] {escape(warning)}", highlight=False)
         class_name = category.name
-        det = get_method("lake").build(LakeConfig(backbone=spec), runtime=runtime)
+        det = get_method("lake").build(dataclasses.replace(config, backbone=spec), runtime=runtime)
         det.backbone  # noqa: B018 - loaded before the progress bar: a missing backbone is one message, no bar
         images = list_images(normal)
         with progress_bar("fit", len(images)) as advance:
@@ -100,12 +103,33 @@ def demo(
                   + (" (random weights: says nothing about LAKE)" if warning else ""), highlight=False, soft_wrap=True)
     out.print(f"results: {results / 'scores.csv'} and {results / 'overlays'}/; model: {out_dir / MODEL}", highlight=False,
               soft_wrap=True)
+    extra = " ".join(q(w) for w in model_words(config))
     out.print("the same with the two commands you will use on your own folders:\n"
-              f"  lakead fit {q(str(normal))} --class-name {q(class_name)} --out {q(str(out_dir / MODEL))} --backbone {q(spec)}\n"
+              f"  lakead fit {q(str(normal))} --class-name {q(class_name)} --out {q(str(out_dir / MODEL))} --backbone {q(spec)}"
+              + (f" {extra}" if extra else "") + "\n"
               f"  lakead predict {q(str(out_dir / MODEL))} {q(str(test))} --out {q(str(results))} --overwrite",
               highlight=False, markup=False, soft_wrap=True)
     if summary.failed:
         raise fail(f"{summary.failed} input(s) could not be read: listed in {results / 'errors.csv'}")
+
+
+def model_words(config: LakeConfig) -> list[str]:
+    """The model options of ``config`` that differ from the defaults, as typed (backbone aside).
+
+    >>> model_words(LakeConfig(layer=400, k=8, use_text=False))
+    ['--k', '8', '--layer', '400', '--no-text']
+    """
+    words: list[str] = []
+    for name, spec in option_specs(LakeConfig).items():
+        value = getattr(config, name)
+        if name == "backbone" or value == spec.default:
+            continue
+        if spec.kind == "flag":
+            on, _, off = (spec.flag or f"{spec.option}/--no-{spec.option[2:]}").partition("/")
+            words.append(on if value else off)
+        else:
+            words += [spec.option, option_text(value)]
+    return words
 
 
 def _test_auroc(scores_csv: Path, test: Path) -> float | None:
@@ -124,7 +148,7 @@ def _test_auroc(scores_csv: Path, test: Path) -> float | None:
     return None if math.isnan(auroc) else auroc
 
 
-__all__ = ["choose_backbone", "demo"]
+__all__ = ["choose_backbone", "demo", "model_words"]
 
 
 if __name__ == "__main__":  # pragma: no cover
