@@ -45,6 +45,7 @@ def test_fit_without_network_fails_with_one_message(tmp_path, offline):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow  # a fit in a fresh process (imports torch)
 def test_a_cached_hub_model_is_read_offline(tmp_path, tiny_clip_dir):
     """A hub id in the cache (laid out as huggingface_hub writes it) loads with the hub switched off."""
     snapshot = tmp_path / "hf" / "hub" / "models--lakead--tiny-clip" / "snapshots" / ("0" * 40)
