@@ -264,14 +264,16 @@ def test_resume_refuses_another_model_threshold_or_precision(tiny_backbone, mode
         predict_to_dir(detector, [images], out, resume=True)
 
 
-def test_resume_with_nothing_written_starts_fresh_and_without_resume_replaces(detector, tmp_path):
+def test_resume_with_nothing_written_starts_fresh_and_overwrite_replaces(detector, tmp_path):
     src = make_images(tmp_path / "in", 5)
     out = tmp_path / "out"
     first = predict_to_dir(detector, [src], out, maps="none", resume=True)
     again = predict_to_dir(detector, [src], out, maps="none", resume=True)
     assert (first.scored, again.scored, again.skipped) == (5, 0, 5)
     before = (out / SCORES_FILE).read_bytes()
-    replaced = predict_to_dir(detector, [src], out, maps="none")
+    with pytest.raises(LakeadError, match="earlier run"):  # neither --resume nor --overwrite: refused
+        predict_to_dir(detector, [src], out, maps="none")
+    replaced = predict_to_dir(detector, [src], out, maps="none", overwrite=True)
     assert replaced.scored == 5 and (out / SCORES_FILE).read_bytes() == before
 
 
@@ -282,8 +284,8 @@ def test_two_runs_cannot_write_to_one_directory(detector, tmp_path):
     info = run_info("tile", "t", "f", 1.0, "float32", ["npy"])
     with OutputDir(tmp_path / "out", info):
         with pytest.raises(LakeadError, match="another lakead predict is writing to this directory"):
-            predict_to_dir(detector, [src], tmp_path / "out")
-    assert predict_to_dir(detector, [src], tmp_path / "out", maps="none").scored == 2  # free again
+            predict_to_dir(detector, [src], tmp_path / "out", overwrite=True)
+    assert predict_to_dir(detector, [src], tmp_path / "out", maps="none", overwrite=True).scored == 2  # free again
 
 
 def test_unreadable_inputs_are_reported_on_every_run(detector, images, reference, tmp_path):

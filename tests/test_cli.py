@@ -103,7 +103,7 @@ def test_fit_and_predict_with_several_blocks(dataset, tiny_clip_dir, tmp_path):
 
 def test_predict_writes_scores_overlays_and_maps(model, dataset, tmp_path):
     out = tmp_path / "out"
-    r = invoke("predict", model, dataset / "test", "--out", out)
+    r = invoke("predict", model, dataset / "test", "--out", out, "--maps", "png,npy")
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert [row["path"].split("test/")[1] for row in rows] == ["bad/000.png", "ok/000.png", "ok/001.jpg"]

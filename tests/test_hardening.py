@@ -344,7 +344,7 @@ def test_out_inside_the_input_folder_is_not_scored(detector, tmp_path):  # noqa:
     assert first.scored == 4
     again = predict_to_dir(detector, [root], out, resume=True)
     assert (again.scored, again.skipped) == (0, 4)
-    fresh = predict_to_dir(detector, [root], out)
+    fresh = predict_to_dir(detector, [root], out, overwrite=True)
     assert fresh.scored == 4
     assert all("results" not in r["path"] for r in rows(out))
 

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-import numpy as np
-
 from ._version import __version__
 from .errors import ConfigError, ModelFormatError
 from .fileio import atomic_directory, recover_directory
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from .images import ImageInput, LoadedImages
@@ -66,6 +65,8 @@ class Prediction:
     seed_threshold: float | None = None  # map level a region must reach somewhere
 
     def __post_init__(self) -> None:
+        import numpy as np  # here, not at the top: the command line reads Runtime without numpy
+
         n = self.scores.shape[0]
         if self.out_of_scope is None:
             object.__setattr__(self, "out_of_scope", np.zeros(n, dtype=bool))
@@ -79,6 +80,8 @@ class Prediction:
         """Image ``i``'s defect mask ``(H, W)`` bool and its regions (:func:`lakead.decision.find_regions`):
         connected areas of its map above ``pixel_threshold`` that reach ``seed_threshold``; none
         when the model has no pixel level or the image is out of scope."""
+        import numpy as np
+
         from .decision import find_regions
 
         amap = self.maps[i]
@@ -190,6 +193,8 @@ def tensor_fingerprint(tensors: Mapping[str, Any], facts: Mapping[str, Any]) -> 
     """sha256 of what decides a fitted model's outputs: every learned tensor (by name) and
     the learned facts given. The same whether the tensors come from a detector in memory or
     from its ``tensors.safetensors`` (``lakead predict --resume`` compares it)."""
+    import numpy as np
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name]

@@ -20,11 +20,10 @@ import dataclasses
 import logging
 import os
 import threading
-import typing
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ import torch
 from .api import Prediction, Runtime, finite_or_none, read_model_meta, read_model_tensors, tensor_fingerprint, write_model_dir
 from .backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, load_backbone
 from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
+from .fields import SLICES_HELP, WINDOW_HELP, Options, _admits, field_types, literal_choices, option  # noqa: F401 - re-exported
 from .images import ImageInput, LoadedImages, expand_inputs, load_image, read_all, source_name
 from .medical import ReadRule, is_medical, read_source
 
@@ -47,93 +47,6 @@ def backbone_precision(precision: str, backbone: Backbone) -> contextlib.Abstrac
     if not backbone.supports_autocast:
         raise ConfigError(f"precision {precision!r} needs a torch backbone; {backbone.info.kind} backbones run as exported")
     return torch.autocast(backbone.device.type, dtype=torch.bfloat16)
-
-
-# -- options -------------------------------------------------------------------------------------
-
-
-def option(default: Any, help: str, **extra: Any) -> Any:
-    """A configuration field with its help text (shown by ``--help`` and the API docs)."""
-    return field(default=default, metadata={"help": help, **extra})
-
-
-#: Help of the read rule's options (every method has them: how DICOM and NIfTI files are read).
-WINDOW_HELP = ("DICOM/NIfTI intensity window: CENTER,WIDTH (40,80), a preset (brain, subdural, stroke, soft-tissue, "
-               "mediastinum, liver, lung, bone), file (the file's own VOI LUT / Window Center-Width), full (the full "
-               "range), or auto: the file's own window, else the full range (docs/MEDICAL.md).")
-SLICES_HELP = ("NIfTI slices: axial, coronal or sagittal, optionally :FIRST-LAST (the file's voxel indices, both "
-               "included) and /STEP (every STEP-th): axial:20-120, axial/2; slices with no signal are skipped.")
-
-
-@dataclass
-class Options:
-    """Base of a method's options (a dataclass of :func:`option` fields, saved with the model).
-
-    Every method has the read rule of medical images (``window``, ``slices``:
-    :class:`lakead.medical.ReadRule`). Fields typed with a ``Literal`` are checked by
-    :meth:`validate`; a method adds its own checks.
-    """
-
-    window: str = option("auto", WINDOW_HELP, panel="Reading options")
-    slices: str = option("axial", SLICES_HELP, panel="Reading options")
-
-    @property
-    def read_rule(self) -> ReadRule:
-        """How DICOM and NIfTI inputs are read (:class:`lakead.medical.ReadRule`)."""
-        return ReadRule(self.window, self.slices)
-
-    def validate(self) -> "Options":
-        if not isinstance(self.window, str) or not isinstance(self.slices, str):
-            raise ConfigError(f"window and slices must be text, got {self.window!r} and {self.slices!r}")
-        self.read_rule.check()
-        for name, hint in field_types(type(self)).items():  # options that are one of a few words
-            choices = literal_choices(hint)
-            if choices and not _admits(hint, (int, float, str)) and getattr(self, name) not in choices:
-                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Options":
-        """From a saved model's ``config``; unknown keys are a :class:`ModelFormatError`."""
-        unknown = sorted(set(d) - set(field_types(cls)))
-        if unknown:
-            raise ModelFormatError(f"unknown configuration keys {unknown}")
-        return cls(**d)
-
-    @classmethod
-    def from_options(cls, **options: Any) -> "Options":
-        """From keyword options, validated; a misspelled option is a clear :class:`ConfigError`."""
-        unknown = sorted(set(options) - set(field_types(cls)))
-        if unknown:
-            raise ConfigError(f"unknown option(s) {unknown}; the options are {sorted(field_types(cls))}")
-        return cls(**options).validate()
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    """Field name -> resolved type annotation, in declaration order."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def literal_choices(hint: Any) -> tuple[Any, ...]:
-    """The values of the ``Literal`` in a type (also inside a Union/Optional); () without one."""
-    if typing.get_origin(hint) is Literal:
-        return typing.get_args(hint)
-    out: tuple[Any, ...] = ()
-    for arg in typing.get_args(hint):
-        out += literal_choices(arg)
-    return out
-
-
-def _admits(hint: Any, kinds: type | tuple[type, ...]) -> bool:
-    """Whether a type annotation admits plain values of ``kinds`` besides its Literal."""
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    if hint in kinds:
-        return True
-    return any(_admits(a, kinds) for a in typing.get_args(hint) if typing.get_origin(a) is not Literal and a is not type(None))
 
 
 # -- learned state ---------------------------------------------------------------------------

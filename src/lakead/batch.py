@@ -66,6 +66,7 @@ from .rundir import (  # noqa: F401 - the output directory's names, re-exported 
     OutputDir,
     OutputNames,
     Todo,
+    check_target,
     output_name,
     output_root,
     own_output,
@@ -80,6 +81,8 @@ log = logging.getLogger("lakead")
 MAP_KINDS = ("png", "npy")
 #: Every map kind: also "nifti", the maps of a NIfTI input as a volume aligned with it.
 ALL_MAP_KINDS = (*MAP_KINDS, "nifti")
+#: What a run writes unless told otherwise: the overlays (raw maps are large: opt in with "png,npy").
+DEFAULT_MAPS = ("png",)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -285,9 +288,10 @@ def predict_to_dir(
     *,
     threshold: float | None = None,
     false_alarm_rate: float | None = None,
-    maps: str | Collection[str] = MAP_KINDS,
+    maps: str | Collection[str] = DEFAULT_MAPS,
     masks: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     read_threads: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_error: Callable[[str, str], None] | None = None,
@@ -298,7 +302,9 @@ def predict_to_dir(
     ``maps``: which map files to write (see :func:`parse_maps`); ``masks``: also the defect
     masks (``masks/<name>.png``) and ``regions.csv`` (one row per region); ``false_alarm_rate``:
     the decisions for that budget instead of the model's. ``resume``: keep the rows of
-    an earlier run into the same ``out_dir`` and score only the images without one.
+    an earlier run into the same ``out_dir`` and score only the images without one;
+    ``overwrite``: remove an earlier run's results first (without either, a directory holding
+    them is refused).
     Unreadable inputs are reported through ``on_error(path, problem)``, listed in
     ``errors.csv`` and skipped; the others are still scored. ``on_progress(n)`` is called as
     ``n`` more inputs are done (scored, failed or skipped).
@@ -312,6 +318,7 @@ def predict_to_dir(
     if threshold is not None and not _is_number(threshold):
         raise ConfigError(f"threshold must be a number, not {threshold!r}")
     out = Path(out_dir)
+    check_target(out, resume=resume, overwrite=overwrite)  # before the work, not after it
     listed = iter_images(inputs, exclude=own_output(out, inputs))  # checks the inputs now, lists them while consumed
     volumes: list[VolumeMaps] = []  # maps "nifti": set once the output directory is open
     paths = expand_all(listed, getattr(detector, "read_rule", ReadRule()),  # volumes and multi-frame files: their images
@@ -326,7 +333,7 @@ def predict_to_dir(
 
     info = run_info(detector.class_name_, detector.fitted_at_, detector.fingerprint(), summary.threshold,
                     detector.runtime.precision, maps)
-    with OutputDir(out, info, resume=resume) as results, \
+    with OutputDir(out, info, resume=resume, overwrite=overwrite) as results, \
             ThreadPoolExecutor(threads, thread_name_prefix="lakead-read") as pool:
         todo = Todo(paths, results, OutputNames(root))
         volumes.append(VolumeMaps(out, root, results))

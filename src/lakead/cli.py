@@ -19,12 +19,14 @@ from rich.table import Table
 from .api import Runtime
 from .errors import LakeadError
 from .fileio import check_directory_target
-from .images import CONTROL_CHARACTERS, printable
+from .configfile import config_file_option, print_config_option, render_config
+from .errors import CONTROL_CHARACTERS, printable
 from .lake import LakeConfig
 from .methods import get_method, load_detector
 from .options import MODEL_PANEL, option_text, runtime_options
 from .cli_common import (  # app: the entry point (lakead.cli:app)
     app,
+    check_hub,
     err,
     errors_as_messages,
     fail,
@@ -40,6 +42,7 @@ from .cli_common import (  # app: the entry point (lakead.cli:app)
 @runtime_options()
 @model_options()
 def fit(
+    ctx: typer.Context,
     normal: list[Path] = typer.Argument(..., help="Folders (searched recursively) or files of normal images.", show_default=False),
     class_name: str = typer.Option(..., "--class-name", "-c", help="What the images show, e.g. 'screw'; fills the text prompts."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the model to (replaced if it exists)."),
@@ -47,11 +50,16 @@ def fit(
     seed: Optional[int] = typer.Option(
         None, help="Sample the shots with this seed (default: the first N by name); also seeds --selection random "
                    "and the outlier filter (default 0).", rich_help_panel=MODEL_PANEL),
+    config_file: Optional[Path] = config_file_option(),
+    print_config: bool = print_config_option(),
     *,
     config: LakeConfig,
     runtime: Runtime,
 ) -> None:
     """Fit a detector on normal images and save it to --out."""
+    if print_config:
+        sys.stdout.write(render_config(ctx))
+        return
     from .data import select_shots
     from .images import list_images
 
@@ -60,8 +68,10 @@ def fit(
     with errors_as_messages():
         check_directory_target(out_dir)  # before the work, not after it
         pool = list_images(normal)
+        check_hub(config)
         chosen, rule = select_shots(pool, shots, seed)
         det = get_method("lake").build(config, runtime=runtime)
+        det.backbone  # noqa: B018 - loaded before the progress bar: a missing backbone is one message, no bar
         logging.getLogger("lakead").info("support set: %s", rule)
         with progress_bar("fit", len(chosen)) as advance:
             det.fit(chosen, class_name, support_rule=rule, on_progress=advance)
@@ -90,8 +100,9 @@ def predict(
     false_alarm_rate: Optional[float] = typer.Option(None, help="False-alarm budget for this run: the decision levels are derived again from the model's saved normal scores (default: the model's budget)."),
     masks: bool = typer.Option(False, "--masks", help="Also write the defect masks (masks/) and regions.csv (one row per defect region)."),
     backbone: Optional[str] = typer.Option(None, help="Where to read the backbone weights from, if not where the model was fitted."),
-    maps: str = typer.Option("png,npy", help="Map files to write: png (overlays/), npy (raw float32 maps/), nifti (a NIfTI input's maps as one volume with its affine, maps/<volume>.nii.gz), comma-separated, or none."),
+    maps: str = typer.Option("png", help="Map files to write: png (overlays/), npy (raw float32 maps/, large: opt in), nifti (a NIfTI input's maps as one volume with its affine, maps/<volume>.nii.gz), comma-separated (png,npy), or none."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --out/scores.csv (an interrupted or earlier run) and score only the other images."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out (scores.csv, overlays/, maps/, masks/, ...); without it or --resume such a folder is refused."),
     read_threads: Optional[int] = typer.Option(None, help="Threads that read images ahead of the model (default: min(4, CPUs))."),
     ray: bool = typer.Option(False, "--ray", help=r"Score on a Ray cluster (needs Ray: pip install 'lakead\[ray]')."),
     ray_address: Optional[str] = typer.Option(None, help="With --ray: the cluster to join (ray://HOST:10001, HOST:6379 or auto; default: $RAY_ADDRESS, else a local cluster)."),
@@ -104,7 +115,7 @@ def predict(
     Rows are appended to scores.csv a batch at a time; an interrupted run loses at most the
     batch in flight and goes on with --resume.
     """
-    from .batch import own_output, parse_maps, predict_to_dir
+    from .batch import check_target, own_output, parse_maps, predict_to_dir
     from .images import iter_images
     from .medical import ReadRule, count_images, is_medical
 
@@ -126,6 +137,11 @@ def predict(
         raise fail(f"--read-threads must be at least 1, got {read_threads}")
     if threshold is not None and math.isnan(threshold):
         raise fail("threshold must be a number, not nan")
+    if resume and overwrite:
+        raise typer.BadParameter("choose one: go on with the earlier run (--resume) or replace its results (--overwrite)",
+                                 param_hint="--resume/--overwrite")
+    with errors_as_messages():
+        check_target(out_dir, resume=resume, overwrite=overwrite)  # before the model is loaded
 
     def report(path: str, problem: str) -> None:
         err.print(f"[yellow]cannot read[/] {escape(printable(path))}: {escape(printable(problem))}", highlight=False)
@@ -142,7 +158,7 @@ def predict(
                 summary = predict_on_ray(
                     model_dir, inputs, out_dir, address=ray_address, workers=ray_workers, backbone=backbone,
                     device=runtime.device, batch_size=runtime.batch_size, precision=runtime.precision, threshold=threshold,
-                    maps=map_kinds, resume=resume, on_progress=advance, on_error=report,
+                    maps=map_kinds, resume=resume, overwrite=overwrite, on_progress=advance, on_error=report,
                 )
         else:
             det = load_detector(model_dir, backbone=backbone, device=runtime.device, batch_size=runtime.batch_size,
@@ -150,7 +166,7 @@ def predict(
             with progress_bar("predict", total) as advance:
                 summary = predict_to_dir(
                     det, inputs, out_dir, threshold=threshold, false_alarm_rate=false_alarm_rate, maps=map_kinds,
-                    masks=masks, resume=resume,
+                    masks=masks, resume=resume, overwrite=overwrite,
                     read_threads=read_threads, on_progress=advance, on_error=report,
                 )
     skipped = f" ({summary.skipped} already in scores.csv, skipped)" if summary.skipped else ""
@@ -241,10 +257,15 @@ def download_backbone(
     target: Path = typer.Argument(..., help="Directory to save the model, image processor and tokenizer to.", show_default=False),
 ) -> None:
     """Save a hub model of any supported family to a local directory (run where there is network; use it with --backbone)."""
+    from .backbones.hub import is_cached, offline_reason
     from .backbones.registry import CHECKPOINT_FAMILIES, supported_families
     from .fileio import atomic_directory
 
     with errors_as_messages():
+        reason = offline_reason()
+        if reason and not is_cached(model_id):
+            raise LakeadError(f"cannot fetch {model_id!r}: the Hugging Face Hub cannot be used ({reason}); run "
+                              f"download-backbone on a machine with network and copy {target} here")
         try:
             from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
@@ -279,7 +300,7 @@ def download_backbone(
 @runtime_options()
 def serve(
     models_dir: Path = typer.Option(..., "--models-dir", help="Directory the models are stored in (created if missing)."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone of models created through the service: hub id or local CLIP directory."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone of models created through the service: hub id, local save_pretrained directory, or onnx:PATH."),
     allow_backbone: list[str] = typer.Option([], "--allow-backbone", help="Another backbone clients may choose (repeatable)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; 127.0.0.1 serves this machine only."),
     port: int = typer.Option(8000, help="Port to listen on."),
@@ -340,6 +361,7 @@ def serve(
 
 
 from . import cli_eval  # noqa: E402,F401 - registers eval, ablate and baselines on the app
+from . import cli_demo  # noqa: E402,F401 - registers demo on the app
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,12 +18,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ._version import __version__
 from .errors import LakeadError
 from .fileio import os_error_text
-from .images import printable
+from .errors import printable
 from .lake import LakeConfig
-from .options import MODEL_PANEL, config_options, option_specs
+from .options import MODEL_PANEL, PlainCommand, PlainGroup, config_options, option_specs
 
-app = typer.Typer(
+class _App(typer.Typer):
+    """The program's typer app: every command shows plain types in --help (PlainCommand)."""
+
+    def command(self, *args, **kwargs):  # type: ignore[override]
+        kwargs.setdefault("cls", PlainCommand)
+        return super().command(*args, **kwargs)
+
+
+app = _App(
     name="lakead",
+    cls=PlainGroup,
     help="Training-free few-shot visual anomaly detection (LAKE). Higher scores are more anomalous.",
     no_args_is_help=True,
     add_completion=False,
@@ -42,8 +51,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print progress details and debug information."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings and errors; no progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print progress details and debug information (also after the command)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings and errors; no progress bar (also after the command)."),
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """lakead: fit on a few normal images, then score, map and judge new ones."""
@@ -88,6 +97,16 @@ def progress_bar(description: str, total: int) -> Iterator:
     with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def check_hub(config: LakeConfig) -> None:
+    """Without network, a hub backbone that is not cached is one message now (before torch is
+    imported and a progress bar drawn), not a failure half-way (lakead.backbones.hub)."""
+    from .backbones.hub import hub_options
+
+    for spec in (config.backbone, config.text_backbone):
+        if spec is not None:
+            hub_options(spec)
 
 
 #: The default backbone: the configuration's (declared once, in lakead.lake.config).

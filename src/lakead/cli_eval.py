@@ -13,10 +13,12 @@ from rich.table import Table
 from .api import Runtime
 from .lake import LakeConfig
 from .methods import METHODS
+from .configfile import config_file_option
 from .options import choice_option, command_line, runtime_options
 
 from .cli_common import (
     app,
+    check_hub,
     errors_as_messages,
     fail,
     model_options,
@@ -66,6 +68,7 @@ def eval_(
     abnormal_dirs: Optional[list[Path]] = typer.Option(None, "--abnormal-dir", help="Folder layout: a folder of defective images (repeat for several).", show_default=False),
     mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", help="Folder layout: masks matched by file name (<name>.png or <name>_mask.png).", show_default=False),
     normal_test_dir: Optional[Path] = typer.Option(None, "--normal-test-dir", help="Folder layout: normal test images (default: every 5th normal image).", show_default=False),
+    config_file: Optional[Path] = config_file_option(),
     *,
     config: LakeConfig,
     runtime: Runtime,
@@ -88,6 +91,7 @@ def eval_(
         kinds = parse_maps(save_maps)
         cats = load_any(data_root, _split(categories), normal_dir=normal_dir, abnormal_dirs=abnormal_dirs or (),
                         mask_dir=mask_dir, normal_test_dir=normal_test_dir, rule=config.read_rule)
+        check_hub(config)
         with progress_bar("eval", images_to_process(cats, n_shots)) as advance:
             report = evaluate(
                 cats, out_dir, config, shots=n_shots, seed=None if first else seed, method=method, examples=examples,
@@ -95,7 +99,8 @@ def eval_(
                 save_maps=kinds,
             )
     table = Table(title=f"report written to {out_dir / 'report.md'}", title_justify="left")
-    table.add_column("category")
+    names = [r.name for r in report.results]
+    table.add_column("category", overflow="fold", min_width=min(40, max(map(len, ["mean", *names]))))  # never cut short
     for c in METRIC_COLUMNS:
         table.add_column(HEADERS[c], justify="right")
     for r in report.results:
@@ -111,6 +116,8 @@ def _grid(ctx: typer.Context, data_root: Path, categories, out_dir: Path, varian
     from .layouts import load_any
 
     cats = load_any(data_root, _split(categories))
+    if backbone is None and variants:
+        check_hub(variants[0].config)  # the settings of a grid share one backbone
     logging.getLogger("lakead").info("%d setting(s) x %d categories", len(variants), len(cats))
     with progress_bar(title, grid_images(cats, variants)) as advance:
         run_grid(cats, out_dir, variants, shot_seed=shot_seed, title=title, command=command_line(ctx),
@@ -130,6 +137,7 @@ def ablate(
     seeds: str = typer.Option("0,1,2", help="Seeds that --selection random is averaged over."),
     seed: int = _EVAL_SEED,
     first: bool = _FIRST,
+    config_file: Optional[Path] = config_file_option(),
     *,
     config: LakeConfig,
     alternatives: dict,
@@ -168,6 +176,7 @@ def baselines(
     shots: str = typer.Option("64", help="Normal training images to fit on, per category: a number or 'all'."),
     seed: int = _EVAL_SEED,
     first: bool = _FIRST,
+    config_file: Optional[Path] = config_file_option(),
     *,
     config: LakeConfig,
     alternatives: dict,

@@ -36,12 +36,13 @@ from typing import Any
 import numpy as np
 
 from .batch import (
-    MAP_KINDS,
+    DEFAULT_MAPS,
     SCORE_COLUMNS,
     BatchSummary,
     OutputDir,
     Todo,
     OutputNames,
+    check_target,
     own_output,
     output_root,
     parse_maps,
@@ -201,8 +202,9 @@ def predict_on_ray(
     batch_size: int | None = None,
     precision: str | None = None,
     threshold: float | None = None,
-    maps: str | Collection[str] = MAP_KINDS,
+    maps: str | Collection[str] = DEFAULT_MAPS,
     resume: bool = False,
+    overwrite: bool = False,
     on_progress: Callable[[int], None] | None = None,
     on_error: Callable[[str, str], None] | None = None,
 ) -> BatchSummary:
@@ -216,6 +218,7 @@ def predict_on_ray(
     """
     from .images import iter_images
 
+    check_target(out_dir, resume=resume, overwrite=overwrite)  # before a cluster is started
     ray = _import_ray()
     maps = parse_maps(maps) if isinstance(maps, str) else parse_maps(list(maps) or "none")
     if workers is not None and workers < 1:
@@ -270,7 +273,7 @@ def predict_on_ray(
                           backbone=backbone, device=device, batch_size=bs, precision=precision, threads=cpus_per_worker)
             resources = dict(compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
                              num_gpus=1 if gpu else 0)
-            with OutputDir(out, info, resume=resume) as results:
+            with OutputDir(out, info, resume=resume, overwrite=overwrite) as results:
                 _run(ray, Todo(paths, results, OutputNames(root)), results, root, scorer, resources, bs, summary, on_progress,
                      on_error)
         finally:

@@ -8,6 +8,18 @@ problem.
 
 from __future__ import annotations
 
+import re
+
+#: Control characters (C0, DEL, C1): never printed raw, never in a class name.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: object, keep: str = "") -> str:
+    """``text`` safe to print on a terminal (and in messages): control characters (ESC, BEL,
+    ...) written as ``\\x1b``, so that a file or class name cannot drive it; those in ``keep``
+    are left."""
+    return CONTROL_CHARACTERS.sub(lambda m: m[0] if m[0] in keep else f"\\x{ord(m[0]):02x}", str(text))
+
 
 class LakeadError(Exception):
     """Base class of every error a user of lakead can cause."""

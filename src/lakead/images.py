@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageLoadError, LakeadError
+from .errors import CONTROL_CHARACTERS, ImageLoadError, LakeadError, printable  # noqa: F401 - re-exported
 from .medical.rule import MEDICAL_SUFFIXES
 
 if TYPE_CHECKING:
@@ -80,16 +79,6 @@ def source_name(image: ImageInput, index: int | None = None) -> str:
         return os.fspath(image)
     kind = "PIL image" if isinstance(image, Image.Image) else "array"
     return f"<{kind} {index}>" if index is not None else f"<{kind}>"
-
-
-#: Control characters (C0, DEL, C1): never printed raw, never in a class name.
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(text: object, keep: str = "") -> str:
-    """``text`` safe to print on a terminal: control characters (ESC, BEL, ...) written as
-    ``\\x1b``, so that a file or class name cannot drive it; those in ``keep`` are left."""
-    return CONTROL_CHARACTERS.sub(lambda m: m[0] if m[0] in keep else f"\\x{ord(m[0]):02x}", str(text))
 
 
 @dataclass

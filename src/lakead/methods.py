@@ -17,10 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from .api import Detector, Runtime, read_model_meta
-from .backbones import Backbone
 from .errors import ConfigError, ModelFormatError
-from .lake import LakeDetector
+
+if TYPE_CHECKING:
+    from .backbones import Backbone
+
+#: LAKE's detector, named rather than imported: the registry (and ``lakead --help``, which
+#: lists the methods) does not import torch until a detector is built or loaded.
+LakeDetector = "lakead.lake.detector:LakeDetector"
 
 #: Which number of a :class:`~lakead.api.Prediction` a method reports as its image score.
 SCORE_FIELDS = ("scores", "visual", "semantic")
@@ -32,16 +39,21 @@ class Method:
     prediction is the image score."""
 
     name: str
-    detector: type
+    detector: Any  # the detector class, or "module:Class" imported on first use
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
     score: str = "scores"  # one of SCORE_FIELDS
     needs_text: bool = False
 
     @property
+    def detector_class(self) -> type:
+        """The detector class (imported here when it was given by name)."""
+        return detector_class(self.detector)
+
+    @property
     def config_class(self) -> type:
         """The dataclass of the method's options (its fields make the command-line options)."""
-        return self.detector.config_class
+        return self.detector_class.config_class
 
     def configure(self, config: Any) -> Any:
         """``config`` with this method's fixed options applied, validated."""
@@ -49,7 +61,7 @@ class Method:
 
     def build(self, config: Any, backbone: Backbone | None = None, runtime: Runtime | None = None) -> Detector:
         """An unfitted detector of this method."""
-        return self.detector.from_config(self.configure(config), backbone=backbone, runtime=runtime)
+        return self.detector_class.from_config(self.configure(config), backbone=backbone, runtime=runtime)
 
 
 METHODS: dict[str, Method] = {
@@ -67,8 +79,18 @@ METHODS: dict[str, Method] = {
     )
 }
 
-#: The ``method`` recorded in a saved model -> the class that loads it.
-DETECTORS: dict[str, type] = {"lake": LakeDetector}
+#: The ``method`` recorded in a saved model -> the class that loads it (or its "module:Class").
+DETECTORS: dict[str, Any] = {"lake": LakeDetector}
+
+
+def detector_class(detector: Any) -> type:
+    """A detector class, or one named ``"module:Class"`` imported now."""
+    if not isinstance(detector, str):
+        return detector
+    import importlib
+
+    module, _, name = detector.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def get_method(name: str) -> Method:
@@ -94,7 +116,6 @@ def load_detector(
     """Load any saved model, whatever its method (``device``, ``batch_size`` and
     ``precision`` say how to run it; see :meth:`LakeDetector.load` for ``backbone``)."""
     name = read_model_meta(path)["method"]
-    cls = DETECTORS.get(name)
-    if cls is None:
+    if name not in DETECTORS:
         raise ModelFormatError(f"{path}: a {name!r} model; this lakead loads {sorted(DETECTORS)}: update lakead or fit again")
-    return cls.load(path, backbone=backbone, device=device, batch_size=batch_size, precision=precision)
+    return detector_class(DETECTORS[name]).load(path, backbone=backbone, device=device, batch_size=batch_size, precision=precision)

@@ -29,16 +29,17 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import typer
+import typer.core
 from rich.markup import escape
 
 from .api import PRECISIONS, Runtime
-from .backbones.base import parse_layer
-from .base import field_types, literal_choices
+from .fields import field_types, literal_choices, parse_layer
 from .errors import ConfigError
-from .lake import LakeConfig
+from .lake.config import LakeConfig
 
 #: Help panels of ``--help``: the options of the model, and how a run is carried out.
 MODEL_PANEL = "Model options"
@@ -232,6 +233,8 @@ def command_line(ctx: typer.Context) -> str:
     words = [ctx.find_root().info_name or "lakead", ctx.info_name or ""]
     for p in ctx.command.params:
         value = ctx.params.get(p.name)
+        if p.name in ("config_file", "print_config"):  # the file's values are written out instead
+            continue
         if p.param_type_name == "argument":
             words += [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
             continue
@@ -420,15 +423,100 @@ def runtime_options(*, defaults: Runtime | None = None) -> Callable[[Callable[..
     return decorate
 
 
+# -- how --help shows types ----------------------------------------------------------------
+
+#: Plain names of value types in ``--help`` (typer would show ``<int>``, ``<list[Path]>``).
+TYPE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
+#: Flags that belong to the whole program and also work after the command (``lakead fit ... -q``).
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
+
+
+def _plain_type(param: Any) -> str:
+    """A parameter's type as ``--help`` shows it: its metavar, else INTEGER, FLOAT, TEXT or
+    PATH (``...`` after an argument that takes several); nothing for a flag."""
+    if getattr(param, "is_flag", False):
+        return ""
+    if param.metavar:
+        return param.metavar
+    hint = param.type_descriptor.annotation
+    if typing.get_origin(hint) is list:
+        hint = typing.get_args(hint)[0]
+    return TYPE_NAMES.get(hint, "TEXT") + ("..." if param.param_type_name == "argument" and param.nargs != 1 else "")
+
+
+class _PlainArgument(typer.core.TyperArgument):
+    def display_type(self, ctx: Any) -> str:
+        return _plain_type(self)
+
+    def _usage_display_name(self) -> str:  # NAME..., [NAME]: click's own style
+        name = self.name.upper() + ("..." if self.nargs != 1 else "")
+        return name if self.required else f"[{name}]"
+
+
+class _PlainOption(typer.core.TyperOption):
+    def display_type(self, ctx: Any) -> str:
+        return _plain_type(self)
+
+    def display_type_rich(self, ctx: Any) -> str:
+        return _plain_type(self)
+
+
+def _plain(params: list[Any]) -> list[Any]:
+    for p in params:  # the subclasses add no state: only how the type is shown
+        if type(p) is typer.core.TyperArgument:
+            p.__class__ = _PlainArgument
+        elif type(p) is typer.core.TyperOption:
+            p.__class__ = _PlainOption
+    return params
+
+
+class PlainCommand(typer.core.TyperCommand):
+    """A command whose ``--help`` shows plain types (INTEGER, PATH, TEXT...; none for flags)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain(super().get_params(ctx))
+
+
+class PlainGroup(typer.core.TyperGroup):
+    """The program: plain types in ``--help``, and the :data:`GLOBAL_FLAGS` also accepted
+    after the command (moved in front of it before parsing)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain(super().get_params(ctx))
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_flags(args, set(self.commands)))
+
+
+def hoist_global_flags(args: list[str], commands: set[str]) -> list[str]:
+    """``fit DIR -q`` -> ``-q fit DIR``: the :data:`GLOBAL_FLAGS` after the command word move in
+    front of it (not after ``--``).
+
+    >>> hoist_global_flags(["fit", "d", "-q", "--out", "m"], {"fit"})
+    ['-q', 'fit', 'd', '--out', 'm']
+    """
+    at = next((i for i, a in enumerate(args) if a in commands), None)
+    if at is None:
+        return list(args)
+    end = args.index("--") if "--" in args[at:] else len(args)
+    moved = [a for a in args[at:end] if a in GLOBAL_FLAGS]
+    rest = [a for a in args[at:end] if a not in GLOBAL_FLAGS]
+    return [*args[:at], *moved, *rest, *args[end:]]
+
+
 __all__ = [
+    "GLOBAL_FLAGS",
     "LIST_HELP",
     "MODEL_PANEL",
     "RUN_PANEL",
     "OptionSpec",
+    "PlainCommand",
+    "PlainGroup",
     "build_config",
     "choice_option",
     "command_line",
     "config_options",
+    "hoist_global_flags",
     "option_specs",
     "option_text",
     "runtime_options",

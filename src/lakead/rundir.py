@@ -96,6 +96,38 @@ def own_output(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike]) 
     return [out, out / "overlays"]
 
 
+#: What a run writes into its output directory; ``overwrite`` removes all of it first.
+RESULT_DIRS = ("overlays", "maps", "masks")
+
+
+def check_target(out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output directory that holds an earlier run's results (its ``scores.csv`` or
+    ``run.json``) unless ``resume`` (go on with that run) or ``overwrite`` (replace it)."""
+    if resume and overwrite:
+        raise LakeadError("--resume and --overwrite: choose one (go on with the earlier run, or replace its results)")
+    out = Path(out_dir)
+    if resume or overwrite or not out.is_dir():
+        return
+    found = [name for name in (SCORES_FILE, RUN_FILE) if (out / name).exists()]
+    if found:
+        raise LakeadError(f"--out {out}: holds the results of an earlier run ({found[0]}); give --resume to go on "
+                          "with it (only the images without a row are scored), or --overwrite to replace them")
+
+
+def clear_results(out_dir: str | os.PathLike) -> None:
+    """Remove what a run writes (``scores.csv`` first, then the map folders and the other
+    files); anything else in the directory is left alone."""
+    import shutil
+
+    out = Path(out_dir)
+    for name in (SCORES_FILE, *RESULT_DIRS, ERRORS_FILE, REGIONS_FILE, RUN_FILE):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def _csv_line(row: Sequence[str]) -> bytes:
     buf = io.StringIO()
     csv.writer(buf).writerow(row)
@@ -127,16 +159,19 @@ def run_info(
 class OutputDir:
     """``scores.csv`` and ``errors.csv`` of one run, appended a batch at a time.
 
-    Opened fresh, ``scores.csv`` is replaced by a header. Opened with ``resume=True``, an
+    Opened fresh, the directory must hold no earlier run's results (:func:`check_target`);
+    with ``overwrite=True`` they are removed first (:func:`clear_results`). Opened with ``resume=True``, an
     existing ``scores.csv`` is checked (header, ``run.json`` written by the same model and
     threshold), a torn last line left by a kill is cut off, and the paths of its rows are
     kept as 64-bit keys so that :meth:`done` can skip them. Use as a context manager.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, info: dict[str, Any], *, resume: bool = False) -> None:
+    def __init__(self, out_dir: str | os.PathLike, info: dict[str, Any], *, resume: bool = False,
+                 overwrite: bool = False) -> None:
         self.dir = Path(out_dir)
         self.info = info
         self.resume = resume
+        self.overwrite = overwrite
         self._done = np.zeros(0, dtype=np.uint64)  # sorted keys of those rows
         self._scores: io.BufferedWriter | None = None
         self._errors: io.BufferedWriter | None = None
@@ -158,6 +193,9 @@ class OutputDir:
         return self
 
     def _open(self) -> None:
+        check_target(self.dir, resume=self.resume, overwrite=self.overwrite)  # again, now under the lock
+        if self.overwrite:
+            clear_results(self.dir)
         scores = self.dir / SCORES_FILE
         keep = 0
         if self.resume and scores.exists():

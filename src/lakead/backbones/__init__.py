@@ -7,9 +7,29 @@ outputs for grids that read the same images many times.
 
 from __future__ import annotations
 
-from .base import Backbone, BackboneInfo, Features, Layer, LayerSpec, Preprocessing, as_blocks, parse_layer
-from .clip import DEFAULT_CLIP, CLIPBackbone
-from .registry import load_backbone
+from ..fields import DEFAULT_CLIP, Layer, LayerSpec, as_blocks, parse_layer
+
+# The adapters pull in torch: imported on first use (PEP 562), so that the command line can
+# check the hub (lakead.backbones.hub) before it pays for torch.
+_LAZY = {
+    "Backbone": ".base", "BackboneInfo": ".base", "Features": ".base", "Preprocessing": ".base",
+    "CLIPBackbone": ".clip", "load_backbone": ".registry",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Backbone",

@@ -12,53 +12,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import ConfigError
+from ..fields import BLOCK_SEPARATORS, Layer, LayerSpec, as_blocks, parse_layer  # noqa: F401 - re-exported
 from ..ops import anomaly_probability
-
-#: A block of the network: a 1-based block number for transformers, a tensor name for ONNX.
-Layer = Union[int, str]
-#: What a detector reads: one block, or several whose tokens are concatenated (a list).
-LayerSpec = Union[Layer, list]
-#: Separators of several blocks in one option value: ``12,18`` or ``12+18``.
-BLOCK_SEPARATORS = (",", "+")
-
-
-def parse_layer(value: str | None) -> LayerSpec | None:
-    """A layer as typed by a user (command line, form field): block numbers become integers,
-    ONNX tensor names stay strings; several blocks (``12,18`` or ``365_quantized+426_quantized``)
-    become a list.
-
-    >>> parse_layer("18"), parse_layer("426_quantized"), parse_layer("12,18"), parse_layer("a+b")
-    (18, '426_quantized', [12, 18], ['a', 'b'])
-    """
-    if value is None:
-        return None
-    v = value.strip()
-    parts = [p.strip() for p in v.replace("+", ",").split(",")]
-    if len(parts) > 1:
-        return [_one_layer(p) for p in parts if p]
-    return _one_layer(v)
-
-
-def _one_layer(v: str) -> Layer:
-    return int(v) if v.lstrip("-").isdigit() else v
-
-
-def as_blocks(layer: LayerSpec) -> tuple[Layer, ...]:
-    """One block or a list of blocks -> a tuple of blocks (duplicates refused)."""
-    blocks = tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
-    if not blocks:
-        raise ConfigError("layer: no block given")
-    if len(set(map(str, blocks))) != len(blocks):
-        raise ConfigError(f"layer: a block is given twice in {list(blocks)}")
-    return blocks
-
 
 @dataclass(frozen=True)
 class BackboneInfo:

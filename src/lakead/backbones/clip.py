@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from ..errors import BackboneUnavailableError, ConfigError
+from ..fields import DEFAULT_CLIP
 from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing, as_blocks
+from .hub import hub_options
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 
 
 def _unavailable(source: str, reason: str) -> BackboneUnavailableError:
@@ -147,8 +148,9 @@ class CLIPBackbone(Backbone):
         from transformers import AutoConfig, AutoTokenizer, CLIPModel
         from transformers.utils import cached_file
 
+        hub = hub_options(source_id, family="CLIP")  # local_files_only without network; not cached: one message at once
         try:
-            config = AutoConfig.from_pretrained(source_id)
+            config = AutoConfig.from_pretrained(source_id, **hub)
         except (OSError, ValueError) as exc:
             where = "the local directory is unreadable" if local.exists() else (
                 "it is not a local directory, and the Hugging Face Hub could not provide it"
@@ -160,8 +162,8 @@ class CLIPBackbone(Backbone):
                 "model_type 'clip' (use --backbone onnx:PATH for other image models)"
             )
         try:
-            model = CLIPModel.from_pretrained(source_id, dtype=torch.float32)
-            prep_file = cached_file(source_id, "preprocessor_config.json")
+            model = CLIPModel.from_pretrained(source_id, dtype=torch.float32, **hub)
+            prep_file = cached_file(source_id, "preprocessor_config.json", **hub)
         except (OSError, ValueError) as exc:
             raise _unavailable(source, f"loading its files failed ({str(exc).splitlines()[0]})") from None
         if prep_file is None:
@@ -170,7 +172,7 @@ class CLIPBackbone(Backbone):
         tokenizer = None
         if need_text:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(source_id)
+                tokenizer = AutoTokenizer.from_pretrained(source_id, **hub)
             except (OSError, ValueError) as exc:
                 raise _unavailable(source, f"its tokenizer could not be loaded ({str(exc).splitlines()[0]})") from None
         else:

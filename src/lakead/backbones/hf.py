@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import BackboneUnavailableError, ConfigError
 from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing, as_blocks
 from .clip import _preprocessing_from_config, _quiet_transformers
+from .hub import hub_options
 
 
 def unavailable(family: str, example: str, source: str, reason: str) -> BackboneUnavailableError:
@@ -85,8 +86,9 @@ def load_checkpoint(
         from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import cached_file
 
+        hub = hub_options(source, family=family, example=example)  # local_files_only without network; not cached: one message at once
         try:
-            config = AutoConfig.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source, **hub)
         except (OSError, ValueError) as exc:
             where = "the local directory is unreadable" if local.exists() else (
                 "it is not a local directory, and the Hugging Face Hub could not provide it")
@@ -98,8 +100,8 @@ def load_checkpoint(
                 f"{' or '.join(map(repr, classes))} (use --backbone onnx:PATH for other image models)"
             )
         try:
-            model = getattr(transformers, classes[model_type]).from_pretrained(source, dtype=torch.float32)
-            prep_file = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+            model = getattr(transformers, classes[model_type]).from_pretrained(source, dtype=torch.float32, **hub)
+            prep_file = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False, **hub)
         except (OSError, ValueError) as exc:
             raise unavailable(family, example, source, f"loading its files failed ({str(exc).splitlines()[0]})") from None
         if prep_file is None:
@@ -107,7 +109,7 @@ def load_checkpoint(
         tokenizer = None
         if need_tokenizer:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(source)
+                tokenizer = AutoTokenizer.from_pretrained(source, **hub)
             except (OSError, ValueError, TypeError) as exc:
                 raise unavailable(family, example, source, f"its tokenizer could not be loaded ({str(exc).splitlines()[0]})") from None
     return Checkpoint(model, json.loads(Path(prep_file).read_text()), tokenizer, source)

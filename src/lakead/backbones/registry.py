@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .base import Backbone
+from .hub import hub_options
 
 
 def _clip(source: str, need_text: bool) -> Backbone:
@@ -105,7 +106,7 @@ def _hub_config(spec: str) -> Path | None:
     try:
         from transformers.utils import cached_file
 
-        found = cached_file(spec, "config.json", _raise_exceptions_for_missing_entries=False)
+        found = cached_file(spec, "config.json", _raise_exceptions_for_missing_entries=False, **hub_options(spec))
     except Exception:  # not a hub id, no network and not cached, ...: the adapter says why
         return None
     return Path(found) if found else None
@@ -124,6 +125,7 @@ def load_backbone(spec: "str | Backbone", *, need_text: bool = True) -> Backbone
     for prefix, loader in PREFIX_FAMILIES.items():
         if spec.startswith(prefix):
             return loader(spec[len(prefix):], need_text)
+    hub_options(spec)  # without network and not cached: one message now, not 30 s of retries
     family = _local_model_type(spec) or DEFAULT_FAMILY
     loader = CHECKPOINT_FAMILIES.get(family)
     if loader is None:

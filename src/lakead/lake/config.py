@@ -12,9 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from ..backbones.base import Layer, LayerSpec, as_blocks
-from ..backbones.clip import DEFAULT_CLIP
-from ..base import Options, _admits, field_types, literal_choices, option  # noqa: F401 - re-exported
+from ..fields import DEFAULT_CLIP, Layer, LayerSpec, Options, _admits, as_blocks, field_types, literal_choices, option  # noqa: F401 - re-exported
 from ..errors import ConfigError
 
 NORMAL_PROMPT = "a photo of a normal {}."

@@ -1,0 +1,147 @@
+"""What options are made of, without torch: configuration fields with their help
+(:func:`option`, :class:`Options`) and the names of backbone blocks (:data:`Layer`,
+:func:`parse_layer`).
+
+The command line builds its options from these (``lakead --help`` must not import torch),
+so this module imports nothing heavier than the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import field
+from typing import Any, Literal, Union
+
+from .errors import ConfigError, ModelFormatError
+
+#: The default backbone: OpenAI's CLIP ViT-L/14 at 336 px, as in the paper.
+DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
+
+#: A block of the network: a 1-based block number for transformers, a tensor name for ONNX.
+Layer = Union[int, str]
+#: What a detector reads: one block, or several whose tokens are concatenated (a list).
+LayerSpec = Union[Layer, list]
+#: Separators of several blocks in one option value: ``12,18`` or ``12+18``.
+BLOCK_SEPARATORS = (",", "+")
+
+
+def parse_layer(value: str | None) -> LayerSpec | None:
+    """A layer as typed by a user (command line, form field): block numbers become integers,
+    ONNX tensor names stay strings; several blocks (``12,18`` or ``365_quantized+426_quantized``)
+    become a list.
+
+    >>> parse_layer("18"), parse_layer("426_quantized"), parse_layer("12,18"), parse_layer("a+b")
+    (18, '426_quantized', [12, 18], ['a', 'b'])
+    """
+    if value is None:
+        return None
+    v = value.strip()
+    parts = [p.strip() for p in v.replace("+", ",").split(",")]
+    if len(parts) > 1:
+        return [_one_layer(p) for p in parts if p]
+    return _one_layer(v)
+
+
+def _one_layer(v: str) -> Layer:
+    return int(v) if v.lstrip("-").isdigit() else v
+
+
+def as_blocks(layer: LayerSpec) -> tuple[Layer, ...]:
+    """One block or a list of blocks -> a tuple of blocks (duplicates refused)."""
+    blocks = tuple(layer) if isinstance(layer, (list, tuple)) else (layer,)
+    if not blocks:
+        raise ConfigError("layer: no block given")
+    if len(set(map(str, blocks))) != len(blocks):
+        raise ConfigError(f"layer: a block is given twice in {list(blocks)}")
+    return blocks
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A configuration field with its help text (shown by ``--help`` and the API docs)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+#: Help of the read rule's options (every method has them: how DICOM and NIfTI files are read).
+WINDOW_HELP = ("DICOM/NIfTI intensity window: CENTER,WIDTH (40,80), a preset (brain, subdural, stroke, soft-tissue, "
+               "mediastinum, liver, lung, bone), file (the file's own VOI LUT / Window Center-Width), full (the full "
+               "range), or auto: the file's own window, else the full range (docs/MEDICAL.md).")
+SLICES_HELP = ("NIfTI slices: axial, coronal or sagittal, optionally :FIRST-LAST (the file's voxel indices, both "
+               "included) and /STEP (every STEP-th): axial:20-120, axial/2; slices with no signal are skipped.")
+
+
+@dataclasses.dataclass
+class Options:
+    """Base of a method's options (a dataclass of :func:`option` fields, saved with the model).
+
+    Every method has the read rule of medical images (``window``, ``slices``:
+    :class:`lakead.medical.ReadRule`). Fields typed with a ``Literal`` are checked by
+    :meth:`validate`; a method adds its own checks.
+    """
+
+    window: str = option("auto", WINDOW_HELP, panel="Reading options")
+    slices: str = option("axial", SLICES_HELP, panel="Reading options")
+
+    @property
+    def read_rule(self) -> Any:
+        """How DICOM and NIfTI inputs are read (:class:`lakead.medical.ReadRule`; imported on use,
+        so that building options stays free of numpy)."""
+        from .medical import ReadRule
+
+        return ReadRule(self.window, self.slices)
+
+    def validate(self) -> "Options":
+        if not isinstance(self.window, str) or not isinstance(self.slices, str):
+            raise ConfigError(f"window and slices must be text, got {self.window!r} and {self.slices!r}")
+        self.read_rule.check()
+        for name, hint in field_types(type(self)).items():  # options that are one of a few words
+            choices = literal_choices(hint)
+            if choices and not _admits(hint, (int, float, str)) and getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Options":
+        """From a saved model's ``config``; unknown keys are a :class:`ModelFormatError`."""
+        unknown = sorted(set(d) - set(field_types(cls)))
+        if unknown:
+            raise ModelFormatError(f"unknown configuration keys {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "Options":
+        """From keyword options, validated; a misspelled option is a clear :class:`ConfigError`."""
+        unknown = sorted(set(options) - set(field_types(cls)))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; the options are {sorted(field_types(cls))}")
+        return cls(**options).validate()
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def literal_choices(hint: Any) -> tuple[Any, ...]:
+    """The values of the ``Literal`` in a type (also inside a Union/Optional); () without one."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    out: tuple[Any, ...] = ()
+    for arg in typing.get_args(hint):
+        out += literal_choices(arg)
+    return out
+
+
+def _admits(hint: Any, kinds: type | tuple[type, ...]) -> bool:
+    """Whether a type annotation admits plain values of ``kinds`` besides its Literal."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if hint in kinds:
+        return True
+    return any(_admits(a, kinds) for a in typing.get_args(hint) if typing.get_origin(a) is not Literal and a is not type(None))
