@@ -77,7 +77,7 @@ from .viz import annotate, npy_bytes, overlay, png_bytes
 
 log = logging.getLogger("lakead")
 
-#: Map files a run writes by default: "png" overlays in overlays/, raw "npy" maps in maps/.
+#: Map files of every image: "png" overlays in overlays/, raw "npy" maps in maps/.
 MAP_KINDS = ("png", "npy")
 #: Every map kind: also "nifti", the maps of a NIfTI input as a volume aligned with it.
 ALL_MAP_KINDS = (*MAP_KINDS, "nifti")

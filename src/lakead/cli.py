@@ -100,7 +100,7 @@ def predict(
     false_alarm_rate: Optional[float] = typer.Option(None, help="False-alarm budget for this run: the decision levels are derived again from the model's saved normal scores (default: the model's budget)."),
     masks: bool = typer.Option(False, "--masks", help="Also write the defect masks (masks/) and regions.csv (one row per defect region)."),
     backbone: Optional[str] = typer.Option(None, help="Where to read the backbone weights from, if not where the model was fitted."),
-    maps: str = typer.Option("png", help="Map files to write: png (overlays/), npy (raw float32 maps/, large: opt in), nifti (a NIfTI input's maps as one volume with its affine, maps/<volume>.nii.gz), comma-separated (png,npy), or none."),
+    maps: str = typer.Option("png", help="Map files to write: png (overlays/), npy (raw float32 maps/, large: opt in), nifti (a NIfTI input's maps as one volume with its affine, maps/VOLUME.nii.gz), comma-separated (png,npy), or none."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --out/scores.csv (an interrupted or earlier run) and score only the other images."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in --out (scores.csv, overlays/, maps/, masks/, ...); without it or --resume such a folder is refused."),
     read_threads: Optional[int] = typer.Option(None, help="Threads that read images ahead of the model (default: min(4, CPUs))."),

@@ -66,7 +66,7 @@ def eval_(
     save_maps: str = typer.Option("none", "--save-maps", help="Keep every test image's map: png (overlays/), npy (raw maps/), png,npy or none."),
     normal_dir: Optional[Path] = typer.Option(None, "--normal-dir", help="Folder layout: the folder of normal images (relative to DATA_ROOT).", show_default=False),
     abnormal_dirs: Optional[list[Path]] = typer.Option(None, "--abnormal-dir", help="Folder layout: a folder of defective images (repeat for several).", show_default=False),
-    mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", help="Folder layout: masks matched by file name (<name>.png or <name>_mask.png).", show_default=False),
+    mask_dir: Optional[Path] = typer.Option(None, "--mask-dir", help="Folder layout: masks matched by file name (NAME.png or NAME_mask.png).", show_default=False),
     normal_test_dir: Optional[Path] = typer.Option(None, "--normal-test-dir", help="Folder layout: normal test images (default: every 5th normal image).", show_default=False),
     config_file: Optional[Path] = config_file_option(),
     *,
