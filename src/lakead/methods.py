@@ -7,7 +7,7 @@ and one line in :data:`METHODS` (and one in :data:`DETECTORS` when it saves mode
 name): see docs/ARCHITECTURE.md.
 
 >>> sorted(METHODS)
-['all', 'bottom', 'lake', 'random', 'text', 'visual']
+['all', 'anomalydino', 'bottom', 'lake', 'patchcore', 'random', 'text', 'visual']
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from typing import Any
 from .api import Detector, Runtime, read_model_meta
 from .backbones import Backbone
 from .errors import ConfigError, ModelFormatError
+from .anomalydino import AnomalyDinoDetector
 from .lake import LakeDetector
+from .patchcore import PatchCoreDetector
 
 #: Which number of a :class:`~lakead.api.Prediction` a method reports as its image score.
 SCORE_FIELDS = ("scores", "visual", "semantic")
@@ -43,13 +45,24 @@ class Method:
         """The dataclass of the method's options (its fields make the command-line options)."""
         return self.detector.config_class
 
-    def configure(self, config: Any) -> Any:
-        """``config`` with this method's fixed options applied, validated."""
-        return dataclasses.replace(config, **self.overrides).validate()
+    def configure(self, config: Any, options: dict[str, Any] | None = None) -> Any:
+        """``config`` with this method's fixed options applied, validated.
 
-    def build(self, config: Any, backbone: Backbone | None = None, runtime: Runtime | None = None) -> Detector:
-        """An unfitted detector of this method."""
-        return self.detector.from_config(self.configure(config), backbone=backbone, runtime=runtime)
+        A configuration of another method (the command line's and the service's are LAKE's)
+        gives the fields this method shares with it (backbone, layer, image size, seed, the
+        decision options); ``options`` are values of this method's own fields (None or absent:
+        the field's default; fields the method does not have are ignored)."""
+        own = {f.name for f in dataclasses.fields(self.config_class)}
+        given = {k: v for k, v in (options or {}).items() if k in own and v is not None}
+        if isinstance(config, self.config_class):
+            return dataclasses.replace(config, **given, **self.overrides).validate()
+        shared = {k: v for k, v in config.to_dict().items() if k in own}
+        return self.config_class(**{**shared, **given, **self.overrides}).validate()
+
+    def build(self, config: Any, backbone: Backbone | None = None, runtime: Runtime | None = None,
+              options: dict[str, Any] | None = None) -> Detector:
+        """An unfitted detector of this method (``options``: see :meth:`configure`)."""
+        return self.detector.from_config(self.configure(config, options), backbone=backbone, runtime=runtime)
 
 
 METHODS: dict[str, Method] = {
@@ -64,11 +77,15 @@ METHODS: dict[str, Method] = {
         Method("bottom", LakeDetector, "k lowest-variance channels, nearest neighbour", {"selection": "bottom", "use_text": False}, "visual"),
         Method("text", LakeDetector, "text probe only (zero-shot): per-token P(anomalous) of the two prompts; the shots are not used",
                {"map_source": "semantic", "use_text": True}, "semantic", needs_text=True),
+        Method("patchcore", PatchCoreDetector, "PatchCore (Roth et al. 2022): locally aware features of two blocks, "
+               "coreset memory bank, reweighted nearest-neighbour image score"),
+        Method("anomalydino", AnomalyDinoDetector, "AnomalyDINO's rule (Damm et al. 2025): cosine nearest neighbour, "
+               "mean of the top 1 % patch scores"),
     )
 }
 
 #: The ``method`` recorded in a saved model -> the class that loads it.
-DETECTORS: dict[str, type] = {"lake": LakeDetector}
+DETECTORS: dict[str, type] = {"lake": LakeDetector, "patchcore": PatchCoreDetector, "anomalydino": AnomalyDinoDetector}
 
 
 def get_method(name: str) -> Method:
