@@ -10,7 +10,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -21,12 +21,14 @@ from .errors import LakeadError
 from .fileio import check_directory_target
 from .images import CONTROL_CHARACTERS, printable
 from .lake import LakeConfig
-from .methods import get_method, load_detector
-from .options import MODEL_PANEL, option_text, runtime_options
+from .methods import METHODS, load_detector
+from .options import MODEL_PANEL, choice_option, option_text, runtime_options
 from .cli_common import (  # app: the entry point (lakead.cli:app)
     app,
+    configured,
     err,
     errors_as_messages,
+    method_options,
     fail,
     model_options,
     out,
@@ -39,6 +41,7 @@ from .cli_common import (  # app: the entry point (lakead.cli:app)
 @app.command()
 @runtime_options()
 @model_options()
+@method_options()
 def fit(
     normal: list[Path] = typer.Argument(..., help="Folders (searched recursively) or files of normal images.", show_default=False),
     class_name: str = typer.Option(..., "--class-name", "-c", help="What the images show, e.g. 'screw'; fills the text prompts."),
@@ -47,9 +50,12 @@ def fit(
     seed: Optional[int] = typer.Option(
         None, help="Sample the shots with this seed (default: the first N by name); also seeds --selection random "
                    "and the outlier filter (default 0).", rich_help_panel=MODEL_PANEL),
+    method: Any = choice_option("lake", "--method", choices=list(METHODS), help="How to score: "
+                                + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "."),
     *,
     config: LakeConfig,
     runtime: Runtime,
+    method_options: dict,
 ) -> None:
     """Fit a detector on normal images and save it to --out."""
     from .data import select_shots
@@ -61,7 +67,8 @@ def fit(
         check_directory_target(out_dir)  # before the work, not after it
         pool = list_images(normal)
         chosen, rule = select_shots(pool, shots, seed)
-        det = get_method("lake").build(config, runtime=runtime)
+        cfg, m = configured(method, config, method_options)
+        det = m.build(cfg, runtime=runtime)
         logging.getLogger("lakead").info("support set: %s", rule)
         with progress_bar("fit", len(chosen)) as advance:
             det.fit(chosen, class_name, support_rule=rule, on_progress=advance)
@@ -69,7 +76,7 @@ def fit(
         _print_summary(det.summary(), title=f"model written to {out_dir}")
         for problem in det.skipped_:
             err.print(f"skipped: {problem}", highlight=False, markup=False)
-        for name in det.outliers_:
+        for name in getattr(det.state_, "outliers", []):
             out.print(f"dropped as an outlier (--filter-outliers): {name}", highlight=False, markup=False, soft_wrap=True)
 
 

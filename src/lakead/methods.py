@@ -59,6 +59,18 @@ class Method:
         shared = {k: v for k, v in config.to_dict().items() if k in own}
         return self.config_class(**{**shared, **given, **self.overrides}).validate()
 
+    def unused(self, config: Any, options: dict[str, Any] | None = None) -> list[str]:
+        """The options given that this method does not read: fields of ``config`` (another
+        method's) changed from their default that this method lacks, and ``options`` it lacks."""
+        own = {f.name for f in dataclasses.fields(self.config_class)}
+        if isinstance(config, self.config_class):
+            changed: list[str] = []
+        else:
+            default = type(config)()
+            changed = [f.name for f in dataclasses.fields(config) if f.name not in own and f.name != "backbone"
+                       and getattr(config, f.name) != getattr(default, f.name)]
+        return changed + [k for k, v in (options or {}).items() if v is not None and k not in own]
+
     def build(self, config: Any, backbone: Backbone | None = None, runtime: Runtime | None = None,
               options: dict[str, Any] | None = None) -> Detector:
         """An unfitted detector of this method (``options``: see :meth:`configure`)."""

@@ -29,7 +29,7 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import typer
 from rich.markup import escape
@@ -418,7 +418,69 @@ def runtime_options(*, defaults: Runtime | None = None) -> Callable[[Callable[..
     return decorate
 
 
+# -- the options of methods other than LAKE --------------------------------------------------
+
+#: Help panel of the options that only methods other than LAKE have.
+METHOD_PANEL = "Options of the other methods"
+
+
+def method_option_specs() -> dict[str, tuple[OptionSpec, tuple[str, ...]]]:
+    """Field name -> (its :class:`OptionSpec`, the methods that have it), for every field of a
+    registered method's configuration that :class:`LakeConfig` lacks (PatchCore's ``coreset``,
+    AnomalyDINO's ``top_percent``...). A field two methods share must mean the same (same kind
+    and default); a field LAKE also has is LAKE's option (``--layer``, ``--seed``, the decision
+    options) and goes to every method that has it."""
+    from .methods import METHODS
+
+    lake = set(option_specs(LakeConfig))
+    out: dict[str, tuple[OptionSpec, tuple[str, ...]]] = {}
+    for m in METHODS.values():
+        if m.config_class is LakeConfig:
+            continue
+        for name, spec in option_specs(m.config_class).items():
+            if name in lake:
+                continue
+            if name in out:
+                first = out[name][0]
+                if (first.kind, first.default) != (spec.kind, spec.default):
+                    raise TypeError(f"option {name!r}: methods {out[name][1]} and {m.name!r} give it different meanings")
+                out[name] = (first, (*out[name][1], m.name))
+            else:
+                out[name] = (spec, (m.name,))
+    return out
+
+
+def method_options() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a typer command one option per field of :func:`method_option_specs` (default: the
+    method's own); it receives the values given as ``method_options={field: value}``."""
+    specs = method_option_specs()
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        if "method_options" not in inspect.signature(func).parameters:
+            raise TypeError(f"{func.__name__}: a command with method_options takes a 'method_options' parameter")
+        added = []
+        for name, (spec, methods) in specs.items():
+            help_text = escape(f"{spec.help} [{', '.join(methods)}; default: {option_text(spec.default)}]")
+            if spec.kind == "flag":
+                annotation, default = Optional[bool], typer.Option(
+                    None, f"{spec.option}/--no-{spec.option[2:]}", help=help_text, show_default=False,
+                    rich_help_panel=METHOD_PANEL)
+            else:
+                annotation, default = Any, typer.Option(
+                    None, spec.option, parser=spec.parse, metavar=spec.metavar, help=help_text, show_default=False,
+                    rich_help_panel=METHOD_PANEL)
+            added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+
+        def build(values: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+            return {"method_options": {k: v for k, v in values.items() if v is not None}}
+
+        return _extend(func, added, ("method_options",), build)
+
+    return decorate
+
+
 __all__ = [
+    "METHOD_PANEL",
     "LIST_HELP",
     "MODEL_PANEL",
     "RUN_PANEL",
@@ -427,6 +489,8 @@ __all__ = [
     "choice_option",
     "command_line",
     "config_options",
+    "method_option_specs",
+    "method_options",
     "option_specs",
     "option_text",
     "runtime_options",
