@@ -305,3 +305,41 @@ def test_eval_and_baselines_with_the_memory_bank_methods(data, tiny_clip_dir, tm
     assert rows["visual"]["config"]["k"] == 4
     assert all(0.0 <= row["mean"]["image_auroc"] <= 100.0 for row in doc["rows"])
     assert "patchcore" in (tmp_path / "b" / "baselines.md").read_text()
+
+
+# -- the service ------------------------------------------------------------------------------
+
+
+def test_the_service_creates_and_uses_a_patchcore_model(tiny_clip_dir, tmp_path, normals):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from lakead.serve import create_app
+
+    def files(arrays):
+        out = []
+        for i, a in enumerate(arrays):
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")
+            out.append(("images", (f"n{i}.png", buf.getvalue(), "image/png")))
+        return out
+
+    with TestClient(create_app(tmp_path / "models", backbone=str(tiny_clip_dir), device="cpu", batch_size=4)) as c:
+        info = c.get("/info").json()
+        assert "patchcore" in info["methods"] and info["method_options"]["coreset"] == 0.1
+        form = {"class_name": "tile", "image_size": "32", "method": "patchcore", "coreset": "0.5", "k": "3"}
+        r = c.post("/models", data=form, files=files(normals))
+        assert r.status_code == 201, r.text
+        model = r.json()
+        assert model["method"] == "patchcore"
+        meta = json.loads((tmp_path / "models" / model["id"] / "lakead.json").read_text())
+        assert meta["config"]["coreset"] == 0.5
+        r = c.post(f"/models/{model['id']}/predict", files=files(normals[:2]))
+        assert r.status_code == 200, r.text
+        r = c.post("/models", data={**form, "coreset": "2"}, files=files(normals))
+        assert r.status_code in (400, 422) and "coreset" in r.text
+        r = c.post("/models", data={**form, "method": "magic"}, files=files(normals))
+        assert r.status_code in (400, 422) and "magic" in r.text

@@ -321,7 +321,9 @@ class BankDetector(BaseDetector):
         }
 
     def extra_facts(self) -> dict[str, Any]:
-        return {"k": int(self.check_fitted().width)}  # lakead info prints k: here every channel is kept
+        # for readers that load no tensors (lakead info, the service's model list), as LAKE writes them:
+        # every channel is kept (k = the width), and there is no text probe
+        return {"k": int(self.check_fitted().width), "semantic_layer": None, "prompts": None}
 
 
 def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_image: torch.Tensor, exclude: int | None
