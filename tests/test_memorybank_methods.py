@@ -288,6 +288,7 @@ def test_options_a_method_does_not_read_are_named(data, tiny_clip_dir, tmp_path)
     assert "does not use --k, --coreset" in " ".join(r.stderr.split())
 
 
+@pytest.mark.slow
 def test_eval_and_baselines_with_the_memory_bank_methods(data, tiny_clip_dir, tmp_path):
     r = invoke("eval", data, "--out", tmp_path / "e", "--backbone", tiny_clip_dir, "--image-size", "32",
                "--shots", "4", "--method", "patchcore", "--coreset", "0.25", "--no-figures", "--examples", "0")
@@ -310,6 +311,7 @@ def test_eval_and_baselines_with_the_memory_bank_methods(data, tiny_clip_dir, tm
 # -- the service ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_service_creates_and_uses_a_patchcore_model(tiny_clip_dir, tmp_path, normals):
     pytest.importorskip("fastapi", reason="the serve extra is not installed")
     import io
