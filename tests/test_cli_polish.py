@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from _synthetic import write_category
 from conftest import texture
 from lakead.cli import app
-from lakead.options import hoist_global_flags
+from lakead.helpstyle import hoist_global_flags
 
 runner = CliRunner()
 COMMANDS = ["", "fit", "predict", "info", "explain", "eval", "ablate", "baselines", "serve", "download-backbone"]

@@ -10,7 +10,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -22,13 +22,15 @@ from .fileio import check_directory_target
 from .configfile import config_file_option, print_config_option, render_config
 from .errors import CONTROL_CHARACTERS, printable
 from .lake import LakeConfig
-from .methods import get_method, load_detector
-from .options import MODEL_PANEL, option_text, runtime_options
+from .methods import METHODS, load_detector
+from .options import MODEL_PANEL, choice_option, option_text, runtime_options
 from .cli_common import (  # app: the entry point (lakead.cli:app)
     app,
     check_hub,
+    configured,
     err,
     errors_as_messages,
+    method_options,
     fail,
     model_options,
     out,
@@ -41,6 +43,7 @@ from .cli_common import (  # app: the entry point (lakead.cli:app)
 @app.command()
 @runtime_options()
 @model_options()
+@method_options()
 def fit(
     ctx: typer.Context,
     normal: list[Path] = typer.Argument(..., help="Folders (searched recursively) or files of normal images.", show_default=False),
@@ -52,9 +55,12 @@ def fit(
                    "and the outlier filter (default 0).", rich_help_panel=MODEL_PANEL),
     config_file: Optional[Path] = config_file_option(),
     print_config: bool = print_config_option(),
+    method: Any = choice_option("lake", "--method", choices=list(METHODS), help="How to score: "
+                                + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "."),
     *,
     config: LakeConfig,
     runtime: Runtime,
+    method_options: dict,
 ) -> None:
     """Fit a detector on normal images and save it to --out."""
     if print_config:
@@ -70,7 +76,8 @@ def fit(
         pool = list_images(normal)
         check_hub(config)
         chosen, rule = select_shots(pool, shots, seed)
-        det = get_method("lake").build(config, runtime=runtime)
+        cfg, m = configured(method, config, method_options)
+        det = m.build(cfg, runtime=runtime)
         det.backbone  # noqa: B018 - loaded before the progress bar: a missing backbone is one message, no bar
         logging.getLogger("lakead").info("support set: %s", rule)
         with progress_bar("fit", len(chosen)) as advance:
@@ -79,7 +86,7 @@ def fit(
         _print_summary(det.summary(), title=f"model written to {out_dir}")
         for problem in det.skipped_:
             err.print(f"skipped: {problem}", highlight=False, markup=False)
-        for name in det.outliers_:
+        for name in getattr(det.state_, "outliers", []):
             out.print(f"dropped as an outlier (--filter-outliers): {name}", highlight=False, markup=False, soft_wrap=True)
 
 

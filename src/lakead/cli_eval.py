@@ -19,6 +19,8 @@ from .options import choice_option, command_line, runtime_options
 from .cli_common import (
     app,
     check_hub,
+    configured,
+    method_options,
     errors_as_messages,
     fail,
     model_options,
@@ -51,6 +53,7 @@ def _numbers(values: str, kind: type, option: str) -> list:
 @app.command("eval")
 @runtime_options()
 @model_options()
+@method_options()
 def eval_(
     ctx: typer.Context,
     data_root: Path = typer.Argument(..., help="A dataset: MVTec-AD layout (a category, a dataset or a folder of datasets), a folder with meta.json, VisA, MVTec LOCO, or the folder of --normal-dir/--abnormal-dir (docs/DATA.md).", show_default=False),
@@ -72,6 +75,7 @@ def eval_(
     *,
     config: LakeConfig,
     runtime: Runtime,
+    method_options: dict,
 ) -> None:
     """Evaluate on a dataset: fit on the shots of each category, score its test images, write the report."""
     from .batch import parse_maps
@@ -88,10 +92,11 @@ def eval_(
         from .layouts import load_any
 
         n_shots = parse_shots(shots)
-        kinds = parse_maps(save_maps)
+        config, method = configured(method, config, method_options)
         cats = load_any(data_root, _split(categories), normal_dir=normal_dir, abnormal_dirs=abnormal_dirs or (),
                         mask_dir=mask_dir, normal_test_dir=normal_test_dir, rule=config.read_rule)
         check_hub(config)
+        kinds = parse_maps(save_maps)
         with progress_bar("eval", images_to_process(cats, n_shots)) as advance:
             report = evaluate(
                 cats, out_dir, config, shots=n_shots, seed=None if first else seed, method=method, examples=examples,
@@ -164,6 +169,7 @@ def ablate(
 @app.command()
 @runtime_options()
 @model_options(lists={"score_norm": ("loo", "none")})
+@method_options()
 def baselines(
     ctx: typer.Context,
     data_root: Path = typer.Argument(..., help="A dataset (see 'lakead eval').", show_default=False),
@@ -181,11 +187,13 @@ def baselines(
     config: LakeConfig,
     alternatives: dict,
     runtime: Runtime,
+    method_options: dict,
 ) -> None:
     """Compare LAKE with its baselines on the same data and shots; write one table (baselines.md).
 
-    Each method runs with the model options given, and the options it fixes
-    (e.g. visual: --no-text); LAKE's fused score is reported once per --score-norm.
+    Each method runs with the model options given that it has (PatchCore and AnomalyDINO share
+    --layer, --image-size, --seed and the decision options with LAKE, and have their own), and
+    the options it fixes (e.g. visual: --no-text); LAKE's fused score is reported once per --score-norm.
     """
     from .backbones import load_backbone
     from .evaluate import baseline_variants, parse_shots
@@ -195,6 +203,7 @@ def baselines(
         variants = baseline_variants(
             config, methods=methods, shots=parse_shots(shots), seeds=_numbers(seeds, int, "--seeds"),
             score_norms=alternatives["score_norm"], has_text=bb.has_text or config.text_backbone is not None,
+            options=method_options,
         )
         _grid(ctx, data_root, categories, out_dir, variants, shot_seed=None if first else seed, title="baselines",
               runtime=runtime, backbone=bb)

@@ -7,7 +7,7 @@ and one line in :data:`METHODS` (and one in :data:`DETECTORS` when it saves mode
 name): see docs/ARCHITECTURE.md.
 
 >>> sorted(METHODS)
-['all', 'bottom', 'lake', 'random', 'text', 'visual']
+['all', 'anomalydino', 'bottom', 'lake', 'patchcore', 'random', 'text', 'visual']
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 #: LAKE's detector, named rather than imported: the registry (and ``lakead --help``, which
 #: lists the methods) does not import torch until a detector is built or loaded.
 LakeDetector = "lakead.lake.detector:LakeDetector"
+#: Config classes of detectors named by string, in modules without torch.
+CONFIGS = {LakeDetector: "lakead.lake.config:LakeConfig"}
+PatchCoreDetector = "lakead.patchcore:PatchCoreDetector"
+AnomalyDinoDetector = "lakead.anomalydino:AnomalyDinoDetector"
 
 #: Which number of a :class:`~lakead.api.Prediction` a method reports as its image score.
 SCORE_FIELDS = ("scores", "visual", "semantic")
@@ -44,6 +48,9 @@ class Method:
     overrides: dict[str, Any] = field(default_factory=dict)
     score: str = "scores"  # one of SCORE_FIELDS
     needs_text: bool = False
+    #: The config class as "module:Class" of a module without torch, so that the command line
+    #: builds this method's options without importing it (None: the detector's own).
+    config: Any = None
 
     @property
     def detector_class(self) -> type:
@@ -53,15 +60,39 @@ class Method:
     @property
     def config_class(self) -> type:
         """The dataclass of the method's options (its fields make the command-line options)."""
-        return self.detector_class.config_class
+        config = self.config if self.config is not None else CONFIGS.get(self.detector) if isinstance(self.detector, str) else None
+        return detector_class(config) if config is not None else self.detector_class.config_class
 
-    def configure(self, config: Any) -> Any:
-        """``config`` with this method's fixed options applied, validated."""
-        return dataclasses.replace(config, **self.overrides).validate()
+    def configure(self, config: Any, options: dict[str, Any] | None = None) -> Any:
+        """``config`` with this method's fixed options applied, validated.
 
-    def build(self, config: Any, backbone: Backbone | None = None, runtime: Runtime | None = None) -> Detector:
-        """An unfitted detector of this method."""
-        return self.detector_class.from_config(self.configure(config), backbone=backbone, runtime=runtime)
+        A configuration of another method (the command line's and the service's are LAKE's)
+        gives the fields this method shares with it (backbone, layer, image size, seed, the
+        decision options); ``options`` are values of this method's own fields (None or absent:
+        the field's default; fields the method does not have are ignored)."""
+        own = {f.name for f in dataclasses.fields(self.config_class)}
+        given = {k: v for k, v in (options or {}).items() if k in own and v is not None}
+        if isinstance(config, self.config_class):
+            return dataclasses.replace(config, **given, **self.overrides).validate()
+        shared = {k: v for k, v in config.to_dict().items() if k in own}
+        return self.config_class(**{**shared, **given, **self.overrides}).validate()
+
+    def unused(self, config: Any, options: dict[str, Any] | None = None) -> list[str]:
+        """The options given that this method does not read: fields of ``config`` (another
+        method's) changed from their default that this method lacks, and ``options`` it lacks."""
+        own = {f.name for f in dataclasses.fields(self.config_class)}
+        if isinstance(config, self.config_class):
+            changed: list[str] = []
+        else:
+            default = type(config)()
+            changed = [f.name for f in dataclasses.fields(config) if f.name not in own and f.name != "backbone"
+                       and getattr(config, f.name) != getattr(default, f.name)]
+        return changed + [k for k, v in (options or {}).items() if v is not None and k not in own]
+
+    def build(self, config: Any, backbone: Backbone | None = None, runtime: Runtime | None = None,
+              options: dict[str, Any] | None = None) -> Detector:
+        """An unfitted detector of this method (``options``: see :meth:`configure`)."""
+        return self.detector_class.from_config(self.configure(config, options), backbone=backbone, runtime=runtime)
 
 
 METHODS: dict[str, Method] = {
@@ -76,11 +107,15 @@ METHODS: dict[str, Method] = {
         Method("bottom", LakeDetector, "k lowest-variance channels, nearest neighbour", {"selection": "bottom", "use_text": False}, "visual"),
         Method("text", LakeDetector, "text probe only (zero-shot): per-token P(anomalous) of the two prompts; the shots are not used",
                {"map_source": "semantic", "use_text": True}, "semantic", needs_text=True),
+        Method("patchcore", PatchCoreDetector, "PatchCore (Roth et al. 2022): locally aware features of two blocks, "
+               "coreset memory bank, reweighted nearest-neighbour image score", config="lakead.bankconfig:PatchCoreConfig"),
+        Method("anomalydino", AnomalyDinoDetector, "AnomalyDINO's rule (Damm et al. 2025): cosine nearest neighbour, "
+               "mean of the top 1 % patch scores", config="lakead.bankconfig:AnomalyDinoConfig"),
     )
 }
 
 #: The ``method`` recorded in a saved model -> the class that loads it (or its "module:Class").
-DETECTORS: dict[str, Any] = {"lake": LakeDetector}
+DETECTORS: dict[str, Any] = {"lake": LakeDetector, "patchcore": PatchCoreDetector, "anomalydino": AnomalyDinoDetector}
 
 
 def detector_class(detector: Any) -> type:

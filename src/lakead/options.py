@@ -29,8 +29,7 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import typer
 import typer.core
@@ -423,100 +422,81 @@ def runtime_options(*, defaults: Runtime | None = None) -> Callable[[Callable[..
     return decorate
 
 
-# -- how --help shows types ----------------------------------------------------------------
+# -- the options of methods other than LAKE --------------------------------------------------
 
-#: Plain names of value types in ``--help`` (typer would show ``<int>``, ``<list[Path]>``).
-TYPE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
-#: Flags that belong to the whole program and also work after the command (``lakead fit ... -q``).
-GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
+#: Help panel of the options that only methods other than LAKE have.
+METHOD_PANEL = "Options of the other methods"
 
 
-def _plain_type(param: Any) -> str:
-    """A parameter's type as ``--help`` shows it: its metavar, else INTEGER, FLOAT, TEXT or
-    PATH (``...`` after an argument that takes several); nothing for a flag."""
-    if getattr(param, "is_flag", False):
-        return ""
-    if param.metavar:
-        return param.metavar
-    hint = param.type_descriptor.annotation
-    if typing.get_origin(hint) is list:
-        hint = typing.get_args(hint)[0]
-    return TYPE_NAMES.get(hint, "TEXT") + ("..." if param.param_type_name == "argument" and param.nargs != 1 else "")
+def method_option_specs() -> dict[str, tuple[OptionSpec, tuple[str, ...]]]:
+    """Field name -> (its :class:`OptionSpec`, the methods that have it), for every field of a
+    registered method's configuration that :class:`LakeConfig` lacks (PatchCore's ``coreset``,
+    AnomalyDINO's ``top_percent``...). A field two methods share must mean the same (same kind
+    and default); a field LAKE also has is LAKE's option (``--layer``, ``--seed``, the decision
+    options) and goes to every method that has it."""
+    from .methods import METHODS
+
+    lake = set(option_specs(LakeConfig))
+    out: dict[str, tuple[OptionSpec, tuple[str, ...]]] = {}
+    for m in METHODS.values():
+        if m.config_class is LakeConfig:
+            continue
+        for name, spec in option_specs(m.config_class).items():
+            if name in lake:
+                continue
+            if name in out:
+                first = out[name][0]
+                if (first.kind, first.default) != (spec.kind, spec.default):
+                    raise TypeError(f"option {name!r}: methods {out[name][1]} and {m.name!r} give it different meanings")
+                out[name] = (first, (*out[name][1], m.name))
+            else:
+                out[name] = (spec, (m.name,))
+    return out
 
 
-class _PlainArgument(typer.core.TyperArgument):
-    def display_type(self, ctx: Any) -> str:
-        return _plain_type(self)
+def method_options() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a typer command one option per field of :func:`method_option_specs` (default: the
+    method's own); it receives the values given as ``method_options={field: value}``."""
+    specs = method_option_specs()
 
-    def _usage_display_name(self) -> str:  # NAME..., [NAME]: click's own style
-        name = self.name.upper() + ("..." if self.nargs != 1 else "")
-        return name if self.required else f"[{name}]"
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        if "method_options" not in inspect.signature(func).parameters:
+            raise TypeError(f"{func.__name__}: a command with method_options takes a 'method_options' parameter")
+        added = []
+        for name, (spec, methods) in specs.items():
+            help_text = escape(f"{spec.help} [{', '.join(methods)}; default: {option_text(spec.default)}]")
+            if spec.kind == "flag":
+                annotation, default = Optional[bool], typer.Option(
+                    None, f"{spec.option}/--no-{spec.option[2:]}", help=help_text, show_default=False,
+                    rich_help_panel=METHOD_PANEL)
+            else:
+                annotation, default = Any, typer.Option(
+                    None, spec.option, parser=spec.parse, metavar=spec.metavar, help=help_text, show_default=False,
+                    rich_help_panel=METHOD_PANEL)
+            added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
 
+        def build(values: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+            return {"method_options": {k: v for k, v in values.items() if v is not None}}
 
-class _PlainOption(typer.core.TyperOption):
-    def display_type(self, ctx: Any) -> str:
-        return _plain_type(self)
+        return _extend(func, added, ("method_options",), build)
 
-    def display_type_rich(self, ctx: Any) -> str:
-        return _plain_type(self)
-
-
-def _plain(params: list[Any]) -> list[Any]:
-    for p in params:  # the subclasses add no state: only how the type is shown
-        if type(p) is typer.core.TyperArgument:
-            p.__class__ = _PlainArgument
-        elif type(p) is typer.core.TyperOption:
-            p.__class__ = _PlainOption
-    return params
-
-
-class PlainCommand(typer.core.TyperCommand):
-    """A command whose ``--help`` shows plain types (INTEGER, PATH, TEXT...; none for flags)."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain(super().get_params(ctx))
+    return decorate
 
 
-class PlainGroup(typer.core.TyperGroup):
-    """The program: plain types in ``--help``, and the :data:`GLOBAL_FLAGS` also accepted
-    after the command (moved in front of it before parsing)."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain(super().get_params(ctx))
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, hoist_global_flags(args, set(self.commands)))
-
-
-def hoist_global_flags(args: list[str], commands: set[str]) -> list[str]:
-    """``fit DIR -q`` -> ``-q fit DIR``: the :data:`GLOBAL_FLAGS` after the command word move in
-    front of it (not after ``--``).
-
-    >>> hoist_global_flags(["fit", "d", "-q", "--out", "m"], {"fit"})
-    ['-q', 'fit', 'd', '--out', 'm']
-    """
-    at = next((i for i, a in enumerate(args) if a in commands), None)
-    if at is None:
-        return list(args)
-    end = args.index("--") if "--" in args[at:] else len(args)
-    moved = [a for a in args[at:end] if a in GLOBAL_FLAGS]
-    rest = [a for a in args[at:end] if a not in GLOBAL_FLAGS]
-    return [*args[:at], *moved, *rest, *args[end:]]
+    "METHOD_PANEL",
 
 
 __all__ = [
-    "GLOBAL_FLAGS",
     "LIST_HELP",
     "MODEL_PANEL",
     "RUN_PANEL",
     "OptionSpec",
-    "PlainCommand",
-    "PlainGroup",
     "build_config",
     "choice_option",
     "command_line",
     "config_options",
-    "hoist_global_flags",
+    "method_option_specs",
+    "method_options",
     "option_specs",
     "option_text",
     "runtime_options",

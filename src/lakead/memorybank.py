@@ -1,0 +1,304 @@
+"""What the memory-bank baselines share: PatchCore (:mod:`lakead.patchcore`) and AnomalyDINO
+(:mod:`lakead.anomalydino`) keep patch features of the normal images in a bank and score a
+test patch by its distance to the nearest one; they differ in the features, the bank and the
+image score. This module holds the rest, once:
+
+- the options every such method has (:class:`BankConfig`: backbone, blocks, input size, map
+  smoothing, seed, and the decision options with the same meaning as LAKE's);
+- the learned state they share (:class:`BankState`);
+- :class:`BankDetector`: fit (features of the support images, the bank, each support image
+  scored leave-one-out against the bank without its own vectors, the decision levels from those
+  normal scores alone with :func:`lakead.lake.fit.thresholds`, the same rule and false-alarm
+  budget as LAKE) and predict (scores, maps at each image's own size, decisions). A method
+  writes :meth:`~BankDetector.blocks`, :meth:`~BankDetector.embed`,
+  :meth:`~BankDetector.build_bank` and :meth:`~BankDetector.score`.
+
+Maps, as both papers make them: the patch scores bilinearly upsampled to the model's input
+square, smoothed with a Gaussian of ``blur_sigma`` pixels (4 in both papers), then resized to
+the image's own size. The pixel decision level is learned from the leave-one-out maps of the
+support images (their values at each patch's cell), so it is in the units of the maps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .api import Prediction
+from .backbones import Backbone, Layer
+from .backbones.base import LayerSpec, as_blocks
+from .base import BaseDetector, LearnedState, fact, tensor
+from .decision import describe_rule
+from .errors import ConfigError, ModelFormatError
+from .images import ImageInput
+from .lake.fit import MAX_LOO_IMAGES, Thresholds, spread_subset, thresholds
+from .patchops import resize_map, smooth_maps
+
+log = logging.getLogger("lakead")
+
+
+from .bankconfig import BankConfig, _number  # noqa: E402,F401 - the options, torch-free
+
+
+@dataclass(kw_only=True)
+class BankState(LearnedState):
+    """What every memory-bank method learns (n support images, M bank vectors of width D)."""
+
+    bank: torch.Tensor = tensor("(M, D) float32: the memory bank of normal patch features", device=True)
+    bank_image: torch.Tensor = tensor("(M,) int32: which support image each bank vector comes from")
+    loo_scores: np.ndarray = tensor("(n,) float32: leave-one-out image scores of the support images (NaN: not scored)", numpy=True)
+    loo_peaks: np.ndarray = tensor("(n,) float32: the largest value of each support image's leave-one-out map", numpy=True)
+    loo_tokens: Optional[np.ndarray] = tensor("(T,) float32: leave-one-out map values at the patches of the support images",
+                                              optional=True, numpy=True)
+    layer: LayerSpec = fact("the block(s) read, in the backbone's canonical form")
+    image_size: int = fact("square input size in pixels")
+    grid: tuple[int, int] = fact("(gh, gw) grid of the patch features")
+    width: int = fact("D, channels of the patch features")
+    bank_vectors: int = fact("patch features of the support images before any subsampling")
+    threshold: float = fact("the decision threshold (inf: none could be derived)")
+    threshold_rule: str = fact("how it was derived: conformal, gaussian, sigmas, fixed or none")
+    false_alarm_rate: Optional[float] = fact("the false-alarm budget it was derived for (None: sigmas or fixed)")
+    seed_threshold: Optional[float] = fact("the map value a defect region must reach")
+    pixel_threshold: Optional[float] = fact("the map value a defect region's pixels exceed")
+    map_range: tuple[float, float] = fact("(typical normal patch, decision level): the maps' colour scale")
+    class_name: str = fact("what the images show")
+    support: list[str] = fact("names of the support images")
+    support_rule: str = fact("how the support images were chosen")
+    skipped: list[str] = fact("support images that could not be read, with the reason")
+    fitted_at: str = fact("UTC time of the fit")
+
+    @classmethod
+    def convert(cls, values: dict[str, Any]) -> dict[str, Any]:
+        values["grid"] = tuple(int(v) for v in values["grid"])
+        values["map_range"] = tuple(float(v) for v in values["map_range"])
+        values["threshold"] = math.inf if values["threshold"] is None else float(values["threshold"])
+        for name in ("image_size", "width", "bank_vectors"):
+            values[name] = int(values[name])
+        return values
+
+    def check(self, where: str) -> None:
+        problems = []
+        if self.bank.ndim != 2 or self.bank.shape[1] != self.width or self.bank.shape[0] == 0:
+            problems.append(f"bank {tuple(self.bank.shape)} for width {self.width}")
+        if self.bank_image.shape != (self.bank.shape[0],):
+            problems.append(f"bank_image {tuple(self.bank_image.shape)} for {self.bank.shape[0]} bank vectors")
+        if len(self.grid) != 2 or self.grid[0] * self.grid[1] < 1:
+            problems.append(f"grid {self.grid}")
+        if math.isnan(self.threshold):
+            problems.append("threshold NaN")
+        if problems:
+            raise ModelFormatError(f"{where}: tensors and facts do not agree with each other ({'; '.join(problems)})")
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One batch scored against the bank: image scores ``(B,)`` and patch scores ``(B, N)``."""
+
+    images: torch.Tensor
+    patches: torch.Tensor
+
+
+class BankDetector(BaseDetector):
+    """Fit and predict of a memory-bank method (see the module docstring)."""
+
+    state_class: type[BankState]
+
+    # -- what a method writes -------------------------------------------------------------
+
+    def blocks(self, backbone: Backbone) -> tuple[Layer, ...]:
+        """The blocks read, canonical (the configured ones, or the method's default)."""
+        raise NotImplementedError
+
+    def embed(self, features: Any, blocks: Sequence[Layer]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Backbone features of a batch -> patch features ``(B, N, D)`` float32 and their grid."""
+        raise NotImplementedError
+
+    def support_arrays(self, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+        """The images the bank is built from and which support image each comes from (augmentation)."""
+        return arrays, list(range(len(arrays)))
+
+    def build_bank(self, tokens: torch.Tensor, source: torch.Tensor, grid: tuple[int, int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Patch features ``(n', N, D)`` of the images of :meth:`support_arrays` and their
+        support image ``(n',)`` -> the bank ``(M, D)``, its vectors' support image ``(M,)`` int32,
+        and the method's own fields of the state."""
+        raise NotImplementedError
+
+    def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None) -> Scored:
+        """Patch features ``(B, N, D)`` scored against ``state.bank`` (without the vectors of
+        support image ``exclude``: leave-one-out)."""
+        raise NotImplementedError
+
+    # -- fit ------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        images: Sequence[ImageInput],
+        class_name: str,
+        *,
+        names: Sequence[str] | None = None,
+        support_rule: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> "BankDetector":
+        """Fit on normal images only. Returns ``self`` (unreadable images are skipped and listed)."""
+        cfg = self.config
+        if not isinstance(class_name, str) or not class_name.strip():
+            raise ConfigError("class_name must be a non-empty string")
+        bb = self.backbone
+        device = self.runtime.torch_device()
+        bb.to(device)
+        blocks = self.blocks(bb)
+        size = bb.check_image_size(cfg.image_size or bb.info.image_size)
+        loaded = self.read_images(images, names, strict=False)
+        for e in loaded.errors:
+            log.warning("skipping support image %s", e)
+        if not loaded.arrays:
+            raise ConfigError(f"no readable support image among the {len(images)} given" + (
+                f" (first problem: {loaded.errors[0]})" if loaded.errors else ""))
+        n = len(loaded.arrays)
+        arrays, source = self.support_arrays(loaded.arrays)
+        parts, grid = [], (0, 0)
+        for start, f in self.iter_features(arrays, blocks, None, size):
+            t, grid = self.embed(f, blocks)
+            parts.append(t.cpu())
+            if on_progress is not None:  # the images as given come first; augmented copies are not counted
+                on_progress(max(0, min(start + t.shape[0], n) - start))
+        tokens = torch.cat(parts)  # (n', N, D)
+        src = torch.tensor(source, dtype=torch.int32)
+        bank, bank_image, extra = self.build_bank(tokens, src, grid)
+        originals = tokens[: n]  # support_arrays puts the images as given first
+        state = self.state_class(
+            bank=bank.to(device), bank_image=bank_image, loo_scores=np.full(n, np.nan, np.float32),
+            loo_peaks=np.full(n, np.nan, np.float32), loo_tokens=None, layer=list(blocks) if len(blocks) > 1 else blocks[0],
+            image_size=size, grid=tuple(grid), width=int(bank.shape[1]), bank_vectors=int(tokens.shape[0] * tokens.shape[1]),
+            threshold=math.inf, threshold_rule="none", false_alarm_rate=None, seed_threshold=None, pixel_threshold=None,
+            map_range=(0.0, 1.0), class_name=class_name.strip(), support=list(loaded.names),
+            support_rule=support_rule or f"{len(images)} images as given", skipped=[str(e) for e in loaded.errors],
+            fitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
+        cells = []
+        if n >= 2:
+            for i in spread_subset(n, MAX_LOO_IMAGES):
+                s = self.score(originals[i : i + 1].to(device), state, exclude=i)
+                smooth = smooth_maps(s.patches.reshape(1, *grid), size, cfg.blur_sigma)  # (1, S, S)
+                state.loo_scores[i] = float(s.images[0])
+                state.loo_peaks[i] = float(smooth.max())
+                cells.append(F.adaptive_avg_pool2d(smooth[None], grid).reshape(-1).cpu().numpy())
+            state.loo_tokens = np.concatenate(cells).astype(np.float32)
+        else:
+            log.warning("only one support image: no leave-one-out threshold can be derived, so every image is "
+                        "called normal until a threshold is set (threshold=... / --threshold)")
+        self._set_levels(state, self._levels(state, None))
+        if state.loo_tokens is not None:
+            lo, hi = float(np.median(state.loo_tokens)), state.seed_threshold or 1.0
+            state.map_range = (lo, hi if hi > lo else lo + 1.0)
+        self.state_ = state
+        return self
+
+    def _levels(self, state: BankState, false_alarm_rate: float | None) -> Thresholds:
+        try:
+            return thresholds(state.loo_scores, state.loo_peaks, state.loo_tokens, None, self.config, false_alarm_rate)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @staticmethod
+    def _set_levels(state: BankState, levels: Thresholds) -> None:
+        state.threshold, state.threshold_rule, state.false_alarm_rate = levels.image, levels.rule, levels.budget
+        state.seed_threshold, state.pixel_threshold = levels.seed, levels.pixel
+
+    # -- predict --------------------------------------------------------------------------
+
+    def predict_arrays(
+        self,
+        arrays: Sequence[np.ndarray],
+        *,
+        threshold: float | None = None,
+        false_alarm_rate: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Prediction:
+        """:meth:`predict` for images already read (``(H, W, 3)`` uint8 arrays)."""
+        st = self.check_fitted()
+        if false_alarm_rate is None:
+            levels = Thresholds(st.threshold, st.threshold_rule, st.false_alarm_rate, st.seed_threshold, st.pixel_threshold, None)
+        else:
+            levels = self._levels(st, false_alarm_rate)
+        thr = levels.image if threshold is None else float(threshold)
+        blocks = as_blocks(st.layer)
+        dev = st.bank.device
+        scores, maps = [], []
+        for start, f in self.iter_features(arrays, blocks, None, st.image_size):
+            tokens, grid = self.embed(f, blocks)
+            s = self.score(tokens.to(dev), st)
+            scores.append(s.images.cpu())
+            smooth = smooth_maps(s.patches.reshape(-1, *grid), st.image_size, self.config.blur_sigma)  # (B, S, S)
+            for j in range(smooth.shape[0]):
+                maps.append(resize_map(smooth[j], arrays[start + j].shape[:2]))
+            if on_progress is not None:
+                on_progress(smooth.shape[0])
+        sc = torch.cat(scores).numpy().astype(np.float32) if scores else np.zeros(0, np.float32)
+        return Prediction(scores=sc, visual=sc.copy(), semantic=np.zeros_like(sc), anomalous=sc > thr, maps=tuple(maps),
+                          threshold=thr, pixel_threshold=levels.pixel, seed_threshold=levels.seed)
+
+    # -- reports --------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        st = self.check_fitted()
+        finite = st.loo_scores[np.isfinite(st.loo_scores)]
+        return {
+            "method": self.method,
+            "class_name": st.class_name,
+            "backbone": self.config.backbone,
+            "layer": st.layer,
+            "image_size": st.image_size,
+            "width": st.width,
+            "support_images": len(st.support),
+            "support_rule": st.support_rule,
+            "skipped_images": len(st.skipped),
+            "bank_vectors": int(st.bank.shape[0]),
+            "bank_vectors_before_subsampling": st.bank_vectors,
+            "bank_bytes": int(st.bank.numel() * st.bank.element_size()),
+            "threshold": st.threshold,
+            "threshold_rule": "fixed by the user" if st.threshold_rule == "fixed" else (
+                describe_rule(st.threshold_rule, st.false_alarm_rate or 0.0, int(finite.size), self.config.threshold_sigmas)
+                if finite.size else "none (one support image)"),
+            "loo_score_median": float(np.median(finite)) if finite.size else None,
+            "loo_score_max": float(finite.max()) if finite.size else None,
+        }
+
+    def extra_facts(self) -> dict[str, Any]:
+        # for readers that load no tensors (lakead info, the service's model list), as LAKE writes them:
+        # every channel is kept (k = the width), and there is no text probe
+        return {"k": int(self.check_fitted().width), "semantic_layer": None, "prompts": None}
+
+
+def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_image: torch.Tensor, exclude: int | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean nearest bank vector of every query ``(Q, D)``: distances ``(Q,)`` and indices
+    ``(Q,)`` (:func:`lakead.ops.nearest_neighbor`), leaving out the vectors of support image ``exclude``."""
+    from .ops import nearest_neighbor
+
+    if exclude is None:
+        return nearest_neighbor(queries, bank)
+    groups = torch.full((queries.shape[0],), exclude, dtype=torch.int32, device=bank.device)
+    return nearest_neighbor(queries, bank, query_groups=groups, gallery_groups=bank_image.to(bank.device))
+
+
+def default_pair(backbone: Backbone) -> tuple[int, ...]:
+    """Two blocks at 1/2 and 3/4 of a numbered backbone's depth (PatchCore reads the 2nd and 3rd
+    of a ResNet's 4 stages): blocks 12 and 18 of 24, 6 and 9 of 12; one block when they coincide.
+
+    Raises :class:`ConfigError` for a backbone without numbered blocks (ONNX: give tensor names).
+    """
+    n = backbone.info.num_layers
+    if n < 1:
+        raise ConfigError(f"backbone {backbone.info.source!r} has no numbered blocks: give the blocks to read, "
+                          "e.g. --layer 365_quantized+400")
+    pair = (max(1, round(0.5 * n)), max(1, round(0.75 * n)))
+    return pair[:1] if pair[0] == pair[1] else pair
