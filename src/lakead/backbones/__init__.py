@@ -7,7 +7,7 @@ outputs for grids that read the same images many times.
 
 from __future__ import annotations
 
-from .base import Backbone, BackboneInfo, Features, Layer, LayerSpec, Preprocessing, as_blocks, parse_layer
+from .base import Backbone, BackboneInfo, Features, Layer, LayerSpec, Preprocessing, WindowFeatures, as_blocks, parse_layer
 from .clip import DEFAULT_CLIP, CLIPBackbone
 from .registry import load_backbone
 
@@ -20,6 +20,7 @@ __all__ = [
     "Layer",
     "LayerSpec",
     "Preprocessing",
+    "WindowFeatures",
     "as_blocks",
     "load_backbone",
     "parse_layer",
