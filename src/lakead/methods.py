@@ -7,7 +7,7 @@ and one line in :data:`METHODS` (and one in :data:`DETECTORS` when it saves mode
 name): see docs/ARCHITECTURE.md.
 
 >>> sorted(METHODS)
-['all', 'bottom', 'lake', 'random', 'text', 'visual']
+['all', 'bottom', 'lake', 'random', 'text', 'visual', 'winclip', 'winclip+', 'winclip+lake']
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .api import Detector, Runtime, read_model_meta
 from .backbones import Backbone
 from .errors import ConfigError, ModelFormatError
 from .lake import LakeDetector
+from .winclip import WinCLIPDetector
 
 #: Which number of a :class:`~lakead.api.Prediction` a method reports as its image score.
 SCORE_FIELDS = ("scores", "visual", "semantic")
@@ -37,6 +38,7 @@ class Method:
     overrides: dict[str, Any] = field(default_factory=dict)
     score: str = "scores"  # one of SCORE_FIELDS
     needs_text: bool = False
+    backbone_kinds: tuple[str, ...] | None = None  # the backbone families it runs on (None: any)
 
     @property
     def config_class(self) -> type:
@@ -44,7 +46,12 @@ class Method:
         return self.detector.config_class
 
     def configure(self, config: Any) -> Any:
-        """``config`` with this method's fixed options applied, validated."""
+        """``config`` with this method's fixed options applied, validated. A configuration of
+        another method (a :class:`~lakead.lake.LakeConfig` from the command line) gives the
+        options the two share (same name, same meaning); the others keep their defaults."""
+        if not isinstance(config, self.config_class):
+            names = {f.name for f in dataclasses.fields(self.config_class)}
+            config = self.config_class(**{k: v for k, v in config.to_dict().items() if k in names})
         return dataclasses.replace(config, **self.overrides).validate()
 
     def build(self, config: Any, backbone: Backbone | None = None, runtime: Runtime | None = None) -> Detector:
@@ -64,11 +71,17 @@ METHODS: dict[str, Method] = {
         Method("bottom", LakeDetector, "k lowest-variance channels, nearest neighbour", {"selection": "bottom", "use_text": False}, "visual"),
         Method("text", LakeDetector, "text probe only (zero-shot): per-token P(anomalous) of the two prompts; the shots are not used",
                {"map_source": "semantic", "use_text": True}, "semantic", needs_text=True),
+        Method("winclip", WinCLIPDetector, "WinCLIP (zero-shot): prompt ensemble, windows, harmonic aggregation; "
+               "normal images only calibrate the threshold", {"reference": "none"}, needs_text=True, backbone_kinds=("clip",)),
+        Method("winclip+", WinCLIPDetector, "WinCLIP+ (few-shot): WinCLIP fused with the reference association of "
+               "windows and patches", {"reference": "winclip"}, needs_text=True, backbone_kinds=("clip",)),
+        Method("winclip+lake", WinCLIPDetector, "WinCLIP+LAKE: WinCLIP's text maps fused with LAKE's sensitive-neuron "
+               "distances (docs/METHODS.md)", {"reference": "lake"}, needs_text=True, backbone_kinds=("clip",)),
     )
 }
 
 #: The ``method`` recorded in a saved model -> the class that loads it.
-DETECTORS: dict[str, type] = {"lake": LakeDetector}
+DETECTORS: dict[str, type] = {"lake": LakeDetector, "winclip": WinCLIPDetector}
 
 
 def get_method(name: str) -> Method:

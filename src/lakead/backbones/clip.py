@@ -248,7 +248,8 @@ class CLIPBackbone(Backbone):
             hidden = out[0] if isinstance(out, tuple) else out  # (B, 1 + N, D)
             if i in wanted or i == start_block:
                 states[i] = hidden
-        image = self.to_joint(hidden[:, 0, :]).float()  # (B, E): CLIP's image embedding
+        image = self.to_joint(hidden)[:, 0, :].float()  # (B, E): CLIP's image embedding (mapped as (B, 1 + N, D): the same
+        # matrix product whatever B, so an image's numbers do not depend on its batch)
         start = states[start_block]  # (B, 1 + N, D)
         b, _, width = start.shape
         embedded = []
@@ -262,7 +263,7 @@ class CLIPBackbone(Backbone):
                 for block in vision.encoder.layers[start_block:]:
                     out = block(h, None)
                     h = out[0] if isinstance(out, tuple) else out
-                pooled.append(self.to_joint(h[:, 0, :]).float())  # (chunk, E)
+                pooled.append(self.to_joint(h)[:, 0, :].float())  # (chunk, E)
             embedded.append(torch.cat(pooled).reshape(b, idx.shape[0], -1))  # (B, nw, E)
         grid = (pixels.shape[-2] // self.info.patch_size, pixels.shape[-1] // self.info.patch_size)
         feats = {blk: states[int(blk)][:, 1:, :].float() for blk in blocks}  # (B, N, D) each

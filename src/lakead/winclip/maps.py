@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import anomaly_probability, nearest_neighbor
+from ..ops import nearest_neighbor
 
 #: Smallest score a harmonic mean divides by (a score of 0 gives a mean of about 0).
 EPS = 1e-12
@@ -44,12 +44,16 @@ def text_probability(embeddings: torch.Tensor, prototypes: torch.Tensor, tempera
     """Eq. 1: ``(..., E)`` embeddings and ``(2, E)`` prototypes (normal, anomalous) ->
     ``(...)`` P(anomalous) = softmax over the two of ``cos / temperature``.
 
+    The cosines are elementwise products summed per row (not one matrix product), so an
+    image's numbers do not depend on how many others share its batch.
+
     >>> round(float(text_probability(torch.tensor([1.0, 0.0]), torch.eye(2), 1.0)), 4)
     0.2689
     """
-    lead = embeddings.shape[:-1]
-    flat = embeddings.reshape(1, -1, embeddings.shape[-1])  # (1, *, E)
-    return anomaly_probability(flat, prototypes, 1.0 / temperature).reshape(lead)
+    z = F.normalize(embeddings.float(), dim=-1).unsqueeze(-2)  # (..., 1, E)
+    t = F.normalize(prototypes.float().to(z.device), dim=-1)  # (2, E)
+    logits = (z * t).sum(dim=-1) / temperature  # (..., 2)
+    return logits.softmax(dim=-1)[..., 1]
 
 
 def harmonic_aggregate(scores: torch.Tensor, windows: torch.Tensor, n_patches: int) -> torch.Tensor:
