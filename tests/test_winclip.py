@@ -193,3 +193,40 @@ def test_shared_option_names_mean_the_same_as_lake_s():
     for f in dataclasses.fields(WinCLIPConfig):
         if f.name in lake:
             assert f.default == lake[f.name].default and f.type == lake[f.name].type, f.name
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def test_cli_fits_zero_shot_without_images_and_few_shot_with_them(tiny_clip_dir, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lakead.cli import app
+
+    rng = np.random.default_rng(5)
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    for i in range(4):
+        Image.fromarray(texture(rng, (40, 40))).save(normal / f"n{i}.png")
+    Image.fromarray(with_defect(texture(rng, (48, 48)), 8, 8, 16)).save(tmp_path / "d.png")
+    run = CliRunner().invoke
+    bb = ["--backbone", str(tiny_clip_dir)]
+    r = run(app, ["fit", "--method", "winclip", "-c", "tile", "-o", str(tmp_path / "zero"), *bb])
+    assert r.exit_code == 0, r.output
+    assert "uncalibrated" in r.output and load_detector(tmp_path / "zero").support_ == []
+    r = run(app, ["fit", "--method", "winclip+lake", "-c", "tile", "-o", str(tmp_path / "lake"), "--k", "4", "--layer", "2",
+                  "--fusion-weight", "0.7", *bb, str(normal)])
+    assert r.exit_code == 0, r.output
+    det = load_detector(tmp_path / "lake")
+    assert det.config.reference == "lake" and det.config.fusion_weight == 0.7 and len(det.support_) == 4
+    for model in ("zero", "lake"):
+        r = run(app, ["predict", str(tmp_path / model), str(tmp_path / "d.png"), "-o", str(tmp_path / f"out-{model}")])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / f"out-{model}" / "scores.csv").read_text().count("\n") == 2
+    r = run(app, ["fit", "-c", "tile", "-o", str(tmp_path / "lake-none"), *bb])  # LAKE needs images
+    assert r.exit_code == 2 and "needs normal images" in r.output
+    r = run(app, ["fit", "--method", "winclip", "--lam", "0.3", "-c", "tile", "-o", str(tmp_path / "x"), *bb])
+    assert r.exit_code == 1 and "--lam: not an option of method 'winclip'" in r.output
+    r = run(app, ["info", str(tmp_path / "lake")])
+    assert r.exit_code == 0 and "winclip" in r.output

@@ -10,7 +10,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -21,8 +21,8 @@ from .errors import LakeadError
 from .fileio import check_directory_target
 from .images import CONTROL_CHARACTERS, printable
 from .lake import LakeConfig
-from .methods import get_method, load_detector
-from .options import MODEL_PANEL, option_text, runtime_options
+from .methods import METHODS, get_method, load_detector
+from .options import MODEL_PANEL, choice_option, option_text, runtime_options
 from .cli_common import (  # app: the entry point (lakead.cli:app)
     app,
     err,
@@ -38,15 +38,20 @@ from .cli_common import (  # app: the entry point (lakead.cli:app)
 
 @app.command()
 @runtime_options()
-@model_options()
+@model_options(methods=True)
 def fit(
-    normal: list[Path] = typer.Argument(..., help="Folders (searched recursively) or files of normal images.", show_default=False),
+    normal: Optional[list[Path]] = typer.Argument(
+        None, help="Folders (searched recursively) or files of normal images (none: zero-shot, --method winclip only).",
+        show_default=False),
     class_name: str = typer.Option(..., "--class-name", "-c", help="What the images show, e.g. 'screw'; fills the text prompts."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the model to (replaced if it exists)."),
     shots: Optional[int] = typer.Option(None, help="Use only this many normal images (default: all)."),
     seed: Optional[int] = typer.Option(
         None, help="Sample the shots with this seed (default: the first N by name); also seeds --selection random "
                    "and the outlier filter (default 0).", rich_help_panel=MODEL_PANEL),
+    method: Any = choice_option("lake", "--method", choices=list(METHODS), help="How to score: "
+                                + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + ".",
+                                rich_help_panel=MODEL_PANEL),
     *,
     config: LakeConfig,
     runtime: Runtime,
@@ -59,9 +64,15 @@ def fit(
         raise typer.BadParameter(f"has a control character: '{printable(class_name)}'; give printable text", param_hint="--class-name")
     with errors_as_messages():
         check_directory_target(out_dir)  # before the work, not after it
-        pool = list_images(normal)
-        chosen, rule = select_shots(pool, shots, seed)
-        det = get_method("lake").build(config, runtime=runtime)
+        if normal:
+            chosen, rule = select_shots(list_images(normal), shots, seed)
+        elif get_method(method).zero_shot:  # the class name alone (WinCLIP)
+            chosen, rule = [], "none: zero-shot from the class name"
+        else:
+            raise typer.BadParameter(f"method {method!r} needs normal images (only the zero-shot methods, "
+                                     f"{', '.join(m.name for m in METHODS.values() if m.zero_shot)}, fit on a class name alone)",
+                                     param_hint="NORMAL")
+        det = get_method(method).build(config, runtime=runtime)
         logging.getLogger("lakead").info("support set: %s", rule)
         with progress_bar("fit", len(chosen)) as advance:
             det.fit(chosen, class_name, support_rule=rule, on_progress=advance)
@@ -69,7 +80,7 @@ def fit(
         _print_summary(det.summary(), title=f"model written to {out_dir}")
         for problem in det.skipped_:
             err.print(f"skipped: {problem}", highlight=False, markup=False)
-        for name in det.outliers_:
+        for name in getattr(det.state_, "outliers", []):
             out.print(f"dropped as an outlier (--filter-outliers): {name}", highlight=False, markup=False, soft_wrap=True)
 
 

@@ -48,7 +48,7 @@ def _numbers(values: str, kind: type, option: str) -> list:
 
 @app.command("eval")
 @runtime_options()
-@model_options()
+@model_options(methods=True)
 def eval_(
     ctx: typer.Context,
     data_root: Path = typer.Argument(..., help="A dataset in the MVTec-AD layout (a category, a dataset or a folder of datasets) or a folder with meta.json.", show_default=False),

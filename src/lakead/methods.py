@@ -39,6 +39,7 @@ class Method:
     score: str = "scores"  # one of SCORE_FIELDS
     needs_text: bool = False
     backbone_kinds: tuple[str, ...] | None = None  # the backbone families it runs on (None: any)
+    zero_shot: bool = False  # fits on a class name alone, without any image
 
     @property
     def config_class(self) -> type:
@@ -72,7 +73,8 @@ METHODS: dict[str, Method] = {
         Method("text", LakeDetector, "text probe only (zero-shot): per-token P(anomalous) of the two prompts; the shots are not used",
                {"map_source": "semantic", "use_text": True}, "semantic", needs_text=True),
         Method("winclip", WinCLIPDetector, "WinCLIP (zero-shot): prompt ensemble, windows, harmonic aggregation; "
-               "normal images only calibrate the threshold", {"reference": "none"}, needs_text=True, backbone_kinds=("clip",)),
+               "normal images only calibrate the threshold", {"reference": "none"}, needs_text=True, backbone_kinds=("clip",),
+               zero_shot=True),
         Method("winclip+", WinCLIPDetector, "WinCLIP+ (few-shot): WinCLIP fused with the reference association of "
                "windows and patches", {"reference": "winclip"}, needs_text=True, backbone_kinds=("clip",)),
         Method("winclip+lake", WinCLIPDetector, "WinCLIP+LAKE: WinCLIP's text maps fused with LAKE's sensitive-neuron "

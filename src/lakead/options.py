@@ -301,9 +301,16 @@ def config_options(
     *,
     lists: Sequence[str] | Mapping[str, Sequence[Any]] = (),
     errors: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    methods: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a typer command one option per field of ``config_cls``; it receives one
     validated configuration as ``config=``.
+
+    - ``methods``: the command has a ``method`` parameter (a name of
+      :data:`lakead.methods.METHODS`); it also gets the options of every registered method's
+      configuration (:func:`method_option_specs`), and ``config`` is the chosen method's
+      configuration. An option of another method, given a value other than its default,
+      is an error naming the method.
 
     - A field the command declares itself (same parameter name) keeps the command's option
       (its default and help: ``--seed`` means more than the field's seed in ``fit``); its
@@ -315,7 +322,7 @@ def config_options(
     - ``errors``: a context manager the configuration is built in (the command line's
       turns a :class:`~lakead.errors.ConfigError` into one message and exit status 1).
     """
-    specs = option_specs(config_cls)
+    specs = method_option_specs(config_cls) if methods else option_specs(config_cls)
     list_defaults: dict[str, Sequence[Any] | None] = (
         dict(lists) if isinstance(lists, Mapping) else {name: None for name in lists}
     )
@@ -329,6 +336,8 @@ def config_options(
             raise TypeError(f"{func.__name__}: a command with config_options takes a 'config' parameter")
         if list_defaults and "alternatives" not in declared:
             raise TypeError(f"{func.__name__}: a command with list options takes an 'alternatives' parameter")
+        if methods and "method" not in declared:
+            raise TypeError(f"{func.__name__}: a command with methods=True takes a 'method' parameter")
         added = []
         for name, spec in specs.items():
             if name in declared:
@@ -342,12 +351,41 @@ def config_options(
                     values[name] = own[name]
             alternatives = {name: [None] if values[name] is None else list(values[name]) for name in list_defaults if name in values}
             with (errors or contextlib.nullcontext)():
-                config = build_config(config_cls, values, alternatives)
+                cls = config_cls
+                if methods:
+                    cls, values = _method_values(own.get("method") or "lake", values, specs)
+                config = build_config(cls, values, alternatives)
             return {"config": config, **({"alternatives": alternatives} if list_defaults else {})}
 
         return _extend(func, added, ("config", "alternatives"), build)
 
     return decorate
+
+
+def method_option_specs(config_cls: type = LakeConfig) -> dict[str, OptionSpec]:
+    """The options of ``config_cls`` and of every registered method's configuration, each
+    once (a name two configurations share has one meaning, default and type in both)."""
+    from .methods import METHODS
+
+    specs = dict(option_specs(config_cls))
+    for m in METHODS.values():
+        for name, spec in option_specs(m.config_class).items():
+            specs.setdefault(name, spec)
+    return specs
+
+
+def _method_values(method: str, values: dict[str, Any], specs: Mapping[str, OptionSpec]) -> tuple[type, dict[str, Any]]:
+    """The configuration class of ``method`` and the option values that are its fields; an
+    option of another method set to something else than its default is a ConfigError."""
+    from .methods import get_method
+
+    cls = get_method(method).config_class
+    own = {f.name for f in dataclasses.fields(cls)}
+    foreign = sorted(n for n, v in values.items() if n not in own and option_text(v) != option_text(specs[n].default))
+    if foreign:
+        names = ", ".join("--" + n.replace("_", "-") for n in foreign)
+        raise ConfigError(f"{names}: not an option of method {method!r} (its options: see lakead fit --help and docs/METHODS.md)")
+    return cls, {n: v for n, v in values.items() if n in own}
 
 
 def build_config(config_cls: type, values: Mapping[str, Any], alternatives: Mapping[str, Sequence[Any]] = ()) -> Any:
@@ -427,6 +465,7 @@ __all__ = [
     "choice_option",
     "command_line",
     "config_options",
+    "method_option_specs",
     "option_specs",
     "option_text",
     "runtime_options",

@@ -303,7 +303,7 @@ def evaluate(
     cats, data_root = _categories(data, categories)
     m = get_method(method) if isinstance(method, str) else method
     cfg = m.configure(config)
-    bb = backbone or load_backbone(cfg.backbone, need_text=cfg.use_text)
+    bb = backbone or load_backbone(cfg.backbone, need_text=getattr(cfg, "use_text", False) or m.needs_text)
     _check_method(m, bb, cfg)
     cfg = _without_missing_text(cfg, bb)
     results = []
