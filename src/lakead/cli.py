@@ -21,12 +21,14 @@ from .errors import LakeadError
 from .fileio import check_directory_target
 from .images import CONTROL_CHARACTERS, printable
 from .lake import LakeConfig
-from .methods import METHODS, get_method, load_detector
+from .methods import METHODS, load_detector
 from .options import MODEL_PANEL, choice_option, option_text, runtime_options
 from .cli_common import (  # app: the entry point (lakead.cli:app)
     app,
+    configured,
     err,
     errors_as_messages,
+    method_options,
     fail,
     model_options,
     out,
@@ -38,7 +40,8 @@ from .cli_common import (  # app: the entry point (lakead.cli:app)
 
 @app.command()
 @runtime_options()
-@model_options(methods=True)
+@model_options()
+@method_options()
 def fit(
     normal: Optional[list[Path]] = typer.Argument(
         None, help="Folders (searched recursively) or files of normal images (none: zero-shot, --method winclip only).",
@@ -50,11 +53,11 @@ def fit(
         None, help="Sample the shots with this seed (default: the first N by name); also seeds --selection random "
                    "and the outlier filter (default 0).", rich_help_panel=MODEL_PANEL),
     method: Any = choice_option("lake", "--method", choices=list(METHODS), help="How to score: "
-                                + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + ".",
-                                rich_help_panel=MODEL_PANEL),
+                                + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "."),
     *,
     config: LakeConfig,
     runtime: Runtime,
+    method_options: dict,
 ) -> None:
     """Fit a detector on normal images and save it to --out."""
     from .data import select_shots
@@ -64,15 +67,16 @@ def fit(
         raise typer.BadParameter(f"has a control character: '{printable(class_name)}'; give printable text", param_hint="--class-name")
     with errors_as_messages():
         check_directory_target(out_dir)  # before the work, not after it
+        cfg, m = configured(method, config, method_options)
         if normal:
             chosen, rule = select_shots(list_images(normal), shots, seed)
-        elif get_method(method).zero_shot:  # the class name alone (WinCLIP)
+        elif m.zero_shot:  # the class name alone (WinCLIP)
             chosen, rule = [], "none: zero-shot from the class name"
         else:
-            raise typer.BadParameter(f"method {method!r} needs normal images (only the zero-shot methods, "
-                                     f"{', '.join(m.name for m in METHODS.values() if m.zero_shot)}, fit on a class name alone)",
+            raise typer.BadParameter(f"method {m.name!r} needs normal images (only the zero-shot methods, "
+                                     f"{', '.join(z.name for z in METHODS.values() if z.zero_shot)}, fit on a class name alone)",
                                      param_hint="NORMAL")
-        det = get_method(method).build(config, runtime=runtime)
+        det = m.build(cfg, runtime=runtime)
         logging.getLogger("lakead").info("support set: %s", rule)
         with progress_bar("fit", len(chosen)) as advance:
             det.fit(chosen, class_name, support_rule=rule, on_progress=advance)

@@ -21,6 +21,7 @@ from .fileio import os_error_text
 from .images import printable
 from .lake import LakeConfig
 from .options import MODEL_PANEL, config_options, option_specs
+from .options import method_options as method_options  # noqa: F401 - for the commands
 
 app = typer.Typer(
     name="lakead",
@@ -98,6 +99,19 @@ def model_options(**kwargs):
     """Every option of :class:`LakeConfig` on a command (see :func:`lakead.options.config_options`);
     a bad value is one message and exit status 1, a bad word a usage error (2)."""
     return config_options(LakeConfig, errors=errors_as_messages, **kwargs)
+
+
+def configured(method: str, config: LakeConfig, options: dict | None = None):
+    """The configuration ``method`` runs with from a command's model options and method options,
+    and the method; a warning names the options given that the method does not read."""
+    from .methods import get_method
+
+    m = get_method(method)
+    unused = m.unused(config, options)
+    if unused:
+        logging.getLogger("lakead").warning("method %s does not use %s", m.name,
+                                            ", ".join("--" + u.replace("_", "-") for u in unused))
+    return m.configure(config, options), m
 
 
 #: The options the evaluation commands share (fit has its own --seed and --shots).

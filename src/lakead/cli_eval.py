@@ -17,6 +17,8 @@ from .options import choice_option, command_line, runtime_options
 
 from .cli_common import (
     app,
+    configured,
+    method_options,
     errors_as_messages,
     fail,
     model_options,
@@ -48,7 +50,8 @@ def _numbers(values: str, kind: type, option: str) -> list:
 
 @app.command("eval")
 @runtime_options()
-@model_options(methods=True)
+@model_options()
+@method_options()
 def eval_(
     ctx: typer.Context,
     data_root: Path = typer.Argument(..., help="A dataset in the MVTec-AD layout (a category, a dataset or a folder of datasets) or a folder with meta.json.", show_default=False),
@@ -64,6 +67,7 @@ def eval_(
     *,
     config: LakeConfig,
     runtime: Runtime,
+    method_options: dict,
 ) -> None:
     """Evaluate on a dataset: fit on the shots of each category, score its test images, write the report."""
     from .data import load_dataset
@@ -78,6 +82,7 @@ def eval_(
 
     with errors_as_messages():
         n_shots = parse_shots(shots)
+        config, method = configured(method, config, method_options)
         cats = load_dataset(data_root, _split(categories))
         with progress_bar("eval", images_to_process(cats, n_shots)) as advance:
             report = evaluate(
@@ -146,6 +151,7 @@ def ablate(
 @app.command()
 @runtime_options()
 @model_options(lists={"score_norm": ("loo", "none")})
+@method_options()
 def baselines(
     ctx: typer.Context,
     data_root: Path = typer.Argument(..., help="A dataset (see 'lakead eval').", show_default=False),
@@ -162,11 +168,13 @@ def baselines(
     config: LakeConfig,
     alternatives: dict,
     runtime: Runtime,
+    method_options: dict,
 ) -> None:
     """Compare LAKE with its baselines on the same data and shots; write one table (baselines.md).
 
-    Each method runs with the model options given, and the options it fixes
-    (e.g. visual: --no-text); LAKE's fused score is reported once per --score-norm.
+    Each method runs with the model options given that it has (PatchCore and AnomalyDINO share
+    --layer, --image-size, --seed and the decision options with LAKE, and have their own), and
+    the options it fixes (e.g. visual: --no-text); LAKE's fused score is reported once per --score-norm.
     """
     from .backbones import load_backbone
     from .evaluate import baseline_variants, parse_shots
@@ -176,6 +184,7 @@ def baselines(
         variants = baseline_variants(
             config, methods=methods, shots=parse_shots(shots), seeds=_numbers(seeds, int, "--seeds"),
             score_norms=alternatives["score_norm"], has_text=bb.has_text or config.text_backbone is not None,
+            options=method_options,
         )
         _grid(ctx, data_root, categories, out_dir, variants, shot_seed=None if first else seed, title="baselines",
               runtime=runtime, backbone=bb)

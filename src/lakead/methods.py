@@ -46,18 +46,36 @@ class Method:
         """The dataclass of the method's options (its fields make the command-line options)."""
         return self.detector.config_class
 
-    def configure(self, config: Any) -> Any:
-        """``config`` with this method's fixed options applied, validated. A configuration of
-        another method (a :class:`~lakead.lake.LakeConfig` from the command line) gives the
-        options the two share (same name, same meaning); the others keep their defaults."""
-        if not isinstance(config, self.config_class):
-            names = {f.name for f in dataclasses.fields(self.config_class)}
-            config = self.config_class(**{k: v for k, v in config.to_dict().items() if k in names})
-        return dataclasses.replace(config, **self.overrides).validate()
+    def configure(self, config: Any, options: dict[str, Any] | None = None) -> Any:
+        """``config`` with this method's fixed options applied, validated.
 
-    def build(self, config: Any, backbone: Backbone | None = None, runtime: Runtime | None = None) -> Detector:
-        """An unfitted detector of this method."""
-        return self.detector.from_config(self.configure(config), backbone=backbone, runtime=runtime)
+        A configuration of another method (the command line's and the service's are LAKE's)
+        gives the fields this method shares with it (backbone, layer, image size, seed, the
+        decision options); ``options`` are values of this method's own fields (None or absent:
+        the field's default; fields the method does not have are ignored)."""
+        own = {f.name for f in dataclasses.fields(self.config_class)}
+        given = {k: v for k, v in (options or {}).items() if k in own and v is not None}
+        if isinstance(config, self.config_class):
+            return dataclasses.replace(config, **given, **self.overrides).validate()
+        shared = {k: v for k, v in config.to_dict().items() if k in own}
+        return self.config_class(**{**shared, **given, **self.overrides}).validate()
+
+    def unused(self, config: Any, options: dict[str, Any] | None = None) -> list[str]:
+        """The options given that this method does not read: fields of ``config`` (another
+        method's) changed from their default that this method lacks, and ``options`` it lacks."""
+        own = {f.name for f in dataclasses.fields(self.config_class)}
+        if isinstance(config, self.config_class):
+            changed: list[str] = []
+        else:
+            default = type(config)()
+            changed = [f.name for f in dataclasses.fields(config) if f.name not in own and f.name != "backbone"
+                       and getattr(config, f.name) != getattr(default, f.name)]
+        return changed + [k for k, v in (options or {}).items() if v is not None and k not in own]
+
+    def build(self, config: Any, backbone: Backbone | None = None, runtime: Runtime | None = None,
+              options: dict[str, Any] | None = None) -> Detector:
+        """An unfitted detector of this method (``options``: see :meth:`configure`)."""
+        return self.detector.from_config(self.configure(config, options), backbone=backbone, runtime=runtime)
 
 
 METHODS: dict[str, Method] = {

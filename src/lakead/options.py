@@ -29,7 +29,7 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import typer
 from rich.markup import escape
@@ -301,16 +301,9 @@ def config_options(
     *,
     lists: Sequence[str] | Mapping[str, Sequence[Any]] = (),
     errors: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-    methods: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a typer command one option per field of ``config_cls``; it receives one
     validated configuration as ``config=``.
-
-    - ``methods``: the command has a ``method`` parameter (a name of
-      :data:`lakead.methods.METHODS`); it also gets the options of every registered method's
-      configuration (:func:`method_option_specs`), and ``config`` is the chosen method's
-      configuration. An option of another method, given a value other than its default,
-      is an error naming the method.
 
     - A field the command declares itself (same parameter name) keeps the command's option
       (its default and help: ``--seed`` means more than the field's seed in ``fit``); its
@@ -322,7 +315,7 @@ def config_options(
     - ``errors``: a context manager the configuration is built in (the command line's
       turns a :class:`~lakead.errors.ConfigError` into one message and exit status 1).
     """
-    specs = method_option_specs(config_cls) if methods else option_specs(config_cls)
+    specs = option_specs(config_cls)
     list_defaults: dict[str, Sequence[Any] | None] = (
         dict(lists) if isinstance(lists, Mapping) else {name: None for name in lists}
     )
@@ -336,8 +329,6 @@ def config_options(
             raise TypeError(f"{func.__name__}: a command with config_options takes a 'config' parameter")
         if list_defaults and "alternatives" not in declared:
             raise TypeError(f"{func.__name__}: a command with list options takes an 'alternatives' parameter")
-        if methods and "method" not in declared:
-            raise TypeError(f"{func.__name__}: a command with methods=True takes a 'method' parameter")
         added = []
         for name, spec in specs.items():
             if name in declared:
@@ -351,41 +342,12 @@ def config_options(
                     values[name] = own[name]
             alternatives = {name: [None] if values[name] is None else list(values[name]) for name in list_defaults if name in values}
             with (errors or contextlib.nullcontext)():
-                cls = config_cls
-                if methods:
-                    cls, values = _method_values(own.get("method") or "lake", values, specs)
-                config = build_config(cls, values, alternatives)
+                config = build_config(config_cls, values, alternatives)
             return {"config": config, **({"alternatives": alternatives} if list_defaults else {})}
 
         return _extend(func, added, ("config", "alternatives"), build)
 
     return decorate
-
-
-def method_option_specs(config_cls: type = LakeConfig) -> dict[str, OptionSpec]:
-    """The options of ``config_cls`` and of every registered method's configuration, each
-    once (a name two configurations share has one meaning, default and type in both)."""
-    from .methods import METHODS
-
-    specs = dict(option_specs(config_cls))
-    for m in METHODS.values():
-        for name, spec in option_specs(m.config_class).items():
-            specs.setdefault(name, spec)
-    return specs
-
-
-def _method_values(method: str, values: dict[str, Any], specs: Mapping[str, OptionSpec]) -> tuple[type, dict[str, Any]]:
-    """The configuration class of ``method`` and the option values that are its fields; an
-    option of another method set to something else than its default is a ConfigError."""
-    from .methods import get_method
-
-    cls = get_method(method).config_class
-    own = {f.name for f in dataclasses.fields(cls)}
-    foreign = sorted(n for n, v in values.items() if n not in own and option_text(v) != option_text(specs[n].default))
-    if foreign:
-        names = ", ".join("--" + n.replace("_", "-") for n in foreign)
-        raise ConfigError(f"{names}: not an option of method {method!r} (its options: see lakead fit --help and docs/METHODS.md)")
-    return cls, {n: v for n, v in values.items() if n in own}
 
 
 def build_config(config_cls: type, values: Mapping[str, Any], alternatives: Mapping[str, Sequence[Any]] = ()) -> Any:
@@ -456,7 +418,69 @@ def runtime_options(*, defaults: Runtime | None = None) -> Callable[[Callable[..
     return decorate
 
 
+# -- the options of methods other than LAKE --------------------------------------------------
+
+#: Help panel of the options that only methods other than LAKE have.
+METHOD_PANEL = "Options of the other methods"
+
+
+def method_option_specs() -> dict[str, tuple[OptionSpec, tuple[str, ...]]]:
+    """Field name -> (its :class:`OptionSpec`, the methods that have it), for every field of a
+    registered method's configuration that :class:`LakeConfig` lacks (PatchCore's ``coreset``,
+    AnomalyDINO's ``top_percent``...). A field two methods share must mean the same (same kind
+    and default); a field LAKE also has is LAKE's option (``--layer``, ``--seed``, the decision
+    options) and goes to every method that has it."""
+    from .methods import METHODS
+
+    lake = set(option_specs(LakeConfig))
+    out: dict[str, tuple[OptionSpec, tuple[str, ...]]] = {}
+    for m in METHODS.values():
+        if m.config_class is LakeConfig:
+            continue
+        for name, spec in option_specs(m.config_class).items():
+            if name in lake:
+                continue
+            if name in out:
+                first = out[name][0]
+                if (first.kind, first.default) != (spec.kind, spec.default):
+                    raise TypeError(f"option {name!r}: methods {out[name][1]} and {m.name!r} give it different meanings")
+                out[name] = (first, (*out[name][1], m.name))
+            else:
+                out[name] = (spec, (m.name,))
+    return out
+
+
+def method_options() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a typer command one option per field of :func:`method_option_specs` (default: the
+    method's own); it receives the values given as ``method_options={field: value}``."""
+    specs = method_option_specs()
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        if "method_options" not in inspect.signature(func).parameters:
+            raise TypeError(f"{func.__name__}: a command with method_options takes a 'method_options' parameter")
+        added = []
+        for name, (spec, methods) in specs.items():
+            help_text = escape(f"{spec.help} [{', '.join(methods)}; default: {option_text(spec.default)}]")
+            if spec.kind == "flag":
+                annotation, default = Optional[bool], typer.Option(
+                    None, f"{spec.option}/--no-{spec.option[2:]}", help=help_text, show_default=False,
+                    rich_help_panel=METHOD_PANEL)
+            else:
+                annotation, default = Any, typer.Option(
+                    None, spec.option, parser=spec.parse, metavar=spec.metavar, help=help_text, show_default=False,
+                    rich_help_panel=METHOD_PANEL)
+            added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+
+        def build(values: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+            return {"method_options": {k: v for k, v in values.items() if v is not None}}
+
+        return _extend(func, added, ("method_options",), build)
+
+    return decorate
+
+
 __all__ = [
+    "METHOD_PANEL",
     "LIST_HELP",
     "MODEL_PANEL",
     "RUN_PANEL",
@@ -466,6 +490,7 @@ __all__ = [
     "command_line",
     "config_options",
     "method_option_specs",
+    "method_options",
     "option_specs",
     "option_text",
     "runtime_options",

@@ -25,7 +25,7 @@ from ..data import Category
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 from ..lake import LakeConfig
-from ..methods import SCORE_FIELDS, get_method, method_config
+from ..methods import SCORE_FIELDS, get_method
 from ..metrics import PRO_FPR_LIMIT
 from .report import _csv, _device, metrics_table
 from .results import DECISION_KEYS, METRIC_COLUMNS, GridReport, _clean, format_percent, mean_metrics
@@ -97,22 +97,27 @@ def baseline_variants(
     seeds: Sequence[int] = (0, 1, 2),
     score_norms: Sequence[str] = ("loo", "none"),
     has_text: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> list[Variant]:
     """One row per method; LAKE once per ``score_norms`` entry (the normalisation changes
     only the fused score, so the other methods run once). Methods that need a text tower
-    are left out, with a warning, when the backbone has none."""
+    are left out, with a warning, when the backbone has none. ``options``: values of the
+    other methods' own options (PatchCore's coreset...; see :meth:`lakead.methods.Method.configure`)."""
     out = []
     for name in methods:
-        cfg, m = method_config(base, name)
+        m = get_method(name)
+        cfg = m.configure(base, options)
         if m.needs_text and not has_text:
             log.warning("method %r left out: the backbone has no text tower", name)
             continue
-        fused = m.score == "scores" and has_text and cfg.use_text
-        for norm in (score_norms if fused else [cfg.score_norm]):
-            c = dataclasses.replace(cfg, score_norm=norm).validate()
-            k = "-" if m.score == "semantic" else "all" if c.selection == "all" else ("default" if c.k is None else c.k)  # the text probe uses no neurons
+        fused = m.score == "scores" and has_text and getattr(cfg, "use_text", False)
+        for norm in (score_norms if fused else [getattr(cfg, "score_norm", "-")]):
+            c = dataclasses.replace(cfg, score_norm=norm).validate() if fused else cfg
+            selection = getattr(c, "selection", None)
+            k = "-" if m.score == "semantic" or not hasattr(c, "k") else "all" if selection == "all" else (
+                "default" if c.k is None else c.k)  # the text probe and the memory-bank methods use no neurons
             label = {"method": name, "score_norm": norm if fused else "-", "k": k}
-            out.append(Variant(label, c, m.score, shots, tuple(seeds) if c.selection == "random" else (c.seed,), method=name))
+            out.append(Variant(label, c, m.score, shots, tuple(seeds) if selection == "random" else (c.seed,), method=name))
     return out
 
 

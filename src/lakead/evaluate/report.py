@@ -114,14 +114,12 @@ def report_markdown(report: EvalReport, figures: dict[str, str]) -> str:
         "",
         f"- method: `{s['method']}`: {s['method_description']}; image score: `{s['image_score']}`",
         f"- backbone: `{bb['source']}` ({bb['kind']}, weights sha256 {bb['fingerprint'][:16]}...)",
-        f"- layer: `{cfg['layer']}`, k: {cfg['k']}, selection: `{cfg['selection']}` (seed {cfg['seed']}), "
-        f"text probe: {'on' if cfg['use_text'] and bb['joint_dim'] else 'off'}, lam: {cfg['lam']}, "
-        f"semantic layer: {cfg['semantic_layer']}, semantic aggregation: {cfg['semantic_agg']}",
+        *(_lake_settings(cfg, bb) if "k" in cfg else
+          [f"- options: {', '.join(f'{k}={v}' for k, v in cfg.items() if k != 'backbone')}"]),
         f"- decision: false-alarm budget {cfg.get('false_alarm_rate', 'n/a')}, threshold rule `{cfg.get('threshold_rule', 'n/a')}`"
         f" (used: {', '.join(sorted({r.decision.get('rule', '?') for r in report.results}))}), "
         f"scope check: {'on' if cfg.get('scope_check') else 'off'} (docs/DECISIONS.md)",
-        f"- score_norm: `{cfg['score_norm']}`, maps: `{cfg['map_source']}`, sigma: {cfg['sigma']}, "
-        f"image size: {cfg['image_size'] or bb['image_size']}",
+        f"- image size: {cfg.get('image_size') or bb['image_size']}",
         f"- run: device {_device(s.get('runtime') or {})}, batch size {(s.get('runtime') or {}).get('batch_size', '?')}, "
         f"precision {(s.get('runtime') or {}).get('precision', '?')}",
         f"- shots: {s['shots']} per category, seed {s['shot_seed']}:",
@@ -149,3 +147,13 @@ def report_markdown(report: EvalReport, figures: dict[str, str]) -> str:
         for r in report.results:
             lines += [f"### {r.name}", "", f"![{r.name}]({figures[r.name]})", ""]
     return "\n".join(lines) + "\n"
+
+
+def _lake_settings(cfg: dict, bb: dict) -> list[str]:
+    """The settings lines of a LAKE configuration (other methods list their options)."""
+    return [
+        f"- layer: `{cfg['layer']}`, k: {cfg['k']}, selection: `{cfg['selection']}` (seed {cfg['seed']}), "
+        f"text probe: {'on' if cfg['use_text'] and bb['joint_dim'] else 'off'}, lam: {cfg['lam']}, "
+        f"semantic layer: {cfg['semantic_layer']}, semantic aggregation: {cfg['semantic_agg']}",
+        f"- score_norm: `{cfg['score_norm']}`, maps: `{cfg['map_source']}`, sigma: {cfg['sigma']}",
+    ]

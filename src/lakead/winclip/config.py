@@ -23,7 +23,8 @@ class WinCLIPConfig(Options):
 
     backbone: str = option(DEFAULT_CLIP, "Hub id, local save_pretrained directory, or onnx:PATH.")
     reference: Literal["none", "winclip", "lake"] = option(
-        "none", "What the normal images add to WinCLIP's text maps: none (WinCLIP, zero-shot), winclip (WinCLIP+: "
+        "none", "Set by --method (winclip: none, winclip+: winclip, winclip+lake: lake). What the normal images "
+        "add to WinCLIP's text maps: none (WinCLIP, zero-shot), winclip (WinCLIP+: "
         "reference association of windows and patches, full width) or lake (WinCLIP+LAKE: LAKE's sensitive-neuron "
         "gallery and distances).")
     window_sizes: str = option("2,3", "WinCLIP window sides in patches, comma-separated (the paper: 2 and 3); the whole "
