@@ -230,3 +230,17 @@ def test_cli_fits_zero_shot_without_images_and_few_shot_with_them(tiny_clip_dir,
     assert r.exit_code == 0 and "does not use --lam" in r.output  # named in a warning
     r = run(app, ["info", str(tmp_path / "lake")])
     assert r.exit_code == 0 and "winclip" in r.output
+
+
+def test_the_service_store_fits_and_lists_a_winclip_model(tiny_clip_dir, tmp_path):
+    from lakead.serve.store import ModelStore
+
+    rng = np.random.default_rng(6)
+    store = ModelStore(tmp_path / "models", default_backbone=str(tiny_clip_dir), device="cpu")
+    info = store.create([texture(rng, (40, 40)) for _ in range(3)], ["a.png", "b.png", "c.png"], "tile",
+                        {"k": 4, "layer": 2, "fusion_weight": 0.25}, method="winclip+lake")
+    assert info["method"] == "winclip" and info["k"] == 4 and info["support_images"] == 3
+    pred, _ = store.predict(info["id"], [with_defect(texture(rng, (48, 48)), 8, 8, 16)], ["d.png"])
+    assert pred.maps[0].shape == (48, 48)
+    det = load_detector(tmp_path / "models" / info["id"])
+    assert det.config.reference == "lake" and det.config.fusion_weight == 0.25

@@ -277,7 +277,7 @@ def model_facts(meta: dict[str, Any]) -> dict[str, Any]:
         "method": meta["method"],
         "class_name": meta["class_name"],
         "backbone": meta["backbone"]["source"],
-        "layer": meta.get("layer", meta.get("lake_layer")),
+        "layer": meta["layer"],
         "semantic_layer": meta.get("semantic_layer"),
         "image_size": meta.get("image_size"),
         "k": meta.get("k", config.get("k")),

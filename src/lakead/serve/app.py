@@ -20,6 +20,7 @@ where ``errors`` lists ``{"name": file or field, "problem": ...}`` when there ar
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import inspect
 import math
@@ -41,11 +42,12 @@ from .._version import __version__
 from ..api import Runtime
 from ..errors import BackboneUnavailableError, ConfigError, LakeadError, ModelFormatError
 from ..lake import LakeConfig
-from ..options import option_specs
+from ..methods import METHODS, get_method
+from ..options import method_option_specs, option_specs
 from ..viz import overlay, png_bytes
 from .guard import Guard
 from .scheduling import Busy, FairSlots, PixelBudget, run_for_client
-from .store import FIT_OPTIONS, ID_PATTERN, BackboneNotAllowed, ModelNotFound, ModelStore, StorageError, clean_class_name
+from .store import FIT_OPTIONS, ID_PATTERN, METHOD_OPTIONS, BackboneNotAllowed, ModelNotFound, ModelStore, StorageError, clean_class_name
 from .uploads import Cancelled, ServeLimits, UploadRejected, Uploads, check_count, upload_name
 
 STATIC = files("lakead.serve") / "static"
@@ -80,6 +82,9 @@ class ServerInfo(BaseModel):
     fit_options: dict[str, Any] = Field(description="Detector options of POST /models with their defaults.")
     option_choices: dict[str, list[str]] = Field(description="The allowed values of the options that take one of a few words.")
     option_help: dict[str, str] = Field(description="What each detector option of POST /models does.")
+    methods: list[str] = Field(default_factory=list, description="The values of POST /models 'method'.")
+    method_options: dict[str, Any] = Field(default_factory=dict, description="Options of the methods other than LAKE "
+                                           "(POST /models with 'method'), with their defaults; their help names the methods.")
 
 
 class ModelInfo(BaseModel):
@@ -158,6 +163,11 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 #: The detector options of POST /models (every configuration field but the backbone), each
 #: with its type, choices, default and help from :class:`~lakead.lake.LakeConfig`.
 OPTION_SPECS = {name: spec for name, spec in option_specs(LakeConfig).items() if name in FIT_OPTIONS}
+#: The options of the other methods (the ``method`` form field), with the methods that read each.
+METHOD_OPTION_SPECS = {name: dataclasses.replace(spec, help=f"{spec.help} [{', '.join(methods)}]")
+                       for name, (spec, methods) in method_option_specs().items()}
+#: Every option form field of POST /models.
+FORM_SPECS = {**OPTION_SPECS, **METHOD_OPTION_SPECS}
 #: The configuration's default backbone: the server's when none is given.
 DEFAULT_BACKBONE: str = option_specs(LakeConfig)["backbone"].default
 
@@ -174,13 +184,13 @@ def with_option_fields(endpoint: Callable[..., Awaitable[Any]]) -> Callable[...,
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                           annotation=Annotated[Optional[spec.form_type], Form(description=spec.help)])
-        for name, spec in OPTION_SPECS.items()
+        for name, spec in FORM_SPECS.items()
     ]
 
     @functools.wraps(endpoint)
     async def wrapper(**kwargs: Any) -> Any:
         options = {}
-        for name, spec in OPTION_SPECS.items():
+        for name, spec in FORM_SPECS.items():
             value = kwargs.pop(name, None)
             if value is None:
                 continue
@@ -278,6 +288,7 @@ def create_app(
             fit_options={name: spec.default for name, spec in OPTION_SPECS.items()},
             option_choices={name: list(spec.choices) for name, spec in OPTION_SPECS.items() if spec.kind == "choice"},
             option_help={name: spec.help for name, spec in OPTION_SPECS.items()},
+            methods=list(METHODS), method_options={name: spec.default for name, spec in METHOD_OPTION_SPECS.items()},
         )
 
     @app.get("/models", tags=["models"], responses=_errors(401), response_model_exclude_unset=True)
@@ -303,6 +314,7 @@ def create_app(
         images: Annotated[list[UploadFile], File(min_length=1, description="Normal (defect-free) images: PNG, JPEG, BMP, TIFF, WebP.")],
         class_name: Annotated[str, Form(min_length=1, max_length=200, description="What the images show, e.g. 'screw'; fills the text prompts.")],
         backbone: Annotated[Optional[str], Form(description="One of GET /info 'backbones' (default: the server's).")] = None,
+        method: Annotated[Optional[str], Form(description="How to score: " + ", ".join(METHODS) + " (default: lake).")] = None,
         *,
         options: dict[str, Any],
     ) -> ModelInfo:
@@ -311,8 +323,10 @@ def create_app(
         Every other form field is a detector option (GET /info lists them with their defaults);
         unknown form fields are refused (422), so a misspelled option never passes silently.
         """
-        await _refuse_unknown_fields(request, {"images", "class_name", "backbone", *FIT_OPTIONS})
-        LakeConfig.from_options(**options)  # a bad option is refused before any image is read
+        await _refuse_unknown_fields(request, {"images", "class_name", "backbone", "method", *FIT_OPTIONS, *METHOD_OPTIONS})
+        m = get_method(method or "lake")
+        m.configure(LakeConfig.from_options(**{k: v for k, v in options.items() if k in FIT_OPTIONS}),
+                    {k: v for k, v in options.items() if k in METHOD_OPTIONS})  # a bad option is refused before any image is read
         image_size = options.get("image_size")
         if image_size is not None and image_size > limits.max_image_size:
             raise ConfigError(f"image_size {image_size} is larger than this service allows "
@@ -329,7 +343,7 @@ def create_app(
             with Uploads([(n, f.file) for n, f in zip(names, images)], limits) as uploads:
                 with pixels.hold(uploads.pixels, cancel.is_set):
                     arrays = uploads.decode(check, cancel.is_set)
-                    return store.create(arrays, names, class_name, options, backbone=spec, cancel=cancel)
+                    return store.create(arrays, names, class_name, options, backbone=spec, cancel=cancel, method=m.name)
 
         result = await run_for_client(request, fit_slots, "fit", work)
         response.headers["location"] = f"/models/{result['id']}"

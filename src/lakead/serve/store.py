@@ -43,6 +43,7 @@ from ..backbones import Backbone, BackboneInfo, load_backbone
 from ..errors import ConfigError, LakeadError, ModelFormatError
 from ..lake import LakeConfig
 from ..methods import get_method, load_detector
+from ..options import method_option_specs
 from .uploads import Cancelled, UploadRejected
 
 log = logging.getLogger("lakead.serve")
@@ -59,8 +60,10 @@ STALE_SECONDS = 3600.0
 #: precision) is the server's setting, not a client's option.
 FIT_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LakeConfig) if f.name != "backbone")
 
-#: The method of the models created through the service.
+#: The method of the models created through the service unless the client names another.
 METHOD = "lake"
+#: Options of the other methods (PatchCore's coreset, AnomalyDINO's top_percent...), beside FIT_OPTIONS.
+METHOD_OPTIONS: tuple[str, ...] = tuple(method_option_specs())
 
 
 class ModelNotFound(LakeadError):
@@ -359,17 +362,23 @@ class ModelStore:
         options: dict[str, Any],
         backbone: str | None = None,
         cancel: threading.Event | None = None,
+        method: str = METHOD,
     ) -> dict[str, Any]:
         """Fit a detector on normal images, save it under a new id, and return its info.
 
-        ``options`` are :class:`~lakead.lake.LakeConfig` fields from :data:`FIT_OPTIONS`;
+        ``method``: a name of :data:`lakead.methods.METHODS`. ``options`` are
+        :class:`~lakead.lake.LakeConfig` fields from :data:`FIT_OPTIONS` (those the method shares
+        with LAKE are used) and the other methods' fields from :data:`METHOD_OPTIONS`;
         ``backbone`` must be one of :attr:`allowed_backbones` (default: the server's).
         Raises :class:`ConfigError` on a bad option, :class:`UploadRejected` (422) when an
         image is smaller than one patch of the backbone. Nothing is written on failure.
         """
-        unknown = sorted(set(options) - set(FIT_OPTIONS))
+        unknown = sorted(set(options) - set(FIT_OPTIONS) - set(METHOD_OPTIONS))
         if unknown:
-            raise ConfigError(f"unknown detector option(s) {unknown}; known: {list(FIT_OPTIONS)}")
+            raise ConfigError(f"unknown detector option(s) {unknown}; known: {list(FIT_OPTIONS) + list(METHOD_OPTIONS)}")
+        m = get_method(method)
+        method_options = {k: v for k, v in options.items() if k in METHOD_OPTIONS}
+        options = {k: v for k, v in options.items() if k in FIT_OPTIONS}
         if isinstance(class_name, str):
             class_name = clean_class_name(class_name)
         if not isinstance(class_name, str) or not class_name:
@@ -378,9 +387,10 @@ class ModelStore:
         if options.get("text_backbone") is not None:  # a model of the text probe: one this server offers, too
             options = {**options, "text_backbone": self.resolve_backbone(options["text_backbone"])}
         config = LakeConfig.from_options(backbone=spec, **options)  # validated: a bad option fails before any work
+        config = m.configure(config, method_options)
         with self._fit_lock:
             bb = self.backbone(spec)
-            det = get_method(METHOD).build(config, bb, self.runtime)
+            det = m.build(config, bb, self.runtime)
             arrays = _check_patch(det, images, names)
             det.fit(arrays, class_name, names=list(names), support_rule=f"{len(arrays)} images uploaded to the service",
                     on_progress=_stop_when(cancel))
