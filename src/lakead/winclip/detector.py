@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -47,6 +48,19 @@ log = logging.getLogger("lakead")
 #: The threshold of a zero-shot model fitted without any normal image: P(anomalous) > 1/2.
 UNCALIBRATED_THRESHOLD = 0.5
 VARIANTS = {"none": "winclip", "winclip": "winclip+", "lake": "winclip+lake"}
+#: Class prototypes already embedded, per loaded backbone and class name: an evaluation fits
+#: several methods or shot counts per class, and the prompt ensemble (242 prompts) is the same.
+_PROTOTYPES: "weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def class_text(backbone: Any, class_name: str) -> tuple[torch.Tensor, int, int]:
+    """The ``(2, E)`` class prototypes of ``class_name`` on ``backbone`` (computed once per loaded
+    backbone and name), and the numbers of normal and anomalous prompts averaged."""
+    normal, anomalous = prompt_ensemble(class_name)
+    cache = _PROTOTYPES.setdefault(backbone, {})
+    if class_name not in cache:
+        cache[class_name] = class_prototypes(backbone.text_embeddings(normal), backbone.text_embeddings(anomalous)).cpu()
+    return cache[class_name], len(normal), len(anomalous)
 
 
 class WinCLIPDetector(BaseDetector):
@@ -116,8 +130,8 @@ class WinCLIPDetector(BaseDetector):
         tables = self._tables(grid)
         if not 0 <= cfg.window_start_block < bb.info.num_layers:
             raise ConfigError(f"window_start_block {cfg.window_start_block} is out of range: 0..{bb.info.num_layers - 1}")
-        normal, anomalous = prompt_ensemble(class_name)
-        prototypes = class_prototypes(bb.text_embeddings(normal), bb.text_embeddings(anomalous)).to(device)  # (2, E)
+        prototypes, n_normal, n_anomalous = class_text(bb, class_name.strip())
+        prototypes = prototypes.to(device)  # (2, E)
         patch, lake = self._blocks()
 
         images = list(images) if not isinstance(images, (str, bytes)) else [images]
@@ -148,7 +162,7 @@ class WinCLIPDetector(BaseDetector):
             text_embeddings=prototypes, window_memory=None, window_memory_scale=None, window_memory_image=None,
             patch_memory=None, patch_memory_image=None, neurons=None, gallery=None, gallery_image=None,
             loo_scores=np.zeros(0, np.float32), loo_text=np.zeros(0, np.float32), loo_visual=np.zeros(0, np.float32),
-            loo_tokens=np.zeros(0, np.float32), class_name=class_name.strip(), prompts=[len(normal), len(anomalous)],
+            loo_tokens=np.zeros(0, np.float32), class_name=class_name.strip(), prompts=[n_normal, n_anomalous],
             image_size=image_size, grid=tuple(grid), window_sizes=list(cfg.sizes), patch_layer=patch,
             lake_layer=(list(lake) if isinstance(cfg.layer, (list, tuple)) else lake[0]) if lake else None,
             visual_scale=1.0, threshold=math.inf, threshold_rule="none", false_alarm_rate=None, seed_threshold=None,
