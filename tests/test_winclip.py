@@ -198,6 +198,7 @@ def test_shared_option_names_mean_the_same_as_lake_s():
 # -- the command line --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # loads the tiny CLIP from disk several times
 def test_cli_fits_zero_shot_without_images_and_few_shot_with_them(tiny_clip_dir, tmp_path):
     from PIL import Image
     from typer.testing import CliRunner
@@ -232,6 +233,7 @@ def test_cli_fits_zero_shot_without_images_and_few_shot_with_them(tiny_clip_dir,
     assert r.exit_code == 0 and "winclip" in r.output
 
 
+@pytest.mark.slow  # loads the tiny CLIP from disk several times
 def test_the_service_store_fits_and_lists_a_winclip_model(tiny_clip_dir, tmp_path):
     from lakead.serve.store import ModelStore
 
@@ -244,3 +246,20 @@ def test_the_service_store_fits_and_lists_a_winclip_model(tiny_clip_dir, tmp_pat
     assert pred.maps[0].shape == (48, 48)
     det = load_detector(tmp_path / "models" / info["id"])
     assert det.config.reference == "lake" and det.config.fusion_weight == 0.25
+
+
+@pytest.mark.slow  # loads the tiny CLIP from disk several times
+def test_lakead_eval_runs_each_winclip_method(tiny_clip_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from _synthetic import write_category
+    from lakead.cli import app
+
+    write_category(tmp_path / "data", "bottle", n_train=4, n_good=2, defects={"crack": 2}, seed=3)
+    for method in ("winclip", "winclip+", "winclip+lake"):
+        out = tmp_path / method
+        r = CliRunner().invoke(app, ["eval", str(tmp_path / "data"), "--out", str(out), "--shots", "3", "--method", method,
+                                     "--backbone", str(tiny_clip_dir), "--k", "4", "--layer", "2", "--no-figures"])
+        assert r.exit_code == 0, r.output
+        report = (out / "report.md").read_text()
+        assert f"method: `{method}`" in report and "window_sizes=2,3" in report
