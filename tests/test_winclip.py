@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import texture, with_defect
-from lakead import ConfigError
+from lakead import ConfigError, Runtime
 from lakead.methods import get_method, load_detector
 from lakead.winclip import WinCLIPConfig, WinCLIPDetector
 from lakead.winclip.maps import association, fuse, harmonic_aggregate, harmonic_mean, text_probability, window_indices
@@ -263,3 +263,20 @@ def test_lakead_eval_runs_each_winclip_method(tiny_clip_dir, tmp_path):
         assert r.exit_code == 0, r.output
         report = (out / "report.md").read_text()
         assert f"method: `{method}`" in report and "window_sizes=2,3" in report
+
+
+@pytest.mark.slow  # three methods over a synthetic dataset
+def test_baselines_grid_runs_the_winclip_methods_beside_lake(tiny_backbone, tmp_path):
+    from _synthetic import write_category
+    from lakead import LakeConfig
+    from lakead.data import load_dataset
+    from lakead.evaluate import baseline_variants, run_grid
+
+    write_category(tmp_path / "data", "bottle", n_train=4, n_good=2, defects={"crack": 2}, seed=4)
+    base = LakeConfig(backbone=tiny_backbone.info.source, k=4, layer=2)
+    variants = baseline_variants(base, methods=["lake", "winclip", "winclip+lake"], shots=3, score_norms=["loo"],
+                                 options={"fusion_weight": 0.25})
+    assert [v.config.fusion_weight for v in variants[1:]] == [0.25, 0.25]
+    report = run_grid(load_dataset(tmp_path / "data"), tmp_path / "out", variants, backbone=tiny_backbone,
+                      runtime=Runtime(device="cpu", batch_size=4), title="baselines")
+    assert [r["label"]["method"] for r in report.rows] == ["lake", "winclip", "winclip+lake"]
