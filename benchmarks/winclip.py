@@ -13,11 +13,12 @@ on a shared CPU (noisy: compare ratios within one run, not across runs). The ran
 tokenizer is character-level (about 60 tokens a prompt where CLIP's BPE gives about 15), so the
 text time here overstates a real CLIP's::
 
-    python benchmarks/winclip.py --window-start-block 0,9          # vit-b-16 random, 4 shots, 12 test images per category
-    python benchmarks/winclip.py --preset tiny --shots 2 --max-test 4  # a quick check
+    python benchmarks/winclip.py --preset tiny --shots 4 --max-test 24              # every category, tiny random CLIP
+    python benchmarks/winclip.py --categories mpdd/metal_plate --shots 2 --max-test 6 --window-start-block 0,9
+                                                                                    # ViT-B/16 size (random), one category
     python benchmarks/winclip.py --backbone ./clip-vit-b-16         # trained weights, where they exist
 
-The table in docs/BENCHMARKS.md ("WinCLIP family") comes from the first command.
+The two tables in docs/BENCHMARKS.md ("WinCLIP family") come from the first two commands.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def spread(items, n):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--categories", default=None, help="comma-separated category names (default: all)")
     ap.add_argument("--backbone", default=None, help="a CLIP directory (default: a random lakead.testing preset)")
     ap.add_argument("--preset", default="vit-b-16", help="random CLIP preset when no --backbone is given")
     ap.add_argument("--shots", type=int, default=4)
@@ -67,7 +69,7 @@ def main() -> None:
         source = args.backbone or str(save_random_clip(Path(tmp) / args.preset, args.preset, seed=0))
         bb = CLIPBackbone.from_pretrained(source)
         cats = [dataclasses.replace(c, test=spread(sorted(c.test, key=lambda s: str(s.path)), args.max_test))
-                for c in load_dataset(args.data)]
+                for c in load_dataset(args.data, args.categories.split(",") if args.categories else None)]
         rt = Runtime(device="cpu", batch_size=args.batch_size)
         print(f"# WinCLIP family, {'random-weight ' + args.preset if not args.backbone else args.backbone}: "
               f"{bb.info.image_size} px, patch {bb.info.patch_size}, {args.shots} shots, "

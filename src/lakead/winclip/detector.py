@@ -134,14 +134,15 @@ class WinCLIPDetector(BaseDetector):
         prototypes = prototypes.to(device)  # (2, E)
         patch, lake = self._blocks()
 
-        images = list(images) if not isinstance(images, (str, bytes)) else [images]
-        loaded = self.read_images(images, names, strict=False) if images else None
+        none = images is None or (isinstance(images, (list, tuple)) and len(images) == 0)
+        loaded = None if none else self.read_images(images, names, strict=False)
         arrays = loaded.arrays if loaded is not None else []
+        given = 0 if loaded is None else len(loaded.arrays) + len(loaded.errors)
         if loaded is not None:
             for e in loaded.errors:
                 log.warning("skipping support image %s", e)
             if not arrays:
-                raise ConfigError(f"no readable support image among the {len(images)} given" + (
+                raise ConfigError(f"no readable support image among the {given} given" + (
                     f" (first problem: {loaded.errors[0]})" if loaded.errors else ""))
         if not arrays and cfg.reference != "none":
             raise ConfigError(f"reference={cfg.reference!r} needs normal images; only zero-shot WinCLIP (reference none) "
@@ -167,7 +168,7 @@ class WinCLIPDetector(BaseDetector):
             lake_layer=(list(lake) if isinstance(cfg.layer, (list, tuple)) else lake[0]) if lake else None,
             visual_scale=1.0, threshold=math.inf, threshold_rule="none", false_alarm_rate=None, seed_threshold=None,
             pixel_threshold=None, map_range=(0.0, 1.0), support=list(loaded.names) if loaded else [],
-            support_rule=support_rule or (f"{len(images)} images as given" if images else "none: zero-shot from the class name"),
+            support_rule=support_rule or (f"{given} images as given" if given else "none: zero-shot from the class name"),
             skipped=[str(e) for e in loaded.errors] if loaded else [],
             fitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
