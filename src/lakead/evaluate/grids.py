@@ -164,6 +164,9 @@ def run_grid(
     for v, m in zip(variants, methods):
         if m.needs_text and not has_text_probe(v.config, bb):
             raise ConfigError(f"method {m.name!r} needs a text tower; backbone {bb.info.source} has none")
+        if m.backbone_kinds and bb.info.kind not in m.backbone_kinds:
+            raise ConfigError(f"method {m.name!r} runs on {', '.join(m.backbone_kinds)} backbones; {bb.info.source} is "
+                              f"{bb.info.kind}: leave it out of --methods")
     if any(getattr(v.config, "use_text", False) and not has_text_probe(v.config, bb) for v in variants):
         log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", bb.info.source)
         variants = [dataclasses.replace(v, config=dataclasses.replace(v.config, use_text=False))

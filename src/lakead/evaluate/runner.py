@@ -326,6 +326,8 @@ def has_text_probe(cfg: Any, bb: Backbone) -> bool:
 def _check_method(m: Method, bb: Backbone, cfg: Any = None) -> None:
     if m.needs_text and not has_text_probe(cfg, bb):
         raise ConfigError(f"method {m.name!r} needs a text tower; backbone {bb.info.source} has none")
+    if m.backbone_kinds and bb.info.kind not in m.backbone_kinds:
+        raise ConfigError(f"method {m.name!r} runs on {', '.join(m.backbone_kinds)} backbones; {bb.info.source} is {bb.info.kind}")
 
 
 def _without_missing_text(cfg: Any, bb: Backbone) -> Any:
