@@ -41,7 +41,7 @@ def test_help_shows_plain_types(command):
     assert r.exit_code == 0, r.output
     assert re.findall(r"<[a-z][\w\[\], ]*>", r.output) == []  # no <bool>, <int>, <list[Path]>
     if command == "fit":
-        assert "PATH..." in r.output and "INTEGER" in r.output and "Usage: lakead fit [OPTIONS] NORMAL..." in r.output
+        assert "PATH..." in r.output and "INTEGER" in r.output and "Usage: lakead fit [OPTIONS] [NORMAL...]" in r.output  # optional: zero-shot WinCLIP fits on a class name
 
 
 def test_serve_backbone_help_names_onnx():

@@ -46,7 +46,9 @@ from .cli_common import (  # app: the entry point (lakead.cli:app)
 @method_options()
 def fit(
     ctx: typer.Context,
-    normal: list[Path] = typer.Argument(..., help="Folders (searched recursively) or files of normal images.", show_default=False),
+    normal: Optional[list[Path]] = typer.Argument(
+        None, help="Folders (searched recursively) or files of normal images (none: zero-shot, --method winclip only).",
+        show_default=False),
     class_name: str = typer.Option(..., "--class-name", "-c", help="What the images show, e.g. 'screw'; fills the text prompts."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the model to (replaced if it exists)."),
     shots: Optional[int] = typer.Option(None, help="Use only this many normal images (default: all)."),
@@ -73,10 +75,16 @@ def fit(
         raise typer.BadParameter(f"has a control character: '{printable(class_name)}'; give printable text", param_hint="--class-name")
     with errors_as_messages():
         check_directory_target(out_dir)  # before the work, not after it
-        pool = list_images(normal)
-        check_hub(config)
-        chosen, rule = select_shots(pool, shots, seed)
         cfg, m = configured(method, config, method_options)
+        if normal:
+            chosen, rule = select_shots(list_images(normal), shots, seed)
+        elif m.zero_shot:  # the class name alone (WinCLIP)
+            chosen, rule = [], "none: zero-shot from the class name"
+        else:
+            raise typer.BadParameter(f"method {m.name!r} needs normal images (only the zero-shot methods, "
+                                     f"{', '.join(z.name for z in METHODS.values() if z.zero_shot)}, fit on a class name alone)",
+                                     param_hint="NORMAL")
+        check_hub(config)
         det = m.build(cfg, runtime=runtime)
         det.backbone  # noqa: B018 - loaded before the progress bar: a missing backbone is one message, no bar
         logging.getLogger("lakead").info("support set: %s", rule)

@@ -7,7 +7,7 @@ and one line in :data:`METHODS` (and one in :data:`DETECTORS` when it saves mode
 name): see docs/ARCHITECTURE.md.
 
 >>> sorted(METHODS)
-['all', 'anomalydino', 'bottom', 'lake', 'patchcore', 'random', 'text', 'visual']
+['all', 'anomalydino', 'bottom', 'lake', 'patchcore', 'random', 'text', 'visual', 'winclip', 'winclip+', 'winclip+lake']
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 #: lists the methods) does not import torch until a detector is built or loaded.
 LakeDetector = "lakead.lake.detector:LakeDetector"
 #: Config classes of detectors named by string, in modules without torch.
-CONFIGS = {LakeDetector: "lakead.lake.config:LakeConfig"}
+WinCLIPDetector = "lakead.winclip.detector:WinCLIPDetector"
+CONFIGS = {LakeDetector: "lakead.lake.config:LakeConfig", WinCLIPDetector: "lakead.winclip.config:WinCLIPConfig"}
 PatchCoreDetector = "lakead.patchcore:PatchCoreDetector"
 AnomalyDinoDetector = "lakead.anomalydino:AnomalyDinoDetector"
 
@@ -51,6 +52,8 @@ class Method:
     #: The config class as "module:Class" of a module without torch, so that the command line
     #: builds this method's options without importing it (None: the detector's own).
     config: Any = None
+    backbone_kinds: tuple[str, ...] | None = None  # the backbone families it runs on (None: any)
+    zero_shot: bool = False  # fits on a class name alone, without any image
 
     @property
     def detector_class(self) -> type:
@@ -107,6 +110,13 @@ METHODS: dict[str, Method] = {
         Method("bottom", LakeDetector, "k lowest-variance channels, nearest neighbour", {"selection": "bottom", "use_text": False}, "visual"),
         Method("text", LakeDetector, "text probe only (zero-shot): per-token P(anomalous) of the two prompts; the shots are not used",
                {"map_source": "semantic", "use_text": True}, "semantic", needs_text=True),
+        Method("winclip", WinCLIPDetector, "WinCLIP (zero-shot): prompt ensemble, windows, harmonic aggregation; "
+               "normal images only calibrate the threshold", {"reference": "none"}, needs_text=True, backbone_kinds=("clip",),
+               zero_shot=True),
+        Method("winclip+", WinCLIPDetector, "WinCLIP+ (few-shot): WinCLIP fused with the reference association of "
+               "windows and patches", {"reference": "winclip"}, needs_text=True, backbone_kinds=("clip",)),
+        Method("winclip+lake", WinCLIPDetector, "WinCLIP+LAKE: WinCLIP's text maps fused with LAKE's sensitive-neuron "
+               "distances (docs/METHODS.md)", {"reference": "lake"}, needs_text=True, backbone_kinds=("clip",)),
         Method("patchcore", PatchCoreDetector, "PatchCore (Roth et al. 2022): locally aware features of two blocks, "
                "coreset memory bank, reweighted nearest-neighbour image score", config="lakead.bankconfig:PatchCoreConfig"),
         Method("anomalydino", AnomalyDinoDetector, "AnomalyDINO's rule (Damm et al. 2025): cosine nearest neighbour, "
@@ -115,7 +125,8 @@ METHODS: dict[str, Method] = {
 }
 
 #: The ``method`` recorded in a saved model -> the class that loads it (or its "module:Class").
-DETECTORS: dict[str, Any] = {"lake": LakeDetector, "patchcore": PatchCoreDetector, "anomalydino": AnomalyDinoDetector}
+DETECTORS: dict[str, Any] = {"lake": LakeDetector, "patchcore": PatchCoreDetector, "anomalydino": AnomalyDinoDetector,
+                           "winclip": WinCLIPDetector}
 
 
 def detector_class(detector: Any) -> type:

@@ -483,10 +483,8 @@ def method_options() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return decorate
 
 
-    "METHOD_PANEL",
-
-
 __all__ = [
+    "METHOD_PANEL",
     "LIST_HELP",
     "MODEL_PANEL",
     "RUN_PANEL",

@@ -12,7 +12,7 @@ from ..fields import DEFAULT_CLIP, Layer, LayerSpec, as_blocks, parse_layer
 # The adapters pull in torch: imported on first use (PEP 562), so that the command line can
 # check the hub (lakead.backbones.hub) before it pays for torch.
 _LAZY = {
-    "Backbone": ".base", "BackboneInfo": ".base", "Features": ".base", "Preprocessing": ".base",
+    "Backbone": ".base", "BackboneInfo": ".base", "Features": ".base", "Preprocessing": ".base", "WindowFeatures": ".base",
     "CLIPBackbone": ".clip", "load_backbone": ".registry",
 }
 
@@ -40,6 +40,7 @@ __all__ = [
     "Layer",
     "LayerSpec",
     "Preprocessing",
+    "WindowFeatures",
     "as_blocks",
     "load_backbone",
     "parse_layer",

@@ -87,6 +87,23 @@ class Features:
     joint_grid: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class WindowFeatures:
+    """What WinCLIP reads of a batch (:meth:`Backbone.window_embeddings`).
+
+    ``image``: the image embedding in the joint space ``(B, E)`` (CLIP's own: the class token
+    after the last block, post-layernorm, projection; not normalised). ``windows``: for each
+    set of windows asked for, ``(B, nw, E)``: the class token's embedding when the tower sees
+    only the class token and that window's patches. ``blocks`` / ``grid``: patch tokens
+    ``(B, N, D)`` of the blocks asked for, from the full-image forward, on the patch grid.
+    """
+
+    image: torch.Tensor
+    windows: list[torch.Tensor]
+    blocks: dict[Layer, torch.Tensor]
+    grid: tuple[int, int]
+
+
 class Backbone(abc.ABC):
     """A frozen image model that can be read at intermediate blocks."""
 
@@ -147,6 +164,16 @@ class Backbone(abc.ABC):
         overrides it (SigLIP: sigmoid with its bias).
         """
         return anomaly_probability(joint_tokens, text_embeddings, self.logit_scale)
+
+    def window_embeddings(self, pixels: torch.Tensor, windows: Sequence[torch.Tensor], start_block: int = 0,
+                          blocks: Sequence[Layer] = ()) -> WindowFeatures:
+        """WinCLIP's multi-scale features of ``(B, 3, S, S)`` pixels: the image embedding, and
+        for each ``(nw, k)`` int64 table of patch indices (row-major on the patch grid) the
+        embeddings of its windows, each computed by running the tower from ``start_block`` on
+        the class token and the window's ``k`` patch tokens only (see :class:`WindowFeatures`).
+        Families with a class token and a joint projection implement it (CLIP)."""
+        raise ConfigError(f"backbone {self.info.source!r} ({self.info.kind}) has no class token to embed windows with: "
+                          "WinCLIP needs a CLIP backbone")
 
     def grid_size(self, image_size: int) -> tuple[int, int]:
         """Token grid ``(gh, gw)`` for a square input of ``image_size`` pixels."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .base import Backbone, Features, Layer
+from .base import Backbone, Features, Layer, WindowFeatures
 
 #: A cache key: (image key, "block" or "joint", the block).
 _Key = tuple[str, str, Any]
@@ -68,6 +68,11 @@ class FeatureCache(Backbone):
     @property
     def logit_scale(self) -> float:
         return self.inner.logit_scale
+
+    def window_embeddings(self, pixels: torch.Tensor, windows: Sequence[torch.Tensor], start_block: int = 0,
+                          blocks: Sequence[Layer] = ()) -> WindowFeatures:
+        """The inner backbone's, not kept (only WinCLIP reads windows; one row of a grid)."""
+        return self.inner.window_embeddings(pixels, windows, start_block, blocks)
 
     def to(self, device: torch.device | str) -> "FeatureCache":
         self.inner.to(device)

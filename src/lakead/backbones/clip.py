@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import BackboneUnavailableError, ConfigError
 from ..fields import DEFAULT_CLIP
-from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing, as_blocks
+from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing, WindowFeatures, as_blocks
 from .hub import hub_options
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,56 @@ class CLIPBackbone(Backbone):
         if joint_block is not None:
             joint = self.to_joint(outputs[int(joint_block)][:, 1:, :]).float()  # (B, N, E)
         return Features(blocks=feats, grids={b: grid for b in blocks}, joint=joint, joint_grid=grid if joint is not None else None)
+
+    #: Window sequences run through the tower at once (bounds memory: B * windows can be large).
+    WINDOW_CHUNK = 2048
+
+    @torch.inference_mode()
+    def window_embeddings(self, pixels: torch.Tensor, windows: Sequence[torch.Tensor], start_block: int = 0,
+                          blocks: Sequence[Layer] = ()) -> WindowFeatures:
+        """WinCLIP's features (Jeong et al. 2023, Sec. 4.2): see :meth:`Backbone.window_embeddings`.
+
+        The full image runs once through every block (its class token gives the image
+        embedding, its patch tokens the ``blocks`` asked for). For the windows, the hidden
+        state after ``start_block`` blocks (0: the embeddings with their position embeddings,
+        after ``pre_layrnorm``: the paper's and anomalib's choice) is cut to the class token and
+        the window's patches, and blocks ``start_block + 1 .. L`` run on those ``1 + k`` tokens
+        alone; the class token then enters the joint space as CLIP's does.
+        """
+        if not 0 <= start_block < self.num_layers:
+            raise ConfigError(f"window_start_block {start_block} is out of range: 0..{self.num_layers - 1} for this CLIP")
+        vision = self.model.vision_model
+        size = pixels.shape[-1]
+        dtype = next(self.model.parameters()).dtype
+        hidden = vision.embeddings(pixels.to(self.device, dtype), interpolate_pos_encoding=size != self.info.image_size)
+        hidden = vision.pre_layrnorm(hidden)  # (B, 1 + N, D)
+        wanted = {int(b) for b in blocks}
+        states: dict[int, torch.Tensor] = {0: hidden}
+        for i, block in enumerate(vision.encoder.layers, start=1):
+            out = block(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out  # (B, 1 + N, D)
+            if i in wanted or i == start_block:
+                states[i] = hidden
+        image = self.to_joint(hidden)[:, 0, :].float()  # (B, E): CLIP's image embedding (mapped as (B, 1 + N, D): the same
+        # matrix product whatever B, so an image's numbers do not depend on its batch)
+        start = states[start_block]  # (B, 1 + N, D)
+        b, _, width = start.shape
+        embedded = []
+        for table in windows:
+            idx = torch.cat([torch.zeros((table.shape[0], 1), dtype=torch.int64), table.to(torch.int64) + 1], dim=1)
+            idx = idx.to(start.device)  # (nw, 1 + k): the class token, then the window's patches
+            seqs = start[:, idx, :].reshape(b * idx.shape[0], idx.shape[1], width)  # (B * nw, 1 + k, D)
+            pooled = []
+            for c in range(0, seqs.shape[0], self.WINDOW_CHUNK):
+                h = seqs[c : c + self.WINDOW_CHUNK]
+                for block in vision.encoder.layers[start_block:]:
+                    out = block(h, None)
+                    h = out[0] if isinstance(out, tuple) else out
+                pooled.append(self.to_joint(h)[:, 0, :].float())  # (chunk, E)
+            embedded.append(torch.cat(pooled).reshape(b, idx.shape[0], -1))  # (B, nw, E)
+        grid = (pixels.shape[-2] // self.info.patch_size, pixels.shape[-1] // self.info.patch_size)
+        feats = {blk: states[int(blk)][:, 1:, :].float() for blk in blocks}  # (B, N, D) each
+        return WindowFeatures(image=image, windows=embedded, blocks=feats, grid=grid)
 
     def to_joint(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens ``(..., D)`` of the last block into the image-text space ``(..., E)``.

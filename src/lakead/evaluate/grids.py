@@ -117,7 +117,7 @@ def baseline_variants(
             k = "-" if m.score == "semantic" or not hasattr(c, "k") else "all" if selection == "all" else (
                 "default" if c.k is None else c.k)  # the text probe and the memory-bank methods use no neurons
             label = {"method": name, "score_norm": norm if fused else "-", "k": k}
-            out.append(Variant(label, c, m.score, shots, tuple(seeds) if selection == "random" else (c.seed,), method=name))
+            out.append(Variant(label, c, m.score, shots, tuple(seeds) if selection == "random" else (getattr(c, "seed", 0),), method=name))
     return out
 
 
@@ -164,6 +164,9 @@ def run_grid(
     for v, m in zip(variants, methods):
         if m.needs_text and not has_text_probe(v.config, bb):
             raise ConfigError(f"method {m.name!r} needs a text tower; backbone {bb.info.source} has none")
+        if m.backbone_kinds and bb.info.kind not in m.backbone_kinds:
+            raise ConfigError(f"method {m.name!r} runs on {', '.join(m.backbone_kinds)} backbones; {bb.info.source} is "
+                              f"{bb.info.kind}: leave it out of --methods")
     if any(getattr(v.config, "use_text", False) and not has_text_probe(v.config, bb) for v in variants):
         log.warning("backbone %s has no text tower: the text probe is off (semantic scores are 0)", bb.info.source)
         variants = [dataclasses.replace(v, config=dataclasses.replace(v.config, use_text=False))
@@ -179,7 +182,7 @@ def run_grid(
             log.info("%s: row %d of %d (%s)", cat.name, i + 1, len(variants), ", ".join(f"{k}={x}" for k, x in v.label.items()))
             runs, decided = [], []
             for s in v.seeds:
-                cfg = dataclasses.replace(v.config, seed=s)
+                cfg = dataclasses.replace(v.config, seed=s) if hasattr(v.config, "seed") else v.config  # WinCLIP: no seed
                 res = evaluate_category(cat, cfg, reader, runtime=rt, method=methods[i], shots=v.shots, seed=shot_seed,
                                         score=v.score, images=images, on_progress=on_progress)
                 runs.append(res.metrics())

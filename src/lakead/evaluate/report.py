@@ -114,7 +114,7 @@ def report_markdown(report: EvalReport, figures: dict[str, str]) -> str:
         "",
         f"- method: `{s['method']}`: {s['method_description']}; image score: `{s['image_score']}`",
         f"- backbone: `{bb['source']}` ({bb['kind']}, weights sha256 {bb['fingerprint'][:16]}...)",
-        *(_lake_settings(cfg, bb) if "k" in cfg else
+        *(_lake_settings(cfg, bb) if "use_text" in cfg and "k" in cfg else
           [f"- options: {', '.join(f'{k}={v}' for k, v in cfg.items() if k != 'backbone')}"]),
         f"- decision: false-alarm budget {cfg.get('false_alarm_rate', 'n/a')}, threshold rule `{cfg.get('threshold_rule', 'n/a')}`"
         f" (used: {', '.join(sorted({r.decision.get('rule', '?') for r in report.results}))}), "

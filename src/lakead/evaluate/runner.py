@@ -356,7 +356,7 @@ def evaluate(
     cats, data_root = _categories(data, categories, getattr(config, "read_rule", None))
     m = get_method(method) if isinstance(method, str) else method
     cfg = m.configure(config)
-    bb = backbone or load_backbone(cfg.backbone, need_text=getattr(cfg, "use_text", False))
+    bb = backbone or load_backbone(cfg.backbone, need_text=getattr(cfg, "use_text", False) or m.needs_text)
     _check_method(m, bb, cfg)
     cfg = _without_missing_text(cfg, bb)
     results = []
@@ -382,6 +382,8 @@ def has_text_probe(cfg: Any, bb: Backbone) -> bool:
 def _check_method(m: Method, bb: Backbone, cfg: Any = None) -> None:
     if m.needs_text and not has_text_probe(cfg, bb):
         raise ConfigError(f"method {m.name!r} needs a text tower; backbone {bb.info.source} has none")
+    if m.backbone_kinds and bb.info.kind not in m.backbone_kinds:
+        raise ConfigError(f"method {m.name!r} runs on {', '.join(m.backbone_kinds)} backbones; {bb.info.source} is {bb.info.kind}")
 
 
 def _without_missing_text(cfg: Any, bb: Backbone) -> Any:
