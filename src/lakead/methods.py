@@ -21,6 +21,7 @@ from .api import Detector, Runtime, read_model_meta
 from .backbones import Backbone
 from .errors import ConfigError, ModelFormatError
 from .lake import LakeDetector
+from .runtime import ExportedDetector, is_exported
 
 #: Which number of a :class:`~lakead.api.Prediction` a method reports as its image score.
 SCORE_FIELDS = ("scores", "visual", "semantic")
@@ -92,7 +93,13 @@ def load_detector(
     precision: str | None = None,
 ) -> Detector:
     """Load any saved model, whatever its method (``device``, ``batch_size`` and
-    ``precision`` say how to run it; see :meth:`LakeDetector.load` for ``backbone``)."""
+    ``precision`` say how to run it; see :meth:`LakeDetector.load` for ``backbone``). A
+    directory written by ``lakead export`` is read by :class:`lakead.runtime.ExportedDetector`
+    (its graph holds the backbone; it runs on the CPU at the precision it was exported with)."""
+    if is_exported(path):
+        if backbone is not None:
+            raise ConfigError(f"{path}: an exported model holds its backbone in its graph; --backbone does not apply")
+        return ExportedDetector.load(path, batch_size=batch_size)  # type: ignore[return-value]
     name = read_model_meta(path)["method"]
     cls = DETECTORS.get(name)
     if cls is None:
