@@ -182,10 +182,10 @@ def test_runtime_runs_without_torch(tiny_backbone, images, tmp_path):
             raise SystemExit("torch should be blocked")
         import lakead
         from lakead.runtime import ExportedDetector
-        from lakead.batch import predict_to_dir
+        from lakead.runtime_cli import main
         det = ExportedDetector.load({str(out)!r})
         pred = det.predict([np.load({str(tmp_path / 'image.npy')!r})])
-        predict_to_dir(det, [{str(tmp_path / 'imgs')!r}], {str(tmp_path / 'results')!r})
+        assert main(["predict", {str(out)!r}, {str(tmp_path / 'imgs')!r}, "--out", {str(tmp_path / 'results')!r}, "--masks"]) == 0
         mods = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "scipy"))
         print(json.dumps({{"score": float(pred.scores[0]), "shape": list(pred.maps[0].shape), "modules": mods}}))
     """)
@@ -199,7 +199,8 @@ def test_runtime_runs_without_torch(tiny_backbone, images, tmp_path):
     assert not [m for m in got["modules"] if not m.startswith("scipy")]
     assert got["shape"] == list(test[5].shape[:2])
     assert got["score"] == pytest.approx(float(det.predict_arrays([test[5]]).scores[0]), rel=RTOL)
-    assert (tmp_path / "results" / "scores.csv").is_file()
+    rows = (tmp_path / "results" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 2 and len(list((tmp_path / "results" / "overlays").iterdir())) == 1
 
 
 def test_cli_export_then_predict_an_exported_model(tiny_clip_dir, images, tmp_path):
