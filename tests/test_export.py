@@ -89,7 +89,7 @@ def test_onnx_backbone_exports_with_its_quantized_tensors(images, tmp_path):
     assert read_export_meta(out)["input"] == "pixels"
     assert assert_agrees(det, out, test)["decisions_same"]
     with pytest.raises(ConfigError, match="only fp32"):
-        export_model(det, tmp_path / "int8", precision="int8")
+        export_model(det, tmp_path / "int8", precision="int8", check=test)
 
 
 @pytest.mark.slow
@@ -116,6 +116,8 @@ def test_refusals_are_clear(tiny_backbone, tiny_clip_dir, images, tmp_path):
         export_model(det, tmp_path / "x", precision="bf16")
     with pytest.raises(ConfigError, match="format must be one of"):
         export_model(det, tmp_path / "x", format="tflite")
+    with pytest.raises(ConfigError, match="only with check images"):
+        export_model(det, tmp_path / "x", precision="int8")
     with pytest.raises(ConfigError, match="batch must be"):
         export_model(det, tmp_path / "x", batch="0")
     two = LakeDetector(tiny_backbone, device="cpu", text_backbone=str(tiny_clip_dir), layer=3).fit(normal, "widget")
