@@ -236,6 +236,8 @@ def test_cli_export_then_predict_an_exported_model(tiny_clip_dir, images, tmp_pa
         a, b = a.split(","), b.split(",")
         assert a[0] == b[0] and a[4:] == b[4:]  # same image, same decisions
         assert float(b[1]) == pytest.approx(float(a[1]), rel=RTOL)
+    r = invoke("info", tmp_path / "x")
+    assert r.exit_code == 0 and "onnx fp32" in r.output and "widget" in r.output
     r = invoke("predict", tmp_path / "x", tmp_path / "test", "--out", tmp_path / "r3", "--backbone", tiny_clip_dir)
     assert r.exit_code != 0 and "holds its backbone" in r.output
     r = invoke("export", tmp_path / "m", "--out", tmp_path / "y", "--precision", "fp8")

@@ -195,14 +195,21 @@ def export(
 
 
 @app.command()
-def info(model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit'.", show_default=False)) -> None:
-    """Print what a saved model holds (without loading the backbone)."""
+def info(model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit' or 'lakead export'.", show_default=False)) -> None:
+    """Print what a saved (or exported) model holds (without loading the backbone)."""
     from .api import model_facts, read_model_meta
+    from .runtime import is_exported, read_export_meta
 
     with errors_as_messages():
-        meta = read_model_meta(model_dir)  # a format-1 model is converted as it is read
+        if is_exported(model_dir):
+            exp = read_export_meta(model_dir)
+            meta = {**((exp.get("source") or {}).get("meta") or {}), "exported": f"{exp['engine']} {exp['precision']}, batch {exp['batch'] or 'dynamic'}"}
+        else:
+            meta = read_model_meta(model_dir)  # a format-1 model is converted as it is read
         try:
             summary = {**(facts := model_facts(meta)), "layer": option_text(facts["layer"])}
+            if "exported" in meta:
+                summary["exported"] = meta["exported"]
         except (KeyError, TypeError) as exc:
             raise LakeadError(f"{model_dir}: lakead.json is damaged (no {exc})") from None
     _print_summary(summary, title=str(model_dir))
