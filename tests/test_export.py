@@ -285,3 +285,16 @@ def test_deploy_doc_lists_the_runtime_extra():
     doc = (root / "docs" / "DEPLOY.md").read_text()
     line = next(ln for ln in doc.splitlines() if ln.startswith("pip install numpy"))
     assert sorted(line.split("#")[0].split()[2:]) == names
+
+
+def test_every_registered_method_exports_or_says_why(tiny_backbone, tiny_clip_dir):
+    from lakead.export import EXPORTABLE, check_exportable
+    from lakead.methods import METHODS
+
+    for name, m in METHODS.items():
+        det = m.build(m.config_class.from_options(backbone=str(tiny_clip_dir)), backbone=tiny_backbone)
+        if det.method in EXPORTABLE and EXPORTABLE[det.method] is None:
+            assert check_exportable(det, name) is det
+        else:
+            with pytest.raises(ConfigError, match="cannot be exported"):
+                check_exportable(det, name)
