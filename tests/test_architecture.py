@@ -4,11 +4,11 @@ Layers, lowest first (a module may import from its own layer or below, never abo
 
 0. ``_version``, ``errors``
 1. pure helpers: ``fields`` (options and block names, no torch), ``fileio``, ``decision``, ``ops``, ``coreset``, ``images``, ``metrics``, ``neurons``, ``data``, ``viz``, ``testing``
-2. ``api``: the Detector protocol, Prediction, Runtime, the model directory
+2. ``api``: the Detector protocol, Prediction, Runtime, the model directory; ``runtime``: exported models run without torch
 3. ``backbones``: one adapter per family, the registry, the feature cache
 4. ``base``: what every detector shares (BaseDetector, LearnedState); ``lake``: the LAKE method; ``winclip``: WinCLIP, WinCLIP+, WinCLIP+LAKE
 5. ``methods``: the registry of methods
-6. users of detectors: ``batch`` (and its output directory, ``rundir``), ``distributed``, ``evaluate``, ``explain``, ``serve``; ``options``
+6. users of detectors: ``batch`` (and its output directory, ``rundir``), ``distributed``, ``evaluate``, ``explain``, ``serve``, ``export``; ``options``
    (a config's fields as command-line options and form fields, for ``cli`` and ``serve``); ``configfile`` (--config, --print-config)
 7. the command line: ``cli_common`` (the app, messages, shared options), ``cli``, ``cli_eval``
 """
@@ -26,12 +26,12 @@ LAYERS = {
     "_version": 0, "errors": 0,
     "fields": 1, "bankconfig": 1, "fileio": 1, "medical": 1, "decision": 1, "ops": 1, "coreset": 1, "images": 1, "metrics": 1, "neurons": 1, "data": 1, "layouts": 1, "spro": 1, "viz": 1, "testing": 1,
     "patchops": 1,
-    "api": 2,
+    "api": 2, "runtime": 2,
     "backbones": 3,
     "base": 4, "lake": 4, "memorybank": 4, "patchcore": 4, "anomalydino": 4, "winclip": 4,
     "methods": 5,
     "batch": 6, "rundir": 6, "distributed": 6, "evaluate": 6, "explain": 6, "serve": 6,
-    "options": 6, "helpstyle": 6, "configfile": 6, "cli": 7, "cli_common": 7, "cli_eval": 7, "cli_demo": 7, "__init__": 8, "__main__": 8,
+    "options": 6, "export": 6, "helpstyle": 6, "configfile": 6, "cli": 7, "cli_common": 7, "cli_eval": 7, "cli_demo": 7, "runtime_cli": 7, "__init__": 8, "__main__": 8,
 }
 #: Most lines one module may have (a room doing one job).
 MAX_LINES = 560

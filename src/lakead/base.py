@@ -326,8 +326,12 @@ class BaseDetector:
         """Write the fitted model to a directory: ``lakead.json`` (method, options, backbone,
         learned facts, format version) and ``tensors.safetensors``. Atomic: the directory
         appears complete or not at all. Returns the directory."""
+        return write_model_dir(path, self.model_meta(), self.check_fitted().tensors())
+
+    def model_meta(self) -> dict[str, Any]:
+        """What :meth:`save` writes to ``lakead.json`` (less the format name and version)."""
         state = self.check_fitted()
-        meta = {
+        return {
             "method": self.method,
             "config": self.config.to_dict(),
             "backbone": self.backbone.info.to_dict(),
@@ -335,7 +339,6 @@ class BaseDetector:
             **self.extra_facts(),
             **({"read": self.read_record} if any(self.read_record.values()) else {}),
         }
-        return write_model_dir(path, meta, state.tensors())
 
     def extra_facts(self) -> dict[str, Any]:
         """Derived facts written beside the state for readers that load no tensors (``lakead info``)."""

@@ -108,7 +108,7 @@ def _print_summary(summary: dict, title: str) -> None:
 @app.command()
 @runtime_options()
 def predict(
-    model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit'.", show_default=False),
+    model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit' or 'lakead export'.", show_default=False),
     inputs: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively).", show_default=False),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for scores.csv, overlays/ and maps/."),
     threshold: Optional[float] = typer.Option(None, help="Decision threshold for this run (default: the model's)."),
@@ -195,14 +195,56 @@ def predict(
 
 
 @app.command()
-def info(model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit'.", show_default=False)) -> None:
-    """Print what a saved model holds (without loading the backbone)."""
-    from .api import model_facts, read_model_meta
+def export(
+    model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit'.", show_default=False),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the exported model to (replaced if it exists)."),
+    format: str = typer.Option("onnx", "--format", help="onnx (model.onnx, for ONNX Runtime) or openvino (model.xml + model.bin)."),
+    precision: str = typer.Option("fp32", help="fp32 (the same scores), int8 (backbone weights and activations in int8) or bf16 (OpenVINO only); see docs/DEPLOY.md."),
+    batch: str = typer.Option("dynamic", help="Images per graph call: dynamic, or a fixed number N."),
+    check: Optional[list[Path]] = typer.Option(None, "--check", help="Images or folders scored by the torch model and the exported graph before writing: the differences are recorded, and an export whose decisions differ is refused (repeatable)."),
+    max_check: int = typer.Option(32, help="At most this many --check images, evenly spaced over the sorted list."),
+) -> None:
+    """Export a fitted model to ONNX or OpenVINO, to run without torch (lakead.runtime, docs/DEPLOY.md)."""
+    from .export import export_model
+    from .images import list_images, load_image
+    from .lake.fit import spread_subset
 
     with errors_as_messages():
-        meta = read_model_meta(model_dir)  # a format-1 model is converted as it is read
+        check_directory_target(out_dir)
+        arrays = None
+        if check:
+            found = list_images(check)
+            arrays = [load_image(found[i], str(found[i])) for i in spread_subset(len(found), max_check)]
+        export_model(model_dir, out_dir, format=format, precision=precision, batch=batch, check=arrays)
+    from .runtime import read_export_meta
+
+    meta = read_export_meta(out_dir)
+    summary = {"file": str(out_dir / meta["file"]), "format": meta["engine"], "precision": meta["precision"],
+               "batch": meta["batch"] or "dynamic", "input": f"{meta['input']} (B, 3, {meta['preprocessing']['image_size']}, "
+               f"{meta['preprocessing']['image_size']}) float32", "outputs": ", ".join(meta["outputs"])}
+    if "check" in meta:
+        c = meta["check"]
+        summary["check"] = (f"{c['images']} images: largest relative score difference {c['max_relative']:.3g}, "
+                            f"decisions differ on {c['decisions_differ']}")
+    _print_summary(summary, title=f"exported to {out_dir}")
+
+
+@app.command()
+def info(model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit' or 'lakead export'.", show_default=False)) -> None:
+    """Print what a saved (or exported) model holds (without loading the backbone)."""
+    from .api import model_facts, read_model_meta
+    from .runtime import is_exported, read_export_meta
+
+    with errors_as_messages():
+        if is_exported(model_dir):
+            exp = read_export_meta(model_dir)
+            meta = {**((exp.get("source") or {}).get("meta") or {}), "exported": f"{exp['engine']} {exp['precision']}, batch {exp['batch'] or 'dynamic'}"}
+        else:
+            meta = read_model_meta(model_dir)  # a format-1 model is converted as it is read
         try:
             summary = {**(facts := model_facts(meta)), "layer": option_text(facts["layer"])}
+            if "exported" in meta:
+                summary["exported"] = meta["exported"]
         except (KeyError, TypeError) as exc:
             raise LakeadError(f"{model_dir}: lakead.json is damaged (no {exc})") from None
         read = meta.get("read") or {}

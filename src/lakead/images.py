@@ -419,3 +419,28 @@ def list_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, recursi
     that names it. For very many files, :func:`iter_images` lists them lazily.
     """
     return list(iter_images(inputs, recursive, exclude=exclude, warn=warn))
+
+
+def preprocess(images: Sequence[np.ndarray], size: int, mean: Sequence[float], std: Sequence[float], resample: int,
+               rescale: float = 1.0 / 255.0) -> np.ndarray:
+    """``B`` uint8 ``(H, W, 3)`` arrays -> float32 ``(B, 3, size, size)`` model input.
+
+    The whole image is resized to ``size x size`` with Pillow (``resample``: a
+    ``PIL.Image.Resampling`` value; no centre crop, so every pixel is scored and the map is
+    resized back to the image's own height and width), scaled by ``rescale``, then normalised
+    with ``mean`` and ``std``. Shared by the torch backbones (:class:`lakead.backbones.base.Preprocessing`)
+    and the torch-free :mod:`lakead.runtime`, so both feed a model the same numbers.
+
+    >>> preprocess([np.full((4, 6, 3), 255, np.uint8)], 2, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 2).tolist()[0][0]
+    [[1.0, 1.0], [1.0, 1.0]]
+    """
+    batch = np.empty((len(images), size, size, 3), dtype=np.float32)  # (B, S, S, 3)
+    for i, arr in enumerate(images):
+        im = Image.fromarray(arr)
+        if im.size != (size, size):
+            im = im.resize((size, size), resample=Image.Resampling(resample))
+        batch[i] = np.asarray(im, dtype=np.float32)
+    batch *= rescale
+    batch -= np.asarray(mean, dtype=np.float32)
+    batch /= np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))  # (B, 3, S, S)

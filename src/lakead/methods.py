@@ -160,7 +160,15 @@ def load_detector(
     precision: str | None = None,
 ) -> Detector:
     """Load any saved model, whatever its method (``device``, ``batch_size`` and
-    ``precision`` say how to run it; see :meth:`LakeDetector.load` for ``backbone``)."""
+    ``precision`` say how to run it; see :meth:`LakeDetector.load` for ``backbone``). A
+    directory written by ``lakead export`` is read by :class:`lakead.runtime.ExportedDetector`
+    (its graph holds the backbone; it runs on the CPU at the precision it was exported with)."""
+    from .runtime import ExportedDetector, is_exported  # numpy and onnxruntime: only when a model is loaded
+
+    if is_exported(path):
+        if backbone is not None:
+            raise ConfigError(f"{path}: an exported model holds its backbone in its graph; --backbone does not apply")
+        return ExportedDetector.load(path, batch_size=batch_size)  # type: ignore[return-value]
     name = read_model_meta(path)["method"]
     if name not in DETECTORS:
         raise ModelFormatError(f"{path}: a {name!r} model; this lakead loads {sorted(DETECTORS)}: update lakead or fit again")

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import ConfigError
 from ..fields import BLOCK_SEPARATORS, Layer, LayerSpec, as_blocks, parse_layer  # noqa: F401 - re-exported
+from ..images import preprocess
 from ..ops import anomaly_probability
 
 @dataclass(frozen=True)
@@ -58,16 +58,7 @@ class Preprocessing:
         The whole image is resized to ``size x size`` (no centre crop, so every pixel of the
         input is scored; the map is resized back to the image's own height and width).
         """
-        batch = np.empty((len(images), size, size, 3), dtype=np.float32)  # (B, S, S, 3)
-        for i, arr in enumerate(images):
-            im = Image.fromarray(arr)
-            if im.size != (size, size):
-                im = im.resize((size, size), resample=Image.Resampling(self.resample))
-            batch[i] = np.asarray(im, dtype=np.float32)
-        batch *= self.rescale
-        batch -= np.asarray(self.mean, dtype=np.float32)
-        batch /= np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+        return torch.from_numpy(preprocess(images, size, self.mean, self.std, self.resample, self.rescale))  # (B, 3, S, S)
 
 
 @dataclass(frozen=True)

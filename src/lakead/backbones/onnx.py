@@ -258,6 +258,13 @@ class ONNXBackbone(Backbone):
     def _dequantize(self, name: str, values: np.ndarray) -> np.ndarray:
         if np.issubdtype(values.dtype, np.floating):
             return values.astype(np.float32, copy=False)
+        scale, zp = self.dequantization(name, values.dtype)
+        return ((values.astype(np.float32) - zp) * scale).astype(np.float32)
+
+    def dequantization(self, name: str, dtype: Any = np.uint8) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, zero_point)`` float32 of an integer tensor ``name`` of the graph, from its
+        ``<base>_scale`` / ``<base>_zero_point`` initializers, shaped to broadcast over
+        ``(B, C, H, W)``; the float value is ``(q - zero_point) * scale``."""
         from onnx import numpy_helper
 
         base = name[: -len(QUANTIZED_SUFFIX)] if name.endswith(QUANTIZED_SUFFIX) else name
@@ -265,15 +272,19 @@ class ONNXBackbone(Backbone):
         zp_t = self._initializers.get(f"{base}_zero_point")
         if scale_t is None:
             raise ConfigError(
-                f"{self.info.source}: tensor {name!r} holds {values.dtype} values but the graph has no "
+                f"{self.info.source}: tensor {name!r} holds {np.dtype(dtype)} values but the graph has no "
                 f"{base}_scale initializer to dequantize it; choose a float tensor"
             )
         scale = numpy_helper.to_array(scale_t).astype(np.float32)
-        zp = numpy_helper.to_array(zp_t).astype(np.float32) if zp_t is not None else np.float32(0.0)
+        zp = numpy_helper.to_array(zp_t).astype(np.float32) if zp_t is not None else np.zeros((), np.float32)
         if scale.ndim == 1 and scale.size > 1:  # per-channel: along axis 1 of (B, C, H, W)
             scale = scale.reshape(1, -1, 1, 1)
-            zp = np.asarray(zp).reshape(1, -1, 1, 1) if np.ndim(zp) else zp
-        return ((values.astype(np.float32) - zp) * scale).astype(np.float32)
+            zp = zp.reshape(1, -1, 1, 1) if zp.ndim else zp
+        return scale, zp
+
+    def subgraph(self, names: Sequence[str]):
+        """The ONNX model cut just after tensors ``names`` (its outputs, raw: quantized ones stay integers)."""
+        return _subgraph(self.model, tuple(names))
 
     def feature_maps(self) -> dict[str, tuple[int, ...]]:
         """Every intermediate tensor of shape ``(1, C, H, W)``, with its ``(C, H, W)``, from

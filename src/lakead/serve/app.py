@@ -388,7 +388,8 @@ def create_app(
         names = [upload_name(f.filename, i) for i, f in enumerate(images)]
 
         def work(cancel: threading.Event) -> PredictResponse:
-            check = _patch_check(store.detector(model_id).backbone.info.patch_size)
+            det = store.detector(model_id)
+            check = _patch_check(det.patch_size if hasattr(det, "patch_size") else det.backbone.info.patch_size)
             with Uploads([(n, f.file) for n, f in zip(names, images)], limits) as uploads:
                 with pixels.hold(uploads.pixels, cancel.is_set):
                     readable, failed = uploads.decode_each(check, cancel.is_set, store.detector(model_id).read_rule)

@@ -44,6 +44,7 @@ from ..errors import ConfigError, LakeadError, ModelFormatError
 from ..lake import LakeConfig
 from ..methods import get_method, load_detector
 from ..options import method_option_specs
+from ..runtime import EXPORT_FILE, ExportedDetector, is_exported, read_export_meta
 from .uploads import Cancelled, UploadRejected
 
 log = logging.getLogger("lakead.serve")
@@ -135,7 +136,7 @@ def fingerprint(path: Path) -> tuple:
     """What changes when a model directory is rewritten or replaced: the directory's inode,
     and inode, size and modification time of its two files."""
     out: list = [path.stat().st_ino]
-    for name in (CONFIG_FILE, TENSORS_FILE):
+    for name in (CONFIG_FILE, TENSORS_FILE, EXPORT_FILE):
         try:
             st = (path / name).stat()
             out.append((st.st_ino, st.st_size, st.st_mtime_ns))
@@ -275,7 +276,7 @@ class ModelStore:
             if p.name.startswith(".") or not p.is_dir() or not _ID.match(p.name):
                 continue
             try:
-                out.append(model_info(p.name, read_model_meta(p)))
+                out.append(model_info(p.name, stored_meta(p)))
             except (ModelFormatError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 if p.exists():  # else deleted while listing
                     log.warning("not serving %s: %s", p, exc)
@@ -289,7 +290,7 @@ class ModelStore:
         if not _is_model(path):
             raise ModelNotFound(model_id)
         try:
-            return model_info(model_id, read_model_meta(path))
+            return model_info(model_id, stored_meta(path))
         except ModelFormatError:
             if not _is_model(path):
                 raise ModelNotFound(model_id) from None  # deleted meanwhile
@@ -318,6 +319,10 @@ class ModelStore:
                 return cached[1]
             if cached is not None:
                 log.info("model %s changed on disk: reading it again", model_id)
+            if is_exported(path):  # its graph holds the backbone: nothing to check against the offered ones
+                det = ExportedDetector.load(path, batch_size=self.runtime.batch_size)
+                self._remember(model_id, det, now)  # type: ignore[arg-type]
+                return det  # type: ignore[return-value]
             meta = read_model_meta(path)  # ModelFormatError when missing or damaged
             try:
                 saved = BackboneInfo(**meta["backbone"])
@@ -462,7 +467,21 @@ def _stop_when(cancel: threading.Event | None):
 
 
 def _is_model(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file()
+    return (path / CONFIG_FILE).is_file() or is_exported(path)
+
+
+def stored_meta(path: Path) -> dict[str, Any]:
+    """The ``lakead.json`` facts of a stored model; of an exported one (``lakead export``),
+    those of the model it was exported from, as recorded in its ``lakead-export.json``."""
+    if not is_exported(path):
+        return read_model_meta(path)
+    exp = read_export_meta(path)
+    try:
+        meta = dict(exp["source"]["meta"])
+    except (KeyError, TypeError):
+        raise ModelFormatError(f"{path / EXPORT_FILE}: damaged (no source.meta)") from None
+    meta["exported"] = f"{exp['engine']} {exp['precision']}"
+    return meta
 
 
 def _check_patch(det: Detector, images: Sequence[np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
@@ -483,6 +502,9 @@ def model_info(model_id: str, meta: dict[str, Any]) -> dict[str, Any]:
                         "unless a threshold is given with the prediction")
     if meta.get("skipped"):
         warnings.append(f"{len(meta['skipped'])} support image(s) were skipped: {'; '.join(meta['skipped'][:3])}")
+    if meta.get("exported"):
+        warnings.append(f"an exported graph ({meta['exported']}), run without torch: it decides at the false-alarm "
+                        "budget it was exported with, and creates no model")
     if meta.get("outliers"):
         warnings.append(f"{len(meta['outliers'])} support image(s) were dropped as outliers: {', '.join(meta['outliers'][:5])}")
     return {

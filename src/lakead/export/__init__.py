@@ -1,0 +1,280 @@
+"""Export a fitted detector to ONNX or OpenVINO IR, to run without torch (:mod:`lakead.runtime`).
+
+``lakead export MODEL_DIR --format onnx|openvino --out DIR [--precision fp32|bf16|int8] [--batch dynamic|N]``
+writes one graph, normalised pixels ``(B, 3, S, S)`` in, scores out (:mod:`.graph`), and beside
+it ``lakead-export.json`` (preprocessing, decision levels, map range, grid, lakead version, the
+source model's fingerprint), into ``DIR`` atomically. See docs/DEPLOY.md.
+
+What can be exported is a method's learned state whose scoring is a static graph: LAKE and
+every method of :data:`lakead.methods.METHODS` built on it (they save models as ``lake``,
+one block or several). Other saved methods are refused with the reason (:data:`EXPORTABLE`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._version import __version__
+from ..api import finite_or_none
+from ..backbones.base import as_blocks
+from ..backbones.onnx import ONNXBackbone
+from ..errors import ConfigError
+from ..fileio import atomic_directory
+from ..lake import LakeDetector
+from ..methods import load_detector
+from ..runtime import EXPORT_FILE, EXPORT_FORMAT, EXPORT_VERSION, FORMATS, PRECISIONS, ExportedDetector
+from .graph import INPUT, OUTPUTS, LakeHead, OnnxFeatureHead, TorchGraph
+
+log = logging.getLogger("lakead")
+
+#: Saved method -> why it can or cannot be exported (None: it can).
+EXPORTABLE: dict[str, str | None] = {"lake": None}
+#: ONNX opset of the exported graphs (what the TorchScript-based exporter of torch writes well).
+OPSET = 17
+#: Precisions each format can keep (see docs/DEPLOY.md for how far scores move).
+FORMAT_PRECISIONS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
+
+
+def parse_batch(value: str | int | None) -> int | None:
+    """``"dynamic"`` (or None) -> None; a positive integer -> itself."""
+    if value is None or value == "dynamic":
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"batch must be 'dynamic' or a positive integer, got {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"batch must be 'dynamic' or a positive integer, got {value!r}")
+    return n
+
+
+def check_exportable(det: Any, where: str) -> LakeDetector:
+    """The detector, if its method and options can be exported; else a :class:`ConfigError` saying why."""
+    method = getattr(det, "method", type(det).__name__)
+    if method not in EXPORTABLE or not isinstance(det, LakeDetector):
+        known = ", ".join(m for m, why in EXPORTABLE.items() if why is None)
+        raise ConfigError(f"{where}: a {method!r} model cannot be exported: export writes the scoring of a saved "
+                          f"state as a static graph and knows how for {known} (and the baselines built on it) only")
+    if EXPORTABLE[method] is not None:
+        raise ConfigError(f"{where}: a {method!r} model cannot be exported: {EXPORTABLE[method]}")
+    if det.config.text_backbone is not None:
+        raise ConfigError(f"{where}: cannot be exported: its text probe runs on a second model (text_backbone "
+                          f"{det.config.text_backbone!r}) with its own input size; one graph takes one input")
+    return det
+
+
+def export_model(
+    model: str | os.PathLike | LakeDetector,
+    out: str | Path,
+    *,
+    format: str = "onnx",
+    precision: str = "fp32",
+    batch: str | int | None = None,
+    check: Sequence[np.ndarray] | None = None,
+) -> Path:
+    """Export ``model`` (a model directory or a fitted detector) into the directory ``out``; returns it.
+
+    ``check``: images (``(H, W, 3)`` uint8) scored by the torch path and by the exported graph
+    before anything is written; the differences are recorded in the JSON, and a precision whose
+    decisions differ from the torch path's on them is refused. fp32 needs none; int8 and bf16 are
+    exported only with ``check`` (an empty list: the caller compares them itself, as the benchmarks do).
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in FORMAT_PRECISIONS[format]:
+        raise ConfigError(f"precision {precision} is not offered for {format}: "
+                          f"{', '.join(FORMAT_PRECISIONS[format])} are (bf16 is an OpenVINO inference setting)")
+    n_batch = parse_batch(batch)
+    if precision != "fp32" and check is None:
+        raise ConfigError(
+            f"precision {precision} is exported only with check images (--check): it is not kept by default because "
+            "its decisions can differ from float32's (how far int8 moved them on real images, and why bf16 depends on "
+            "the CPU that runs it: docs/DEPLOY.md)")
+    is_path = isinstance(model, (str, os.PathLike))
+    where = str(model) if is_path else "the detector"
+    det = load_detector(model, device="cpu") if is_path else model
+    det = check_exportable(det, where)
+    det.check_fitted()
+    backbone = det.backbone
+    backbone.to("cpu")  # the graph is traced on the CPU (the head copies the state there)
+    if isinstance(backbone, ONNXBackbone) and precision != "fp32":
+        raise ConfigError(f"{where}: its backbone is an ONNX model ({backbone.info.source}), exported as it is: "
+                          "only fp32 applies (the model's own quantization is kept)")
+    onnx_bytes = _onnx_graph(det, n_batch)
+    if precision == "int8":
+        onnx_bytes = _quantize_int8(onnx_bytes)
+    meta = _meta(det, format, precision, n_batch, where)
+    with atomic_directory(out) as tmp:
+        model_file = tmp / meta["file"]
+        if format == "onnx":
+            model_file.write_bytes(onnx_bytes)
+        else:
+            _write_openvino(onnx_bytes, model_file)
+        (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if check:
+            report = agreement(det, ExportedDetector.load(tmp), check)
+            meta["check"] = report
+            (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            if not report["decisions_same"]:
+                raise ConfigError(
+                    f"{where}: the {format} {precision} graph decides differently from the torch path on "
+                    f"{report['decisions_differ']} of {report['images']} check images (largest relative score "
+                    f"difference {report['max_relative']:.3g}); nothing was written. Use --precision fp32.")
+    return Path(out)
+
+
+def _example(det: LakeDetector, n_batch: int | None) -> torch.Tensor:
+    s = det.state_.image_size
+    return torch.zeros((n_batch or 2, 3, s, s), dtype=torch.float32)
+
+
+def _to_onnx(module: torch.nn.Module, args: tuple, inputs: list[str], n_batch: int | None) -> bytes:
+    """``module`` traced by torch's TorchScript-based ONNX exporter (the dynamo one needs
+    onnxscript, and the graphs here are static); dynamic batch unless ``n_batch`` is given."""
+    axes = None if n_batch else {n: {0: "batch"} for n in (*inputs, *OUTPUTS)}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's TracerWarnings about shapes (static by design) and its deprecation notice
+        torch.onnx.export(module.eval(), args, buf, dynamo=False, opset_version=OPSET, input_names=inputs,
+                          output_names=list(OUTPUTS), dynamic_axes=axes, do_constant_folding=True)
+    return buf.getvalue()
+
+
+def _onnx_graph(det: LakeDetector, n_batch: int | None) -> bytes:
+    state, backbone = det.state_, det.backbone
+    if not isinstance(backbone, ONNXBackbone):
+        return _to_onnx(TorchGraph(backbone, state, det.config), (_example(det, n_batch),), [INPUT], n_batch)
+    import onnx
+
+    names = [str(b) for b in as_blocks(state.layer)]
+    sub = backbone.subgraph(names)
+    import onnxruntime as ort
+
+    raw = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        names, {backbone.input_name: _example(det, n_batch or (backbone.fixed_batch or 2)).numpy()})
+    deq = [None if np.issubdtype(r.dtype, np.floating) else backbone.dequantization(n, r.dtype) for n, r in zip(names, raw)]
+    head = OnnxFeatureHead(LakeHead(state, det.config, backbone), deq)
+    feats = [f"feature{i}" for i in range(len(names))]
+    head_model = onnx.load_from_string(_to_onnx(head, tuple(torch.from_numpy(r) for r in raw), feats, n_batch))
+    sub_opset = max((o.version for o in sub.opset_import if o.domain in ("", "ai.onnx")), default=OPSET)
+    if sub_opset < OPSET:
+        sub = onnx.version_converter.convert_version(sub, OPSET)
+    sub.ir_version = head_model.ir_version = max(sub.ir_version, head_model.ir_version)
+    merged = onnx.compose.merge_models(sub, head_model, io_map=list(zip(names, feats)), prefix2="head/")
+    rename = {backbone.input_name: INPUT, **{f"head/{o}": o for o in OUTPUTS}}  # the same names in every exported graph
+    for node in merged.graph.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        node.output[:] = [rename.get(o, o) for o in node.output]
+    for v in (*merged.graph.input, *merged.graph.output):
+        v.name = rename.get(v.name, v.name)
+    onnx.checker.check_model(merged)
+    return merged.SerializeToString()
+
+
+def _quantize_int8(onnx_bytes: bytes) -> bytes:
+    """The backbone's matrix products with int8 weights and dynamically quantized activations
+    (ONNX Runtime's ``quantize_dynamic``); the LAKE head (gallery distances) stays float32."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load_from_string(onnx_bytes)
+    head = [n.name for n in model.graph.node if n.name.startswith("/head/") or n.name.startswith("head/")]
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic's advice to pre-process, logged on the root logger
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "fp32.onnx", Path(d) / "int8.onnx"
+        src.write_bytes(onnx_bytes)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         nodes_to_exclude=head)
+        root.setLevel(level)
+        return dst.read_bytes()
+
+
+def _write_openvino(onnx_bytes: bytes, xml: Path) -> None:
+    """OpenVINO IR (``model.xml`` + ``model.bin``) converted from the ONNX graph by ``openvino.convert_model``."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ConfigError("--format openvino needs the openvino package: pip install openvino") from None
+    onnx_file = xml.with_suffix(".onnx")
+    onnx_file.write_bytes(onnx_bytes)
+    try:
+        ov.save_model(ov.convert_model(str(onnx_file)), str(xml), compress_to_fp16=False)
+    finally:
+        onnx_file.unlink()
+
+
+def _meta(det: LakeDetector, format: str, precision: str, n_batch: int | None, where: str) -> dict[str, Any]:
+    state, cfg, bb = det.state_, det.config, det.backbone
+    prep = bb.preprocessing
+    map_grid = list(state.grid)
+    if cfg.map_source == "semantic" and state.text_embeddings is not None:
+        map_grid = list(bb.grid_size(state.image_size))
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "lakead_version": __version__,
+        "engine": format,
+        "file": "model.onnx" if format == "onnx" else "model.xml",
+        "precision": precision,
+        "batch": n_batch,
+        "input": INPUT,
+        "outputs": list(OUTPUTS),
+        "source": {"model": where, "method": det.method, "fingerprint": det.fingerprint(), "backbone": bb.info.to_dict(),
+                   "meta": {"lakead_version": __version__, **det.model_meta()}},  # what lakead.json of the model says
+        "preprocessing": {"image_size": state.image_size, "mean": list(prep.mean), "std": list(prep.std),
+                          "resample": int(prep.resample), "rescale": float(prep.rescale), "patch_size": int(bb.info.patch_size)},
+        "grid": list(state.grid),
+        "map_grid": map_grid,
+        "map_range": [float(v) for v in state.map_range],
+        "sigma": float(cfg.sigma),
+        "lam": float(cfg.lam),
+        "decision": {
+            "threshold": finite_or_none(state.threshold),
+            "threshold_rule": state.threshold_rule,
+            "false_alarm_rate": state.false_alarm_rate,
+            "seed_threshold": state.seed_threshold,
+            "pixel_threshold": state.pixel_threshold,
+            "scope_threshold": state.scope_threshold,
+        },
+        "class_name": state.class_name,
+        "fitted_at": state.fitted_at,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def agreement(det: LakeDetector, exported: ExportedDetector, images: Sequence[np.ndarray]) -> dict[str, Any]:
+    """How far the exported graph's predictions are from the torch path's on ``images``:
+    largest relative and absolute difference of the image scores, of the maps (relative to the
+    map's range), and how many decisions differ."""
+    ref = det.predict_arrays(list(images))
+    got = exported.predict_arrays(list(images))
+    rel = np.abs(got.scores - ref.scores) / np.maximum(np.abs(ref.scores), 1e-12)
+    span = max(float(np.ptp(np.concatenate([m.ravel() for m in ref.maps]))), 1e-12)
+    map_diff = max(float(np.abs(a - b).max()) for a, b in zip(got.maps, ref.maps)) / span
+    differ = int((got.anomalous != ref.anomalous).sum())
+    return {
+        "images": len(images),
+        "max_relative": float(rel.max()) if rel.size else 0.0,
+        "max_absolute": float(np.abs(got.scores - ref.scores).max()) if rel.size else 0.0,
+        "max_map_relative": map_diff if math.isfinite(map_diff) else None,
+        "decisions_differ": differ,
+        "decisions_same": differ == 0,
+    }
