@@ -47,6 +47,10 @@ def fit(
     seed: Optional[int] = typer.Option(
         None, help="Sample the shots with this seed (default: the first N by name); also seeds --selection random "
                    "and the outlier filter (default 0).", rich_help_panel=MODEL_PANEL),
+    fit_memory: str = typer.Option("256MiB", help="Bound on what the fit holds (e.g. 1GiB): beyond half of it, the fit makes a second pass over the images instead of keeping their full-width tokens (docs/SCALE.md)."),
+    ray: bool = typer.Option(False, "--ray", help=r"Run the fit's forward passes on a Ray cluster (needs Ray: pip install 'lakead\[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: the cluster to join (default: $RAY_ADDRESS, else a local cluster)."),
+    ray_workers: Optional[int] = typer.Option(None, help="With --ray: backbone replicas, one CPU each (default: one per CPU)."),
     *,
     config: LakeConfig,
     runtime: Runtime,
@@ -54,7 +58,14 @@ def fit(
     """Fit a detector on normal images and save it to --out."""
     from .data import select_shots
     from .images import list_images
+    from .lake.stream import parse_memory
 
+    if (ray_address is not None or ray_workers is not None) and not ray:
+        raise typer.BadParameter("only used with --ray", param_hint="--ray-address/--ray-workers")
+    try:
+        memory = parse_memory(fit_memory)
+    except LakeadError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--fit-memory") from None
     if CONTROL_CHARACTERS.search(class_name):
         raise typer.BadParameter(f"has a control character: '{printable(class_name)}'; give printable text", param_hint="--class-name")
     with errors_as_messages():
@@ -64,7 +75,13 @@ def fit(
         det = get_method("lake").build(config, runtime=runtime)
         logging.getLogger("lakead").info("support set: %s", rule)
         with progress_bar("fit", len(chosen)) as advance:
-            det.fit(chosen, class_name, support_rule=rule, on_progress=advance)
+            if ray:
+                from .distributed import fit_on_ray
+
+                fit_on_ray(det, chosen, class_name, address=ray_address, workers=ray_workers, support_rule=rule,
+                           on_progress=advance, memory=memory)
+            else:
+                det.fit(chosen, class_name, support_rule=rule, on_progress=advance, memory=memory)
         det.save(out_dir)
         _print_summary(det.summary(), title=f"model written to {out_dir}")
         for problem in det.skipped_:
