@@ -32,6 +32,9 @@ log = logging.getLogger("lakead")
 
 #: Support images scored leave-one-out at fit (an evenly spaced subset beyond this many).
 MAX_LOO_IMAGES = 128
+#: Distances held at once by the leave-one-out search (4 MiB of float32): the fit's memory
+#: stays flat as the gallery grows (the same nearest neighbours as any block size).
+LOO_BLOCK_ELEMENTS = 1 << 20
 
 
 def spread_subset(n: int, limit: int) -> list[int]:
@@ -115,7 +118,8 @@ def leave_one_out(gallery: torch.Tensor, n: int, n_tok: int, device: torch.devic
     groups = torch.arange(n, dtype=torch.int32).repeat_interleave(n_tok).to(device)  # (n*N,)
     for i in spread_subset(n, MAX_LOO_IMAGES):
         q = g_dev[i * n_tok : (i + 1) * n_tok]  # (N, K)
-        d, _ = nearest_neighbor(q, g_dev, query_groups=groups[i * n_tok : (i + 1) * n_tok], gallery_groups=groups)
+        d, _ = nearest_neighbor(q, g_dev, query_groups=groups[i * n_tok : (i + 1) * n_tok], gallery_groups=groups,
+                                block_elements=LOO_BLOCK_ELEMENTS)
         visual[i] = float(d.max())
         tokens.append(d.cpu().numpy())
     return visual, tokens
@@ -134,7 +138,7 @@ def leave_one_out_of(queries: dict[int, torch.Tensor], gallery: torch.Tensor, ga
     for i in sorted(queries):
         q = queries[i].to(device=device, dtype=torch.float32)  # (N, K)
         own = torch.full((q.shape[0],), i, dtype=torch.int32, device=device)
-        d, _ = nearest_neighbor(q, g_dev, query_groups=own, gallery_groups=groups)
+        d, _ = nearest_neighbor(q, g_dev, query_groups=own, gallery_groups=groups, block_elements=LOO_BLOCK_ELEMENTS)
         visual[i] = float(d.max())
         tokens.append(d.cpu().numpy())
     return visual, tokens
