@@ -292,6 +292,7 @@ def model_facts(meta: dict[str, Any]) -> dict[str, Any]:
         "support_images": len(meta["support"]),
         "support_rule": meta.get("support_rule"),
         "outliers_dropped": len(meta.get("outliers") or []),
+        **{k: meta[k] for k in ("gallery_rule", "loo_rule") if k in meta},  # LAKE's, since issue 16
         "threshold": meta["threshold"],
         "false_alarm_budget": meta.get("false_alarm_rate"),
         "threshold_rule": meta.get("threshold_rule", "sigmas"),

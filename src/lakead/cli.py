@@ -59,6 +59,10 @@ def fit(
     print_config: bool = print_config_option(),
     method: Any = choice_option("lake", "--method", choices=list(METHODS), help="How to score: "
                                 + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "."),
+    fit_memory: str = typer.Option("256MiB", help="Bound on what the fit holds (e.g. 1GiB): beyond half of it, the fit makes a second pass over the images instead of keeping their full-width tokens (docs/SCALE.md)."),
+    ray: bool = typer.Option(False, "--ray", help=r"Run the fit's forward passes on a Ray cluster (needs Ray: pip install 'lakead\[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: the cluster to join (default: $RAY_ADDRESS, else a local cluster)."),
+    ray_workers: Optional[int] = typer.Option(None, help="With --ray: backbone replicas, one CPU each (default: one per CPU)."),
     *,
     config: LakeConfig,
     runtime: Runtime,
@@ -70,12 +74,22 @@ def fit(
         return
     from .data import select_shots
     from .images import list_images
+    from .lake.stream import parse_memory
 
+    if (ray_address is not None or ray_workers is not None) and not ray:
+        raise typer.BadParameter("only used with --ray", param_hint="--ray-address/--ray-workers")
+    try:
+        memory = parse_memory(fit_memory)
+    except LakeadError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--fit-memory") from None
     if CONTROL_CHARACTERS.search(class_name):
         raise typer.BadParameter(f"has a control character: '{printable(class_name)}'; give printable text", param_hint="--class-name")
     with errors_as_messages():
         check_directory_target(out_dir)  # before the work, not after it
         cfg, m = configured(method, config, method_options)
+        if m.detector_class.method != "lake" and (ray or fit_memory != "256MiB"):
+            raise typer.BadParameter(f"--ray and --fit-memory apply to LAKE's streaming fit; method {m.name!r} "
+                                     "fits in one process", param_hint="--ray/--fit-memory")
         if normal:
             chosen, rule = select_shots(list_images(normal), shots, seed)
         elif m.zero_shot:  # the class name alone (WinCLIP)
@@ -89,7 +103,15 @@ def fit(
         det.backbone  # noqa: B018 - loaded before the progress bar: a missing backbone is one message, no bar
         logging.getLogger("lakead").info("support set: %s", rule)
         with progress_bar("fit", len(chosen)) as advance:
-            det.fit(chosen, class_name, support_rule=rule, on_progress=advance)
+            if m.detector_class.method != "lake":
+                det.fit(chosen, class_name, support_rule=rule, on_progress=advance)
+            elif ray:
+                from .distributed import fit_on_ray
+
+                fit_on_ray(det, chosen, class_name, address=ray_address, workers=ray_workers, support_rule=rule,
+                           on_progress=advance, memory=memory)
+            else:
+                det.fit(chosen, class_name, support_rule=rule, on_progress=advance, memory=memory)
         det.save(out_dir)
         _print_summary(det.summary(), title=f"model written to {out_dir}")
         for problem in det.skipped_:

@@ -312,3 +312,107 @@ def _run(
     if on_progress is not None and (n := todo.take_skipped()):
         on_progress(n)
     summary.skipped = todo.skipped
+
+
+# -- fit ------------------------------------------------------------------------------------------
+
+
+class RayFitWorker:
+    """A Ray actor for :func:`fit_on_ray`: holds the backbone once, answers the fit's jobs
+    (:func:`lakead.lake.stream.run_job`: read a batch, run it, return its moments and tokens)."""
+
+    def __init__(self, config: dict[str, Any], device: str, batch_size: int, precision: str, threads: int,
+                 ctx: Any) -> None:
+        import torch
+
+        from .lake import LakeConfig, LakeDetector
+
+        torch.set_num_threads(threads)
+        self.failure = ""
+        try:
+            cfg = LakeConfig.from_dict(config)
+            self.det = LakeDetector(cfg.backbone, config=cfg, device=device, batch_size=batch_size, precision=precision)
+            dev = self.det.runtime.torch_device()
+            self.det.backbone.to(dev)
+            if cfg.text_backbone is not None and ctx.text is not None:
+                self.det.text_model.to(dev)
+        except LakeadError as exc:
+            self.failure = str(exc)
+        self.ctx = ctx
+
+    def run(self, job: Any) -> Any:
+        from .lake.stream import run_job
+
+        if self.failure:
+            return self.failure
+        try:
+            return run_job(self.det, job, self.ctx)
+        except LakeadError as exc:  # not about one image (those come back in the result): stop the fit
+            return str(exc)
+
+
+def fit_on_ray(
+    det: Any,
+    images: Sequence[Any],
+    class_name: str,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: int = 1,
+    **fit_options: Any,
+) -> Any:
+    """``det.fit(images, class_name, **fit_options)`` with the forward passes on Ray actors.
+
+    The driver lists the batches and merges what comes back in batch order: the channel
+    moments exactly as the one-process fit merges them (:class:`lakead.ops.Moments`), the
+    gallery through the same builder, so the model is the one a one-process fit makes. Each
+    actor loads the backbone once (``det.config.backbone`` must be readable on every node, and
+    so must the images). ``address``, ``workers`` and ``cpus_per_worker`` as for
+    :func:`predict_on_ray`. Returns ``det``.
+    """
+    ray = _import_ray()
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--ray-workers must be at least 1, got {workers}")
+    rt = det.runtime
+    gpu = rt.device.startswith("cuda")
+    started = _start_ray(ray, address, workers, cpus_per_worker)
+    actors: list[Any] = []
+    try:
+        resources = ray.cluster_resources()
+        if gpu and not int(resources.get("GPU", 0)):
+            raise ConfigError(f"device {rt.device!r} asked for, but the Ray cluster has no GPU")
+        n = workers or max(1, int(resources.get("GPU", 0)) if gpu else int(resources.get("CPU", 1)) // cpus_per_worker)
+        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=1 if gpu else 0)(RayFitWorker)
+
+        def factory(_det: Any, ctx: Any) -> Callable[[Any], Iterator[Any]]:
+            if not actors:
+                actors.extend(actor.remote(det.config.to_dict(), rt.device, rt.batch_size, rt.precision, cpus_per_worker,
+                                           ctx) for _ in range(n))
+            return lambda jobs: _in_order(ray, actors, jobs)
+
+        return det.fit(images, class_name, runner=factory, **fit_options)
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if started:
+            ray.shutdown()
+
+
+def _in_order(ray: Any, actors: list[Any], jobs: Any) -> Iterator[Any]:
+    """Run jobs on the actors, at most two per actor in flight; results in job order."""
+    from collections import deque
+
+    pending: deque = deque()
+    for i, job in enumerate(jobs):
+        if len(pending) >= 2 * len(actors):
+            yield _result(ray, pending.popleft())
+        pending.append(actors[i % len(actors)].run.remote(job))
+    while pending:
+        yield _result(ray, pending.popleft())
+
+
+def _result(ray: Any, ref: Any) -> Any:
+    out = ray.get(ref)
+    if isinstance(out, str):
+        raise LakeadError(f"on a Ray worker: {out}")
+    return out

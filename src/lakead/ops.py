@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,6 +44,49 @@ def channel_variance(features: torch.Tensor, chunk_rows: int = 65536) -> torch.T
     for start in range(0, m, chunk_rows):
         sq += (features[start : start + chunk_rows].to(torch.float64) - mean).square().sum(0)
     return sq / m
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and sum of squared deviations of every channel, float64: what the channel
+    variance of a stream of token batches needs, merged batch by batch.
+
+    :meth:`of` computes a batch's moments in two passes (mean, then squared deviations);
+    :meth:`merge` joins two sets exactly (Chan, Golub and LeVeque 1979, the pairwise update),
+    so no sum of squares is ever subtracted from another and the variance stays accurate
+    however many batches there are. ``variance`` equals :func:`channel_variance` over all the
+    rows to float64 rounding.
+
+    >>> x = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
+    >>> Moments.of(x[:1]).merge(Moments.of(x[1:])).variance.tolist()
+    [2.6666666666666665, 0.0]
+    """
+
+    count: int
+    mean: torch.Tensor  # (D,) float64
+    m2: torch.Tensor  # (D,) float64: sum over rows of (x - mean)^2
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> "Moments":
+        """The moments of ``(M, D)`` rows (``M >= 1``)."""
+        if rows.ndim != 2 or rows.shape[0] == 0:
+            raise ValueError(f"expected a non-empty (M, D) tensor, got shape {tuple(rows.shape)}")
+        x = rows.detach().to("cpu", torch.float64)
+        mean = x.mean(0)
+        return cls(int(x.shape[0]), mean, (x - mean).square().sum(0))
+
+    def merge(self, other: "Moments") -> "Moments":
+        """The moments of both sets of rows together."""
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / n)
+        return Moments(n, mean, m2)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance of every channel (``ddof=0``), ``(D,)`` float64."""
+        return self.m2 / self.count
 
 
 def top_k_channels(variance: torch.Tensor, k: int) -> torch.Tensor:

@@ -63,6 +63,9 @@ class LakeConfig(Options):
         "images, else a Gaussian tail), conformal, gaussian, or sigmas (median + threshold_sigmas robust SDs).")
     threshold: Optional[float] = option(None, "Fixed decision threshold (default: derived from the normal images).")
     threshold_sigmas: float = option(3.0, "With threshold_rule sigmas: robust standard deviations above the typical normal score.")
+    gallery_size: Optional[int] = option(
+        None, "Most gallery vectors kept: beyond it, a greedy coreset of that many support tokens, so memory and "
+        "predict time stop growing with the support set (docs/SCALE.md); default: every support token (the paper).")
     scope_check: bool = option(
         True, "Also flag images that are not the product fitted on (out_of_scope): most of the image unlike the "
         "normal images (the median distance of its tokens to the support tokens, every channel, above what the "
@@ -99,6 +102,9 @@ class LakeConfig(Options):
         if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
                                            or math.isnan(self.threshold)):
             raise ConfigError(f"threshold must be a number, not {self.threshold!r}")
+        if self.gallery_size is not None and (isinstance(self.gallery_size, bool) or not isinstance(self.gallery_size, int)
+                                              or self.gallery_size < 1):
+            raise ConfigError(f"gallery_size must be a positive integer, got {self.gallery_size!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         return self

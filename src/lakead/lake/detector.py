@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..api import Prediction, read_model_meta
 from ..backbones import Backbone, BackboneInfo, Features, Layer, as_blocks, load_backbone
@@ -47,10 +49,10 @@ from ..base import BaseDetector, backbone_precision  # noqa: F401 - backbone_pre
 from ..decision import describe_rule
 from ..errors import ConfigError, ModelFormatError
 from ..images import ImageInput
-from ..ops import pool_scores
 from . import fit as steps
+from . import stream
 from .config import ANOMALOUS_PROMPT, NORMAL_PROMPT, LakeConfig
-from .score import ScoredBatch, batch_maps, image_parts, score_batch, visual_tokens
+from .score import ScoredBatch, batch_maps, image_parts, score_batch
 from .state import LakeState
 
 log = logging.getLogger("lakead")
@@ -118,7 +120,9 @@ class LakeDetector(BaseDetector):
         *,
         names: Sequence[str] | None = None,
         support_rule: str | None = None,
-        on_progress: Callable[[int], None] | None = None,
+        on_progress: Callable[[float], None] | None = None,
+        memory: int | str | None = None,
+        runner: Callable[["LakeDetector", stream.Context], stream.Runner] | None = None,
     ) -> "LakeDetector":
         """Fit on normal images only. Returns ``self``.
 
@@ -126,8 +130,15 @@ class LakeDetector(BaseDetector):
         with a warning (recorded in ``skipped_``); it is an error when none can be read.
         ``class_name`` fills the text prompts ("a photo of a normal {class_name}.");
         underscores are read as spaces. ``on_progress(n)`` is called after each batch with
-        the number of images it held. ``support_rule`` says how the images were chosen
-        (for example "first 16 of 64 images sorted by name"); it is saved with the model.
+        the number of images it held (divided by the number of passes when the fit makes two).
+        ``support_rule`` says how the images were chosen (for example "first 16 of 64 images
+        sorted by name"); it is saved with the model.
+
+        Images are read and run a batch at a time. ``memory`` (bytes, or a size such as
+        ``"1GiB"``; default 256 MiB) bounds what the fit holds: when the full-width tokens of
+        every image do not fit in half of it, the fit makes two passes over the images and keeps
+        only the gallery (:mod:`.stream`, docs/SCALE.md). ``runner`` runs the batches elsewhere
+        (:func:`lakead.distributed.fit_on_ray`).
         """
         cfg = self.config
         if not isinstance(class_name, str) or not class_name.strip():
@@ -146,14 +157,8 @@ class LakeDetector(BaseDetector):
         semantic_layer = tm.resolve_layer(cfg.semantic_layer, semantic=True) if use_text else None
         image_size = backbone.check_image_size(cfg.image_size or backbone.info.image_size)
 
-        loaded = self.read_images(images, names, strict=False)
-        for err in loaded.errors:
-            log.warning("skipping support image %s", err)
-        if not loaded.arrays:
-            raise ConfigError(f"no readable support image among the {len(images)} given" + (
-                f" (first problem: {loaded.errors[0]})" if loaded.errors else ""))
-        n = len(loaded.arrays)
-
+        if isinstance(images, (str, Path, np.ndarray, Image.Image)) or not isinstance(images, Sequence):
+            images = [images]  # type: ignore[list-item]
         name = class_name.strip().replace("_", " ")
         prompts = [NORMAL_PROMPT.format(name), ANOMALOUS_PROMPT.format(name)]
         text = logit_scale = None
@@ -161,33 +166,13 @@ class LakeDetector(BaseDetector):
             text = torch.nn.functional.normalize(tm.text_embeddings(prompts).float(), dim=-1).to(device)  # (2, E)
             logit_scale = tm.logit_scale
 
-        feats, sem_tokens, grid = self._support_tokens(loaded.arrays, blocks, semantic_layer, image_size, text, on_progress)
-        n, n_tok, width = feats.shape
-
-        variance, neurons = steps.select_neurons(feats, cfg)
-        outliers: list[str] = []
-        if cfg.filter_outliers:
-            keep = steps.support_inliers(feats, neurons, cfg)  # (n,) bool
-            outliers = [nm for nm, kept in zip(loaded.names, keep) if not kept]
-            for nm in outliers:
-                log.debug("filter_outliers: dropping support image %s (flagged by the Isolation Forest)", nm)
-            if outliers:
-                loaded.names = [nm for nm, kept in zip(loaded.names, keep) if kept]
-                feats, sem_tokens = feats[torch.from_numpy(keep)], sem_tokens[torch.from_numpy(keep)]
-                n = len(loaded.names)
-                variance, neurons = steps.select_neurons(feats, cfg)  # chosen again without the outliers
-        gallery = feats.reshape(n * n_tok, width)[:, neurons].contiguous()  # (n*N, K)
-        scope, scope_image, loo_scope = None, None, None
-        if cfg.scope_check and n >= 2:  # every channel, so that another product is seen even where the neurons agree
-            scope, scope_image = steps.scope_gallery(feats, cfg.seed)
-            loo_scope = np.full(n, np.nan)
-            for i in steps.spread_subset(n, steps.MAX_LOO_IMAGES):
-                loo_scope[i] = steps.scope_scores(feats[i : i + 1], scope, scope_image, image=i)[0]
-        del feats
-
-        loo_raw, loo_tokens = steps.leave_one_out(gallery, n, n_tok, device)
-        semantic_support = pool_scores(sem_tokens, cfg.semantic_agg).numpy().astype(np.float64)  # (n,)
-        scale, loo_scores, levels, map_range, tokens = steps.decision(loo_raw, loo_tokens, semantic_support, loo_scope,
+        ctx = stream.Context(blocks, semantic_layer, image_size, text)
+        budget = stream.DEFAULT_FIT_MEMORY if memory is None else stream.parse_memory(memory)
+        run = (runner or stream.local_runner)(self, ctx)
+        sup = stream.gather(self, images, names, run, budget, device, on_progress)
+        self.fit_passes = sup.passes  # forward passes over the support set (not saved: how this fit ran)
+        loo_raw = sup.loo_raw
+        scale, loo_scores, levels, map_range, tokens = steps.decision(loo_raw, sup.loo_tokens, sup.semantic, sup.loo_scope,
                                                                       cfg, use_text)
         if not np.isfinite(loo_raw).any() and cfg.threshold is None:
             log.warning(
@@ -195,23 +180,23 @@ class LakeDetector(BaseDetector):
                 "called normal until a threshold is set (threshold=... / --threshold)"
             )
         self.state_ = LakeState(
-            neurons=neurons,
-            channel_variance=variance,
-            gallery=gallery.to(device),
-            gallery_image=torch.arange(n, dtype=torch.int32).repeat_interleave(n_tok),
+            neurons=sup.neurons,
+            channel_variance=sup.variance,
+            gallery=sup.gallery.to(device),
+            gallery_image=sup.gallery_image,
             loo_visual=(loo_raw / scale).astype(np.float32),
-            loo_semantic=semantic_support.astype(np.float32),
+            loo_semantic=sup.semantic.astype(np.float32),
             loo_scores=loo_scores.astype(np.float32),
             text_embeddings=text,
             loo_tokens=tokens,
-            scope_gallery=None if scope is None else scope.to(device),
-            scope_gallery_image=scope_image,
-            loo_scope=loo_scope,
+            scope_gallery=None if sup.scope is None else sup.scope.to(device),
+            scope_gallery_image=sup.scope_image,
+            loo_scope=sup.loo_scope,
             layer=list(blocks) if isinstance(cfg.layer, (list, tuple)) else blocks[0],  # canonical names (the default resolved)
             semantic_layer=semantic_layer,
             image_size=image_size,
-            grid=tuple(grid),
-            width=int(width),
+            grid=tuple(sup.grid),
+            width=int(sup.width),
             visual_scale=scale,
             threshold=levels.image,
             threshold_rule=levels.rule,
@@ -223,35 +208,15 @@ class LakeDetector(BaseDetector):
             class_name=class_name.strip(),
             prompts=prompts if use_text else None,
             logit_scale=float(logit_scale) if use_text else None,
-            support=list(loaded.names),
+            support=list(sup.names),
             support_rule=support_rule or f"{len(images)} images as given",
-            skipped=[str(e) for e in loaded.errors],
-            outliers=outliers,
+            skipped=[str(e) for e in sup.errors],
+            outliers=sup.outliers,
+            gallery_rule=sup.gallery_rule,
+            loo_rule=sup.loo_rule,
             fitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         return self
-
-    def _support_tokens(self, arrays, blocks, semantic_layer, image_size, text, on_progress):
-        """The support images' visual tokens ``(n, N, D)`` on the CPU, their text-probe
-        P(anomalous) per token ``(n, Nj)`` (zeros without the probe) and the token grid."""
-        cfg, n = self.config, len(arrays)
-        feats: torch.Tensor | None = None
-        sem_tokens: torch.Tensor | None = None
-        for start, f in self.iter_features(arrays, blocks, semantic_layer, image_size):
-            tokens, grid = visual_tokens(f, blocks, cfg.block_grid)  # (B, N, D)
-            b, n_tok, width = tokens.shape
-            if feats is None:
-                if cfg.selection != "all" and cfg.k not in ("auto", None) and cfg.k > width:
-                    raise ConfigError(f"k={cfg.k} is larger than the width of block {cfg.layer!r} ({width} channels)")
-                feats = torch.empty((n, n_tok, width), dtype=torch.float32)
-                sem_tokens = torch.zeros((n, f.joint.shape[1] if f.joint is not None else n_tok), dtype=torch.float32)
-            feats[start : start + b] = tokens.cpu()
-            if text is not None and f.joint is not None:
-                sem_tokens[start : start + b] = self.text_model.text_probability(f.joint, text).cpu()  # type: ignore[index]
-            if on_progress is not None:
-                on_progress(b)
-        assert feats is not None and sem_tokens is not None
-        return feats, sem_tokens, grid
 
     # -- predict --------------------------------------------------------------------------
 
@@ -352,6 +317,8 @@ class LakeDetector(BaseDetector):
             "skipped_images": len(state.skipped),
             "outliers_dropped": list(state.outliers),
             "gallery_vectors": int(state.gallery.shape[0]),
+            "gallery_rule": state.gallery_rule,
+            "loo_rule": state.loo_rule,
             "text_probe": state.text_embeddings is not None,
             "score_norm": cfg.score_norm,
             "threshold": state.threshold,

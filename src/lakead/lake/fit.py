@@ -32,6 +32,9 @@ log = logging.getLogger("lakead")
 
 #: Support images scored leave-one-out at fit (an evenly spaced subset beyond this many).
 MAX_LOO_IMAGES = 128
+#: Distances held at once by the leave-one-out search (4 MiB of float32): the fit's memory
+#: stays flat as the gallery grows (the same nearest neighbours as any block size).
+LOO_BLOCK_ELEMENTS = 1 << 20
 
 
 def spread_subset(n: int, limit: int) -> list[int]:
@@ -63,15 +66,22 @@ def select_neurons(feats: torch.Tensor, config: LakeConfig) -> tuple[torch.Tenso
     neurons ``(K,)`` int64; ``k="auto"`` takes ``K`` at the knee of the variance curve."""
     n, n_tok, width = feats.shape
     variance = channel_variance(feats.reshape(n * n_tok, width))  # (D,)
+    return variance, choose_neurons(variance, config)
+
+
+def choose_neurons(variance: torch.Tensor, config: LakeConfig) -> torch.Tensor:
+    """The neurons ``(K,)`` int64 for channel variances ``(D,)`` by the configured rule (what
+    :func:`select_neurons` does once the variances are known, as the streaming fit knows them)."""
+    width = variance.numel()
     if config.selection == "all":
-        return variance, torch.arange(width, dtype=torch.int64)
+        return torch.arange(width, dtype=torch.int64)
     k = knee_k(variance.numpy()) if config.k == "auto" else default_k(width) if config.k is None else int(config.k)
     if config.selection == "top":
-        return variance, top_k_channels(variance, k)
+        return top_k_channels(variance, k)
     if config.selection == "bottom":
-        return variance, top_k_channels(-variance, k)
+        return top_k_channels(-variance, k)
     rng = random.Random(config.seed)
-    return variance, torch.tensor(sorted(rng.sample(range(width), k)), dtype=torch.int64)
+    return torch.tensor(sorted(rng.sample(range(width), k)), dtype=torch.int64)
 
 
 def support_inliers(feats: torch.Tensor, neurons: torch.Tensor, config: LakeConfig) -> np.ndarray:
@@ -81,11 +91,16 @@ def support_inliers(feats: torch.Tensor, neurons: torch.Tensor, config: LakeConf
     (:func:`lakead.neurons.support_image_features`, :func:`lakead.neurons.flag_outliers`);
     all are kept below :data:`~lakead.neurons.MIN_IMAGES_FOR_FILTER` images.
     """
-    n = feats.shape[0]
+    return inliers_of_selected(feats[:, :, neurons], config)
+
+
+def inliers_of_selected(selected: torch.Tensor, config: LakeConfig) -> np.ndarray:
+    """:func:`support_inliers` for tokens already in the sensitive subspace, ``(n, N, K) -> (n,)`` bool."""
+    n = selected.shape[0]
     if n < MIN_IMAGES_FOR_FILTER:
         log.warning("filter_outliers: %d support image(s), the filter needs at least %d; none dropped", n, MIN_IMAGES_FOR_FILTER)
         return np.ones(n, dtype=bool)
-    features = support_image_features(feats[:, :, neurons])  # (n, 4)
+    features = support_image_features(selected)  # (n, 4)
     flags, _ = flag_outliers(features, config.outlier_contamination, config.seed)
     return ~flags
 
@@ -103,10 +118,41 @@ def leave_one_out(gallery: torch.Tensor, n: int, n_tok: int, device: torch.devic
     groups = torch.arange(n, dtype=torch.int32).repeat_interleave(n_tok).to(device)  # (n*N,)
     for i in spread_subset(n, MAX_LOO_IMAGES):
         q = g_dev[i * n_tok : (i + 1) * n_tok]  # (N, K)
-        d, _ = nearest_neighbor(q, g_dev, query_groups=groups[i * n_tok : (i + 1) * n_tok], gallery_groups=groups)
+        d, _ = nearest_neighbor(q, g_dev, query_groups=groups[i * n_tok : (i + 1) * n_tok], gallery_groups=groups,
+                                block_elements=LOO_BLOCK_ELEMENTS)
         visual[i] = float(d.max())
         tokens.append(d.cpu().numpy())
     return visual, tokens
+
+
+def leave_one_out_of(queries: dict[int, torch.Tensor], gallery: torch.Tensor, gallery_image: torch.Tensor, n: int,
+                     device: torch.device) -> tuple[np.ndarray, list[np.ndarray]]:
+    """:func:`leave_one_out` for any gallery (a coreset): the images ``queries`` (image ->
+    its tokens ``(N, K)``) scored against the gallery vectors of the other images, found by
+    ``gallery_image`` ``(M,)``. Raw scores ``(n,)`` (NaN where not scored) and token distances."""
+    visual = np.full(n, np.nan, dtype=np.float64)
+    tokens: list[np.ndarray] = []
+    if n < 2:
+        return visual, tokens
+    g_dev, groups = gallery.to(device), gallery_image.to(device=device, dtype=torch.int32)
+    for i in sorted(queries):
+        q = queries[i].to(device=device, dtype=torch.float32)  # (N, K)
+        own = torch.full((q.shape[0],), i, dtype=torch.int32, device=device)
+        d, _ = nearest_neighbor(q, g_dev, query_groups=own, gallery_groups=groups, block_elements=LOO_BLOCK_ELEMENTS)
+        visual[i] = float(d.max())
+        tokens.append(d.cpu().numpy())
+    return visual, tokens
+
+
+def describe_loo(scored: int, n: int) -> str:
+    """Which support images the leave-one-out scores (and so the threshold) come from.
+
+    >>> describe_loo(3, 3), describe_loo(128, 1000)
+    ('every support image (3)', '128 of 1,000 support images, evenly spaced (lakead.lake.fit.spread_subset)')
+    """
+    if scored >= n:
+        return f"every support image ({n:,})"
+    return f"{scored:,} of {n:,} support images, evenly spaced (lakead.lake.fit.spread_subset)"
 
 
 #: Share of the false-alarm budget given to the scope check ("not this product") when it is on;
@@ -204,10 +250,18 @@ def scope_gallery(feats: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, tor
     n, n_tok, width = feats.shape
     flat = feats.reshape(n * n_tok, width)  # (n*N, D)
     image = torch.arange(n, dtype=torch.int32).repeat_interleave(n_tok)  # (n*N,)
-    if flat.shape[0] > MAX_SCOPE_TOKENS:
-        keep = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:MAX_SCOPE_TOKENS].sort().values
+    keep = scope_rows(n, n_tok, seed)
+    if keep is not None:
         flat, image = flat[keep], image[keep]
     return flat.contiguous(), image
+
+
+def scope_rows(n: int, n_tok: int, seed: int = 0) -> torch.Tensor | None:
+    """Which of the ``n * N`` support tokens (flat, image by image) :func:`scope_gallery` keeps,
+    sorted; ``None``: all of them."""
+    if n * n_tok <= MAX_SCOPE_TOKENS:
+        return None
+    return torch.randperm(n * n_tok, generator=torch.Generator().manual_seed(seed))[:MAX_SCOPE_TOKENS].sort().values
 
 
 def scope_scores(tokens: torch.Tensor, gallery: torch.Tensor, gallery_image: torch.Tensor | None = None,

@@ -22,7 +22,8 @@ from ..errors import ModelFormatError
 @dataclass
 class LakeState(LearnedState):
     """Everything :meth:`LakeDetector.fit` learns (shapes: n support images, N tokens each,
-    D channels of the visual block(s), K sensitive neurons, M = n * N gallery vectors)."""
+    D channels of the visual block(s), K sensitive neurons, M = n * N gallery vectors, fewer with
+    gallery_size)."""
 
     # -- arrays (tensors.safetensors) --
     neurons: torch.Tensor = tensor("(K,) int64: the sensitive neurons, channel indices of the visual tokens")
@@ -62,6 +63,10 @@ class LakeState(LearnedState):
     support_rule: str = fact("how the support images were chosen")
     skipped: list[str] = fact("support images that could not be read, with the reason")
     outliers: list[str] = fact("support images dropped by filter_outliers", default=[])  # absent before the filter existed
+    gallery_rule: str = fact("how the gallery was made: every support token, or a greedy coreset of them",
+                             default="every support token")
+    loo_rule: str = fact("which support images the leave-one-out scores (and the threshold) come from",
+                         default="every support image, or an evenly spaced 128 of them")
     fitted_at: str = fact("UTC time of the fit")
 
     @classmethod
