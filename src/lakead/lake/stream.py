@@ -34,7 +34,7 @@ import torch
 
 from ..coreset import greedy_coreset
 from ..errors import ConfigError, ImageLoadError
-from ..images import ImageInput, source_name
+from ..images import ImageInput, expand_inputs, source_name
 from ..ops import Moments, pool_scores
 from .score import visual_tokens
 
@@ -376,6 +376,7 @@ def gather(det, inputs: Sequence[ImageInput], names: Sequence[str] | None, runne
     cfg, bs = det.config, det.runtime.batch_size
     if names is not None and len(names) != len(inputs):
         raise ConfigError(f"got {len(names)} names for {len(inputs)} images")
+    inputs, names = expand_inputs(inputs, names, det.read_rule)  # volumes and multi-frame files: their images
     labels = list(names) if names is not None else [source_name(img, i) for i, img in enumerate(inputs)]
     p1, passes = first_pass(inputs, labels, list(range(len(inputs))), runner, bs, memory, on_progress)
     for err in p1.errors:
