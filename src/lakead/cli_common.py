@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -101,12 +101,12 @@ def progress_bar(description: str, total: int) -> Iterator:
         yield lambda n: bar.advance(task, n)
 
 
-def check_hub(config: LakeConfig) -> None:
+def check_hub(config: Any) -> None:
     """Without network, a hub backbone that is not cached is one message now (before torch is
     imported and a progress bar drawn), not a failure half-way (lakead.backbones.hub)."""
     from .backbones.hub import hub_options
 
-    for spec in (config.backbone, config.text_backbone):
+    for spec in (config.backbone, getattr(config, "text_backbone", None)):  # every method has a backbone
         if spec is not None:
             hub_options(spec)
 
