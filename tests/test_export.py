@@ -94,6 +94,7 @@ def test_onnx_backbone_exports_with_its_quantized_tensors(images, tmp_path):
 
 @pytest.mark.slow
 def test_openvino_fp32_agrees_and_int8_is_reported(tiny_backbone, images, tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'lakead[runtime-openvino]')")
     normal, test = images
     det = fitted(tiny_backbone, normal, layer=3)
     out = export_model(det, tmp_path / "ov", format="openvino")
