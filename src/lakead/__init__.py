@@ -18,6 +18,7 @@ from .errors import (
     ModelFormatError,
     NotFittedError,
 )
+from ._lazy import lazy_names
 
 # The names below pull in torch; they are imported on first use (PEP 562), so that
 # ``import lakead.runtime`` and ``lakead --help`` do not pay for torch and transformers.
@@ -27,18 +28,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lakead' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _LAZY)
 
 
 __all__ = [

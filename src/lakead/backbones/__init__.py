@@ -8,6 +8,7 @@ outputs for grids that read the same images many times.
 from __future__ import annotations
 
 from ..fields import DEFAULT_CLIP, Layer, LayerSpec, as_blocks, parse_layer
+from .._lazy import lazy_names
 
 # The adapters pull in torch: imported on first use (PEP 562), so that the command line can
 # check the hub (lakead.backbones.hub) before it pays for torch.
@@ -17,18 +18,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _LAZY)
 
 
 __all__ = [

@@ -8,24 +8,14 @@
 """
 
 from .config import LakeConfig
+from .._lazy import lazy_names
 
 # The detector and its state pull in torch: imported on first use (PEP 562), so that the
 # command line can build its options from LakeConfig without importing torch.
 _LAZY = {"LakeDetector": ".detector", "LakeState": ".state"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _LAZY)
 
 
 __all__ = ["LakeConfig", "LakeDetector", "LakeState"]
