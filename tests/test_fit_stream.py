@@ -196,3 +196,38 @@ def test_a_gallery_over_the_memory_is_a_clear_error(tiny_backbone):
 def test_gallery_size_is_checked():
     with pytest.raises(ConfigError, match="gallery_size"):
         LakeDetector("unused", gallery_size=0)
+
+
+
+def test_fit_from_a_lazy_sequence_never_holds_the_images(tiny_backbone):
+    """A Sequence that makes its images when indexed (a dataset) is read batch by batch: the
+    fit keeps no reference to an image it has scored, so at most a few batches are alive."""
+    import weakref
+    from collections.abc import Sequence
+
+    alive: set[int] = set()
+    peak = [0]
+
+    class Dataset(Sequence):
+        def __len__(self) -> int:
+            return 120
+
+        def __getitem__(self, i):
+            if isinstance(i, slice):
+                return [self[j] for j in range(*i.indices(len(self)))]
+            if not 0 <= i < len(self):
+                raise IndexError(i)
+            arr = texture(np.random.default_rng(i), (32, 32))
+            key = id(arr)
+            alive.add(key)
+            weakref.finalize(arr, alive.discard, key)
+            peak[0] = max(peak[0], len(alive))
+            return arr
+
+    det = LakeDetector(tiny_backbone, layer=2, batch_size=8, use_text=False, device="cpu")
+    det.fit(Dataset(), "texture", memory="200KiB")  # below the 240 KiB of full-width tokens: two passes
+    assert det.fit_passes >= 2 and len(det.support_) == 120
+    assert peak[0] <= 4 * 8, f"{peak[0]} images alive at once"
+    one = LakeDetector(tiny_backbone, layer=2, batch_size=8, use_text=False, device="cpu")
+    one.fit([texture(np.random.default_rng(i), (32, 32)) for i in range(120)], "texture")
+    np.testing.assert_allclose(one.gallery_.numpy(), det.gallery_.numpy(), **TOL)

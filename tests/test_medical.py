@@ -107,6 +107,30 @@ def test_sources_are_named_by_slice_and_frame(files):
     assert list_images(files["test_nii"][0].parent, recursive=False) == sorted([*files["test_frames"], *files["test_nii"]])
 
 
+def test_a_lazy_sequence_is_expanded_as_a_view(files):
+    """A Sequence that is not a list (a dataset) comes back as a lazy view with the list's
+    items and names: the volume's slices in place, the other items read from it when asked."""
+    from collections.abc import Sequence
+
+    items = [files["test_png"][0], files["test_nii"][0], files["test_png"][1]]
+
+    class Lazy(Sequence):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+
+    names = ["a", "vol", "b"]
+    want, want_names = expand_inputs(items, names, ReadRule())
+    got, got_names = expand_inputs(Lazy(), names, ReadRule())
+    assert not isinstance(got, list) and list(got) == want and got_names == want_names
+    assert want_names == ["a", "vol#z=1", "vol#z=2", "vol#z=3", "b"]
+    assert got[-1] == items[2] and got[1:3] == want[1:3]
+    unnamed, labels = expand_inputs(Lazy(), None, ReadRule(), label=True)
+    assert labels == [str(s) for s in want]
+
+
 def test_empty_slices_are_skipped_and_counted(files, caplog):
     from lakead.medical.rule import _cache
 

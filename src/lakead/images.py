@@ -121,13 +121,36 @@ def read_all(
     return out
 
 
+class _Expanded(Sequence):
+    """``base`` with some items replaced by several source names, indexed lazily: the items
+    that were not expanded are read from ``base`` when asked for, never copied."""
+
+    def __init__(self, base: Sequence[ImageInput], where: np.ndarray, extra: dict[int, str]) -> None:
+        self.base, self.where, self.extra = base, where, extra
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __getitem__(self, j):  # type: ignore[override]
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(len(self)))]
+        j = range(len(self))[j]
+        return self.extra[j] if j in self.extra else self.base[int(self.where[j])]
+
+
 def expand_inputs(
-    images: Sequence[ImageInput] | ImageInput, names: Sequence[str] | None, rule: ReadRule | None = None
-) -> tuple[list[ImageInput], list[str] | None]:
+    images: Sequence[ImageInput] | ImageInput, names: Sequence[str] | None, rule: ReadRule | None = None,
+    *, label: bool = False,
+) -> tuple[Sequence[ImageInput], list[str] | None]:
     """Inputs with each NIfTI volume and multi-frame DICOM file replaced by its images' source
     names (``scan.nii.gz#z=42``, ``cine.dcm#frame=3``; :func:`lakead.medical.expand`); their
     names, when given, get the same fragment. Other inputs are left as they are (a file that
-    cannot be expanded too: reading it reports the problem)."""
+    cannot be expanded too: reading it reports the problem).
+
+    Nothing is copied or kept: without a volume among them, ``images`` itself comes back, and
+    otherwise a lazy view of it, so that a sequence that makes its images when indexed (a
+    dataset) is never held whole in memory. ``label=True``: the names come back for every
+    input, :func:`source_name` where none was given (each input is looked at once here)."""
     from .medical import ReadRule, expand, is_medical, split_source
 
     if isinstance(images, (str, Path, np.ndarray, Image.Image)) or not isinstance(images, Sequence):
@@ -136,24 +159,42 @@ def expand_inputs(
         from .errors import ConfigError
 
         raise ConfigError(f"got {len(names)} names for {len(images)} images")
-    out: list[ImageInput] = []
-    out_names: list[str] | None = None if names is None else []
-    for i, img in enumerate(images):
-        sources: list[str] = []
+    expanded: dict[int, list[str]] = {}
+    labels: list[str] | None = [] if label and names is None else None
+    for i in range(len(images)):
+        img = images[i]
+        if labels is not None:
+            labels.append(source_name(img, i))
         if isinstance(img, (str, os.PathLike)) and is_medical(img) and split_source(os.fspath(img)) is None:
             try:
                 sources = expand(img, rule or ReadRule(), names[i] if names is not None else None)
             except ImageLoadError:
                 sources = []
-        if not sources or sources == [os.fspath(img)]:
-            out.append(img)
-            if out_names is not None:
-                out_names.append(names[i])  # type: ignore[index]
-            continue
-        out.extend(sources)
-        if out_names is not None:
-            out_names.extend(names[i] + s[len(os.fspath(img)):] for s in sources)  # type: ignore[index]
-    return out, out_names
+            if sources and sources != [os.fspath(img)]:
+                expanded[i] = sources
+        del img
+    if labels is not None:
+        names = labels
+    if not expanded:
+        return images, (None if names is None else list(names))
+    counts = np.ones(len(images), dtype=np.int64)
+    for i, sources in expanded.items():
+        counts[i] = len(sources)
+    where = np.repeat(np.arange(len(images), dtype=np.int64), counts)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    extra = {int(starts[i]) + k: s for i, sources in expanded.items() for k, s in enumerate(sources)}
+    out_names: list[str] | None = None
+    if names is not None:
+        out_names = []
+        for i in range(len(images)):
+            if i in expanded:
+                base = os.fspath(images[i])  # type: ignore[arg-type]
+                out_names.extend(names[i] + s[len(base):] for s in expanded[i])
+            else:
+                out_names.append(names[i])
+    view = _Expanded(images, where, extra)
+    # a list's items are in memory already: a list of them costs only the references
+    return (view[:] if isinstance(images, (list, tuple)) else view), out_names
 
 
 def load_image(image: ImageInput, name: str | None = None, *, rule: ReadRule | None = None) -> np.ndarray:

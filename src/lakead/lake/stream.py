@@ -376,8 +376,8 @@ def gather(det, inputs: Sequence[ImageInput], names: Sequence[str] | None, runne
     cfg, bs = det.config, det.runtime.batch_size
     if names is not None and len(names) != len(inputs):
         raise ConfigError(f"got {len(names)} names for {len(inputs)} images")
-    inputs, names = expand_inputs(inputs, names, det.read_rule)  # volumes and multi-frame files: their images
-    labels = list(names) if names is not None else [source_name(img, i) for i, img in enumerate(inputs)]
+    # volumes and multi-frame files: their images (a lazy view: nothing is read or copied here)
+    inputs, labels = expand_inputs(inputs, names, det.read_rule, label=True)
     p1, passes = first_pass(inputs, labels, list(range(len(inputs))), runner, bs, memory, on_progress)
     for err in p1.errors:
         log.warning("skipping support image %s", err)
