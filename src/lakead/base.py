@@ -3,7 +3,8 @@
 :class:`BaseDetector` implements the parts of the :class:`~lakead.api.Detector` protocol that
 do not depend on the method: options (validated by the method's config dataclass; a misspelled
 one is an error), the run settings (:class:`~lakead.api.Runtime`), the backbone (loaded on
-first use), reading images, running the backbone in batches at the run's precision, the
+first use), the start of every fit (:meth:`~BaseDetector.start_fit`,
+:meth:`~BaseDetector.read_support`), reading images, running the backbone in batches at the run's precision, the
 learned state as ``det.<field>_`` attributes, the fingerprint, and saving and loading the
 model directory. :class:`LearnedState` is the base of a method's state: each field is declared
 once as a :func:`tensor` or a :func:`fact`, and that list drives saving, loading and the
@@ -211,6 +212,29 @@ class BaseDetector:
         if self._backbone_obj is None:
             self._backbone_obj = load_backbone(self.config.backbone, need_text=not self.is_fitted)
         return self._backbone_obj
+
+    # -- fit ------------------------------------------------------------------------------
+
+    def start_fit(self, class_name: str, *, purpose: str | None = None) -> tuple[Backbone, torch.device]:
+        """What every ``fit`` does first: check ``class_name`` (``purpose``: what it is for, said
+        in the error), load the backbone and move it to the run's device. Returns both."""
+        if not isinstance(class_name, str) or not class_name.strip():
+            raise ConfigError("class_name must be a non-empty string" + (f" ({purpose})" if purpose else ""))
+        backbone = self.backbone
+        device = self.runtime.torch_device()
+        backbone.to(device)
+        return backbone, device
+
+    def read_support(self, images: Sequence[ImageInput] | ImageInput, names: Sequence[str] | None = None) -> LoadedImages:
+        """Read the support images as ``fit`` does: each unreadable one is skipped with a warning
+        (and kept in ``errors``); a :class:`ConfigError` when none can be read."""
+        loaded = self.read_images(images, names, strict=False)
+        for e in loaded.errors:
+            log.warning("skipping support image %s", e)
+        if not loaded.arrays:
+            raise ConfigError(f"no readable support image among the {len(loaded.errors)} given" + (
+                f" (first problem: {loaded.errors[0]})" if loaded.errors else ""))
+        return loaded
 
     # -- images and features --------------------------------------------------------------
 

@@ -150,19 +150,10 @@ class BankDetector(BaseDetector):
     ) -> "BankDetector":
         """Fit on normal images only. Returns ``self`` (unreadable images are skipped and listed)."""
         cfg = self.config
-        if not isinstance(class_name, str) or not class_name.strip():
-            raise ConfigError("class_name must be a non-empty string")
-        bb = self.backbone
-        device = self.runtime.torch_device()
-        bb.to(device)
+        bb, device = self.start_fit(class_name)
         blocks = self.blocks(bb)
         size = bb.check_image_size(cfg.image_size or bb.info.image_size)
-        loaded = self.read_images(images, names, strict=False)
-        for e in loaded.errors:
-            log.warning("skipping support image %s", e)
-        if not loaded.arrays:
-            raise ConfigError(f"no readable support image among the {len(images)} given" + (
-                f" (first problem: {loaded.errors[0]})" if loaded.errors else ""))
+        loaded = self.read_support(images, names)
         n = len(loaded.arrays)
         arrays, source = self.support_arrays(loaded.arrays)
         parts, grid = [], (0, 0)

@@ -141,11 +141,7 @@ class LakeDetector(BaseDetector):
         (:func:`lakead.distributed.fit_on_ray`).
         """
         cfg = self.config
-        if not isinstance(class_name, str) or not class_name.strip():
-            raise ConfigError("class_name must be a non-empty string (it fills the text prompts)")
-        backbone = self.backbone
-        device = self.runtime.torch_device()
-        backbone.to(device)
+        backbone, device = self.start_fit(class_name, purpose="it fills the text prompts")
         blocks = tuple(backbone.resolve_layer(b) for b in cfg.blocks)
         tm = self.text_model if cfg.use_text else backbone  # the text probe's model
         tm.to(device)

@@ -118,11 +118,7 @@ class WinCLIPDetector(BaseDetector):
     ) -> "WinCLIPDetector":
         """Fit on normal images (none at all for zero-shot WinCLIP). Returns ``self``."""
         cfg = self.config
-        if not isinstance(class_name, str) or not class_name.strip():
-            raise ConfigError("class_name must be a non-empty string (it fills the text prompts)")
-        bb = self.backbone
-        device = self.runtime.torch_device()
-        bb.to(device)
+        bb, device = self.start_fit(class_name, purpose="it fills the text prompts")
         if not bb.has_text:
             raise ConfigError(f"WinCLIP needs a backbone with a text tower; {bb.info.source!r} has none")
         image_size = bb.check_image_size(cfg.image_size or bb.info.image_size)
@@ -135,15 +131,9 @@ class WinCLIPDetector(BaseDetector):
         patch, lake = self._blocks()
 
         none = images is None or (isinstance(images, (list, tuple)) and len(images) == 0)
-        loaded = None if none else self.read_images(images, names, strict=False)
+        loaded = None if none else self.read_support(images, names)
         arrays = loaded.arrays if loaded is not None else []
         given = 0 if loaded is None else len(loaded.arrays) + len(loaded.errors)
-        if loaded is not None:
-            for e in loaded.errors:
-                log.warning("skipping support image %s", e)
-            if not arrays:
-                raise ConfigError(f"no readable support image among the {given} given" + (
-                    f" (first problem: {loaded.errors[0]})" if loaded.errors else ""))
         if not arrays and cfg.reference != "none":
             raise ConfigError(f"reference={cfg.reference!r} needs normal images; only zero-shot WinCLIP (reference none) "
                               "fits on a class name alone")
