@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +137,25 @@ def load_dataset(
             "<category>/train/good/*.png, <category>/test/<good|defect>/*.png and "
             "<category>/ground_truth/<defect>/<name>_mask.png (at the top, one or two levels down)"
         )
+    return checked_categories(found, categories, base, check_masks=check_masks)
+
+
+def _own_mask(s: Sample) -> tuple[Path, ...]:
+    return (s.mask,) if s.mask is not None else ()
+
+
+def checked_categories(
+    found: list[Category],
+    categories: Sequence[str] | None,
+    base: Path,
+    *,
+    check_masks: bool = True,
+    masks: Callable[[Sample], Sequence[Path]] = _own_mask,
+) -> list[Category]:
+    """``found`` sorted by name, kept to ``categories`` and checked as :func:`load_dataset`
+    says (every layout of :mod:`lakead.layouts` too). ``masks(sample)``: the mask files of a
+    test image whose size is checked (its one ``mask``; several in MVTec LOCO). A category's
+    ``note`` (:class:`lakead.layouts.NotedCategory`) is logged as a warning."""
     found.sort(key=lambda c: c.name)
     if categories:
         found = _pick(found, categories, base)
@@ -147,14 +166,17 @@ def load_dataset(
             raise LakeadError(f"{cat.root}: category {cat.name!r} has no test image")
         if check_masks:
             for s in cat.test:
-                if s.mask is not None:
-                    _check_mask_size(s.path, s.mask)
+                for m in masks(s):
+                    _check_mask_size(s.path, m)
         missing = cat.missing_masks
         if missing:
             log.warning(
                 "%s: %d defect image(s) have no mask (first: %s); they count for image metrics, and pixel "
                 "metrics leave them out", cat.name, len(missing), missing[0].path,
             )
+        note = getattr(cat, "note", "")
+        if note:
+            log.warning("%s: %s", cat.name, note)
     return found
 
 

@@ -28,18 +28,15 @@ objects, as :func:`lakead.data.load_dataset` does (which it calls for the layout
 from __future__ import annotations
 
 import csv
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
 
-from .data import META_FILE, Category, Sample, _check_mask_size, _images_in, _pick, _subdirs, load_dataset
+from .data import META_FILE, Category, Sample, _images_in, _subdirs, checked_categories, load_dataset
 from .errors import LakeadError
 from .spro import DEFECTS_CONFIG, SPRO_FPR_LIMIT, read_defects_config
-
-log = logging.getLogger(__name__)
 
 #: The VisA split file read when present.
 VISA_SPLIT = Path("split_csv") / "1cls.csv"
@@ -126,11 +123,11 @@ def load_any(
     base = Path(root).expanduser()
     if normal_dir is not None or abnormal_dirs or mask_dir is not None or normal_test_dir is not None:
         found = [_from_plain_folders(base, normal_dir, abnormal_dirs, mask_dir, normal_test_dir)]
-        return _checked(found, categories, base, check_masks)
+        return checked_categories(found, categories, base, check_masks=check_masks, masks=sample_masks)
     if base.is_dir():
         found = _detect(base)
         if found:
-            return _checked(found, categories, base, check_masks)
+            return checked_categories(found, categories, base, check_masks=check_masks, masks=sample_masks)
     try:
         return load_dataset(base, categories, check_masks=check_masks, rule=rule)
     except LakeadError as exc:
@@ -152,30 +149,6 @@ def _detect(base: Path) -> list[Category]:
     if visa:
         return [_visa_object(d) for d in visa]
     return [_loco_category(d, d.name) for d in subdirs if _is_loco(d)]
-
-
-def _checked(found: list[Category], categories: Sequence[str] | None, base: Path, check_masks: bool) -> list[Category]:
-    """The checks of :func:`lakead.data.load_dataset`, on every mask file of each image."""
-    found.sort(key=lambda c: c.name)
-    if categories:
-        found = _pick(found, categories, base)
-    for cat in found:
-        if not cat.train:
-            raise LakeadError(f"{cat.root}: category {cat.name!r} has no normal training image to draw shots from")
-        if not cat.test:
-            raise LakeadError(f"{cat.root}: category {cat.name!r} has no test image")
-        if check_masks:
-            for s in cat.test:
-                for m in sample_masks(s):
-                    _check_mask_size(s.path, m)
-        missing = cat.missing_masks
-        if missing:
-            log.warning("%s: %d defect image(s) have no mask (first: %s); they count for image metrics, and pixel "
-                        "metrics leave them out", cat.name, len(missing), missing[0].path)
-        note = getattr(cat, "note", "")
-        if note:
-            log.warning("%s: %s", cat.name, note)
-    return found
 
 
 # -- VisA -----------------------------------------------------------------------------------
