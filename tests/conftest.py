@@ -5,6 +5,7 @@ Tests never download anything: the hub is switched off before transformers is im
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -42,6 +43,19 @@ def tiny_backbone(tiny_clip_dir):
 def other_clip_dir(tmp_path_factory) -> Path:
     """A second tiny CLIP, same shapes, other weights: must not pass for the first."""
     return save_random_clip(tmp_path_factory.mktemp("other-clip"), "tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster with 2 CPUs for the whole module, or a skip saying why there is none."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'lakead[ray]')")
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'lakead[ray]')")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to start means: no cluster here
+        pytest.skip(f"a local Ray cluster cannot start here: {type(exc).__name__}: {exc}")
+    yield ray
+    ray.shutdown()
 
 
 def texture(rng: np.random.Generator, size: tuple[int, int] = (64, 64)) -> np.ndarray:

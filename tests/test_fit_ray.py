@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,18 +15,6 @@ from regression.cases import held_out_images
 from test_fit_stream import compare, full_bytes
 
 OPTS = dict(k="auto", layer=[2, 3], image_size=48, batch_size=3, filter_outliers=True, outlier_contamination=0.1)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'lakead[ray]')")
-    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'lakead[ray]')")
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    except Exception as exc:  # noqa: BLE001 - any failure to start means: no cluster here
-        pytest.skip(f"a local Ray cluster cannot start here: {type(exc).__name__}: {exc}")
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

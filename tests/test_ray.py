@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import numpy as np
@@ -18,19 +17,6 @@ from lakead.errors import LakeadError
 from test_batch import make_images, partial_copy
 
 OPTS = dict(k=8, layer=2, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster with 2 CPUs for the whole module, or a skip saying why there is none."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'lakead[ray]')")
-    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'lakead[ray]')")
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    except Exception as exc:  # noqa: BLE001 - any failure to start means: no cluster here
-        pytest.skip(f"a local Ray cluster cannot start here: {type(exc).__name__}: {exc}")
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
