@@ -8,7 +8,8 @@ MobileNetV2 ONNX model at its block ``426_quantized``, and the tiny random CLIP 
 every precision its backbone allows, and the test images (at most ``--max-test`` per category,
 evenly spaced) are scored by the torch path and by each export. Reported per backbone, path and
 category: the largest relative score difference, the number of decisions that differ (at the
-model's own threshold), and the image AUROC of both.
+model's own threshold; split into the score's side of the threshold and the scope check's flag),
+and the image AUROC of both.
 
 int8-static (``--precision int8-static``) is calibrated on the category's support images (the
 images the model was fitted on). ``--static-variants`` adds the int8-static choices that were
@@ -89,6 +90,10 @@ def main(argv=None) -> dict:
                     rel = np.abs(got.scores - ref.scores) / np.maximum(np.abs(ref.scores), 1e-12)
                     row = {"category": cat.name, "backbone": kind, "path": f"{fmt} {prec}{variant}", "images": len(arrays),
                            "max_relative_score": float(rel.max()), "decisions_differ": int((got.anomalous != ref.anomalous).sum()),
+                           # the two parts of a decision: the score above the threshold, the scope check's flag
+                           "score_decisions_differ": int(((got.scores > ref.threshold) != (ref.scores > ref.threshold)).sum()),
+                           "scope_flags_differ": int((got.out_of_scope != ref.out_of_scope).sum()),
+                           "median_scope_change": float(np.median(got.scope / ref.scope - 1)) if ref.scope is not None and got.scope is not None else None,
                            "auroc_torch": image_metrics(labels, ref.scores)["auroc"], "auroc_export": image_metrics(labels, got.scores)["auroc"]}
                     res["rows"].append(row)
                     print(json.dumps(row), flush=True)

@@ -114,3 +114,29 @@ def test_quantizable_nodes_are_the_blocks_weight_products():
     assert Q.quantizable_nodes(model) == ["/layers.0/mlp/fc1/MatMul", "/encoder/layer.11/output/dense/Gemm"]
     assert Q.quantizable_nodes(model, attention=True) == ["/layers.0/mlp/fc1/MatMul", "/layers.0/self_attn/MatMul",
                                                           "/encoder/layer.11/output/dense/Gemm"]
+
+
+def test_cli_export_int8_static_with_calibration_images(tiny_clip_dir, images, tmp_path):
+    from typer.testing import CliRunner
+
+    from lakead.cli import app
+
+    normal, test = images
+    for sub, imgs in (("normal", normal), ("test", test)):
+        (tmp_path / sub).mkdir()
+        for i, a in enumerate(imgs):
+            Image.fromarray(a).save(tmp_path / sub / f"{i:02d}.png")
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    assert invoke("fit", tmp_path / "normal", "-c", "widget", "--out", tmp_path / "m", "--backbone", tiny_clip_dir,
+                  "--layer", "3", "--device", "cpu").exit_code == 0
+    r = invoke("export", tmp_path / "m", "--out", tmp_path / "x", "--precision", "int8-static", "--check", tmp_path / "test",
+               "--calibrate", tmp_path / "normal")
+    assert r.exit_code == 0, r.output
+    meta = read_export_meta(tmp_path / "x")
+    assert meta["calibration"] == {**meta["calibration"], "images": len(normal), "source": "given (--calibrate)"}
+    assert meta["check"]["images"] == len(test) and "int8-static" in invoke("info", tmp_path / "x").output
+    r = invoke("export", tmp_path / "m", "--out", tmp_path / "y", "--precision", "int8-static", "--calibrate", tmp_path / "normal")
+    assert r.exit_code != 0 and "only with check images" in r.output and not (tmp_path / "y").exists()

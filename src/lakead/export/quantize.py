@@ -2,8 +2,8 @@
 
 ``--precision int8-static``: ONNX Runtime's ``quantize_static`` in QDQ format, weights uint8 per
 output channel, activations uint8 per tensor, both asymmetric, the activations' ranges measured
-(``MinMax``) on the preprocessed calibration images (the normal images the model was fitted on: they are what the graph will
-mostly see). Only the backbone blocks' linear layers are quantized, the products of a weight
+(``MinMax``) on the preprocessed calibration images (normal images: by default those the model
+was fitted on, what the graph will mostly see). Only the backbone blocks' linear layers are quantized, the products of a weight
 matrix and the tokens (``MatMul``/``Gemm`` with an initializer, inside a numbered block); what
 decides stays float32: the patch embedding, the attention products of two activations, the
 layer norms, the neuron selection, the gallery distances and their minimum, the scope
@@ -12,10 +12,10 @@ for how far its scores and decisions move, and its speed.
 
 Why uint8 weights (U8U8) and not ONNX Runtime's usual int8 weights (U8S8): on a CPU with AVX2
 but no VNNI, as the one this was measured on, ONNX Runtime multiplies uint8 by int8 with
-``vpmaddubsw``, whose 16-bit sums saturate; on the tiny CLIP and real tire images U8S8 moved
-scores by up to 393 % and changed 33 of 40 decisions, S8S8 470 % and 37, U8S8 with 7-bit
-weights (``reduce_range``) 36 % and 0, U8U8 18 % and 0 (benchmarks/export_agreement.py, the
-variants in its ``--static-variants``).
+``vpmaddubsw``, whose 16-bit sums saturate: on the tiny CLIP and 40 real tire images
+(benchmarks/export_agreement.py --static-variants) U8S8 moved scores by up to 393 % and changed
+29 decisions, S8S8 470 % and 29, U8S8 with 7-bit weights (``reduce_range``) 36 % and 8, U8U8
+18 % and 3 (those 3 from the scope check only; docs/DEPLOY.md).
 """
 
 from __future__ import annotations
