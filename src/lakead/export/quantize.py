@@ -11,8 +11,8 @@ distance, and the text head (final norm, projection, prompt similarity). See doc
 for how far its scores and decisions move, and its speed.
 
 Why uint8 weights (U8U8) and not ONNX Runtime's usual int8 weights (U8S8): on a CPU with AVX2
-but no VNNI, as the one this was measured on, ONNX Runtime multiplies uint8 by int8 with
-``vpmaddubsw``, whose 16-bit sums saturate: on the tiny CLIP and 40 real tire images
+but no VNNI, as the one this was measured on, ONNX Runtime's documentation warns that its
+uint8 x int8 product (``vpmaddubsw``, 16-bit sums) can saturate; on the tiny CLIP and 40 real tire images
 (benchmarks/export_agreement.py --static-variants) U8S8 moved scores by up to 393 % and changed
 29 decisions, S8S8 470 % and 29, U8S8 with 7-bit weights (``reduce_range``) 36 % and 8, U8U8
 18 % and 3 (those 3 from the scope check only; docs/DEPLOY.md).
