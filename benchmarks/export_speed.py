@@ -19,7 +19,9 @@ FLOPs over each path's time against the bfloat16 ceiling.
 Paths: torch fp32, torch bf16 (``--precision bfloat16``: torch.autocast), ONNX Runtime fp32,
 OpenVINO fp32, OpenVINO bf16 (an inference hint: on a CPU without bfloat16 arithmetic OpenVINO
 runs float32, and the run says so), ONNX Runtime int8 and OpenVINO int8 (dynamic int8 weights
-and activations in the backbone's matrix products, the head float32). No GPU path here.
+and activations in the backbone's matrix products, the head float32), ONNX Runtime int8-static
+and OpenVINO int8-static (the blocks' linear layers in int8, calibrated on the fit's support
+images: ``--precision int8-static``). No GPU path here.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from lakead.runtime import ExportedDetector  # noqa: E402
 PATHS = {
     "torch fp32": None, "torch bf16": None, "ONNX Runtime fp32": ("onnx", "fp32"), "OpenVINO fp32": ("openvino", "fp32"),
     "OpenVINO bf16": ("openvino", "bf16"), "ONNX Runtime int8": ("onnx", "int8"), "OpenVINO int8": ("openvino", "int8"),
+    "ONNX Runtime int8-static": ("onnx", "int8-static"), "OpenVINO int8-static": ("openvino", "int8-static"),
 }
 
 
@@ -58,7 +61,8 @@ def build(preset: str, work: Path, cache: Path | None, shots: int, paths: list[s
 
     src = model_dir(preset, cache)
     bb = CLIPBackbone.from_pretrained(str(src))
-    det = LakeDetector(backbone=bb, device="cpu", batch_size=1).fit(synthetic_images(shots, (256, 256), seed=4), "object")
+    support = synthetic_images(shots, (256, 256), seed=4)
+    det = LakeDetector(backbone=bb, device="cpu", batch_size=1).fit(support, "object")
     det.save(work / f"{preset}-model")
     runners: dict = {}
     export_s = {}
@@ -72,7 +76,8 @@ def build(preset: str, work: Path, cache: Path | None, shots: int, paths: list[s
         say(f"{preset}: exporting {name}...")
         t0 = time.perf_counter()
         out = export_model(work / f"{preset}-model", work / f"{preset}-{fmt}-{prec}", format=fmt, precision=prec,
-                           check=None if prec == "fp32" else [])  # timed here whatever its decisions (compared below)
+                           check=None if prec == "fp32" else [],  # timed here whatever its decisions (compared below)
+                           calibration=support if prec == "int8-static" else None)
         export_s[name] = time.perf_counter() - t0
         runners[name] = ExportedDetector.load(out, batch_size=1)
     depth = max(det.layer_, det.semantic_layer_)

@@ -221,10 +221,11 @@ def export(
     model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit'.", show_default=False),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the exported model to (replaced if it exists)."),
     format: str = typer.Option("onnx", "--format", help="onnx (model.onnx, for ONNX Runtime) or openvino (model.xml + model.bin)."),
-    precision: str = typer.Option("fp32", help="fp32 (the same scores), int8 (backbone weights and activations in int8) or bf16 (OpenVINO only); see docs/DEPLOY.md."),
+    precision: str = typer.Option("fp32", help="fp32 (the same scores), int8 (backbone weights and activations in int8, dynamic), int8-static (int8 calibrated on normal images: --calibrate) or bf16 (OpenVINO only); see docs/DEPLOY.md."),
     batch: str = typer.Option("dynamic", help="Images per graph call: dynamic, or a fixed number N."),
     check: Optional[list[Path]] = typer.Option(None, "--check", help="Images or folders scored by the torch model and the exported graph before writing: the differences are recorded, and an export whose decisions differ is refused (repeatable)."),
     max_check: int = typer.Option(32, help="At most this many --check images, evenly spaced over the sorted list."),
+    calibrate: Optional[list[Path]] = typer.Option(None, "--calibrate", help="int8-static: normal images or folders whose activation ranges set the int8 scales (default: the support images the model was fitted on, if their paths still exist; repeatable)."),
 ) -> None:
     """Export a fitted model to ONNX or OpenVINO, to run without torch (lakead.runtime, docs/DEPLOY.md)."""
     from .export import export_model
@@ -237,7 +238,10 @@ def export(
         if check:
             found = list_images(check)
             arrays = [load_image(found[i], str(found[i])) for i in spread_subset(len(found), max_check)]
-        export_model(model_dir, out_dir, format=format, precision=precision, batch=batch, check=arrays)
+        calibration = None
+        if calibrate:
+            calibration = [load_image(p, str(p)) for p in list_images(calibrate)]
+        export_model(model_dir, out_dir, format=format, precision=precision, batch=batch, check=arrays, calibration=calibration)
     from .runtime import read_export_meta
 
     meta = read_export_meta(out_dir)

@@ -41,7 +41,7 @@ EXPORT_FILE = "lakead-export.json"
 EXPORT_FORMAT = "lakead-export"
 EXPORT_VERSION = 1
 FORMATS = ("onnx", "openvino")
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int8-static")
 ENGINES = ("onnxruntime", "openvino")
 _KEYS = ("engine", "file", "precision", "batch", "input", "outputs", "source", "preprocessing", "grid", "map_grid",
          "map_range", "sigma", "lam", "decision", "class_name", "fitted_at")

@@ -1,6 +1,6 @@
 """Export a fitted detector to ONNX or OpenVINO IR, to run without torch (:mod:`lakead.runtime`).
 
-``lakead export MODEL_DIR --format onnx|openvino --out DIR [--precision fp32|bf16|int8] [--batch dynamic|N]``
+``lakead export MODEL_DIR --format onnx|openvino --out DIR [--precision fp32|bf16|int8|int8-static] [--batch dynamic|N]``
 writes one graph, normalised pixels ``(B, 3, S, S)`` in, scores out (:mod:`.graph`), and beside
 it ``lakead-export.json`` (preprocessing, decision levels, map range, grid, lakead version, the
 source model's fingerprint), into ``DIR`` atomically. See docs/DEPLOY.md.
@@ -44,7 +44,7 @@ EXPORTABLE: dict[str, str | None] = {"lake": None}
 #: ONNX opset of the exported graphs (what the TorchScript-based exporter of torch writes well).
 OPSET = 17
 #: Precisions each format can keep (see docs/DEPLOY.md for how far scores move).
-FORMAT_PRECISIONS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
+FORMAT_PRECISIONS = {"onnx": ("fp32", "int8", "int8-static"), "openvino": ("fp32", "bf16", "int8", "int8-static")}
 
 
 def parse_batch(value: str | int | None) -> int | None:
@@ -83,6 +83,7 @@ def export_model(
     precision: str = "fp32",
     batch: str | int | None = None,
     check: Sequence[np.ndarray] | None = None,
+    calibration: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """Export ``model`` (a model directory or a fitted detector) into the directory ``out``; returns it.
 
@@ -90,6 +91,8 @@ def export_model(
     before anything is written; the differences are recorded in the JSON, and a precision whose
     decisions differ from the torch path's on them is refused. fp32 needs none; int8 and bf16 are
     exported only with ``check`` (an empty list: the caller compares them itself, as the benchmarks do).
+    ``calibration``: normal images for int8-static's activation ranges (default: the model's
+    support images, read again from their paths; :mod:`.quantize`).
     """
     if format not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -118,6 +121,8 @@ def export_model(
     if precision == "int8":
         onnx_bytes = _quantize_int8(onnx_bytes)
     meta = _meta(det, format, precision, n_batch, where)
+    if precision == "int8-static":
+        onnx_bytes, meta["calibration"] = _quantize_int8_static(det, onnx_bytes, meta, calibration, n_batch, where)
     with atomic_directory(out) as tmp:
         model_file = tmp / meta["file"]
         if format == "onnx":
@@ -205,6 +210,18 @@ def _quantize_int8(onnx_bytes: bytes) -> bytes:
                          nodes_to_exclude=head)
         root.setLevel(level)
         return dst.read_bytes()
+
+
+def _quantize_int8_static(det: LakeDetector, onnx_bytes: bytes, meta: dict[str, Any], calibration: Sequence[np.ndarray] | None,
+                          n_batch: int | None, where: str) -> tuple[bytes, dict[str, Any]]:
+    """int8-static (:mod:`.quantize`): the graph with its blocks' linear layers in int8, calibrated
+    on normal images; returns it and what the JSON records of the calibration."""
+    from .quantize import calibration_images, calibration_pixels, quantize_int8_static
+
+    images, source = calibration_images(det, calibration, where)
+    quantized = quantize_int8_static(onnx_bytes, calibration_pixels(images, meta), batch=n_batch)
+    return quantized, {"images": len(images), "source": source, "method": "minmax", "format": "QDQ",
+                       "weights": "uint8 per output channel, asymmetric", "activations": "uint8 per tensor, asymmetric"}
 
 
 def _write_openvino(onnx_bytes: bytes, xml: Path) -> None:
