@@ -202,3 +202,15 @@ def test_nearest_neighbor_memory_is_bounded_for_a_large_gallery(monkeypatch):
     want_d, want_i = brute_force(queries[:50], gallery)
     assert torch.equal(i[:50], want_i)
     assert torch.allclose(d[:50].double(), want_d, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_q,n_g,block", [(196, 2_000_000, 1 << 20), (1, 10, 100), (10, 10, 100), (5000, 5000, 1 << 20),
+                                           (3, 1 << 22, 1 << 20), (1 << 22, 3, 1 << 20), (7, 9, 1)])
+def test_search_blocks_hold_at_most_the_bound_and_are_real_products(n_q, n_g, block):
+    from lakead.ops import search_blocks
+
+    qb, gb = search_blocks(n_q, n_g, block)
+    assert 1 <= qb <= n_q and 1 <= gb <= n_g
+    assert qb * gb <= max(block, 1)
+    side = math.isqrt(block)
+    assert qb >= min(n_q, side) and gb >= min(n_g, side)  # no one-row blocks while a square one fits

@@ -103,6 +103,25 @@ def top_k_channels(variance: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k].to(torch.int64)
 
 
+def search_blocks(n_q: int, n_g: int, block_elements: int) -> tuple[int, int]:
+    """Rows of queries and of gallery per block of the nearest-neighbour search: at most
+    ``block_elements`` distances, and both sides as large as that allows (at least the square
+    root of it each, when there are that many), so each block is one real matrix product.
+    Before, a gallery of ``block_elements`` rows or more left one or two query rows per block
+    (matrix-vector products that read the whole gallery again for each query): 196 queries
+    against 500,000 vectors took 1.5-1.7x longer that way on this project's 2-core machine."""
+    block_elements = max(1, block_elements)
+    if n_q * n_g <= block_elements:
+        return max(1, n_q), max(1, n_g)
+    side = max(1, math.isqrt(block_elements))
+    if n_q <= side:
+        return n_q, max(1, min(n_g, block_elements // n_q))
+    if n_g <= side:
+        return max(1, min(n_q, block_elements // n_g)), n_g
+    q_block = min(n_q, max(side, block_elements // n_g))
+    return q_block, max(1, min(n_g, block_elements // q_block))
+
+
 def nearest_neighbor(
     queries: torch.Tensor,
     gallery: torch.Tensor,
@@ -143,8 +162,7 @@ def nearest_neighbor(
     g = gallery.to(torch.float32)
     g_sq = g.square().sum(1)  # (M,)
     q_sq = q.square().sum(1)  # (Q,)
-    q_block = max(1, min(n_q, block_elements // max(1, min(n_g, block_elements))))
-    g_block = max(1, min(n_g, block_elements // q_block))
+    q_block, g_block = search_blocks(n_q, n_g, block_elements)
     for qs in range(0, n_q, q_block):
         qe = min(n_q, qs + q_block)
         for gs in range(0, n_g, g_block):
