@@ -26,6 +26,7 @@ import torch
 from ..decision import budget_threshold, check_budget
 from ..neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_image_features
 from ..ops import channel_variance, nearest_neighbor, top_k_channels
+from ..patchops import cosine_distances
 from .config import LakeConfig
 
 log = logging.getLogger("lakead")
@@ -142,6 +143,34 @@ def leave_one_out_of(queries: dict[int, torch.Tensor], gallery: torch.Tensor, ga
         visual[i] = float(d.max())
         tokens.append(d.cpu().numpy())
     return visual, tokens
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length (a zero row stays zero): what ``distance="cosine"`` compares.
+
+    >>> to_unit(torch.tensor([[3.0, 4.0], [0.0, 0.0]])).tolist()
+    [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+    """
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def token_distance(d: torch.Tensor, config: LakeConfig) -> torch.Tensor:
+    """A token's score from its nearest-neighbour distance: itself (euclidean) or, with
+    ``distance="cosine"`` where both sides are unit vectors, the cosine distance ``1 - cos``
+    (:func:`lakead.patchops.cosine_distances`: ``d**2 / 2``)."""
+    return cosine_distances(d) if config.distance == "cosine" else d
+
+
+def cosine_gallery(gallery: torch.Tensor, n: int, n_tok: int, device: torch.device
+                   ) -> tuple[torch.Tensor, np.ndarray, list[np.ndarray]]:
+    """``distance="cosine"``: the gallery ``(n * N, K)`` (every support token, image by image)
+    as unit vectors, and the leave-one-out visual scores ``(n,)`` and token scores in cosine
+    distance (:func:`leave_one_out` on the unit vectors)."""
+    if gallery.shape[0] != n * n_tok:
+        raise ValueError(f"distance='cosine' needs every support token in the gallery ({n} x {n_tok}), got {gallery.shape[0]}")
+    unit = to_unit(gallery)
+    visual, tokens = leave_one_out(unit, n, n_tok, device)
+    return unit, visual ** 2 / 2.0, [t ** 2 / 2.0 for t in tokens]
 
 
 def describe_loo(scored: int, n: int) -> str:
