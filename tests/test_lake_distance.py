@@ -1,5 +1,6 @@
-"""LAKE's ``distance`` option: cosine instead of Euclidean in the sensitive subspace
-(docs/DECISIONS.md measures why). The default stays Euclidean (tests/test_regression.py)."""
+"""LAKE's ``distance`` and ``top_percent`` options: cosine instead of Euclidean in the sensitive
+subspace, the mean of the top tokens instead of their max (docs/DECISIONS.md measures why). The
+defaults stay the paper's (tests/test_regression.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ def images():
 @pytest.fixture(scope="module")
 def cosine(tiny_backbone, images):
     return LakeDetector(tiny_backbone, distance="cosine", **OPTS).fit(images[0], "tile")
+
+
+@pytest.fixture(scope="module")
+def both(tiny_backbone, images):
+    return LakeDetector(tiny_backbone, distance="cosine", top_percent=10, **OPTS).fit(images[0], "tile")
 
 
 def subspace_tokens(det: LakeDetector, arrays: list[np.ndarray]) -> torch.Tensor:
@@ -63,20 +69,37 @@ def test_cosine_ignores_the_length_of_a_token_and_euclidean_does_not(cosine, tin
     assert d_euc.min() * state.visual_scale > 1.9  # ||3g - g|| = 2 for the nearest unit vector g itself
 
 
-def test_cosine_survives_save_load_and_two_passes(cosine, tiny_backbone, images, tmp_path):
+def test_top_percent_pools_the_highest_tokens(tiny_backbone, images):
+    """The visual score and the leave-one-out scores are the mean of the top 10 % of the token
+    scores (8 x 8 tokens: the top 6), which the max-pooled model's token scores give."""
     normal, test = images
-    loaded = LakeDetector.load(cosine.save(tmp_path / "m"))
-    assert loaded.config.distance == "cosine"
-    np.testing.assert_array_equal(loaded.predict(test).scores, cosine.predict(test).scores)
-    two = LakeDetector(tiny_backbone, distance="cosine", **OPTS).fit(normal, "tile", memory=100_000)  # under 2 x 80 KiB of tokens: two passes
-    assert two.fit_passes >= 2  # streamed (not the one-pass fit)
-    np.testing.assert_allclose(two.loo_scores_, cosine.loo_scores_, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(two.predict(test).scores, cosine.predict(test).scores, rtol=1e-5, atol=1e-6)
+    plain = LakeDetector(tiny_backbone, **OPTS).fit(normal, "tile")
+    top = LakeDetector(tiny_backbone, top_percent=10, **OPTS).fit(normal, "tile")
+    raw = torch.cat([b.distances for b in plain.iter_scored(test, text=False)]) * plain.visual_scale_  # (B, 64)
+    want = raw.topk(6, dim=1).values.mean(1) / top.visual_scale_
+    np.testing.assert_allclose(top.predict(test).visual, want.numpy(), rtol=1e-5)
+    loo = torch.from_numpy(plain.loo_tokens_.reshape(len(normal), 64) * plain.visual_scale_)
+    np.testing.assert_allclose(top.loo_visual_, (loo.topk(6, dim=1).values.mean(1) / top.visual_scale_).numpy(), rtol=1e-5)
+    assert np.median(top.loo_visual_) == pytest.approx(1.0) and top.visual_scale_ < plain.visual_scale_
+    with pytest.raises(ConfigError, match="top_percent"):
+        LakeDetector(tiny_backbone, top_percent=0, **OPTS)
 
 
-def test_cosine_export_agrees_with_torch(cosine, images, tmp_path):
-    out = export_model(cosine, tmp_path / "exported")
-    report = assert_agrees(cosine, out, images[1])
+def test_options_survive_save_load_and_two_passes(both, tiny_backbone, images, tmp_path):
+    normal, test = images
+    loaded = LakeDetector.load(both.save(tmp_path / "m"))
+    assert (loaded.config.distance, loaded.config.top_percent) == ("cosine", 10)
+    np.testing.assert_array_equal(loaded.predict(test).scores, both.predict(test).scores)
+    two = LakeDetector(tiny_backbone, distance="cosine", top_percent=10, **OPTS).fit(
+        normal, "tile", memory=100_000)  # under 2 x 80 KiB of full-width tokens: streamed
+    assert two.fit_passes >= 2  # not the one-pass fit
+    np.testing.assert_allclose(two.loo_scores_, both.loo_scores_, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(two.predict(test).scores, both.predict(test).scores, rtol=1e-5, atol=1e-6)
+
+
+def test_export_computes_both_options_in_the_graph(both, images, tmp_path):
+    out = export_model(both, tmp_path / "exported")
+    report = assert_agrees(both, out, images[1])
     assert report["decisions_same"]
 
 

@@ -18,7 +18,7 @@ import torch
 from ..backbones.base import Backbone, Features, Layer, as_blocks
 from ..ops import combine_blocks, nearest_neighbor, pool_scores, upsample_map
 from .config import LakeConfig
-from .fit import to_unit, token_distance
+from .fit import pool_visual, to_unit, token_distance
 from .state import LakeState
 
 
@@ -66,8 +66,8 @@ def score_batch(start: int, features: Features, state: LakeState, config: LakeCo
 
 
 def image_parts(batch: ScoredBatch, config: LakeConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The visual (max over tokens, Eq. 8) and semantic (pooled probe, 0 when off) image scores, ``(B,)`` each."""
-    visual = batch.distances.amax(dim=1).cpu()
+    """The visual (max over tokens, Eq. 8, or the mean of the top_percent) and semantic (pooled probe, 0 when off) image scores, ``(B,)`` each."""
+    visual = pool_visual(batch.distances, config).cpu()
     if batch.probabilities is None:
         return visual, torch.zeros(batch.distances.shape[0])
     return visual, pool_scores(batch.probabilities, config.semantic_agg).cpu()
