@@ -1,4 +1,4 @@
-"""LAKE's ``distance`` and ``top_percent`` options: cosine instead of Euclidean in the sensitive
+"""LAKE's ``distance`` and ``visual_top_percent`` options: cosine instead of Euclidean in the sensitive
 subspace, the mean of the top tokens instead of their max (docs/DECISIONS.md measures why). The
 defaults stay the paper's (tests/test_regression.py)."""
 
@@ -33,7 +33,7 @@ def cosine(tiny_backbone, images):
 
 @pytest.fixture(scope="module")
 def both(tiny_backbone, images):
-    return LakeDetector(tiny_backbone, distance="cosine", top_percent=10, **OPTS).fit(images[0], "tile")
+    return LakeDetector(tiny_backbone, distance="cosine", visual_top_percent=10, **OPTS).fit(images[0], "tile")
 
 
 def subspace_tokens(det: LakeDetector, arrays: list[np.ndarray]) -> torch.Tensor:
@@ -74,23 +74,23 @@ def test_top_percent_pools_the_highest_tokens(tiny_backbone, images):
     scores (8 x 8 tokens: the top 6), which the max-pooled model's token scores give."""
     normal, test = images
     plain = LakeDetector(tiny_backbone, **OPTS).fit(normal, "tile")
-    top = LakeDetector(tiny_backbone, top_percent=10, **OPTS).fit(normal, "tile")
+    top = LakeDetector(tiny_backbone, visual_top_percent=10, **OPTS).fit(normal, "tile")
     raw = torch.cat([b.distances for b in plain.iter_scored(test, text=False)]) * plain.visual_scale_  # (B, 64)
     want = raw.topk(6, dim=1).values.mean(1) / top.visual_scale_
     np.testing.assert_allclose(top.predict(test).visual, want.numpy(), rtol=1e-5)
     loo = torch.from_numpy(plain.loo_tokens_.reshape(len(normal), 64) * plain.visual_scale_)
     np.testing.assert_allclose(top.loo_visual_, (loo.topk(6, dim=1).values.mean(1) / top.visual_scale_).numpy(), rtol=1e-5)
     assert np.median(top.loo_visual_) == pytest.approx(1.0) and top.visual_scale_ < plain.visual_scale_
-    with pytest.raises(ConfigError, match="top_percent"):
-        LakeDetector(tiny_backbone, top_percent=0, **OPTS)
+    with pytest.raises(ConfigError, match="visual_top_percent"):
+        LakeDetector(tiny_backbone, visual_top_percent=0, **OPTS)
 
 
 def test_options_survive_save_load_and_two_passes(both, tiny_backbone, images, tmp_path):
     normal, test = images
     loaded = LakeDetector.load(both.save(tmp_path / "m"))
-    assert (loaded.config.distance, loaded.config.top_percent) == ("cosine", 10)
+    assert (loaded.config.distance, loaded.config.visual_top_percent) == ("cosine", 10)
     np.testing.assert_array_equal(loaded.predict(test).scores, both.predict(test).scores)
-    two = LakeDetector(tiny_backbone, distance="cosine", top_percent=10, **OPTS).fit(
+    two = LakeDetector(tiny_backbone, distance="cosine", visual_top_percent=10, **OPTS).fit(
         normal, "tile", memory=100_000)  # under 2 x 80 KiB of full-width tokens: streamed
     assert two.fit_passes >= 2  # not the one-pass fit
     np.testing.assert_allclose(two.loo_scores_, both.loo_scores_, rtol=1e-5, atol=1e-6)

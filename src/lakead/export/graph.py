@@ -56,7 +56,7 @@ class LakeHead(nn.Module):
         self.semantic_agg = config.semantic_agg
         self.semantic_map = config.map_source == "semantic" and state.text_embeddings is not None
         self.scale = float(state.visual_scale)
-        self.top_percent = None if config.top_percent is None else float(config.top_percent)
+        self.top_percent = None if config.visual_top_percent is None else float(config.visual_top_percent)
         self.cosine = config.distance == "cosine"  # the gallery holds unit vectors: queries scaled too, 1 - cos
         self.backbone = backbone  # for its text probe's arithmetic (a torch function of the joint tokens)
         gallery = state.gallery.detach().to("cpu", torch.float32)

@@ -42,7 +42,7 @@ class LakeConfig(Options):
         "euclidean", "Token distance in the sensitive subspace: euclidean (the paper, Eq. 7) or cosine (1 - cos of the "
         "K-channel vectors, as AnomalyDINO; ranks better on the real images of docs/DECISIONS.md). cosine keeps "
         "every support token (no gallery_size).")
-    top_percent: Optional[float] = option(
+    visual_top_percent: Optional[float] = option(
         None, "Visual image score: the mean of the top percent of the token scores (AnomalyDINO's aggregation; at "
         "least one token) instead of their max (Eq. 8); e.g. 5. Default: the max.")
     lam: float = option(0.1, "Weight of the text probe in the fused score (Eq. 14).")
@@ -112,9 +112,9 @@ class LakeConfig(Options):
         if self.gallery_size is not None and (isinstance(self.gallery_size, bool) or not isinstance(self.gallery_size, int)
                                               or self.gallery_size < 1):
             raise ConfigError(f"gallery_size must be a positive integer, got {self.gallery_size!r}")
-        p = self.top_percent
+        p = self.visual_top_percent
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100):
-            raise ConfigError(f"top_percent must be a number in (0, 100] or None, got {p!r}")
+            raise ConfigError(f"visual_top_percent must be a number in (0, 100] or None, got {p!r}")
         if self.distance == "cosine" and self.gallery_size is not None:
             raise ConfigError("distance='cosine' cannot be combined with gallery_size: the coreset is chosen by Euclidean "
                               "distance (lakead.lake.stream) and the leave-one-out scores need every support token; "

@@ -177,23 +177,23 @@ def cosine_gallery(gallery: torch.Tensor, n: int, n_tok: int, device: torch.devi
 
 def pool_visual(distances: torch.Tensor, config: LakeConfig) -> torch.Tensor:
     """An image's visual score from its token scores ``(B, N) -> (B,)``: the max (Eq. 8), or with
-    ``top_percent`` the mean of the top percent of them (AnomalyDINO's aggregation,
+    ``visual_top_percent`` the mean of the top percent of them (AnomalyDINO's aggregation,
     :func:`lakead.patchops.top_percent_mean`: at least one token)."""
-    if config.top_percent is None:
+    if config.visual_top_percent is None:
         return distances.amax(dim=1)
-    return top_percent_mean(distances, float(config.top_percent))
+    return top_percent_mean(distances, float(config.visual_top_percent))
 
 
 def rescore_support(sup: Any, config: LakeConfig, device: torch.device) -> Any:
     """The support set of :func:`lakead.lake.stream.gather` (its gallery and leave-one-out
-    scores, Euclidean distances, max-pooled) for the configured ``distance`` and ``top_percent``:
+    scores, Euclidean distances, max-pooled) for the configured ``distance`` and ``visual_top_percent``:
     itself for the defaults; with ``distance="cosine"`` the gallery as unit vectors and the
-    leave-one-out scores in cosine distance (:func:`cosine_gallery`); with ``top_percent`` each
+    leave-one-out scores in cosine distance (:func:`cosine_gallery`); with ``visual_top_percent`` each
     scored image's leave-one-out score pooled from its token scores (:func:`pool_visual`)."""
     if config.distance == "cosine":
         unit, loo, tokens = cosine_gallery(sup.gallery, len(sup.loo_raw), sup.grid[0] * sup.grid[1], device)
         sup = dataclasses.replace(sup, gallery=unit, loo_raw=loo, loo_tokens=tokens)
-    if config.top_percent is not None and sup.loo_tokens:
+    if config.visual_top_percent is not None and sup.loo_tokens:
         loo = np.full_like(sup.loo_raw, np.nan)
         scored = np.flatnonzero(np.isfinite(sup.loo_raw))  # in the order of loo_tokens (ascending image index)
         pooled = pool_visual(torch.from_numpy(np.stack(sup.loo_tokens).astype(np.float32)), config)

@@ -66,7 +66,7 @@ def score_batch(start: int, features: Features, state: LakeState, config: LakeCo
 
 
 def image_parts(batch: ScoredBatch, config: LakeConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The visual (max over tokens, Eq. 8, or the mean of the top_percent) and semantic (pooled probe, 0 when off) image scores, ``(B,)`` each."""
+    """The visual (max over tokens, Eq. 8, or the mean of the visual_top_percent) and semantic (pooled probe, 0 when off) image scores, ``(B,)`` each."""
     visual = pool_visual(batch.distances, config).cpu()
     if batch.probabilities is None:
         return visual, torch.zeros(batch.distances.shape[0])
