@@ -89,6 +89,7 @@ def test_options_survive_save_load_and_two_passes(both, tiny_backbone, images, t
     normal, test = images
     loaded = LakeDetector.load(both.save(tmp_path / "m"))
     assert (loaded.config.distance, loaded.config.visual_top_percent) == ("cosine", 10)
+    assert (loaded.summary()["distance"], loaded.summary()["visual_top_percent"]) == ("cosine", 10)  # lakead info
     np.testing.assert_array_equal(loaded.predict(test).scores, both.predict(test).scores)
     two = LakeDetector(tiny_backbone, distance="cosine", visual_top_percent=10, **OPTS).fit(
         normal, "tile", memory=100_000)  # under 2 x 80 KiB of full-width tokens: streamed

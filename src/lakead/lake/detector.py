@@ -322,6 +322,7 @@ class LakeDetector(BaseDetector):
             "loo_rule": state.loo_rule,
             "text_probe": state.text_embeddings is not None,
             "distance": cfg.distance,
+            "visual_top_percent": cfg.visual_top_percent,
             "score_norm": cfg.score_norm,
             "threshold": state.threshold,
             "threshold_rule": "fixed by the user" if state.threshold_rule == "fixed" else (
