@@ -85,14 +85,44 @@ def test_budget_at_predict_is_derived_from_the_saved_scores(fitted, tmp_path):
 
 def test_a_defect_has_a_region_and_another_product_is_out_of_scope(fitted):
     """A local defect leaves most tokens normal (median token score low): a region, in scope.
-    An image unlike the support images all over is out of scope, and gets no defect region."""
+    An image unlike the support images all over is out of scope, and shows where too."""
     rng = np.random.default_rng(22)
     other = with_defect(texture(rng), 0, 0, 64)  # nothing of the texture left: another product
     pred = fitted.predict([with_defect(texture(rng), 20, 20, 20), other])
     mask, regions = pred.regions(0)
     assert pred.anomalous[0] and regions and mask[20:40, 20:40].mean() > 0.3
     assert pred.out_of_scope[1] and pred.anomalous[1] and not pred.out_of_scope[0]
-    assert pred.regions(1)[1] == []  # not this product: no defect regions
+    assert pred.regions(1)[1]  # not this product: anomalous, so it shows where (at least around its peak)
+
+
+def test_regions_follow_the_decision():
+    """Called normal: no region, even above the seed. Called anomalous by anything (here the scope
+    check, the map below the seed): at least the area around the peak above the pixel level; a peak
+    below the pixel level: the area above half-way between the map's median and its peak."""
+    from lakead.api import Prediction
+
+    m = np.zeros((10, 12), np.float32)
+    m[2:5, 3:6] = 0.8  # above the pixel level 0.5, below the seed 1.0
+    m[3, 4] = 0.9
+    m[8, 10] = 0.6  # another area above the pixel level, away from the peak
+    low = np.zeros((10, 12), np.float32)
+    low[6:8, 1:3] = 0.3  # the whole map under the pixel level
+    high = m.copy()
+    high[3, 4] = 2.0  # reaches the seed
+    n = 4
+    pred = Prediction(scores=np.zeros(n, np.float32), visual=np.zeros(n, np.float32), semantic=np.zeros(n, np.float32),
+                      anomalous=np.array([False, True, True, True]), maps=(high, m, low, np.zeros((10, 12), np.float32)),
+                      threshold=1.0, out_of_scope=np.array([False, True, True, True]), pixel_threshold=0.5, seed_threshold=1.0)
+    assert pred.regions(0)[1] == [] and not pred.regions(0)[0].any()  # normal: none, whatever its map
+    mask, regions = pred.regions(1)
+    assert [(r.top, r.left, r.bottom, r.right, r.area) for r in regions] == [(2, 3, 5, 6, 9)] and int(mask.sum()) == 9
+    assert regions[0].peak == pytest.approx(0.9)
+    mask, regions = pred.regions(2)  # level (median 0 + peak 0.3) / 2
+    assert [(r.top, r.left, r.bottom, r.right) for r in regions] == [(6, 1, 8, 3)]
+    assert pred.regions(3)[1] == []  # a flat map has no peak to show
+    flagged = Prediction(scores=np.zeros(1, np.float32), visual=np.zeros(1, np.float32), semantic=np.zeros(1, np.float32),
+                         anomalous=np.array([True]), maps=(high,), threshold=1.0, pixel_threshold=0.5, seed_threshold=1.0)
+    assert [(r.top, r.left, r.bottom, r.right) for r in flagged.regions(0)[1]] == [(2, 3, 5, 6)]  # the seeded area only
 
 
 def test_cli_predict_writes_masks_and_regions(fitted, tmp_path):

@@ -95,7 +95,8 @@ def test_health_and_info(client):
     fields = {f.name: f for f in dataclasses.fields(LakeConfig) if f.name != "backbone"}
     assert list(info["fit_options"]) == list(fields) == list(FIT_OPTIONS)
     assert info["fit_options"] == {name: f.default for name, f in fields.items()}
-    assert info["option_choices"] == {"block_grid": ["coarsest", "finest"], "semantic_agg": ["max", "mean"],
+    assert info["option_choices"] == {"distance": ["euclidean", "cosine"], "block_grid": ["coarsest", "finest"],
+                                      "semantic_agg": ["max", "mean"],
                                       "selection": ["top", "random", "bottom", "all"], "score_norm": ["loo", "none"],
                                       "map_source": ["visual", "semantic"],
                                       "threshold_rule": ["auto", "conformal", "gaussian", "sigmas"]}

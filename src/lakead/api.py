@@ -61,7 +61,7 @@ class Prediction:
     threshold: float  # the decision threshold used
     out_of_scope: np.ndarray | None = None  # (B,) bool: not the product fitted on (counted as anomalous); all False when not checked
     scope: np.ndarray | None = None  # (B,) float32: the scope distance (0 when not checked)
-    pixel_threshold: float | None = None  # map level of defect regions (lakead.decision.find_regions); None: no regions
+    pixel_threshold: float | None = None  # map level of defect regions (lakead.decision.decision_regions); None: no regions
     seed_threshold: float | None = None  # map level a region must reach somewhere
 
     def __post_init__(self) -> None:
@@ -77,17 +77,20 @@ class Prediction:
         return int(self.scores.shape[0])
 
     def regions(self, i: int) -> "tuple[np.ndarray, list]":
-        """Image ``i``'s defect mask ``(H, W)`` bool and its regions (:func:`lakead.decision.find_regions`):
-        connected areas of its map above ``pixel_threshold`` that reach ``seed_threshold``; none
-        when the model has no pixel level or the image is out of scope."""
+        """Image ``i``'s defect mask ``(H, W)`` bool and its regions (:func:`lakead.decision.decision_regions`):
+        none when the image is called normal (so regions on normal images stay within the
+        false-alarm budget) or the model has no pixel level; when it is called anomalous, the
+        connected areas of its map above ``pixel_threshold`` that reach ``seed_threshold``, and at
+        least the area around the map's peak, whatever flagged the image (its score, the text
+        probe, the scope check)."""
         import numpy as np
 
-        from .decision import find_regions
+        from .decision import decision_regions
 
         amap = self.maps[i]
-        if self.pixel_threshold is None or bool(self.out_of_scope[i]):
+        if self.pixel_threshold is None or not bool(self.anomalous[i]):
             return np.zeros(amap.shape, dtype=bool), []
-        return find_regions(amap, self.pixel_threshold, self.seed_threshold)
+        return decision_regions(amap, self.pixel_threshold, self.seed_threshold)
 
 
 @dataclass(frozen=True)

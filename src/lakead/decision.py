@@ -19,7 +19,9 @@ budget:
 ``auto`` takes ``conformal`` when it is defined and ``gaussian`` otherwise, and says which.
 
 Regions: the connected areas of an anomaly map above a pixel threshold that reach a seed
-level (hysteresis), with their bounding box, area, peak and mean (:func:`find_regions`).
+level (hysteresis), with their bounding box, area, peak and mean (:func:`find_regions`); an
+image the decision calls anomalous shows at least the area around its peak
+(:func:`decision_regions`).
 """
 
 from __future__ import annotations
@@ -169,3 +171,39 @@ def find_regions(amap: np.ndarray, threshold: float, seed: float | None = None) 
                               int(areas[i - 1]), float(peaks[i - 1]), float(means[i - 1])))
     regions.sort(key=lambda r: -r.peak)
     return keep[labels], regions
+
+
+def peak_level(amap: np.ndarray, threshold: float) -> float:
+    """The level that outlines the area around ``amap``'s peak: ``threshold`` when the peak is
+    above it, else half-way between the map's median and its peak (the half-maximum width of
+    the peak above the typical value of the map).
+
+    >>> m = np.array([[0.0, 1.0, 4.0]], np.float32)
+    >>> peak_level(m, 2.0), peak_level(m, 5.0)
+    (2.0, 2.5)
+    """
+    peak = float(np.max(amap))
+    if peak > threshold:
+        return float(threshold)
+    return (float(np.median(amap)) + peak) / 2.0
+
+
+def decision_regions(amap: np.ndarray, threshold: float, seed: float | None = None) -> tuple[np.ndarray, list[Region]]:
+    """The regions of an image the decision calls anomalous: :func:`find_regions` (the areas
+    above ``threshold`` that reach ``seed``), and when none reaches ``seed`` (an image flagged by
+    the fused score, the text probe or the scope check, whose visual tokens stay below the visual
+    decision level) the connected area around the map's peak above :func:`peak_level`. So every
+    image called anomalous shows where; a flat map (nothing above its median) is the one exception.
+
+    >>> m = np.zeros((4, 6), np.float32); m[1:3, 1:3] = 1.2; m[1, 1] = 1.5; m[3, 5] = 1.1
+    >>> [(r.top, r.left, r.bottom, r.right) for r in decision_regions(m, 1.0, seed=2.0)[1]]
+    [(1, 1, 3, 3)]
+    """
+    mask, regions = find_regions(amap, threshold, seed)
+    if regions:
+        return mask, regions
+    level = peak_level(amap, threshold)
+    peak = float(np.max(amap))
+    if not peak > level:
+        return mask, regions
+    return find_regions(amap, level, seed=peak)

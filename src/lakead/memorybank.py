@@ -193,6 +193,14 @@ class BankDetector(BaseDetector):
         self.state_ = state
         return self
 
+    def thresholds(self, false_alarm_rate: float | None = None) -> Thresholds:
+        """The decision levels: the fitted ones, or derived again from the saved leave-one-out
+        scores for another false-alarm budget (no refit), as LAKE's."""
+        st = self.check_fitted()
+        if false_alarm_rate is None:
+            return Thresholds(st.threshold, st.threshold_rule, st.false_alarm_rate, st.seed_threshold, st.pixel_threshold, None)
+        return self._levels(st, false_alarm_rate)
+
     def _levels(self, state: BankState, false_alarm_rate: float | None) -> Thresholds:
         try:
             return thresholds(state.loo_scores, state.loo_peaks, state.loo_tokens, None, self.config, false_alarm_rate)
@@ -216,10 +224,7 @@ class BankDetector(BaseDetector):
     ) -> Prediction:
         """:meth:`predict` for images already read (``(H, W, 3)`` uint8 arrays)."""
         st = self.check_fitted()
-        if false_alarm_rate is None:
-            levels = Thresholds(st.threshold, st.threshold_rule, st.false_alarm_rate, st.seed_threshold, st.pixel_threshold, None)
-        else:
-            levels = self._levels(st, false_alarm_rate)
+        levels = self.thresholds(false_alarm_rate)
         thr = levels.image if threshold is None else float(threshold)
         blocks = as_blocks(st.layer)
         dev = st.bank.device

@@ -141,6 +141,8 @@ def explain_images(
 
     def contributions_of(batch: ScoredBatch) -> None:  # the same forward pass as the prediction
         q = batch.tokens.to(gallery.device)[..., neurons]  # (B, N, K)
+        if det.config.distance == "cosine":  # the gallery holds unit vectors: compare like with like
+            q = torch.nn.functional.normalize(q, dim=-1)
         for j in range(batch.tokens.shape[0]):
             t = int(torch.argmax(batch.distances[j]))
             g_row = int(batch.nearest[j, t])

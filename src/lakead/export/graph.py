@@ -30,6 +30,7 @@ from ..backbones.base import Backbone, as_blocks
 from ..lake.config import LakeConfig
 from ..lake.state import LakeState
 from ..ops import combine_blocks
+from ..patchops import top_percent_mean
 
 OUTPUTS = ("token_scores", "visual", "semantic", "score", "scope")
 INPUT = "pixels"
@@ -55,6 +56,8 @@ class LakeHead(nn.Module):
         self.semantic_agg = config.semantic_agg
         self.semantic_map = config.map_source == "semantic" and state.text_embeddings is not None
         self.scale = float(state.visual_scale)
+        self.top_percent = None if config.visual_top_percent is None else float(config.visual_top_percent)
+        self.cosine = config.distance == "cosine"  # the gallery holds unit vectors: queries scaled too, 1 - cos
         self.backbone = backbone  # for its text probe's arithmetic (a torch function of the joint tokens)
         gallery = state.gallery.detach().to("cpu", torch.float32)
         self.register_buffer("neurons", state.neurons.detach().to("cpu", torch.int64))  # (K,)
@@ -75,8 +78,11 @@ class LakeHead(nn.Module):
         x = x.float()
         b = x.shape[0]
         q = x.index_select(-1, self.neurons)  # (B, N, K)
-        dist = nearest_distance(q, self.gallery, self.gallery_sq) / self.scale  # (B, N)
-        visual = dist.amax(dim=1)  # (B,) Eq. 8
+        if self.cosine:
+            q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as torch.nn.functional.normalize
+        dist = nearest_distance(q, self.gallery, self.gallery_sq)  # (B, N)
+        dist = (dist.square() / 2.0 if self.cosine else dist) / self.scale
+        visual = dist.amax(dim=1) if self.top_percent is None else top_percent_mean(dist, self.top_percent)  # (B,) Eq. 8
         shown = dist.reshape(b, gh, gw)
         if self.text and joint is not None:
             prob = self.backbone.text_probability(joint, self.text_embeddings)  # (B, Nj)

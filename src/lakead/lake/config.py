@@ -38,6 +38,13 @@ class LakeConfig(Options):
         None, "Another model for the text probe (its text tower, and the patch tokens of its own image tower), "
         "e.g. a CLIP or SigLIP beside a DINOv2 visual branch: hub id or local directory (default: the visual backbone).")
     semantic_layer: Optional[Layer] = option(None, "Block read for the text probe (default: the last).")
+    distance: Literal["euclidean", "cosine"] = option(
+        "euclidean", "Token distance in the sensitive subspace: euclidean (the paper, Eq. 7) or cosine (1 - cos of the "
+        "K-channel vectors, as AnomalyDINO; ranks better on the real images of docs/DECISIONS.md). cosine keeps "
+        "every support token (no gallery_size).")
+    visual_top_percent: Optional[float] = option(
+        None, "Visual image score: the mean of the top percent of the token scores (AnomalyDINO's aggregation; at "
+        "least one token) instead of their max (Eq. 8); e.g. 5. Default: the max.")
     lam: float = option(0.1, "Weight of the text probe in the fused score (Eq. 14).")
     semantic_agg: Literal["max", "mean"] = option("max", "Pooling of the text probe's per-token P(anomalous).")
     use_text: bool = option(True, "Run the text probe (when the backbone has a text tower).", flag="--text/--no-text")
@@ -105,6 +112,13 @@ class LakeConfig(Options):
         if self.gallery_size is not None and (isinstance(self.gallery_size, bool) or not isinstance(self.gallery_size, int)
                                               or self.gallery_size < 1):
             raise ConfigError(f"gallery_size must be a positive integer, got {self.gallery_size!r}")
+        p = self.visual_top_percent
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100):
+            raise ConfigError(f"visual_top_percent must be a number in (0, 100] or None, got {p!r}")
+        if self.distance == "cosine" and self.gallery_size is not None:
+            raise ConfigError("distance='cosine' cannot be combined with gallery_size: the coreset is chosen by Euclidean "
+                              "distance (lakead.lake.stream) and the leave-one-out scores need every support token; "
+                              "drop gallery_size or use distance='euclidean'")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         return self

@@ -167,6 +167,7 @@ class LakeDetector(BaseDetector):
         run = (runner or stream.local_runner)(self, ctx)
         sup = stream.gather(self, images, names, run, budget, device, on_progress)
         self.fit_passes = sup.passes  # forward passes over the support set (not saved: how this fit ran)
+        sup = steps.rescore_support(sup, cfg, device)  # distance="cosine", visual_top_percent (itself by default)
         loo_raw = sup.loo_raw
         scale, loo_scores, levels, map_range, tokens = steps.decision(loo_raw, sup.loo_tokens, sup.semantic, sup.loo_scope,
                                                                       cfg, use_text)
@@ -316,6 +317,8 @@ class LakeDetector(BaseDetector):
             "gallery_rule": state.gallery_rule,
             "loo_rule": state.loo_rule,
             "text_probe": state.text_embeddings is not None,
+            "distance": cfg.distance,
+            "visual_top_percent": cfg.visual_top_percent,
             "score_norm": cfg.score_norm,
             "threshold": state.threshold,
             "threshold_rule": "fixed by the user" if state.threshold_rule == "fixed" else (

@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ import torch
 from ..decision import budget_threshold, check_budget
 from ..neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_image_features
 from ..ops import channel_variance, nearest_neighbor, top_k_channels
+from ..patchops import cosine_distances, top_percent_mean
 from .config import LakeConfig
 
 log = logging.getLogger("lakead")
@@ -142,6 +145,61 @@ def leave_one_out_of(queries: dict[int, torch.Tensor], gallery: torch.Tensor, ga
         visual[i] = float(d.max())
         tokens.append(d.cpu().numpy())
     return visual, tokens
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length (a zero row stays zero): what ``distance="cosine"`` compares.
+
+    >>> to_unit(torch.tensor([[3.0, 4.0], [0.0, 0.0]])).tolist()
+    [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+    """
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def token_distance(d: torch.Tensor, config: LakeConfig) -> torch.Tensor:
+    """A token's score from its nearest-neighbour distance: itself (euclidean) or, with
+    ``distance="cosine"`` where both sides are unit vectors, the cosine distance ``1 - cos``
+    (:func:`lakead.patchops.cosine_distances`: ``d**2 / 2``)."""
+    return cosine_distances(d) if config.distance == "cosine" else d
+
+
+def cosine_gallery(gallery: torch.Tensor, n: int, n_tok: int, device: torch.device
+                   ) -> tuple[torch.Tensor, np.ndarray, list[np.ndarray]]:
+    """``distance="cosine"``: the gallery ``(n * N, K)`` (every support token, image by image)
+    as unit vectors, and the leave-one-out visual scores ``(n,)`` and token scores in cosine
+    distance (:func:`leave_one_out` on the unit vectors)."""
+    if gallery.shape[0] != n * n_tok:
+        raise ValueError(f"distance='cosine' needs every support token in the gallery ({n} x {n_tok}), got {gallery.shape[0]}")
+    unit = to_unit(gallery)
+    visual, tokens = leave_one_out(unit, n, n_tok, device)
+    return unit, visual ** 2 / 2.0, [t ** 2 / 2.0 for t in tokens]
+
+
+def pool_visual(distances: torch.Tensor, config: LakeConfig) -> torch.Tensor:
+    """An image's visual score from its token scores ``(B, N) -> (B,)``: the max (Eq. 8), or with
+    ``visual_top_percent`` the mean of the top percent of them (AnomalyDINO's aggregation,
+    :func:`lakead.patchops.top_percent_mean`: at least one token)."""
+    if config.visual_top_percent is None:
+        return distances.amax(dim=1)
+    return top_percent_mean(distances, float(config.visual_top_percent))
+
+
+def rescore_support(sup: Any, config: LakeConfig, device: torch.device) -> Any:
+    """The support set of :func:`lakead.lake.stream.gather` (its gallery and leave-one-out
+    scores, Euclidean distances, max-pooled) for the configured ``distance`` and ``visual_top_percent``:
+    itself for the defaults; with ``distance="cosine"`` the gallery as unit vectors and the
+    leave-one-out scores in cosine distance (:func:`cosine_gallery`); with ``visual_top_percent`` each
+    scored image's leave-one-out score pooled from its token scores (:func:`pool_visual`)."""
+    if config.distance == "cosine":
+        unit, loo, tokens = cosine_gallery(sup.gallery, len(sup.loo_raw), sup.grid[0] * sup.grid[1], device)
+        sup = dataclasses.replace(sup, gallery=unit, loo_raw=loo, loo_tokens=tokens)
+    if config.visual_top_percent is not None and sup.loo_tokens:
+        loo = np.full_like(sup.loo_raw, np.nan)
+        scored = np.flatnonzero(np.isfinite(sup.loo_raw))  # in the order of loo_tokens (ascending image index)
+        pooled = pool_visual(torch.from_numpy(np.stack(sup.loo_tokens).astype(np.float32)), config)
+        loo[scored] = pooled.numpy().astype(np.float64)
+        sup = dataclasses.replace(sup, loo_raw=loo)
+    return sup
 
 
 def describe_loo(scored: int, n: int) -> str:

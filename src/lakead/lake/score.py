@@ -18,6 +18,7 @@ import torch
 from ..backbones.base import Backbone, Features, Layer, as_blocks
 from ..ops import combine_blocks, nearest_neighbor, pool_scores, upsample_map
 from .config import LakeConfig
+from .fit import pool_visual, to_unit, token_distance
 from .state import LakeState
 
 
@@ -39,21 +40,25 @@ def visual_tokens(features: Features, blocks: Sequence[Layer], block_grid: str) 
     return combine_blocks([features.blocks[b] for b in blocks], [features.grids[b] for b in blocks], block_grid)
 
 
-def token_distances(tokens: torch.Tensor, state: LakeState) -> tuple[torch.Tensor, torch.Tensor]:
+def token_distances(tokens: torch.Tensor, state: LakeState, config: LakeConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, N, D)`` tokens -> ``(B, N)`` distances to the nearest gallery vector in the
-    sensitive subspace divided by the visual scale (Eq. 7), and ``(B, N)`` its index."""
+    sensitive subspace divided by the visual scale (Eq. 7; the cosine distance with
+    ``distance="cosine"``), and ``(B, N)`` its index."""
+    config = config or LakeConfig()
     b, n_tok, _ = tokens.shape
     dev = state.gallery.device
     q = tokens.to(dev)[..., state.neurons.to(dev)].reshape(b * n_tok, -1)  # (B*N, K)
+    if config.distance == "cosine":
+        q = to_unit(q)  # the gallery holds unit vectors
     d, idx = nearest_neighbor(q, state.gallery)
-    return (d / state.visual_scale).reshape(b, n_tok), idx.reshape(b, n_tok)
+    return (token_distance(d, config) / state.visual_scale).reshape(b, n_tok), idx.reshape(b, n_tok)
 
 
 def score_batch(start: int, features: Features, state: LakeState, config: LakeConfig, backbone: Backbone) -> ScoredBatch:
     """Score one batch of backbone features against the fitted state (the text probe as the
     backbone's family computes it: :meth:`~lakead.backbones.base.Backbone.text_probability`)."""
     tokens, grid = visual_tokens(features, as_blocks(state.layer), config.block_grid)
-    distances, nearest = token_distances(tokens, state)
+    distances, nearest = token_distances(tokens, state, config)
     probabilities = None
     if features.joint is not None and state.text_embeddings is not None:
         probabilities = backbone.text_probability(features.joint, state.text_embeddings)  # (B, Nj)
@@ -61,8 +66,8 @@ def score_batch(start: int, features: Features, state: LakeState, config: LakeCo
 
 
 def image_parts(batch: ScoredBatch, config: LakeConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The visual (max over tokens, Eq. 8) and semantic (pooled probe, 0 when off) image scores, ``(B,)`` each."""
-    visual = batch.distances.amax(dim=1).cpu()
+    """The visual (max over tokens, Eq. 8, or the mean of the visual_top_percent) and semantic (pooled probe, 0 when off) image scores, ``(B,)`` each."""
+    visual = pool_visual(batch.distances, config).cpu()
     if batch.probabilities is None:
         return visual, torch.zeros(batch.distances.shape[0])
     return visual, pool_scores(batch.probabilities, config.semantic_agg).cpu()
