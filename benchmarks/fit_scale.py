@@ -237,7 +237,7 @@ def exactness(args: argparse.Namespace) -> None:
     opts = dict(layer=args.layer, batch_size=16, device="cpu", scope_check=False)
     support = Augmented(train, args.shots)
     n_tok = (args.image_size // 16) ** 2
-    cap = 64 * n_tok
+    cap = args.gallery_size or 64 * n_tok  # default: the size of a 64-shot gallery
     out: dict[str, Any] = {"command": " ".join(sys.argv), "category": args.category, "shots": args.shots,
                            "test_images": len(test), "defective": int(labels.sum()), "gallery_size": cap}
     dets = {}
@@ -279,7 +279,8 @@ def exactness(args: argparse.Namespace) -> None:
     out["load"] = loadavg()
     for k, v in out.items():
         print(f"{k}: {v}")
-    save(Path(args.out), f"exactness-{args.category.replace('/', '-')}-{args.shots}", out)
+    save(Path(args.out), f"exactness-{args.category.replace('/', '-')}-{args.shots}"
+         + (f"-gallery{args.gallery_size}" if args.gallery_size else ""), out)
 
 
 # -- second pass against a float16 spill -------------------------------------------------------
@@ -358,6 +359,7 @@ def main() -> None:
     e.add_argument("--layer", default="400")
     e.add_argument("--image-size", type=int, default=224)
     e.add_argument("--repeats", type=int, default=3)
+    e.add_argument("--gallery-size", type=int, default=None, help="coreset size (default: a 64-shot gallery's)")
     s = sub.add_parser("spill")
     s.add_argument("--images", type=int, default=1000)
     s.add_argument("--size", type=int, default=256)
