@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -114,7 +115,16 @@ class LearnedState:
 
     @classmethod
     def convert(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """JSON values -> field values (tuples, floats...); raise ValueError/TypeError when bad."""
+        """JSON values -> field values (tuples, floats...); raise ValueError/TypeError when bad.
+        The facts every method's state has (``grid``, ``map_range``, ``threshold``: null is
+        infinite) are converted here; a subclass converts its own after calling this."""
+        names = cls.names("fact")
+        if "grid" in names:
+            values["grid"] = tuple(int(v) for v in values["grid"])
+        if "map_range" in names:
+            values["map_range"] = tuple(float(v) for v in values["map_range"])
+        if "threshold" in names:
+            values["threshold"] = math.inf if values["threshold"] is None else float(values["threshold"])
         return values
 
     def check(self, where: str) -> None:

@@ -77,9 +77,7 @@ class BankState(LearnedState):
 
     @classmethod
     def convert(cls, values: dict[str, Any]) -> dict[str, Any]:
-        values["grid"] = tuple(int(v) for v in values["grid"])
-        values["map_range"] = tuple(float(v) for v in values["map_range"])
-        values["threshold"] = math.inf if values["threshold"] is None else float(values["threshold"])
+        values = super().convert(values)
         for name in ("image_size", "width", "bank_vectors"):
             values[name] = int(values[name])
         return values

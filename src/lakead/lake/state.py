@@ -71,9 +71,7 @@ class LakeState(LearnedState):
 
     @classmethod
     def convert(cls, values: dict[str, Any]) -> dict[str, Any]:
-        values["grid"] = tuple(int(v) for v in values["grid"])
-        values["map_range"] = tuple(float(v) for v in values["map_range"])
-        values["threshold"] = math.inf if values["threshold"] is None else float(values["threshold"])
+        values = super().convert(values)
         values["image_size"] = int(values["image_size"])
         values["width"] = int(values["width"])
         values["visual_scale"] = float(values["visual_scale"])

@@ -54,9 +54,7 @@ class WinCLIPState(LearnedState):
 
     @classmethod
     def convert(cls, values: dict[str, Any]) -> dict[str, Any]:
-        values["grid"] = tuple(int(v) for v in values["grid"])
-        values["map_range"] = tuple(float(v) for v in values["map_range"])
-        values["threshold"] = math.inf if values["threshold"] is None else float(values["threshold"])
+        values = super().convert(values)
         values["visual_scale"] = float(values["visual_scale"])
         values["image_size"] = int(values["image_size"])
         return values
