@@ -221,6 +221,9 @@ def predict_time(args: argparse.Namespace) -> None:
 
 
 def exactness(args: argparse.Namespace) -> None:
+    import copy
+    import dataclasses
+
     import torch
 
     from lakead import LakeDetector
@@ -234,21 +237,31 @@ def exactness(args: argparse.Namespace) -> None:
     test = [s.path for s in cat.test]
     labels = np.array([s.label for s in cat.test])
     backbone = "onnx:" + str(SHARED / "models" / "mobilenetv2-12-int8.onnx")
-    opts = dict(layer=args.layer, batch_size=16, device="cpu", scope_check=False)
+    opts = dict(layer=args.layer, batch_size=16, device="cpu", scope_check=False, **({"k": args.k} if args.k else {}))
     support = Augmented(train, args.shots)
     n_tok = (args.image_size // 16) ** 2
     cap = args.gallery_size or 64 * n_tok  # default: the size of a 64-shot gallery
     out: dict[str, Any] = {"command": " ".join(sys.argv), "category": args.category, "shots": args.shots,
                            "test_images": len(test), "defective": int(labels.sum()), "gallery_size": cap}
     dets = {}
-    for kind in ("exact", "reduced", "64-shot"):
+    for kind in args.models.split(","):
         t0 = time.monotonic()
-        det = LakeDetector(backbone, image_size=args.image_size, **opts, **({"gallery_size": cap} if kind == "reduced" else {}))
+        det = LakeDetector(backbone, image_size=args.image_size, **opts,
+                           **({"gallery_size": cap} if kind == "reduced" else {"index": "exact"} if kind == "exact" else {}))
         det.fit(Augmented(train, 64) if kind == "64-shot" else support, cat_name, memory="1GiB")
         dets[kind] = det
         out[f"fit_seconds_{kind}"] = round(time.monotonic() - t0, 1)
         print(f"fitted {kind}: {det.gallery_.shape[0]:,} vectors, neurons {det.neurons_.tolist()}, "
-              f"{out[f'fit_seconds_{kind}']} s; {det.gallery_rule_}", flush=True)
+              f"{out[f'fit_seconds_{kind}']} s; {det.gallery_rule_}; index {det.summary()['index']}", flush=True)
+    for index in filter(None, args.index.split(",")):  # the exact model's gallery searched through an index
+        name, _, ef = index.partition(":")
+        det = copy.copy(next((d for k, d in dets.items() if k.split(":")[0] == f"exact+{name}"), dets["exact"]))  # ef: same index
+        det.config = dataclasses.replace(det.config, index=name, **({"hnsw_ef_search": int(ef)} if ef else {}))
+        t0 = time.monotonic()
+        det.gallery_index()  # built once (at fit, for hnsw: saved with the model)
+        out[f"build_seconds_exact+{index}"] = round(time.monotonic() - t0, 1)
+        dets[f"exact+{index}"] = det
+        print(f"built {index}: {out[f'build_seconds_exact+{index}']} s", flush=True)
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in test]
     preds, secs = {}, {k: [] for k in dets}
     for _ in range(args.repeats):
@@ -260,27 +273,30 @@ def exactness(args: argparse.Namespace) -> None:
         out[f"auroc_{kind}"] = image_metrics(labels, preds[kind].scores)["auroc"]
         out[f"ms_per_image_{kind}"] = float(np.median(secs[kind])) * 1e3
         out[f"threshold_{kind}"] = dets[kind].threshold_
-    ex, red = preds["exact"], preds["reduced"]
-    out["auroc_change"] = out["auroc_reduced"] - out["auroc_exact"]
-    out["decisions_changed"] = int((ex.anomalous != red.anomalous).sum())
-    rel = np.abs(red.visual - ex.visual) / np.maximum(np.abs(ex.visual), 1e-12)
-    out["visual_score_rel_change_median"] = float(np.median(rel))
-    out["visual_score_rel_change_max"] = float(rel.max())
-    # recall@1 of the reduced search, on the test tokens in the sensitive subspace (same neurons)
-    assert torch.equal(dets["exact"].neurons_, dets["reduced"].neurons_)
-    hits = total = 0
-    for batch in dets["exact"].iter_scored(arrays, text=False):
-        q = batch.tokens[..., dets["exact"].neurons_].reshape(-1, dets["exact"].neurons_.numel())
-        d_ex, _ = nearest_neighbor(q, dets["exact"].gallery_)
-        d_red, _ = nearest_neighbor(q, dets["reduced"].gallery_)
-        hits += int((d_red <= d_ex * (1 + 1e-6)).sum())
-        total += q.shape[0]
-    out["recall_at_1"] = hits / total
+    ex = preds["exact"]
+    queries = [b.tokens[..., dets["exact"].neurons_].reshape(-1, dets["exact"].neurons_.numel())
+               for b in dets["exact"].iter_scored(arrays, text=False)]  # the test tokens in the sensitive subspace
+    exact_d = [nearest_neighbor(q, dets["exact"].gallery_)[0] for q in queries]
+    for kind, det in dets.items():
+        if kind in ("exact", "64-shot"):
+            continue
+        red = preds[kind]
+        out[f"auroc_change_{kind}"] = out[f"auroc_{kind}"] - out["auroc_exact"]
+        out[f"decisions_changed_{kind}"] = int((ex.anomalous != red.anomalous).sum())
+        rel = np.abs(red.visual - ex.visual) / np.maximum(np.abs(ex.visual), 1e-12)
+        out[f"visual_score_rel_change_median_{kind}"] = float(np.median(rel))
+        out[f"visual_score_rel_change_max_{kind}"] = float(rel.max())
+        # recall@1: share of test tokens whose neighbour found is at the exact neighbour's distance
+        assert torch.equal(dets["exact"].neurons_, det.neurons_)
+        search = det.gallery_index().search
+        hits = sum(int((search(q)[0] <= d * (1 + 1e-6)).sum()) for q, d in zip(queries, exact_d))
+        out[f"recall_at_1_{kind}"] = hits / sum(q.shape[0] for q in queries)
     out["load"] = loadavg()
     for k, v in out.items():
         print(f"{k}: {v}")
     save(Path(args.out), f"exactness-{args.category.replace('/', '-')}-{args.shots}"
-         + (f"-gallery{args.gallery_size}" if args.gallery_size else ""), out)
+         + (f"-gallery{args.gallery_size}" if args.gallery_size else "") + (f"-k{args.k}" if args.k else "")
+         + ("-index" if args.index else ""), out)
 
 
 # -- second pass against a float16 spill -------------------------------------------------------
@@ -360,6 +376,10 @@ def main() -> None:
     e.add_argument("--image-size", type=int, default=224)
     e.add_argument("--repeats", type=int, default=3)
     e.add_argument("--gallery-size", type=int, default=None, help="coreset size (default: a 64-shot gallery's)")
+    e.add_argument("--k", type=int, default=None, help="sensitive neurons (default: LAKE's, 6 of 64 here)")
+    e.add_argument("--models", default="exact,reduced,64-shot", help="what to fit: exact, reduced (coreset), 64-shot")
+    e.add_argument("--index", default="", help="indexes to search the exact gallery with, e.g. kdtree,hnsw,hnsw:256 "
+                   "(hnsw:EF sets hnsw_ef_search)")
     s = sub.add_parser("spill")
     s.add_argument("--images", type=int, default=1000)
     s.add_argument("--size", type=int, default=256)

@@ -12,6 +12,8 @@ one block or several). Other saved methods are refused with the reason (:data:`E
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import json
 import logging
@@ -280,7 +282,11 @@ def _meta(det: LakeDetector, format: str, precision: str, n_batch: int | None, w
 def agreement(det: LakeDetector, exported: ExportedDetector, images: Sequence[np.ndarray]) -> dict[str, Any]:
     """How far the exported graph's predictions are from the torch path's on ``images``:
     largest relative and absolute difference of the image scores, of the maps (relative to the
-    map's range), and how many decisions differ."""
+    map's range), and how many decisions differ. The graph searches the whole gallery exactly, so
+    a model searched through an approximate index (``index="hnsw"``) is compared searched exactly."""
+    if getattr(det.config, "index", None) == "hnsw":
+        det = copy.copy(det)
+        det.config = dataclasses.replace(det.config, index="exact")
     ref = det.predict_arrays(list(images))
     got = exported.predict_arrays(list(images))
     rel = np.abs(got.scores - ref.scores) / np.maximum(np.abs(ref.scores), 1e-12)

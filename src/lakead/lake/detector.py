@@ -49,6 +49,7 @@ from ..base import BaseDetector, backbone_precision  # noqa: F401 - backbone_pre
 from ..decision import describe_rule
 from ..errors import ConfigError, ModelFormatError
 from ..images import ImageInput
+from ..index import GalleryIndex, resolve as resolve_index
 from . import fit as steps
 from . import stream
 from .config import ANOMALOUS_PROMPT, NORMAL_PROMPT, LakeConfig
@@ -109,7 +110,19 @@ class LakeDetector(BaseDetector):
         state = self.check_fitted()
         joint = state.semantic_layer if text else None
         for start, f in self.iter_features(arrays, as_blocks(state.layer), joint, state.image_size):
-            yield score_batch(start, f, state, self.config, self.text_model)
+            yield score_batch(start, f, state, self.config, self.text_model, self.gallery_index().search)
+
+    def gallery_index(self) -> GalleryIndex:
+        """The fitted gallery ready to be searched as ``index`` says (:mod:`lakead.index`): built
+        on first use, or read from the model (HNSW), and kept until the state or the option changes."""
+        state = self.check_fitted()
+        key = (id(state), id(state.gallery), self.config.index)
+        cached = self.__dict__.get("_index")
+        if cached is None or cached[0] != key:
+            cached = (key, GalleryIndex(state.gallery, self.config.index, serialized=state.gallery_index))
+            self._index = cached
+        cached[1].ef_search = self.config.hnsw_ef_search
+        return cached[1]
 
     # -- fit ------------------------------------------------------------------------------
 
@@ -189,6 +202,7 @@ class LakeDetector(BaseDetector):
             scope_gallery=None if sup.scope is None else sup.scope.to(device),
             scope_gallery_image=sup.scope_image,
             loo_scope=sup.loo_scope,
+            gallery_index=None,  # set below
             layer=list(blocks) if isinstance(cfg.layer, (list, tuple)) else blocks[0],  # canonical names (the default resolved)
             semantic_layer=semantic_layer,
             image_size=image_size,
@@ -213,6 +227,7 @@ class LakeDetector(BaseDetector):
             loo_rule=sup.loo_rule,
             fitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
+        self.state_.gallery_index = self.gallery_index().serialize()  # HNSW: built once here, saved with the model
         return self
 
     # -- predict --------------------------------------------------------------------------
@@ -316,6 +331,7 @@ class LakeDetector(BaseDetector):
             "gallery_vectors": int(state.gallery.shape[0]),
             "gallery_rule": state.gallery_rule,
             "loo_rule": state.loo_rule,
+            "index": resolve_index(cfg.index, *state.gallery.shape, state.gallery.device),
             "text_probe": state.text_embeddings is not None,
             "distance": cfg.distance,
             "visual_top_percent": cfg.visual_top_percent,

@@ -10,6 +10,7 @@ that is, and the text probe's per-token P(anomalous) (Eq. 9-13). Then the image 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,25 +41,32 @@ def visual_tokens(features: Features, blocks: Sequence[Layer], block_grid: str) 
     return combine_blocks([features.blocks[b] for b in blocks], [features.grids[b] for b in blocks], block_grid)
 
 
-def token_distances(tokens: torch.Tensor, state: LakeState, config: LakeConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+#: How the nearest gallery vector is found: ``queries (Q, K) -> (distances (Q,), indices (Q,))``
+#: (:meth:`lakead.index.GalleryIndex.search`; default: the exact search).
+Search = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def token_distances(tokens: torch.Tensor, state: LakeState, config: LakeConfig | None = None,
+                    search: Search | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, N, D)`` tokens -> ``(B, N)`` distances to the nearest gallery vector in the
     sensitive subspace divided by the visual scale (Eq. 7; the cosine distance with
-    ``distance="cosine"``), and ``(B, N)`` its index."""
+    ``distance="cosine"``), and ``(B, N)`` its index, found by ``search`` (default: exact)."""
     config = config or LakeConfig()
     b, n_tok, _ = tokens.shape
     dev = state.gallery.device
     q = tokens.to(dev)[..., state.neurons.to(dev)].reshape(b * n_tok, -1)  # (B*N, K)
     if config.distance == "cosine":
         q = to_unit(q)  # the gallery holds unit vectors
-    d, idx = nearest_neighbor(q, state.gallery)
+    d, idx = search(q) if search is not None else nearest_neighbor(q, state.gallery)
     return (token_distance(d, config) / state.visual_scale).reshape(b, n_tok), idx.reshape(b, n_tok)
 
 
-def score_batch(start: int, features: Features, state: LakeState, config: LakeConfig, backbone: Backbone) -> ScoredBatch:
+def score_batch(start: int, features: Features, state: LakeState, config: LakeConfig, backbone: Backbone,
+                search: Search | None = None) -> ScoredBatch:
     """Score one batch of backbone features against the fitted state (the text probe as the
     backbone's family computes it: :meth:`~lakead.backbones.base.Backbone.text_probability`)."""
     tokens, grid = visual_tokens(features, as_blocks(state.layer), config.block_grid)
-    distances, nearest = token_distances(tokens, state, config)
+    distances, nearest = token_distances(tokens, state, config, search)
     probabilities = None
     if features.joint is not None and state.text_embeddings is not None:
         probabilities = backbone.text_probability(features.joint, state.text_embeddings)  # (B, Nj)

@@ -42,6 +42,8 @@ class LakeState(LearnedState):
     scope_gallery_image: torch.Tensor | None = tensor("(G,) int32: which support image each comes from", optional=True)
     loo_scope: np.ndarray | None = tensor("(n,) float64: each support image's scope distance, leave-one-out",
                                           optional=True, numpy=True)
+    gallery_index: np.ndarray | None = tensor("(B,) uint8: the gallery's HNSW index, serialized (index='hnsw')",
+                                              optional=True, numpy=True)
     # -- facts (lakead.json) --
     layer: LayerSpec = fact("the visual block(s) read, in the backbone's canonical form")
     semantic_layer: Layer | None = fact("the text probe's block; None when the probe is off")

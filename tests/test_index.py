@@ -1,0 +1,148 @@
+"""Gallery indexes (``index=``, lakead.index): the k-d tree finds the exact search's neighbours,
+HNSW is approximate but saved with the model, ``auto`` never changes results. docs/SCALE.md
+measures their speed and exactness on real images."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import texture, with_defect
+from lakead import LakeDetector
+from lakead.errors import ConfigError
+from lakead.index import AUTO_MAX_DIM, AUTO_MIN_VECTORS, GalleryIndex, resolve
+from lakead.ops import nearest_neighbor
+
+OPTS = dict(k=8, layer=2, image_size=64, batch_size=8, use_text=False)
+
+
+def clustered(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Vectors around a few centres (features are not uniform noise), float32."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, dim, generator=g) * 3
+    return centres[torch.randint(0, 20, (n,), generator=g)] + torch.randn(n, dim, generator=g)
+
+
+@pytest.mark.parametrize("dim", [3, 8])
+def test_kdtree_finds_the_exact_neighbours(dim):
+    gallery, queries = clustered(5000, dim, 0), clustered(300, dim, 1)
+    d0, i0 = nearest_neighbor(queries, gallery)
+    d, i = GalleryIndex(gallery, "kdtree").search(queries)
+    assert torch.equal(i, i0)
+    assert torch.equal(d, d0)  # the same distance formula as the exact search, bit for bit
+
+
+def test_hnsw_is_close_and_never_nearer_than_the_exact_neighbour():
+    pytest.importorskip("faiss")
+    gallery, queries = clustered(20000, 8, 2), clustered(400, 8, 3)
+    d0, i0 = nearest_neighbor(queries, gallery)
+    index = GalleryIndex(gallery, "hnsw", ef_search=64)
+    d, i = index.search(queries)
+    assert (i == i0).float().mean() > 0.85  # recall@1 (0.94 when written)
+    assert bool((d >= d0 - 1e-5).all())  # an approximate neighbour is never nearer than the nearest
+    narrow, _ = GalleryIndex(gallery, "hnsw", ef_search=1, serialized=index.serialize()).search(queries)
+    assert bool((narrow >= d - 1e-5).all())  # a narrower search finds no better neighbour
+
+
+def test_a_saved_hnsw_index_searches_the_same_and_must_match_its_gallery():
+    pytest.importorskip("faiss")
+    gallery, queries = clustered(3000, 6, 4), clustered(50, 6, 5)
+    index = GalleryIndex(gallery, "hnsw")
+    data = index.serialize()
+    assert data is not None and data.dtype == np.uint8
+    again = GalleryIndex(gallery, "hnsw", serialized=data)
+    assert all(torch.equal(a, b) for a, b in zip(index.search(queries), again.search(queries)))
+    with pytest.raises(ValueError, match="saved HNSW index holds 3000 x 6"):
+        GalleryIndex(gallery[:100], "hnsw", serialized=data)
+    assert GalleryIndex(gallery, "kdtree").serialize() is None
+
+
+def test_auto_is_the_tree_only_where_it_is_exact_and_pays():
+    assert resolve("auto", AUTO_MIN_VECTORS - 1, 6) == "exact"
+    assert resolve("auto", AUTO_MIN_VECTORS, AUTO_MAX_DIM) == "kdtree"
+    assert resolve("auto", AUTO_MIN_VECTORS, AUTO_MAX_DIM + 1) == "exact"
+    assert resolve("auto", AUTO_MIN_VECTORS, 6, "meta") == "exact"  # not on a GPU: matrix products win there
+    assert resolve("hnsw", 10, 2) == "hnsw"
+    with pytest.raises(ConfigError, match="index must be one of"):
+        resolve("annoy", 10, 2)
+
+
+def test_hnsw_without_faiss_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    with pytest.raises(ConfigError, match=r"lakead\[index\].*kdtree"):
+        GalleryIndex(torch.zeros(4, 2), "hnsw")
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(7)
+    normal = [texture(rng) for _ in range(8)]
+    test = [texture(rng) for _ in range(3)] + [with_defect(texture(rng), 20, 20, 16) for _ in range(3)]
+    return normal, test
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_lake_with_the_kdtree_gives_the_exact_numbers(tiny_backbone, images, distance):
+    normal, test = images
+    exact = LakeDetector(tiny_backbone, index="exact", distance=distance, **OPTS).fit(normal, "tile")
+    tree = LakeDetector(tiny_backbone, index="kdtree", distance=distance, **OPTS).fit(normal, "tile")
+    a, b = exact.predict(test), tree.predict(test)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(np.stack(a.maps), np.stack(b.maps))
+    assert tree.summary()["index"] == "kdtree" and exact.summary()["index"] == "exact"
+    assert tree.gallery_index_ is None  # nothing to save: the tree is rebuilt when needed
+
+
+def test_lake_saves_its_hnsw_index_and_predicts_the_same_after_loading(tiny_backbone, images, tmp_path):
+    pytest.importorskip("faiss")
+    normal, test = images
+    det = LakeDetector(tiny_backbone, index="hnsw", **OPTS).fit(normal, "tile")
+    assert det.gallery_index_ is not None and det.gallery_index_.dtype == np.uint8
+    before = det.predict(test)
+    det.save(tmp_path / "m")
+    loaded = LakeDetector.load(tmp_path / "m", backbone=tiny_backbone)
+    assert np.array_equal(loaded.gallery_index_, det.gallery_index_)
+    after = loaded.predict(test)
+    np.testing.assert_array_equal(before.scores, after.scores)
+    exact = LakeDetector(tiny_backbone, **OPTS).fit(normal, "tile").predict(test)
+    assert np.all(before.visual >= exact.visual - 1e-5)  # approximate: never below the exact distance
+
+
+def test_the_index_can_change_after_fit_without_refitting(tiny_backbone, images):
+    normal, test = images
+    det = LakeDetector(tiny_backbone, **OPTS).fit(normal, "tile")
+    exact = det.predict(test).scores
+    det.config.index = "kdtree"
+    assert det.gallery_index().kind == "kdtree"
+    np.testing.assert_array_equal(det.predict(test).scores, exact)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_a_bad_ef_search_is_refused(tiny_backbone, bad):
+    with pytest.raises(ConfigError, match="hnsw_ef_search"):
+        LakeDetector(tiny_backbone, hnsw_ef_search=bad, **OPTS)
+
+
+def test_an_unknown_index_is_refused(tiny_backbone):
+    with pytest.raises(ConfigError, match="index"):
+        LakeDetector(tiny_backbone, index="annoy", **OPTS)
+
+
+def test_an_exported_hnsw_model_searches_exactly(tiny_backbone, images, tmp_path):
+    """The exported graph takes the min over every gallery vector: its check compares it with the exact search."""
+    pytest.importorskip("faiss")
+    pytest.importorskip("onnxruntime")
+    from lakead.export import agreement, export_model
+    from lakead.runtime import ExportedDetector
+
+    normal, test = images
+    det = LakeDetector(tiny_backbone, index="hnsw", **OPTS).fit(normal, "tile")
+    out = export_model(det, tmp_path / "exported")
+    got = ExportedDetector.load(out).predict_arrays(test)
+    det.config.index = "exact"
+    np.testing.assert_allclose(got.scores, det.predict_arrays(test).scores, rtol=1e-4, atol=1e-6)
+    det.config.index = "hnsw"
+    assert agreement(det, ExportedDetector.load(out), test)["decisions_same"]
