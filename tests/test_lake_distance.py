@@ -14,6 +14,9 @@ from lakead.errors import ConfigError
 from lakead.export import export_model
 from lakead.lake import fit as steps
 from test_export import assert_agrees
+from _onnx_models import save_tiny_onnx
+from lakead.backbones import load_backbone
+from regression.cases import COSINE_CASES, COSINE_RECORD, run_cosine_case
 
 OPTS = dict(k=8, layer=2, image_size=64, batch_size=8, use_text=False)
 
@@ -114,3 +117,41 @@ def test_cosine_with_a_coreset_is_refused(tiny_backbone):
 def test_cosine_gallery_needs_every_token():
     with pytest.raises(ValueError, match="every support token"):
         steps.cosine_gallery(torch.ones(10, 4), 3, 4, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def cosine_record():
+    with np.load(COSINE_RECORD) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.mark.parametrize("case", sorted(COSINE_CASES))
+def test_same_numbers_as_the_two_search_fit(case, cosine_record, tiny_backbone, tmp_path):
+    """The leave-one-out runs once, with the configured distance and pooling, and gives what the
+    fit that searched twice (Euclidean, then cosine again) gave: leave-one-out scores, gallery,
+    decision levels and predictions as recorded from it (tests/regression/cases.py), one pass
+    and two (a pass of its own for the leave-one-out images, the outlier filter's second round)."""
+    kind, opts, memory = COSINE_CASES[case]
+    backbone = tiny_backbone if kind == "clip" else load_backbone("onnx:" + str(save_tiny_onnx(tmp_path / "tiny.onnx")))
+    det = LakeDetector(backbone, **opts)
+    got = run_cosine_case(det, memory)
+    want = {k.split("/", 1)[1]: v for k, v in cosine_record.items() if k.startswith(case + "/")}
+    assert sorted(got) == sorted(want)
+    np.testing.assert_array_equal(got["neurons"], want["neurons"])
+    assert int(got["passes"]) == int(want["passes"])
+    # the decision levels: the recorded leave-one-out scores through the threshold rule of the code
+    # under test, which is the recorded levels while that rule is unchanged (the rule may change
+    # on its own; what the fit feeds it must not)
+    levels = steps.thresholds(want["loo_scores"], want["loo_visual"], want["loo_tokens"], want.get("loo_scope"),
+                              det.config)
+    expect = {"threshold": levels.image, "seed_threshold": levels.seed, "pixel_threshold": levels.pixel,
+              "scope_threshold": levels.scope}
+    for key, value in expect.items():
+        if value is None:
+            assert key not in got
+        else:
+            assert float(got[key]) == pytest.approx(value, rel=1e-5, abs=1e-5), key
+    np.testing.assert_allclose(got["map_range"], [float(np.median(want["loo_tokens"])), levels.seed], rtol=1e-5, atol=1e-5)
+    for key in sorted(set(want) - set(expect) - {"neurons", "passes", "map_range"}):
+        np.testing.assert_allclose(np.asarray(got[key], dtype=np.float64), want[key].astype(np.float64), rtol=1e-5,
+                                   atol=1e-5, err_msg=key)

@@ -180,7 +180,6 @@ class LakeDetector(BaseDetector):
         run = (runner or stream.local_runner)(self, ctx)
         sup = stream.gather(self, images, names, run, budget, device, on_progress)
         self.fit_passes = sup.passes  # forward passes over the support set (not saved: how this fit ran)
-        sup = steps.rescore_support(sup, cfg, device)  # distance="cosine", visual_top_percent (itself by default)
         loo_raw = sup.loo_raw
         scale, loo_scores, levels, map_range, tokens = steps.decision(loo_raw, sup.loo_tokens, sup.semantic, sup.loo_scope,
                                                                       cfg, use_text)

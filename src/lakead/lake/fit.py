@@ -14,13 +14,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -182,24 +180,6 @@ def pool_visual(distances: torch.Tensor, config: LakeConfig) -> torch.Tensor:
     if config.visual_top_percent is None:
         return distances.amax(dim=1)
     return top_percent_mean(distances, float(config.visual_top_percent))
-
-
-def rescore_support(sup: Any, config: LakeConfig, device: torch.device) -> Any:
-    """The support set of :func:`lakead.lake.stream.gather` (its gallery and leave-one-out
-    scores, Euclidean distances, max-pooled) for the configured ``distance`` and ``visual_top_percent``:
-    itself for the defaults; with ``distance="cosine"`` the gallery as unit vectors and the
-    leave-one-out scores in cosine distance (:func:`cosine_gallery`); with ``visual_top_percent`` each
-    scored image's leave-one-out score pooled from its token scores (:func:`pool_visual`)."""
-    if config.distance == "cosine":
-        unit, loo, tokens = cosine_gallery(sup.gallery, len(sup.loo_raw), sup.grid[0] * sup.grid[1], device)
-        sup = dataclasses.replace(sup, gallery=unit, loo_raw=loo, loo_tokens=tokens)
-    if config.visual_top_percent is not None and sup.loo_tokens:
-        loo = np.full_like(sup.loo_raw, np.nan)
-        scored = np.flatnonzero(np.isfinite(sup.loo_raw))  # in the order of loo_tokens (ascending image index)
-        pooled = pool_visual(torch.from_numpy(np.stack(sup.loo_tokens).astype(np.float32)), config)
-        loo[scored] = pooled.numpy().astype(np.float64)
-        sup = dataclasses.replace(sup, loo_raw=loo)
-    return sup
 
 
 def describe_loo(scored: int, n: int) -> str:

@@ -354,12 +354,12 @@ class Support:
     width: int
     variance: torch.Tensor  # (D,) float64
     neurons: torch.Tensor  # (K,) int64
-    gallery: torch.Tensor  # (M, K)
+    gallery: torch.Tensor  # (M, K); unit vectors with distance="cosine"
     gallery_image: torch.Tensor  # (M,) int32
     gallery_rule: str
     semantic: np.ndarray  # (n,) float64
-    loo_raw: np.ndarray  # (n,) float64, NaN where not scored
-    loo_tokens: list[np.ndarray]
+    loo_raw: np.ndarray  # (n,) float64, NaN where not scored; configured distance and pooling (leave_one_out)
+    loo_tokens: list[np.ndarray]  # token scores of each image scored, configured distance
     loo_rule: str
     scope: torch.Tensor | None  # (G, D)
     scope_image: torch.Tensor | None  # (G,) int32
@@ -369,8 +369,9 @@ class Support:
 
 def gather(det, inputs: Sequence[ImageInput], names: Sequence[str] | None, runner: Runner, memory: int,
            device: torch.device, on_progress: Callable[[float], None] | None = None) -> Support:
-    """The support set's neurons, gallery, leave-one-out scores and scope data, in one pass
-    when the full-width tokens fit in half of ``memory``, else in two (module docstring)."""
+    """The support set's neurons, gallery, leave-one-out scores (one search, with the configured
+    distance and pooling: :func:`leave_one_out`) and scope data, in one pass when the full-width
+    tokens fit in half of ``memory``, else in two (module docstring)."""
     from . import fit as steps
 
     cfg, bs = det.config, det.runtime.batch_size
@@ -432,12 +433,9 @@ def gather(det, inputs: Sequence[ImageInput], names: Sequence[str] | None, runne
         for i in loo_images:
             loo_scope[i] = steps.scope_scores(full[i][None], scope, scope_image, image=i)[0]
         full = {i: t[:, neurons] for i, t in full.items()}
-    if cfg.gallery_size is None:
-        loo_raw, loo_tokens = steps.leave_one_out(p2.gallery, n, n_tok, device)
-    else:
-        loo_raw, loo_tokens = steps.leave_one_out_of(full, p2.gallery, p2.gallery_image, n, device)
-    return Support(p1.names, p1.errors, outliers, p1.grid, width, variance, neurons, p2.gallery, p2.gallery_image,
-                   GalleryBuilder.describe(cfg.gallery_size, p2.gallery_total, p2.gallery.shape[0]), p1.semantic,
+    gallery, loo_raw, loo_tokens = leave_one_out(cfg, p2.gallery, p2.gallery_image, full, n, n_tok, device)
+    return Support(p1.names, p1.errors, outliers, p1.grid, width, variance, neurons, gallery, p2.gallery_image,
+                   GalleryBuilder.describe(cfg.gallery_size, p2.gallery_total, gallery.shape[0]), p1.semantic,
                    loo_raw, loo_tokens, steps.describe_loo(len(loo_images), n), scope, scope_image, loo_scope, passes)
 
 
@@ -472,14 +470,39 @@ def _one_pass(p1: FirstPass, builder: GalleryBuilder, cfg, device: torch.device,
         loo_scope = np.full(n, np.nan)
         for i in loo_images:
             loo_scope[i] = steps.scope_scores(feats[i : i + 1], scope, scope_image, image=i)[0]
-    if cfg.gallery_size is None:
-        loo_raw, loo_tokens = steps.leave_one_out(gallery, n, n_tok, device)
-    else:
-        queries = {i: feats[i][:, neurons] for i in loo_images}
-        loo_raw, loo_tokens = steps.leave_one_out_of(queries, gallery, gallery_image, n, device)
+    queries = {i: feats[i][:, neurons] for i in loo_images} if cfg.gallery_size is not None else {}
+    gallery, loo_raw, loo_tokens = leave_one_out(cfg, gallery, gallery_image, queries, n, n_tok, device)
     return Support(names, p1.errors, outliers, p1.grid, width, variance, neurons, gallery, gallery_image,
                    GalleryBuilder.describe(cfg.gallery_size, n * n_tok, gallery.shape[0]), semantic, loo_raw,
                    loo_tokens, steps.describe_loo(len(loo_images), n), scope, scope_image, loo_scope, passes)
+
+
+def leave_one_out(cfg, gallery: torch.Tensor, gallery_image: torch.Tensor, queries: dict[int, torch.Tensor], n: int,
+                  n_tok: int, device: torch.device) -> tuple[torch.Tensor, np.ndarray, list[np.ndarray]]:
+    """The gallery as the model keeps it and the leave-one-out scores with the configured
+    ``distance`` and ``visual_top_percent``, from one search: the raw visual scores ``(n,)`` (NaN
+    where not scored) and the token scores of each image scored (ascending image index).
+
+    Every support token in ``gallery`` ``(n * N, K)``, image by image: :func:`.fit.leave_one_out`,
+    or with ``distance="cosine"`` the same search on the gallery as unit vectors, in cosine
+    distance (:func:`.fit.cosine_gallery`; the gallery returned is the unit one). A coreset
+    (``gallery_size``, Euclidean only): ``queries`` (image -> its tokens ``(N, K)``) against the
+    vectors of the other images (:func:`.fit.leave_one_out_of`). With ``visual_top_percent`` each
+    image's score is pooled from its token scores (:func:`.fit.pool_visual`), not their max."""
+    from . import fit as steps
+
+    if cfg.gallery_size is not None:
+        loo_raw, tokens = steps.leave_one_out_of(queries, gallery, gallery_image, n, device)
+    elif cfg.distance == "cosine":
+        gallery, loo_raw, tokens = steps.cosine_gallery(gallery, n, n_tok, device)
+    else:
+        loo_raw, tokens = steps.leave_one_out(gallery, n, n_tok, device)
+    if cfg.visual_top_percent is not None and tokens:
+        pooled = steps.pool_visual(torch.from_numpy(np.stack(tokens).astype(np.float32)), cfg)  # (scored,)
+        scored = np.flatnonzero(np.isfinite(loo_raw))  # in the order of the token scores
+        loo_raw = np.full_like(loo_raw, np.nan)
+        loo_raw[scored] = pooled.numpy().astype(np.float64)
+    return gallery, loo_raw, tokens
 
 
 def _mib(b: float) -> str:
