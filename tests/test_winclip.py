@@ -286,3 +286,12 @@ def test_baselines_grid_runs_the_winclip_methods_beside_lake(tiny_backbone, tmp_
     report = run_grid(load_dataset(tmp_path / "data"), tmp_path / "out", variants, backbone=tiny_backbone,
                       runtime=Runtime(device="cpu", batch_size=4), title="baselines")
     assert [r["label"]["method"] for r in report.rows] == ["lake", "winclip", "winclip+lake"]
+
+
+def test_a_few_shot_model_fitted_on_one_image_saves_and_loads(tiny_backbone, tmp_path):
+    """One support image: no leave-one-out score (NaN), no threshold; the model still saves."""
+    rng = np.random.default_rng(5)
+    det = WinCLIPDetector(tiny_backbone, reference="winclip").fit([texture(rng, (40, 40))], "tile")
+    assert np.isnan(det.loo_scores_).all() and det.threshold_ == math.inf
+    loaded = load_detector(det.save(tmp_path / "m"), backbone=tiny_backbone)
+    assert np.isnan(loaded.loo_visual_).all() and loaded.threshold_ == math.inf

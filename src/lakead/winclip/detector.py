@@ -189,7 +189,7 @@ class WinCLIPDetector(BaseDetector):
             state.loo_tokens = s.fused_map.reshape(-1).cpu().numpy().astype(np.float32)
         elif n:
             state.loo_scores = np.full(n, np.nan, np.float32)
-            state.loo_text = state.loo_visual = state.loo_scores.copy()
+            state.loo_text, state.loo_visual = state.loo_scores.copy(), state.loo_scores.copy()  # two arrays: saved apart
             log.warning("one support image: no leave-one-out score for WinCLIP+ / WinCLIP+LAKE, so every image is called "
                         "normal until a threshold is set (threshold=... / --threshold)")
         levels = self.derive_thresholds(state)
