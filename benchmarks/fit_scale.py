@@ -8,6 +8,10 @@ time of the real command line, ``lakead fit``, on ``n`` support images in one fo
 (copies of the 64 real 800 x 600 tire images of ``../shared/data``, or synthetic textures),
 the tiny random CLIP of the tests. ``--main SRC`` also runs the code in ``SRC`` (for example
 ``/work/main/src``, the code before this change) on the same folders, interleaved.
+``--repeats N`` runs each fit N times on the same folder (the spread between runs of one
+command; each run's ratio is against the smallest size's run of the same number). The child
+inherits the environment, so ``MALLOC_ARENA_MAX=2 python benchmarks/fit_scale.py memory ...``
+measures the fit under that allocator setting.
 
     python benchmarks/fit_scale.py memory --sizes 200,2000 --image-size 224 --main /work/main/src --out docs/scale
     python benchmarks/fit_scale.py memory --sizes 64,1000,5000,10000 --image-size 64 --source synthetic \\
@@ -159,18 +163,28 @@ def memory(args: argparse.Namespace) -> None:
             folder = work / f"n{n}"
             make_folder(folder, n, args.source, args.size)
             codes = [("this", str(ROOT / "src"), True)] + ([("main", args.main, False)] if args.main else [])
-            for label, src, new in codes:
-                r = run_fit(src, folder, work / f"model-{label}-{n}", clip, args, new)
-                rows.append({"n": n, "code": label, **r})
-                print(f"n={n:>6} {label:>5}: peak RSS {r['peak_rss_mib']:8.1f} MiB  {r['seconds']:7.1f} s  ({r['gallery_rule']})",
-                      flush=True)
+            for repeat in range(args.repeats):  # the same fit again on the same folder: the spread between runs
+                for label, src, new in codes:
+                    r = run_fit(src, folder, work / f"model-{label}-{n}-{repeat}", clip, args, new)
+                    rows.append({"n": n, "code": label, "repeat": repeat, **r})
+                    print(f"n={n:>6} {label:>5} run {repeat + 1}: peak RSS {r['peak_rss_mib']:8.1f} MiB  {r['seconds']:7.1f} s  "
+                          f"({r['gallery_rule']})", flush=True)
             shutil.rmtree(folder)
-    base = {c: next(r["peak_rss_mib"] for r in rows if r["code"] == c) for c in {r["code"] for r in rows}}
-    for r in rows:
-        r["rss_vs_smallest"] = round(r["peak_rss_mib"] / base[r["code"]], 3)
-    name = f"fit-memory-{args.source}-{args.image_size}px" + (f"-gallery{args.gallery_size}" if args.gallery_size else "")
+    smallest = {(r["code"], r["repeat"]): r["peak_rss_mib"] for r in rows if r["n"] == sizes[0]}
+    for r in rows:  # against the smallest size's run of the same number
+        r["rss_vs_smallest"] = round(r["peak_rss_mib"] / smallest[(r["code"], r["repeat"])], 3)
+    if args.repeats > 1:
+        for code in dict.fromkeys(r["code"] for r in rows):
+            for n in sizes:
+                runs = [r for r in rows if r["code"] == code and r["n"] == n]
+                peaks = ", ".join(f"{r['peak_rss_mib']:.1f}" for r in runs)
+                print(f"n={n:>6} {code:>5}: peak RSS {peaks} MiB, "
+                      f"x{min(r['rss_vs_smallest'] for r in runs):.2f} to x{max(r['rss_vs_smallest'] for r in runs):.2f} "
+                      f"of the {sizes[0]}-image run of the same number")
+    name = f"fit-memory-{args.source}-{args.image_size}px" + (f"-gallery{args.gallery_size}" if args.gallery_size else "") \
+        + (f"-x{args.repeats}" if args.repeats > 1 else "")
     save(Path(args.out), name, {"command": " ".join(sys.argv), "image_size": args.image_size, "source": args.source,
-                                "fit_memory": args.fit_memory, "gallery_size": args.gallery_size, "rows": rows})
+                                "repeats": args.repeats, "fit_memory": args.fit_memory, "gallery_size": args.gallery_size, "rows": rows})
 
 
 # -- predict time ----------------------------------------------------------------------------
@@ -364,6 +378,7 @@ def main() -> None:
     m.add_argument("--fit-memory", default="256MiB")
     m.add_argument("--gallery-size", type=int, default=None)
     m.add_argument("--main", default=None, help="also run the code in this src folder (PYTHONPATH)")
+    m.add_argument("--repeats", type=int, default=1, help="runs of each fit (the spread between runs of one command)")
     p = sub.add_parser("predict")
     p.add_argument("--sizes", default="64,1000,5000,10000")
     p.add_argument("--size", type=int, default=64)

@@ -226,6 +226,27 @@ def test_every_config_field_is_an_option_of_every_model_command(field):
             assert p.default == field.default, (command, field.name, p.default)
 
 
+@pytest.mark.parametrize("method", sorted({m.config_class.__name__: m for m in METHODS.values()}.values(), key=lambda m: m.name),
+                         ids=lambda m: m.config_class.__name__)
+def test_shared_options_are_declared_once_for_every_method(method):
+    """backbone, image_size and the decision options mean the same in every method: the default
+    and help of lakead.fields.SHARED_OPTIONS, LAKE's type, and the same check."""
+    from lakead.errors import ConfigError
+    from lakead.fields import SHARED_OPTIONS
+
+    lake = {f.name: f for f in dataclasses.fields(LakeConfig)}
+    own = [f for f in dataclasses.fields(method.config_class) if f.name in SHARED_OPTIONS]
+    assert {f.name for f in own} >= {"false_alarm_rate", "threshold_rule", "threshold", "threshold_sigmas"}
+    for f in own:
+        assert (f.default, f.metadata["help"]) == SHARED_OPTIONS[f.name] and f.type == lake[f.name].type, f.name
+    for name, bad, message in (("false_alarm_rate", 1.0, r"false_alarm_rate must be a number in \(0, 1\)"),
+                               ("threshold_sigmas", -1.0, "threshold_sigmas must be a finite number >= 0"),
+                               ("threshold", float("nan"), "threshold must be a number"),
+                               ("threshold_rule", "median", "threshold_rule must be one of")):
+        with pytest.raises(ConfigError, match=message):
+            method.config_class(**{name: bad}).validate()
+
+
 def test_runtime_and_method_options():
     for command in (*MODEL_COMMANDS, "predict", "explain", "serve"):
         assert {"device", "batch_size", "precision"} <= set(_params(command)), command

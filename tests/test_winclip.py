@@ -145,6 +145,8 @@ def test_zero_shot_runs_without_any_image(tiny_backbone, tmp_path):
     np.testing.assert_array_equal(pred.anomalous, pred.scores > 0.5)
     with pytest.raises(ConfigError, match="without normal images"):
         det.predict(images, false_alarm_rate=0.1)
+    with pytest.raises(ConfigError, match="without normal images"):  # what predict --false-alarm-rate asks first
+        det.thresholds(0.1)
     loaded = load_detector(det.save(tmp_path / "m"), backbone=tiny_backbone)
     np.testing.assert_array_equal(loaded.predict(images).scores, pred.scores)
     with pytest.raises(ConfigError, match="needs normal images"):
@@ -163,6 +165,10 @@ def test_few_shot_variants_see_the_planted_defect_in_their_visual_part(tiny_back
     np.testing.assert_allclose(pred.scores, (1 - w) * pred.semantic + w * pred.visual, rtol=1e-5)
     assert det.loo_scores_.shape == (6,) and np.isfinite(det.threshold_)
     assert det.summary()["method"] == method
+    levels, fitted = det.thresholds(0.3), det.thresholds()  # another budget from the saved scores, no refit
+    assert fitted.image == det.threshold_ and fitted.seed == det.seed_threshold_ and levels.budget == 0.3
+    again = det.predict(images, false_alarm_rate=0.3)
+    assert (again.threshold, again.seed_threshold, again.pixel_threshold) == (levels.image, levels.seed, levels.pixel)
 
 
 def test_lake_fusion_add_uses_both_visual_references(tiny_backbone):
@@ -280,3 +286,12 @@ def test_baselines_grid_runs_the_winclip_methods_beside_lake(tiny_backbone, tmp_
     report = run_grid(load_dataset(tmp_path / "data"), tmp_path / "out", variants, backbone=tiny_backbone,
                       runtime=Runtime(device="cpu", batch_size=4), title="baselines")
     assert [r["label"]["method"] for r in report.rows] == ["lake", "winclip", "winclip+lake"]
+
+
+def test_a_few_shot_model_fitted_on_one_image_saves_and_loads(tiny_backbone, tmp_path):
+    """One support image: no leave-one-out score (NaN), no threshold; the model still saves."""
+    rng = np.random.default_rng(5)
+    det = WinCLIPDetector(tiny_backbone, reference="winclip").fit([texture(rng, (40, 40))], "tile")
+    assert np.isnan(det.loo_scores_).all() and det.threshold_ == math.inf
+    loaded = load_detector(det.save(tmp_path / "m"), backbone=tiny_backbone)
+    assert np.isnan(loaded.loo_visual_).all() and loaded.threshold_ == math.inf

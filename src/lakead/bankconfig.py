@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from .errors import ConfigError
-from .fields import DEFAULT_CLIP, Layer, LayerSpec, Options, as_blocks, option
+from .fields import Layer, LayerSpec, Options, ThresholdRule, as_blocks, option, shared_option
 
 
 def _number(name: str, v: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> None:
@@ -23,21 +23,17 @@ def _number(name: str, v: Any, low: float, high: float = math.inf, *, open_low: 
 class BankConfig(Options):
     """The options every memory-bank method has (decision options as LAKE's)."""
 
-    backbone: str = option(DEFAULT_CLIP, "Hub id, local save_pretrained directory, or onnx:PATH.")
+    backbone: str = shared_option("backbone")
     layer: Optional[LayerSpec] = option(
         None, "Block(s) read: 1-based block numbers or ONNX tensor names, several as 12,18 or a+b "
         "(default: the method's; ONNX models need them given).")
-    image_size: Optional[int] = option(None, "Square input size in pixels, a multiple of the patch size (default: the model's own).")
+    image_size: Optional[int] = shared_option("image_size")
     blur_sigma: float = option(4.0, "Gaussian smoothing of the maps, in pixels of the model input (both papers: 4; 0: off).")
     seed: int = option(0, "Seed of the coreset's first vector.")
-    false_alarm_rate: float = option(
-        0.05, "False-alarm budget: the share of normal images the decision may flag. The threshold is derived "
-        "from the support images' leave-one-out scores for it (docs/DECISIONS.md).")
-    threshold_rule: Literal["auto", "conformal", "gaussian", "sigmas"] = option(
-        "auto", "How the threshold is derived: auto (conformal when the budget is at least 1/(n+1) for n support "
-        "images, else a Gaussian tail), conformal, gaussian, or sigmas (median + threshold_sigmas robust SDs).")
-    threshold: Optional[float] = option(None, "Fixed decision threshold (default: derived from the normal images).")
-    threshold_sigmas: float = option(3.0, "With threshold_rule sigmas: robust standard deviations above the typical normal score.")
+    false_alarm_rate: float = shared_option("false_alarm_rate")  # the decision options: lakead.fields.SHARED_OPTIONS
+    threshold_rule: ThresholdRule = shared_option("threshold_rule")
+    threshold: Optional[float] = shared_option("threshold")
+    threshold_sigmas: float = shared_option("threshold_sigmas")
 
     @property
     def blocks(self) -> tuple[Layer | None, ...]:
@@ -45,19 +41,9 @@ class BankConfig(Options):
 
     def validate(self) -> "BankConfig":
         super().validate()
-        if not isinstance(self.backbone, str) or not self.backbone.strip():
-            raise ConfigError(f"backbone must be a hub id, a local directory or onnx:PATH, got {self.backbone!r}")
+        self.check_shared()  # backbone, image_size and the decision options
         self.blocks  # noqa: B018 - raises on an empty or repeated list
-        _number("false_alarm_rate", self.false_alarm_rate, 0.0, 1.0, open_low=True)
-        if self.false_alarm_rate >= 1:
-            raise ConfigError(f"false_alarm_rate must be a number in (0, 1), got {self.false_alarm_rate!r}")
         _number("blur_sigma", self.blur_sigma, 0.0)
-        _number("threshold_sigmas", self.threshold_sigmas, 0.0)
-        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1):
-            raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
-        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-                                           or math.isnan(self.threshold)):
-            raise ConfigError(f"threshold must be a number, not {self.threshold!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         return self

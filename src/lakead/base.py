@@ -5,8 +5,9 @@ do not depend on the method: options (validated by the method's config dataclass
 one is an error), the run settings (:class:`~lakead.api.Runtime`), the backbone (loaded on
 first use), the start of every fit (:meth:`~BaseDetector.start_fit`,
 :meth:`~BaseDetector.read_support`), reading images, running the backbone in batches at the run's precision, the
-learned state as ``det.<field>_`` attributes, the fingerprint, and saving and loading the
-model directory. :class:`LearnedState` is the base of a method's state: each field is declared
+learned state as ``det.<field>_`` attributes, the decision levels (:meth:`~BaseDetector.thresholds`:
+from the leave-one-out scores a method names in :meth:`~BaseDetector.threshold_scores`), the
+fingerprint, and saving and loading the model directory. :class:`LearnedState` is the base of a method's state: each field is declared
 once as a :func:`tensor` or a :func:`fact`, and that list drives saving, loading and the
 fingerprint.
 
@@ -32,6 +33,7 @@ import torch
 
 from .api import Prediction, Runtime, finite_or_none, read_model_meta, read_model_tensors, tensor_fingerprint, write_model_dir
 from .backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, load_backbone
+from .decision import Thresholds, derive_thresholds, describe_rule
 from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
 from .fields import SLICES_HELP, WINDOW_HELP, Options, _admits, field_types, literal_choices, option  # noqa: F401 - re-exported
 from .images import ImageInput, LoadedImages, expand_inputs, load_image, read_all, source_name
@@ -349,6 +351,49 @@ class BaseDetector:
         loaded = self.read_images(images, names, strict=True)
         budget = {} if false_alarm_rate is None else {"false_alarm_rate": false_alarm_rate}
         return self.predict_arrays(loaded.arrays, threshold=threshold, on_progress=on_progress, **budget)
+
+    # -- decision levels (methods whose state keeps its support images' leave-one-out scores) ------
+
+    def threshold_scores(self, state: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The leave-one-out scores of the support images the decision levels come from: image
+        scores ``(n,)``, visual scores ``(n,)``, token or map scores ``(T,)`` (or None) and
+        scope scores ``(n,)`` (None: no scope check), NaN where not scored."""
+        raise NotImplementedError(f"{type(self).__name__} derives no decision levels from leave-one-out scores")
+
+    def derive_thresholds(self, state: Any, false_alarm_rate: float | None = None) -> Thresholds:
+        """The decision levels from :meth:`threshold_scores` and the decision options
+        (:func:`lakead.decision.derive_thresholds`; ``false_alarm_rate`` replaces the configured
+        budget). A budget outside (0, 1) is a :class:`ConfigError`."""
+        try:
+            return derive_thresholds(*self.threshold_scores(state), self.config, false_alarm_rate)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def thresholds(self, false_alarm_rate: float | None = None) -> Thresholds:
+        """The decision levels: the fitted ones, or derived again from the saved leave-one-out
+        scores for another false-alarm budget (no refit)."""
+        state = self.check_fitted()
+        if false_alarm_rate is None:
+            return Thresholds(state.threshold, state.threshold_rule, state.false_alarm_rate, state.seed_threshold,
+                              state.pixel_threshold, getattr(state, "scope_threshold", None))
+        return self.derive_thresholds(state, false_alarm_rate)
+
+    @staticmethod
+    def store_thresholds(state: Any, levels: Thresholds) -> None:
+        """Write the levels into the state's facts (``threshold``, ``threshold_rule``, ...)."""
+        state.threshold, state.threshold_rule, state.false_alarm_rate = levels.image, levels.rule, levels.budget
+        state.seed_threshold, state.pixel_threshold = levels.seed, levels.pixel
+        if hasattr(state, "scope_threshold"):
+            state.scope_threshold = levels.scope
+
+    def describe_thresholds(self, state: Any) -> str:
+        """How the fitted threshold was derived, in words (``summary()["threshold_rule"]``)."""
+        n = int(np.isfinite(state.loo_scores).sum())
+        if state.threshold_rule == "fixed":
+            return "fixed by the user"
+        if not n:
+            return "none (one support image)"
+        return describe_rule(state.threshold_rule, state.false_alarm_rate or 0.0, n, self.config.threshold_sigmas)
 
     def predict_arrays(
         self, arrays: Sequence[np.ndarray], *, threshold: float | None = None, on_progress: Callable[[int], None] | None = None

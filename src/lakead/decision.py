@@ -17,6 +17,8 @@ budget:
   0.1 % false alarms for s = 3 if the scores were Gaussian).
 
 ``auto`` takes ``conformal`` when it is defined and ``gaussian`` otherwise, and says which.
+Every method derives all its decision levels (image, visual seed, pixel, scope) from its
+support images' leave-one-out scores with one function, :func:`derive_thresholds`.
 
 Regions: the connected areas of an anomaly map above a pixel threshold that reach a seed
 level (hysteresis), with their bounding box, area, peak and mean (:func:`find_regions`); an
@@ -29,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -124,6 +127,74 @@ def _z(alpha: float) -> float:
     from scipy.stats import norm
 
     return float(norm.ppf(1 - alpha))
+
+
+#: Share of the false-alarm budget given to the scope check ("not this product") when it is on;
+#: the defect decision gets the rest, so that together they stay within the budget (union bound).
+SCOPE_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every decision level of a fitted model, derived from normal images only."""
+
+    image: float  # the fused score above which an image is anomalous (inf: none could be derived)
+    rule: str  # how `image` was derived: conformal, gaussian, sigmas, fixed (by the user) or none
+    budget: float | None  # the false-alarm budget it was derived for (None: sigmas or fixed)
+    seed: float | None  # the visual token score a defect region must reach: the visual decision level
+    pixel: float | None  # the token score a region's pixels exceed
+    scope: float | None  # the pooled-feature distance above which an image is out of scope (None: off)
+
+
+def derive_thresholds(
+    loo_scores: np.ndarray,
+    loo_visual: np.ndarray,
+    loo_tokens: np.ndarray | None,
+    loo_scope: np.ndarray | None,
+    options: Any,
+    false_alarm_rate: float | None = None,
+    scope_share: float = SCOPE_SHARE,
+) -> Thresholds:
+    """The decision levels for the leave-one-out scores of the support images: image scores
+    ``(n,)``, visual scores ``(n,)`` (the seed level), token or map scores ``(T,)`` (the pixel
+    level; None: none) and scope scores ``(n,)`` (None: no scope check), NaN where not scored.
+
+    ``options`` carries the decision options (``false_alarm_rate``, ``threshold_rule``,
+    ``threshold``, ``threshold_sigmas``: :func:`lakead.fields.decision_option`);
+    ``false_alarm_rate`` replaces its budget (``predict --false-alarm-rate``). With a scope
+    check (two scope scores or more) the budget is split: ``scope_share`` of it for the scope
+    check, the rest for the defect decision. The pixel level is the same rule over every token
+    score, so a normal token exceeds it with probability about the budget (never above the seed
+    level: a region must also reach the seed level somewhere). A fixed ``threshold`` replaces
+    the image level only. Raises ValueError for a budget outside (0, 1).
+
+    >>> from types import SimpleNamespace as NS
+    >>> o = NS(false_alarm_rate=0.25, threshold_rule="auto", threshold=None, threshold_sigmas=3.0)
+    >>> s = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    >>> derive_thresholds(s, s, None, None, o)
+    Thresholds(image=6.0, rule='conformal', budget=0.25, seed=6.0, pixel=None, scope=None)
+    """
+    alpha = check_budget(options.false_alarm_rate if false_alarm_rate is None else false_alarm_rate)
+    rule, sigmas, fixed = options.threshold_rule, options.threshold_sigmas, options.threshold
+    scope_on = loo_scope is not None and np.isfinite(loo_scope).sum() >= 2
+    a_image = alpha * (1 - scope_share) if scope_on else alpha
+    finite = loo_scores[np.isfinite(loo_scores)]
+    if finite.size == 0:
+        return Thresholds(math.inf if fixed is None else float(fixed), "none" if fixed is None else "fixed",
+                          None, None, None, None)
+    image, used = budget_threshold(finite, a_image, rule, sigmas)
+    if fixed is not None:
+        image, used = float(fixed), "fixed"
+    seed, _ = budget_threshold(loo_visual[np.isfinite(loo_visual)], a_image, rule, sigmas)
+    pixel = None
+    if loo_tokens is not None and loo_tokens.size:
+        pixel, _ = budget_threshold(loo_tokens, alpha, "auto" if rule == "sigmas" else rule, sigmas)
+        pixel = min(pixel, seed)
+    scope = None
+    if scope_on:
+        scope, _ = budget_threshold(loo_scope[np.isfinite(loo_scope)], alpha * scope_share, "auto" if rule == "sigmas" else rule)
+    return Thresholds(float(image), used, None if used in ("sigmas", "fixed") else alpha, float(seed),
+                      None if pixel is None else float(pixel), None if scope is None else float(scope))
 
 
 @dataclass(frozen=True)

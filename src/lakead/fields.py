@@ -9,6 +9,7 @@ so this module imports nothing heavier than the standard library.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import field
 from typing import Any, Literal, Union
@@ -73,6 +74,37 @@ SLICES_HELP = ("NIfTI slices: axial, coronal or sagittal, optionally :FIRST-LAST
                "included) and /STEP (every STEP-th): axial:20-120, axial/2; slices with no signal are skipped.")
 
 
+#: How a threshold is derived from the normal images' scores (:data:`lakead.decision.RULES`).
+ThresholdRule = Literal["auto", "conformal", "gaussian", "sigmas"]
+
+#: The options every method has with one meaning: name -> (default, help), declared once here so
+#: that one command line and one form serve every method. A method's config declares each that it
+#: has with :func:`shared_option` where it stands among its own options (that order is the order
+#: of ``--help`` and of the saved JSON) and LAKE's type (a test checks both), and its
+#: ``validate`` calls :meth:`Options.check_shared`.
+SHARED_OPTIONS: dict[str, tuple[Any, str]] = {
+    "backbone": (DEFAULT_CLIP, "Hub id, local save_pretrained directory, or onnx:PATH."),
+    "image_size": (None, "Square input size in pixels, a multiple of the patch size (default: the model's own)."),
+    "false_alarm_rate": (0.05, "False-alarm budget: the share of normal images the decision may flag. The threshold is "
+                               "derived from the support images' leave-one-out scores for it (docs/DECISIONS.md)."),
+    "threshold_rule": ("auto", "How the threshold is derived: auto (conformal when the budget is at least 1/(n+1) for "
+                               "n support images, else a Gaussian tail), conformal, gaussian, or sigmas (median + "
+                               "threshold_sigmas robust SDs)."),
+    "threshold": (None, "Fixed decision threshold (default: derived from the normal images)."),
+    "threshold_sigmas": (3.0, "With threshold_rule sigmas: robust standard deviations above the typical normal score."),
+}
+
+
+def shared_option(name: str) -> Any:
+    """The field of the shared option ``name`` (:data:`SHARED_OPTIONS`): its default and help."""
+    default, help = SHARED_OPTIONS[name]
+    return option(default, help)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclasses.dataclass
 class Options:
     """Base of a method's options (a dataclass of :func:`option` fields, saved with the model).
@@ -102,6 +134,24 @@ class Options:
             if choices and not _admits(hint, (int, float, str)) and getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         return self
+
+    def check_shared(self) -> None:
+        """Check the options of :data:`SHARED_OPTIONS` this config has (``threshold_rule``, a
+        Literal, is checked by :meth:`validate`); a :class:`ConfigError` names the first bad one."""
+        v = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in SHARED_OPTIONS}
+        if "backbone" in v and (not isinstance(v["backbone"], str) or not v["backbone"].strip()):
+            raise ConfigError(f"backbone must be a hub id, a local directory or onnx:PATH, got {v['backbone']!r}")
+        size = v.get("image_size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ConfigError(f"image_size must be a positive integer, got {size!r}")
+        if "false_alarm_rate" in v and not (_is_number(v["false_alarm_rate"]) and 0 < v["false_alarm_rate"] < 1):
+            raise ConfigError(f"false_alarm_rate must be a number in (0, 1), got {v['false_alarm_rate']!r}")
+        if "threshold_sigmas" in v and not (_is_number(v["threshold_sigmas"]) and math.isfinite(v["threshold_sigmas"])
+                                            and v["threshold_sigmas"] >= 0):
+            raise ConfigError(f"threshold_sigmas must be a finite number >= 0, got {v['threshold_sigmas']!r}")
+        threshold = v.get("threshold")
+        if threshold is not None and not (_is_number(threshold) and not math.isnan(threshold)):
+            raise ConfigError(f"threshold must be a number, not {threshold!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,7 +8,7 @@ image score. This module holds the rest, once:
 - the learned state they share (:class:`BankState`);
 - :class:`BankDetector`: fit (features of the support images, the bank, each support image
   scored leave-one-out against the bank without its own vectors, the decision levels from those
-  normal scores alone with :func:`lakead.lake.fit.thresholds`, the same rule and false-alarm
+  normal scores alone with :func:`lakead.decision.derive_thresholds`, the same rule and false-alarm
   budget as LAKE) and predict (scores, maps at each image's own size, decisions). A method
   writes :meth:`~BankDetector.blocks`, :meth:`~BankDetector.embed`,
   :meth:`~BankDetector.build_bank` and :meth:`~BankDetector.score`.
@@ -36,10 +36,9 @@ from .api import Prediction
 from .backbones import Backbone, Layer
 from .backbones.base import LayerSpec, as_blocks
 from .base import BaseDetector, LearnedState, fact, tensor
-from .decision import describe_rule
 from .errors import ConfigError, ModelFormatError
 from .images import ImageInput
-from .lake.fit import MAX_LOO_IMAGES, Thresholds, spread_subset, thresholds
+from .lake.fit import MAX_LOO_IMAGES, spread_subset
 from .patchops import resize_map, smooth_maps
 
 log = logging.getLogger("lakead")
@@ -184,31 +183,17 @@ class BankDetector(BaseDetector):
         else:
             log.warning("only one support image: no leave-one-out threshold can be derived, so every image is "
                         "called normal until a threshold is set (threshold=... / --threshold)")
-        self._set_levels(state, self._levels(state, None))
+        self.store_thresholds(state, self.derive_thresholds(state))
         if state.loo_tokens is not None:
             lo, hi = float(np.median(state.loo_tokens)), state.seed_threshold or 1.0
             state.map_range = (lo, hi if hi > lo else lo + 1.0)
         self.state_ = state
         return self
 
-    def thresholds(self, false_alarm_rate: float | None = None) -> Thresholds:
-        """The decision levels: the fitted ones, or derived again from the saved leave-one-out
-        scores for another false-alarm budget (no refit), as LAKE's."""
-        st = self.check_fitted()
-        if false_alarm_rate is None:
-            return Thresholds(st.threshold, st.threshold_rule, st.false_alarm_rate, st.seed_threshold, st.pixel_threshold, None)
-        return self._levels(st, false_alarm_rate)
-
-    def _levels(self, state: BankState, false_alarm_rate: float | None) -> Thresholds:
-        try:
-            return thresholds(state.loo_scores, state.loo_peaks, state.loo_tokens, None, self.config, false_alarm_rate)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-
-    @staticmethod
-    def _set_levels(state: BankState, levels: Thresholds) -> None:
-        state.threshold, state.threshold_rule, state.false_alarm_rate = levels.image, levels.rule, levels.budget
-        state.seed_threshold, state.pixel_threshold = levels.seed, levels.pixel
+    def threshold_scores(self, state: BankState) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, None]:
+        """The saved leave-one-out scores the levels come from: image scores, map peaks (the seed
+        level), map values at the patches (the pixel level); no scope check."""
+        return state.loo_scores, state.loo_peaks, state.loo_tokens, None
 
     # -- predict --------------------------------------------------------------------------
 
@@ -259,9 +244,7 @@ class BankDetector(BaseDetector):
             "bank_vectors_before_subsampling": st.bank_vectors,
             "bank_bytes": int(st.bank.numel() * st.bank.element_size()),
             "threshold": st.threshold,
-            "threshold_rule": "fixed by the user" if st.threshold_rule == "fixed" else (
-                describe_rule(st.threshold_rule, st.false_alarm_rate or 0.0, int(finite.size), self.config.threshold_sigmas)
-                if finite.size else "none (one support image)"),
+            "threshold_rule": self.describe_thresholds(st),
             "loo_score_median": float(np.median(finite)) if finite.size else None,
             "loo_score_max": float(finite.max()) if finite.size else None,
         }

@@ -108,8 +108,11 @@ def search_blocks(n_q: int, n_g: int, block_elements: int) -> tuple[int, int]:
     ``block_elements`` distances, and both sides as large as that allows (at least the square
     root of it each, when there are that many), so each block is one real matrix product.
     Before, a gallery of ``block_elements`` rows or more left one or two query rows per block
-    (matrix-vector products that read the whole gallery again for each query): 196 queries
-    against 500,000 vectors took 1.5-1.7x longer that way on this project's 2-core machine."""
+    (matrix-vector products that read the whole gallery again for each query).
+    ``python benchmarks/search_blocks.py`` times both shapes side by side (docs/SCALE.md: 196
+    queries against 500,000 vectors x K=6, at the leave-one-out's bound of 1M distances the old
+    shape took x2.1 as long; at the default 8M, where it already had 16 query rows per block,
+    x0.68: there the old shape was faster)."""
     block_elements = max(1, block_elements)
     if n_q * n_g <= block_elements:
         return max(1, n_q), max(1, n_g)

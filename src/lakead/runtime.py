@@ -24,7 +24,6 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from ._version import __version__
 from .api import Prediction, Runtime
+from .decision import Thresholds
 from .errors import ConfigError, ImageLoadError, ModelFormatError
 from .images import ImageInput, LoadedImages, load_image, preprocess, read_all, source_name
 
@@ -100,16 +100,8 @@ def _axis_weights(n_in: int, n_out: int) -> np.ndarray:
     return w
 
 
-@dataclass(frozen=True)
-class Levels:
-    """The decision levels stored with the model (as :class:`lakead.lake.fit.Thresholds`)."""
-
-    image: float
-    rule: str
-    budget: float | None
-    seed: float | None
-    pixel: float | None
-    scope: float | None
+#: The decision levels stored with the model: :class:`lakead.decision.Thresholds` (numpy only).
+Levels = Thresholds
 
 
 class _OnnxRuntime:

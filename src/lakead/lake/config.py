@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from ..fields import DEFAULT_CLIP, Layer, LayerSpec, Options, _admits, as_blocks, field_types, literal_choices, option  # noqa: F401 - re-exported
+from ..fields import DEFAULT_CLIP, Layer, LayerSpec, Options, ThresholdRule, _admits, as_blocks, field_types, literal_choices, option, shared_option  # noqa: F401 - re-exported
 from ..errors import ConfigError
 
 NORMAL_PROMPT = "a photo of a normal {}."
@@ -23,7 +23,7 @@ ANOMALOUS_PROMPT = "a photo of an anomalous {}."
 class LakeConfig(Options):
     """Every option of a :class:`~lakead.lake.detector.LakeDetector`; saved as JSON with the model."""
 
-    backbone: str = option(DEFAULT_CLIP, "Hub id, local save_pretrained directory, or onnx:PATH.")
+    backbone: str = shared_option("backbone")
     k: Union[int, Literal["auto"], None] = option(
         None, "Number of sensitive neurons kept, or 'auto': the knee of the support set's sorted variance curve "
         "(docs/INTERPRETABILITY.md); default: the paper's 100 per 1024 channels of the visual tokens (100 on "
@@ -48,7 +48,7 @@ class LakeConfig(Options):
     lam: float = option(0.1, "Weight of the text probe in the fused score (Eq. 14).")
     semantic_agg: Literal["max", "mean"] = option("max", "Pooling of the text probe's per-token P(anomalous).")
     use_text: bool = option(True, "Run the text probe (when the backbone has a text tower).", flag="--text/--no-text")
-    image_size: Optional[int] = option(None, "Square input size in pixels, a multiple of the patch size (default: the model's own).")
+    image_size: Optional[int] = shared_option("image_size")
     sigma: float = option(0.0, "Gaussian blur of maps, in pixels of the model input (0: off).")
     selection: Literal["top", "random", "bottom", "all"] = option(
         "top", "Neuron selection: top variance (LAKE), random, bottom, or all channels.")
@@ -62,14 +62,10 @@ class LakeConfig(Options):
         "loo", "loo: visual scores divided by the median leave-one-out score of the support images; none: raw distances.")
     map_source: Literal["visual", "semantic"] = option(
         "visual", "What the maps show: visual token distances (the paper) or the text probe's per-token P(anomalous).")
-    false_alarm_rate: float = option(
-        0.05, "False-alarm budget: the share of normal images the decision may flag. The threshold is derived "
-        "from the support images' leave-one-out scores for it (docs/DECISIONS.md).")
-    threshold_rule: Literal["auto", "conformal", "gaussian", "sigmas"] = option(
-        "auto", "How the threshold is derived: auto (conformal when the budget is at least 1/(n+1) for n support "
-        "images, else a Gaussian tail), conformal, gaussian, or sigmas (median + threshold_sigmas robust SDs).")
-    threshold: Optional[float] = option(None, "Fixed decision threshold (default: derived from the normal images).")
-    threshold_sigmas: float = option(3.0, "With threshold_rule sigmas: robust standard deviations above the typical normal score.")
+    false_alarm_rate: float = shared_option("false_alarm_rate")  # the decision options: lakead.fields.SHARED_OPTIONS
+    threshold_rule: ThresholdRule = shared_option("threshold_rule")
+    threshold: Optional[float] = shared_option("threshold")
+    threshold_sigmas: float = shared_option("threshold_sigmas")
     gallery_size: Optional[int] = option(
         None, "Most gallery vectors kept: beyond it, a greedy coreset of that many support tokens, so memory and "
         "predict time stop growing with the support set (docs/SCALE.md); default: every support token (the paper).")
@@ -93,29 +89,20 @@ class LakeConfig(Options):
     def validate(self) -> "LakeConfig":
         """Check every option; returns ``self``. Raises :class:`~lakead.errors.ConfigError`."""
         super().validate()  # the options that are one of a few words (Literal)
+        self.check_shared()  # backbone, image_size and the decision options
         if self.k not in ("auto", None) and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ConfigError(f"k must be a positive integer or 'auto', got {self.k!r}")
-        if not isinstance(self.backbone, str) or not self.backbone.strip():
-            raise ConfigError(f"backbone must be a hub id, a local directory or onnx:PATH, got {self.backbone!r}")
         self.blocks  # noqa: B018 - raises on an empty or repeated list
-        if isinstance(self.false_alarm_rate, bool) or not isinstance(self.false_alarm_rate, (int, float)) \
-                or not 0 < self.false_alarm_rate < 1:
-            raise ConfigError(f"false_alarm_rate must be a number in (0, 1), got {self.false_alarm_rate!r}")
         for name in ("use_text", "filter_outliers", "scope_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         c = self.outlier_contamination
         if c != "auto" and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 0.5):
             raise ConfigError(f"outlier_contamination must be 'auto' or a fraction in (0, 0.5], got {c!r}")
-        for name in ("lam", "sigma", "threshold_sigmas"):
+        for name in ("lam", "sigma"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1):
-            raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
-        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-                                           or math.isnan(self.threshold)):
-            raise ConfigError(f"threshold must be a number, not {self.threshold!r}")
         if self.gallery_size is not None and (isinstance(self.gallery_size, bool) or not isinstance(self.gallery_size, int)
                                               or self.gallery_size < 1):
             raise ConfigError(f"gallery_size must be a positive integer, got {self.gallery_size!r}")

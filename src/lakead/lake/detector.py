@@ -46,7 +46,6 @@ from PIL import Image
 from ..api import Prediction, read_model_meta
 from ..backbones import Backbone, BackboneInfo, Features, Layer, as_blocks, load_backbone
 from ..base import BaseDetector, backbone_precision  # noqa: F401 - backbone_precision: used by benchmarks
-from ..decision import describe_rule
 from ..errors import ConfigError, ModelFormatError
 from ..images import ImageInput
 from ..index import GalleryIndex, resolve as resolve_index
@@ -231,18 +230,10 @@ class LakeDetector(BaseDetector):
 
     # -- predict --------------------------------------------------------------------------
 
-    def thresholds(self, false_alarm_rate: float | None = None) -> steps.Thresholds:
-        """The decision levels: the fitted ones, or derived again from the saved leave-one-out
-        scores for another false-alarm budget (no refit)."""
-        state = self.check_fitted()
-        if false_alarm_rate is None:
-            return steps.Thresholds(state.threshold, state.threshold_rule, state.false_alarm_rate, state.seed_threshold,
-                                    state.pixel_threshold, state.scope_threshold)
-        try:
-            return steps.thresholds(state.loo_scores, state.loo_visual, state.loo_tokens, state.loo_scope, self.config,
-                                    false_alarm_rate)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    def threshold_scores(self, state: LakeState) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The saved leave-one-out scores (fused, visual, tokens, scope) that ``thresholds(budget)``
+        derives the levels from again (:meth:`BaseDetector.thresholds`, no refit)."""
+        return state.loo_scores, state.loo_visual, state.loo_tokens, state.loo_scope
 
     def predict_arrays(
         self,
@@ -336,9 +327,7 @@ class LakeDetector(BaseDetector):
             "visual_top_percent": cfg.visual_top_percent,
             "score_norm": cfg.score_norm,
             "threshold": state.threshold,
-            "threshold_rule": "fixed by the user" if state.threshold_rule == "fixed" else (
-                describe_rule(state.threshold_rule, state.false_alarm_rate or 0.0, int(finite.size), cfg.threshold_sigmas)
-                if finite.size else "none (one support image)"),
+            "threshold_rule": self.describe_thresholds(state),
             "loo_score_median": float(np.median(finite)) if finite.size else None,
             "loo_score_max": float(finite.max()) if finite.size else None,
         }

@@ -15,15 +15,13 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..decision import budget_threshold, check_budget
+from ..decision import SCOPE_SHARE, Thresholds, derive_thresholds  # noqa: F401 - SCOPE_SHARE, Thresholds re-exported
 from ..neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_image_features
 from ..ops import channel_variance, nearest_neighbor, top_k_channels
 from ..patchops import cosine_distances, top_percent_mean
@@ -193,61 +191,10 @@ def describe_loo(scored: int, n: int) -> str:
     return f"{scored:,} of {n:,} support images, evenly spaced (lakead.lake.fit.spread_subset)"
 
 
-#: Share of the false-alarm budget given to the scope check ("not this product") when it is on;
-#: the defect decision gets the rest, so that together they stay within the budget (union bound).
-SCOPE_SHARE = 0.1
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Every decision level of a fitted model, derived from normal images only."""
-
-    image: float  # the fused score above which an image is anomalous (inf: none could be derived)
-    rule: str  # how `image` was derived: conformal, gaussian, sigmas, fixed (by the user) or none
-    budget: float | None  # the false-alarm budget it was derived for (None: sigmas or fixed)
-    seed: float | None  # the visual token score a defect region must reach: the visual decision level
-    pixel: float | None  # the token score a region's pixels exceed
-    scope: float | None  # the pooled-feature distance above which an image is out of scope (None: off)
-
-
-def thresholds(
-    loo_scores: np.ndarray,
-    loo_visual: np.ndarray,
-    loo_tokens: np.ndarray | None,
-    loo_scope: np.ndarray | None,
-    config: LakeConfig,
-    false_alarm_rate: float | None = None,
-) -> Thresholds:
-    """The decision levels for the leave-one-out scores of the support images (all in the units
-    of the saved scores: visual parts divided by the visual scale).
-
-    ``false_alarm_rate`` replaces the configured budget (``predict --false-alarm-rate``). The
-    budget is split between the defect decision and the scope check (:data:`SCOPE_SHARE`); the
-    pixel level is the same rule over every support token's leave-one-out score, so a normal
-    token exceeds it with probability about the budget; a region must also reach the visual
-    decision level somewhere (``seed``).
-    """
-    alpha = check_budget(config.false_alarm_rate if false_alarm_rate is None else false_alarm_rate)
-    rule = config.threshold_rule
-    scope_on = loo_scope is not None and np.isfinite(loo_scope).sum() >= 2
-    a_image = alpha * (1 - SCOPE_SHARE) if scope_on else alpha
-    finite = loo_scores[np.isfinite(loo_scores)]
-    if finite.size == 0:
-        return Thresholds(math.inf if config.threshold is None else float(config.threshold),
-                          "none" if config.threshold is None else "fixed", None, None, None, None)
-    image, used = budget_threshold(finite, a_image, rule, config.threshold_sigmas)
-    if config.threshold is not None:
-        image, used = float(config.threshold), "fixed"
-    seed, _ = budget_threshold(loo_visual[np.isfinite(loo_visual)], a_image, rule, config.threshold_sigmas)
-    pixel = None
-    if loo_tokens is not None and loo_tokens.size:
-        pixel, _ = budget_threshold(loo_tokens, alpha, "auto" if rule == "sigmas" else rule, config.threshold_sigmas)
-        pixel = min(pixel, seed)
-    scope = None
-    if scope_on:
-        scope, _ = budget_threshold(loo_scope[np.isfinite(loo_scope)], alpha * SCOPE_SHARE, "auto" if rule == "sigmas" else rule)
-    return Thresholds(float(image), used, None if used in ("sigmas", "fixed") else alpha, float(seed),
-                      None if pixel is None else float(pixel), None if scope is None else float(scope))
+#: The decision levels for the leave-one-out scores of the support images, in the units of the
+#: saved scores (visual parts divided by the visual scale): one rule for every method, the budget
+#: split with the scope check by :data:`~lakead.decision.SCOPE_SHARE`.
+thresholds = derive_thresholds
 
 
 def decision(

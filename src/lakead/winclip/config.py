@@ -2,7 +2,8 @@
 
 Options that LAKE also has (``backbone``, ``image_size``, ``k``, ``layer``, the decision
 options) have the same name, type, default and meaning as in :class:`lakead.lake.LakeConfig`,
-so one command line or form serves every method (a test checks it).
+so one command line or form serves every method (a test checks it); those every method has are
+declared once in :data:`lakead.fields.SHARED_OPTIONS`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from ..fields import DEFAULT_CLIP, Layer, LayerSpec, Options, as_blocks, option
+from ..fields import Layer, LayerSpec, Options, ThresholdRule, as_blocks, option, shared_option
 from ..errors import ConfigError
 
 
@@ -19,7 +20,7 @@ from ..errors import ConfigError
 class WinCLIPConfig(Options):
     """Every option of a :class:`~lakead.winclip.detector.WinCLIPDetector`."""
 
-    backbone: str = option(DEFAULT_CLIP, "Hub id, local save_pretrained directory, or onnx:PATH.")
+    backbone: str = shared_option("backbone")
     reference: Literal["none", "winclip", "lake"] = option(
         "none", "Set by --method (winclip: none, winclip+: winclip, winclip+lake: lake). What the normal images "
         "add to WinCLIP's text maps: none (WinCLIP, zero-shot), winclip (WinCLIP+: "
@@ -44,15 +45,11 @@ class WinCLIPConfig(Options):
         None, "WinCLIP+LAKE: sensitive neurons kept (as LAKE: default 100 per 1024 channels; auto: the knee).")
     layer: Optional[LayerSpec] = option(
         None, "WinCLIP+LAKE: block(s) of LAKE's gallery (as LAKE: default 3/4 of the depth).")
-    false_alarm_rate: float = option(
-        0.05, "False-alarm budget: the share of normal images the decision may flag. The threshold is derived "
-        "from the support images' leave-one-out scores for it (docs/DECISIONS.md).")
-    threshold_rule: Literal["auto", "conformal", "gaussian", "sigmas"] = option(
-        "auto", "How the threshold is derived: auto (conformal when the budget is at least 1/(n+1) for n support "
-        "images, else a Gaussian tail), conformal, gaussian, or sigmas (median + threshold_sigmas robust SDs).")
-    threshold: Optional[float] = option(None, "Fixed decision threshold (default: derived from the normal images).")
-    threshold_sigmas: float = option(3.0, "With threshold_rule sigmas: robust standard deviations above the typical normal score.")
-    image_size: Optional[int] = option(None, "Square input size in pixels, a multiple of the patch size (default: the model's own).")
+    false_alarm_rate: float = shared_option("false_alarm_rate")  # the decision options: lakead.fields.SHARED_OPTIONS
+    threshold_rule: ThresholdRule = shared_option("threshold_rule")
+    threshold: Optional[float] = shared_option("threshold")
+    threshold_sigmas: float = shared_option("threshold_sigmas")
+    image_size: Optional[int] = shared_option("image_size")
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -65,6 +62,7 @@ class WinCLIPConfig(Options):
 
     def validate(self) -> "WinCLIPConfig":
         super().validate()
+        self.check_shared()  # backbone, image_size and the decision options
         try:
             sizes = self.sizes
         except ValueError:
@@ -73,7 +71,7 @@ class WinCLIPConfig(Options):
             raise ConfigError(f"window_sizes must be distinct positive integers, got {self.window_sizes!r}")
         if isinstance(self.window_start_block, bool) or not isinstance(self.window_start_block, int) or self.window_start_block < 0:
             raise ConfigError(f"window_start_block must be an integer >= 0, got {self.window_start_block!r}")
-        for name, low, high in (("temperature", 0.0, math.inf), ("fusion_weight", 0.0, 1.0), ("threshold_sigmas", 0.0, math.inf)):
+        for name, low, high in (("temperature", 0.0, math.inf), ("fusion_weight", 0.0, 1.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high \
                     or (name == "temperature" and v == 0):
@@ -81,14 +79,4 @@ class WinCLIPConfig(Options):
         if self.k not in ("auto", None) and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ConfigError(f"k must be a positive integer or 'auto', got {self.k!r}")
         self.blocks  # noqa: B018 - raises on an empty or repeated list
-        if isinstance(self.false_alarm_rate, bool) or not isinstance(self.false_alarm_rate, (int, float)) \
-                or not 0 < self.false_alarm_rate < 1:
-            raise ConfigError(f"false_alarm_rate must be a number in (0, 1), got {self.false_alarm_rate!r}")
-        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1):
-            raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
-        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-                                           or math.isnan(self.threshold)):
-            raise ConfigError(f"threshold must be a number, not {self.threshold!r}")
-        if not isinstance(self.backbone, str) or not self.backbone.strip():
-            raise ConfigError(f"backbone must be a hub id or a local directory, got {self.backbone!r}")
         return self

@@ -12,8 +12,8 @@ Jeong et al., "WinCLIP: Zero-/Few-Shot Anomaly Classification and Segmentation",
   association (``lake_fusion="add"``: averaged with it).
 
 The decision threshold comes from normal images only: each support image scored with the
-others as the reference (leave-one-out), through :func:`lakead.lake.fit.thresholds` and the
-false-alarm budget, as LAKE.
+others as the reference (leave-one-out), through :func:`lakead.decision.derive_thresholds` and
+the false-alarm budget, as LAKE.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch
 from ..api import Prediction
 from ..backbones.base import as_blocks
 from ..base import BaseDetector, backbone_precision
-from ..decision import describe_rule
+from ..decision import Thresholds
 from ..errors import ConfigError
 from ..images import ImageInput
 from ..lake.config import LakeConfig
-from ..lake.fit import Thresholds, select_neurons, thresholds
+from ..lake.fit import select_neurons
 from ..ops import combine_blocks, nearest_neighbor, upsample_map
 from .config import WinCLIPConfig
 from .maps import window_indices
@@ -189,12 +189,11 @@ class WinCLIPDetector(BaseDetector):
             state.loo_tokens = s.fused_map.reshape(-1).cpu().numpy().astype(np.float32)
         elif n:
             state.loo_scores = np.full(n, np.nan, np.float32)
-            state.loo_text = state.loo_visual = state.loo_scores.copy()
+            state.loo_text, state.loo_visual = state.loo_scores.copy(), state.loo_scores.copy()  # two arrays: saved apart
             log.warning("one support image: no leave-one-out score for WinCLIP+ / WinCLIP+LAKE, so every image is called "
                         "normal until a threshold is set (threshold=... / --threshold)")
-        levels = self._levels(state, None)
-        state.threshold, state.threshold_rule, state.false_alarm_rate = levels.image, levels.rule, levels.budget
-        state.seed_threshold, state.pixel_threshold = levels.seed, levels.pixel
+        levels = self.derive_thresholds(state)
+        self.store_thresholds(state, levels)
         if state.loo_tokens.size:
             state.map_range = (float(np.median(state.loo_tokens)), float(levels.seed))
             if state.map_range[1] <= state.map_range[0]:
@@ -202,20 +201,22 @@ class WinCLIPDetector(BaseDetector):
         self.state_ = state
         return self
 
-    def _levels(self, state: WinCLIPState, false_alarm_rate: float | None) -> Thresholds:
-        """The decision levels from the support images' scores, or the uncalibrated 0.5 of a
-        zero-shot model without images."""
+    def threshold_scores(self, state: WinCLIPState) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
+        """The saved leave-one-out scores the levels come from: image scores, fused-map peaks (the
+        seed level), fused-map values (the pixel level); no scope check."""
+        return state.loo_scores, state.loo_visual, state.loo_tokens, None
+
+    def derive_thresholds(self, state: WinCLIPState, false_alarm_rate: float | None = None) -> Thresholds:
+        """The decision levels from the support images' scores (:meth:`BaseDetector.derive_thresholds`),
+        or the uncalibrated 0.5 of a zero-shot model without images."""
         cfg = self.config
-        if not state.support:
-            if false_alarm_rate is not None:
-                raise ConfigError("this zero-shot model was fitted without normal images: no threshold can be derived for "
-                                  "a false-alarm budget; fit it with a few normal images, or give a threshold")
-            t = UNCALIBRATED_THRESHOLD if cfg.threshold is None else float(cfg.threshold)
-            return Thresholds(t, "uncalibrated" if cfg.threshold is None else "fixed", None, t, t, None)
-        try:
-            return thresholds(state.loo_scores, state.loo_visual, state.loo_tokens, None, cfg, false_alarm_rate)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        if state.support:
+            return super().derive_thresholds(state, false_alarm_rate)
+        if false_alarm_rate is not None:
+            raise ConfigError("this zero-shot model was fitted without normal images: no threshold can be derived for "
+                              "a false-alarm budget; fit it with a few normal images, or give a threshold")
+        t = UNCALIBRATED_THRESHOLD if cfg.threshold is None else float(cfg.threshold)
+        return Thresholds(t, "uncalibrated" if cfg.threshold is None else "fixed", None, t, t, None)
 
     # -- predict --------------------------------------------------------------------------
 
@@ -229,8 +230,7 @@ class WinCLIPDetector(BaseDetector):
     ) -> Prediction:
         """:meth:`predict` for images already read (``(H, W, 3)`` uint8 arrays)."""
         state = self.check_fitted()
-        levels = self._levels(state, false_alarm_rate) if false_alarm_rate is not None else Thresholds(
-            state.threshold, state.threshold_rule, state.false_alarm_rate, state.seed_threshold, state.pixel_threshold, None)
+        levels = self.thresholds(false_alarm_rate)
         thr = levels.image if threshold is None else float(threshold)
         tables = [window_indices(state.grid, s) for s in state.window_sizes]
         patch, lake = state.patch_layer, as_blocks(state.lake_layer) if state.lake_layer is not None else ()
@@ -263,15 +263,8 @@ class WinCLIPDetector(BaseDetector):
         """The facts of a fitted model worth printing or reporting."""
         state = self.check_fitted()
         cfg = self.config
-        finite = state.loo_scores[np.isfinite(state.loo_scores)]
-        if state.threshold_rule == "uncalibrated":
-            rule = "uncalibrated: P(anomalous) > 0.5 of the text prompts (no normal image was given to calibrate on)"
-        elif state.threshold_rule == "fixed":
-            rule = "fixed by the user"
-        elif finite.size:
-            rule = describe_rule(state.threshold_rule, state.false_alarm_rate or 0.0, int(finite.size), cfg.threshold_sigmas)
-        else:
-            rule = "none (one support image)"
+        rule = ("uncalibrated: P(anomalous) > 0.5 of the text prompts (no normal image was given to calibrate on)"
+                if state.threshold_rule == "uncalibrated" else self.describe_thresholds(state))
         out = {
             "method": VARIANTS[cfg.reference],
             "class_name": state.class_name,
