@@ -392,7 +392,8 @@ def main() -> None:
     e.add_argument("--repeats", type=int, default=3)
     e.add_argument("--gallery-size", type=int, default=None, help="coreset size (default: a 64-shot gallery's)")
     e.add_argument("--k", type=int, default=None, help="sensitive neurons (default: LAKE's, 6 of 64 here)")
-    e.add_argument("--models", default="exact,reduced,64-shot", help="what to fit: exact, reduced (coreset), 64-shot")
+    e.add_argument("--models", default="exact,reduced,64-shot",
+                   help="what to fit: exact (index exact), auto (the default options), reduced (coreset), 64-shot")
     e.add_argument("--index", default="", help="indexes to search the exact gallery with, e.g. kdtree,hnsw,hnsw:256 "
                    "(hnsw:EF sets hnsw_ef_search)")
     s = sub.add_parser("spill")

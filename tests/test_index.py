@@ -146,3 +146,22 @@ def test_an_exported_hnsw_model_searches_exactly(tiny_backbone, images, tmp_path
     np.testing.assert_allclose(got.scores, det.predict_arrays(test).scores, rtol=1e-4, atol=1e-6)
     det.config.index = "hnsw"
     assert agreement(det, ExportedDetector.load(out), test)["decisions_same"]
+
+
+def test_the_leave_one_out_through_the_tree_is_the_exact_one():
+    """fit's leave-one-out through the k-d tree: the same distances as the exact search with groups,
+    also for tokens whose nearest candidates are all of their own image (the exact fallback)."""
+    from lakead.lake.fit import leave_one_out
+
+    n, n_tok = 12, 40
+    g = clustered(n * n_tok, 5, 6)
+    g[:n_tok] = g[0] + 1e-3 * torch.randn(n_tok, 5, generator=torch.Generator().manual_seed(1))  # image 0: one tight clump
+    exact = leave_one_out(g, n, n_tok, torch.device("cpu"), "exact")
+    tree = leave_one_out(g, n, n_tok, torch.device("cpu"), "kdtree")
+    np.testing.assert_array_equal(tree[0], exact[0])
+    for a, b in zip(tree[1], exact[1]):
+        np.testing.assert_array_equal(a, b)
+    index = GalleryIndex(g, "kdtree")
+    groups = torch.arange(n, dtype=torch.int32).repeat_interleave(n_tok)
+    _, idx = index._tree.query(g[:n_tok].numpy(), k=16)
+    assert (groups[torch.from_numpy(idx)] == 0).all()  # image 0's candidates are all its own: the fallback ran

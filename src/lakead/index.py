@@ -119,3 +119,28 @@ class GalleryIndex:
         idx = torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.gallery.device)  # (Q,)
         diff = queries.to(self.gallery.device, torch.float32) - self.gallery[idx].float()  # as nearest_neighbor
         return diff.square().sum(1).sqrt(), idx
+
+    def search_others(self, queries: torch.Tensor, query_groups: torch.Tensor, gallery_groups: torch.Tensor, *,
+                      candidates: int = 16, block_elements: int | None = None) -> torch.Tensor:
+        """Each query's distance ``(Q,)`` to its nearest gallery vector of another group (leave-one-out:
+        a support image's tokens against the other images'), as :func:`nearest_neighbor` with groups
+        gives it, exactly, whatever the kind: with the k-d tree, the nearest of its ``candidates``
+        nearest vectors that is of another group, and the exact search for the queries whose
+        candidates are all of their own group; otherwise the exact search (an approximate index
+        would make the thresholds, which come from these distances, approximate too)."""
+        exact = dict(block_elements=block_elements) if block_elements else {}
+        if self._tree is None or queries.shape[0] == 0:
+            return nearest_neighbor(queries, self.gallery, query_groups=query_groups, gallery_groups=gallery_groups, **exact)[0]
+        m = min(candidates, self.gallery.shape[0])
+        _, idx = self._tree.query(np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32), k=m)
+        idx = torch.from_numpy(np.asarray(idx, dtype=np.int64).reshape(queries.shape[0], m))  # (Q, m), nearest first
+        other = gallery_groups.cpu()[idx] != query_groups.cpu().unsqueeze(1)  # (Q, m)
+        found = other.any(dim=1)
+        chosen = idx.gather(1, other.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1).to(self.gallery.device)
+        q = queries.to(self.gallery.device, torch.float32)
+        dist = (q - self.gallery[chosen].float()).square().sum(1).sqrt()  # as nearest_neighbor computes it
+        rest = (~found).nonzero().squeeze(1).to(self.gallery.device)
+        if rest.numel():
+            dist[rest] = nearest_neighbor(q[rest], self.gallery, query_groups=query_groups.to(self.gallery.device)[rest],
+                                          gallery_groups=gallery_groups.to(self.gallery.device), **exact)[0]
+        return dist

@@ -23,6 +23,8 @@ import torch
 
 from ..decision import SCOPE_SHARE, Thresholds, derive_thresholds  # noqa: F401 - SCOPE_SHARE, Thresholds re-exported
 from ..neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_image_features
+from ..index import GalleryIndex
+from ..index import resolve as resolve_index
 from ..ops import channel_variance, nearest_neighbor, top_k_channels
 from ..patchops import cosine_distances, top_percent_mean
 from .config import LakeConfig
@@ -104,21 +106,25 @@ def inliers_of_selected(selected: torch.Tensor, config: LakeConfig) -> np.ndarra
     return ~flags
 
 
-def leave_one_out(gallery: torch.Tensor, n: int, n_tok: int, device: torch.device) -> tuple[np.ndarray, list[np.ndarray]]:
+def leave_one_out(gallery: torch.Tensor, n: int, n_tok: int, device: torch.device, index: str = "exact"
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Raw leave-one-out visual scores ``(n,)`` (NaN where not scored) and the token distances
     of each image scored: image ``i``'s tokens against the gallery of the other images.
     ``gallery`` is ``(n * N, K)``, image by image. An evenly spaced subset of
-    :data:`MAX_LOO_IMAGES` images is scored beyond that many; none with one image."""
+    :data:`MAX_LOO_IMAGES` images is scored beyond that many; none with one image. ``index``:
+    the model's ``index`` option; where it stands for the k-d tree the search goes through it
+    (the same distances, :meth:`lakead.index.GalleryIndex.search_others`), else exact."""
     visual = np.full(n, np.nan, dtype=np.float64)
     tokens: list[np.ndarray] = []
     if n < 2:
         return visual, tokens
     g_dev = gallery.to(device)
     groups = torch.arange(n, dtype=torch.int32).repeat_interleave(n_tok).to(device)  # (n*N,)
+    kind = resolve_index(index, g_dev.shape[0], g_dev.shape[1], device)
+    search = GalleryIndex(g_dev, "kdtree" if kind == "kdtree" else "exact")
     for i in spread_subset(n, MAX_LOO_IMAGES):
         q = g_dev[i * n_tok : (i + 1) * n_tok]  # (N, K)
-        d, _ = nearest_neighbor(q, g_dev, query_groups=groups[i * n_tok : (i + 1) * n_tok], gallery_groups=groups,
-                                block_elements=LOO_BLOCK_ELEMENTS)
+        d = search.search_others(q, groups[i * n_tok : (i + 1) * n_tok], groups, block_elements=LOO_BLOCK_ELEMENTS)
         visual[i] = float(d.max())
         tokens.append(d.cpu().numpy())
     return visual, tokens
@@ -159,7 +165,7 @@ def token_distance(d: torch.Tensor, config: LakeConfig) -> torch.Tensor:
     return cosine_distances(d) if config.distance == "cosine" else d
 
 
-def cosine_gallery(gallery: torch.Tensor, n: int, n_tok: int, device: torch.device
+def cosine_gallery(gallery: torch.Tensor, n: int, n_tok: int, device: torch.device, index: str = "exact"
                    ) -> tuple[torch.Tensor, np.ndarray, list[np.ndarray]]:
     """``distance="cosine"``: the gallery ``(n * N, K)`` (every support token, image by image)
     as unit vectors, and the leave-one-out visual scores ``(n,)`` and token scores in cosine
@@ -167,7 +173,7 @@ def cosine_gallery(gallery: torch.Tensor, n: int, n_tok: int, device: torch.devi
     if gallery.shape[0] != n * n_tok:
         raise ValueError(f"distance='cosine' needs every support token in the gallery ({n} x {n_tok}), got {gallery.shape[0]}")
     unit = to_unit(gallery)
-    visual, tokens = leave_one_out(unit, n, n_tok, device)
+    visual, tokens = leave_one_out(unit, n, n_tok, device, index)
     return unit, visual ** 2 / 2.0, [t ** 2 / 2.0 for t in tokens]
 
 

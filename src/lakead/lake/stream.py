@@ -494,9 +494,9 @@ def leave_one_out(cfg, gallery: torch.Tensor, gallery_image: torch.Tensor, queri
     if cfg.gallery_size is not None:
         loo_raw, tokens = steps.leave_one_out_of(queries, gallery, gallery_image, n, device)
     elif cfg.distance == "cosine":
-        gallery, loo_raw, tokens = steps.cosine_gallery(gallery, n, n_tok, device)
+        gallery, loo_raw, tokens = steps.cosine_gallery(gallery, n, n_tok, device, cfg.index)
     else:
-        loo_raw, tokens = steps.leave_one_out(gallery, n, n_tok, device)
+        loo_raw, tokens = steps.leave_one_out(gallery, n, n_tok, device, cfg.index)
     if cfg.visual_top_percent is not None and tokens:
         pooled = steps.pool_visual(torch.from_numpy(np.stack(tokens).astype(np.float32)), cfg)  # (scored,)
         scored = np.flatnonzero(np.isfinite(loo_raw))  # in the order of the token scores
