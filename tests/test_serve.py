@@ -99,7 +99,8 @@ def test_health_and_info(client):
                                       "semantic_agg": ["max", "mean"],
                                       "selection": ["top", "random", "bottom", "all"], "score_norm": ["loo", "none"],
                                       "map_source": ["visual", "semantic"],
-                                      "threshold_rule": ["auto", "conformal", "gaussian", "sigmas"]}
+                                      "threshold_rule": ["auto", "conformal", "gaussian", "sigmas"],
+                                      "index": ["auto", "exact", "kdtree", "hnsw"]}
     assert info["option_help"] == {name: f.metadata["help"] for name, f in fields.items()}
     assert (info["device"], info["batch_size"], info["precision"]) == ("cpu", 4, "float32")
     page = client.get("/")
