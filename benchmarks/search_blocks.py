@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--block-elements", type=int, nargs="+", default=[1 << 20, ops.DEFAULT_BLOCK_ELEMENTS],
                     help="bounds on the distances held at once (default: the leave-one-out's and the default)")
+    ap.add_argument("--bounds-only", action="store_true",
+                    help="time today's rule at each --block-elements side by side (no old rule); ratios to the first")
     args = ap.parse_args()
 
     gen = torch.Generator().manual_seed(0)
@@ -57,6 +59,9 @@ def main() -> None:
     gallery = torch.randn(args.gallery, args.k, generator=gen)  # (M, K)
     print(f"{args.queries} queries x {args.gallery:,} gallery vectors x K={args.k}, {args.rounds} interleaved rounds, "
           f"{torch.get_num_threads()} torch threads")
+    if args.bounds_only:
+        bounds(queries, gallery, args)
+        return
     for be in args.block_elements:
         times: dict[bool, list[float]] = {True: [], False: []}
         timed(queries, gallery, be, False)  # warm-up
@@ -75,6 +80,27 @@ def main() -> None:
               f"(old/new x{best_old / best_new:.2f}), median {med_old * 1e3:.0f} vs {med_new * 1e3:.0f} ms "
               f"(x{med_old / med_new:.2f}); rounds old {', '.join(f'{t * 1e3:.0f}' for t in times[True])}, "
               f"new {', '.join(f'{t * 1e3:.0f}' for t in times[False])} ms")
+
+def bounds(queries: torch.Tensor, gallery: torch.Tensor, args: argparse.Namespace) -> None:
+    """Today's block rule at each bound, the bounds interleaved round by round (same neighbours checked)."""
+    times: dict[int, list[float]] = {be: [] for be in args.block_elements}
+    ref = None
+    for be in args.block_elements:
+        timed(queries, gallery, be, False)  # warm-up
+    for _ in range(args.rounds):
+        for be in args.block_elements:
+            t, idx = timed(queries, gallery, be, False)
+            times[be].append(t)
+            if ref is None:
+                ref = idx
+            elif not torch.equal(idx, ref):
+                raise SystemExit("two bounds found different neighbours")
+    first = statistics.median(times[args.block_elements[0]])
+    for be, ts in times.items():
+        med = statistics.median(ts)
+        print(f"block_elements {be:,}: blocks {ops.search_blocks(args.queries, args.gallery, be)}, median {med * 1e3:.1f} ms "
+              f"(x{med / first:.2f} of the first), fastest {min(ts) * 1e3:.1f} ms; rounds {', '.join(f'{t * 1e3:.0f}' for t in ts)}")
+
 
 if __name__ == "__main__":
     main()

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 
 #: Default bound on the number of float32 distances held at once by the nearest-neighbour
-#: search (8M floats = 32 MiB), whatever the size of the gallery or the batch.
-DEFAULT_BLOCK_ELEMENTS = 1 << 23
+#: search (1M floats = 4 MiB), whatever the size of the gallery or the batch. Smaller blocks stay
+#: in the CPU's cache: against 8M, 1M took x0.43 to x0.66 of the time in every case measured
+#: (``python benchmarks/search_blocks.py --bounds-only``, docs/SCALE.md).
+DEFAULT_BLOCK_ELEMENTS = 1 << 20
 
 
 def channel_variance(features: torch.Tensor, chunk_rows: int = 65536) -> torch.Tensor:
@@ -110,9 +112,9 @@ def search_blocks(n_q: int, n_g: int, block_elements: int) -> tuple[int, int]:
     Before, a gallery of ``block_elements`` rows or more left one or two query rows per block
     (matrix-vector products that read the whole gallery again for each query).
     ``python benchmarks/search_blocks.py`` times both shapes side by side (docs/SCALE.md: 196
-    queries against 500,000 vectors x K=6, at the leave-one-out's bound of 1M distances the old
-    shape took x2.1 as long; at the default 8M, where it already had 16 query rows per block,
-    x0.68: there the old shape was faster)."""
+    queries against 500,000 vectors x K=6, at the bound of 1M distances, today's default, the old
+    shape took x2.1 as long; at 8M, the default before, where it already had 16 query rows per
+    block, x0.68: there the old shape was faster, and 1M with this shape faster than both)."""
     block_elements = max(1, block_elements)
     if n_q * n_g <= block_elements:
         return max(1, n_q), max(1, n_g)
