@@ -310,7 +310,7 @@ def exactness(args: argparse.Namespace) -> None:
         print(f"{k}: {v}")
     save(Path(args.out), f"exactness-{args.category.replace('/', '-')}-{args.shots}"
          + (f"-gallery{args.gallery_size}" if args.gallery_size else "") + (f"-k{args.k}" if args.k else "")
-         + ("-index" if args.index else "") + ("" if args.models == "exact,reduced,64-shot" else "-" + args.models.replace(",", "-")), out)
+         + ("-index-" + args.index.replace(",", "-").replace(":", "ef") if args.index else "") + ("" if args.models == "exact,reduced,64-shot" else "-" + args.models.replace(",", "-")), out)
 
 
 # -- second pass against a float16 spill -------------------------------------------------------
