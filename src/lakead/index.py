@@ -75,7 +75,7 @@ class GalleryIndex:
     ([3.0, 1.0], [0, 1])
     """
 
-    def __init__(self, gallery: torch.Tensor, kind: str = "auto", *, ef_search: int = 64,
+    def __init__(self, gallery: torch.Tensor, kind: str = "auto", *, ef_search: int = 128,
                  serialized: np.ndarray | None = None) -> None:
         if gallery.ndim != 2:
             raise ValueError(f"expected a gallery (M, K), got {tuple(gallery.shape)}")

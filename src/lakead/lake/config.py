@@ -75,7 +75,8 @@ class LakeConfig(Options):
         "nearly flat in the gallery size, needs lakead[index]), or auto: kdtree from 100,000 vectors of at most 16 "
         "neurons on the CPU, else exact (docs/SCALE.md).")
     hnsw_ef_search: int = option(
-        64, "With index hnsw: candidates examined per query; higher is closer to the exact search and slower.")
+        128, "With index hnsw: candidates examined per query; higher is closer to the exact search and slower "
+        "(docs/SCALE.md: 128 kept the exact search's decisions with 32 neurons, 64 did not).")
     scope_check: bool = option(
         True, "Also flag images that are not the product fitted on (out_of_scope): most of the image unlike the "
         "normal images (the median distance of its tokens to the support tokens, every channel, above what the "
