@@ -165,3 +165,24 @@ def test_the_leave_one_out_through_the_tree_is_the_exact_one():
     groups = torch.arange(n, dtype=torch.int32).repeat_interleave(n_tok)
     _, idx = index._tree.query(g[:n_tok].numpy(), k=16)
     assert (groups[torch.from_numpy(idx)] == 0).all()  # image 0's candidates are all its own: the fallback ran
+
+
+def test_the_fit_uses_the_tree_only_within_its_memory(tiny_backbone, images, monkeypatch):
+    """The leave-one-out's tree counts against --fit-memory (a quarter of it at most); the same numbers either way."""
+    import lakead.lake.fit as steps
+
+    kinds = []
+    real = steps.GalleryIndex
+
+    def spy(gallery, kind="auto", **kw):
+        kinds.append(kind)
+        return real(gallery, kind, **kw)
+
+    monkeypatch.setattr(steps, "GalleryIndex", spy)
+    normal, test = images
+    roomy = LakeDetector(tiny_backbone, index="kdtree", **OPTS).fit(normal, "tile", memory="64MiB")
+    assert kinds == ["kdtree"]
+    tight = LakeDetector(tiny_backbone, index="kdtree", **OPTS).fit(normal, "tile", memory=60_000)
+    assert kinds == ["kdtree", "exact"]  # the tree would take more than a quarter of 60 kB
+    np.testing.assert_array_equal(roomy.loo_scores_, tight.loo_scores_)
+    assert roomy.gallery_index_ is None  # an exact index is built when first needed, not at fit

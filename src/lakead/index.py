@@ -54,6 +54,16 @@ def resolve(kind: str, n_vectors: int, dim: int, device: torch.device | str = "c
     return "kdtree" if cpu and n_vectors >= AUTO_MIN_VECTORS and dim <= AUTO_MAX_DIM else "exact"
 
 
+def tree_bytes(n_vectors: int, dim: int) -> int:
+    """About what the k-d tree of ``n_vectors`` x ``dim`` holds: scipy keeps the vectors as float64
+    and an index of each (the nodes, one per ~32 vectors, add little).
+
+    >>> tree_bytes(1_000_000, 6) // 2**20
+    53
+    """
+    return n_vectors * (8 * dim + 8)
+
+
 def _faiss():
     try:
         import faiss

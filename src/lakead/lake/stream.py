@@ -35,6 +35,8 @@ import torch
 from ..coreset import greedy_coreset
 from ..errors import ConfigError, ImageLoadError
 from ..images import ImageInput, expand_inputs, source_name
+from ..index import resolve as resolve_index
+from ..index import tree_bytes
 from ..ops import Moments, pool_scores
 from .score import visual_tokens
 
@@ -390,7 +392,7 @@ def gather(det, inputs: Sequence[ImageInput], names: Sequence[str] | None, runne
     builder = GalleryBuilder(cfg.gallery_size, cfg.seed)
     outliers: list[str] = []
     if p1.feats is not None:
-        return _one_pass(p1, builder, cfg, device, passes)
+        return _one_pass(p1, builder, cfg, device, passes, memory)
     while True:  # two passes; again over the images kept when the outlier filter drops some
         n, n_tok, width = len(p1.index), p1.n_tok, p1.width
         variance = p1.moments.variance
@@ -433,13 +435,13 @@ def gather(det, inputs: Sequence[ImageInput], names: Sequence[str] | None, runne
         for i in loo_images:
             loo_scope[i] = steps.scope_scores(full[i][None], scope, scope_image, image=i)[0]
         full = {i: t[:, neurons] for i, t in full.items()}
-    gallery, loo_raw, loo_tokens = leave_one_out(cfg, p2.gallery, p2.gallery_image, full, n, n_tok, device)
+    gallery, loo_raw, loo_tokens = leave_one_out(cfg, p2.gallery, p2.gallery_image, full, n, n_tok, device, memory)
     return Support(p1.names, p1.errors, outliers, p1.grid, width, variance, neurons, gallery, p2.gallery_image,
                    GalleryBuilder.describe(cfg.gallery_size, p2.gallery_total, gallery.shape[0]), p1.semantic,
                    loo_raw, loo_tokens, steps.describe_loo(len(loo_images), n), scope, scope_image, loo_scope, passes)
 
 
-def _one_pass(p1: FirstPass, builder: GalleryBuilder, cfg, device: torch.device, passes: int) -> Support:
+def _one_pass(p1: FirstPass, builder: GalleryBuilder, cfg, device: torch.device, passes: int, memory: int) -> Support:
     """The fit on full-width tokens held in memory (the steps of :mod:`.fit` as they always ran)."""
     from . import fit as steps
 
@@ -471,14 +473,14 @@ def _one_pass(p1: FirstPass, builder: GalleryBuilder, cfg, device: torch.device,
         for i in loo_images:
             loo_scope[i] = steps.scope_scores(feats[i : i + 1], scope, scope_image, image=i)[0]
     queries = {i: feats[i][:, neurons] for i in loo_images} if cfg.gallery_size is not None else {}
-    gallery, loo_raw, loo_tokens = leave_one_out(cfg, gallery, gallery_image, queries, n, n_tok, device)
+    gallery, loo_raw, loo_tokens = leave_one_out(cfg, gallery, gallery_image, queries, n, n_tok, device, memory)
     return Support(names, p1.errors, outliers, p1.grid, width, variance, neurons, gallery, gallery_image,
                    GalleryBuilder.describe(cfg.gallery_size, n * n_tok, gallery.shape[0]), semantic, loo_raw,
                    loo_tokens, steps.describe_loo(len(loo_images), n), scope, scope_image, loo_scope, passes)
 
 
 def leave_one_out(cfg, gallery: torch.Tensor, gallery_image: torch.Tensor, queries: dict[int, torch.Tensor], n: int,
-                  n_tok: int, device: torch.device) -> tuple[torch.Tensor, np.ndarray, list[np.ndarray]]:
+                  n_tok: int, device: torch.device, memory: int) -> tuple[torch.Tensor, np.ndarray, list[np.ndarray]]:
     """The gallery as the model keeps it and the leave-one-out scores with the configured
     ``distance`` and ``visual_top_percent``, from one search: the raw visual scores ``(n,)`` (NaN
     where not scored) and the token scores of each image scored (ascending image index).
@@ -488,15 +490,20 @@ def leave_one_out(cfg, gallery: torch.Tensor, gallery_image: torch.Tensor, queri
     distance (:func:`.fit.cosine_gallery`; the gallery returned is the unit one). A coreset
     (``gallery_size``, Euclidean only): ``queries`` (image -> its tokens ``(N, K)``) against the
     vectors of the other images (:func:`.fit.leave_one_out_of`). With ``visual_top_percent`` each
-    image's score is pooled from its token scores (:func:`.fit.pool_visual`), not their max."""
+    image's score is pooled from its token scores (:func:`.fit.pool_visual`), not their max.
+    The search goes through a k-d tree where ``index`` resolves to one and the tree takes at most a
+    quarter of the fit ``memory`` (:func:`lakead.index.tree_bytes`; same distances), else exact."""
     from . import fit as steps
+
+    kind = resolve_index(cfg.index, gallery.shape[0], gallery.shape[1], device)
+    index = "kdtree" if kind == "kdtree" and tree_bytes(gallery.shape[0], gallery.shape[1]) <= memory // 4 else "exact"
 
     if cfg.gallery_size is not None:
         loo_raw, tokens = steps.leave_one_out_of(queries, gallery, gallery_image, n, device)
     elif cfg.distance == "cosine":
-        gallery, loo_raw, tokens = steps.cosine_gallery(gallery, n, n_tok, device, cfg.index)
+        gallery, loo_raw, tokens = steps.cosine_gallery(gallery, n, n_tok, device, index)
     else:
-        loo_raw, tokens = steps.leave_one_out(gallery, n, n_tok, device, cfg.index)
+        loo_raw, tokens = steps.leave_one_out(gallery, n, n_tok, device, index)
     if cfg.visual_top_percent is not None and tokens:
         pooled = steps.pool_visual(torch.from_numpy(np.stack(tokens).astype(np.float32)), cfg)  # (scored,)
         scored = np.flatnonzero(np.isfinite(loo_raw))  # in the order of the token scores
