@@ -9,8 +9,7 @@ that is, and the text probe's per-token P(anomalous) (Eq. 9-13). Then the image 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
