@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .ops import nearest_neighbor
+from .ops import DEFAULT_BLOCK_ELEMENTS, distance_to, nearest_neighbor
 
 IndexKind = Literal["auto", "exact", "kdtree", "hnsw"]
 INDEX_KINDS: tuple[str, ...] = ("auto", "exact", "kdtree", "hnsw")
@@ -96,7 +96,7 @@ class GalleryIndex:
         if self.kind == "kdtree":
             from scipy.spatial import cKDTree
 
-            self._tree = cKDTree(gallery.detach().cpu().numpy().astype(np.float32), leafsize=32,
+            self._tree = cKDTree(gallery.detach().cpu().numpy(), leafsize=32,
                                  balanced_tree=False, compact_nodes=False)
         elif self.kind == "hnsw":
             faiss = _faiss()
@@ -127,20 +127,19 @@ class GalleryIndex:
             _, found = self._hnsw.search(q, 1)
             idx = found[:, 0]
         idx = torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.gallery.device)  # (Q,)
-        diff = queries.to(self.gallery.device, torch.float32) - self.gallery[idx].float()  # as nearest_neighbor
-        return diff.square().sum(1).sqrt(), idx
+        return distance_to(queries.to(self.gallery.device), self.gallery, idx), idx
 
     def search_others(self, queries: torch.Tensor, query_groups: torch.Tensor, gallery_groups: torch.Tensor, *,
-                      candidates: int = 16, block_elements: int | None = None) -> torch.Tensor:
+                      candidates: int = 16, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> torch.Tensor:
         """Each query's distance ``(Q,)`` to its nearest gallery vector of another group (leave-one-out:
         a support image's tokens against the other images'), as :func:`nearest_neighbor` with groups
         gives it, exactly, whatever the kind: with the k-d tree, the nearest of its ``candidates``
         nearest vectors that is of another group, and the exact search for the queries whose
         candidates are all of their own group; otherwise the exact search (an approximate index
         would make the thresholds, which come from these distances, approximate too)."""
-        exact = dict(block_elements=block_elements) if block_elements else {}
         if self._tree is None or queries.shape[0] == 0:
-            return nearest_neighbor(queries, self.gallery, query_groups=query_groups, gallery_groups=gallery_groups, **exact)[0]
+            return nearest_neighbor(queries, self.gallery, query_groups=query_groups, gallery_groups=gallery_groups,
+                                    block_elements=block_elements)[0]
         m = min(candidates, self.gallery.shape[0])
         _, idx = self._tree.query(np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32), k=m)
         idx = torch.from_numpy(np.asarray(idx, dtype=np.int64).reshape(queries.shape[0], m))  # (Q, m), nearest first
@@ -148,9 +147,9 @@ class GalleryIndex:
         found = other.any(dim=1)
         chosen = idx.gather(1, other.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1).to(self.gallery.device)
         q = queries.to(self.gallery.device, torch.float32)
-        dist = (q - self.gallery[chosen].float()).square().sum(1).sqrt()  # as nearest_neighbor computes it
+        dist = distance_to(q, self.gallery, chosen)
         rest = (~found).nonzero().squeeze(1).to(self.gallery.device)
         if rest.numel():
             dist[rest] = nearest_neighbor(q[rest], self.gallery, query_groups=query_groups.to(self.gallery.device)[rest],
-                                          gallery_groups=gallery_groups.to(self.gallery.device), **exact)[0]
+                                          gallery_groups=gallery_groups.to(self.gallery.device), block_elements=block_elements)[0]
         return dist

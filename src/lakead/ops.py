@@ -185,9 +185,15 @@ def nearest_neighbor(
     found = best_idx >= 0
     dist = torch.full((n_q,), math.inf, dtype=torch.float32, device=device)
     if bool(found.any()):
-        diff = q[found] - g[best_idx[found]]  # (Q', K)
-        dist[found] = diff.square().sum(1).sqrt()
+        dist[found] = distance_to(q[found], g, best_idx[found])
     return dist, best_idx
+
+
+def distance_to(queries: torch.Tensor, gallery: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``||q - gallery[index]||`` row by row, ``(Q, K), (M, K), (Q,) -> (Q,)`` float32: how every
+    search here measures the neighbour it chose (directly, with no cancellation error), so that
+    searches that choose the same neighbour give the same distance, bit for bit."""
+    return (queries.float() - gallery[index].float()).square().sum(1).sqrt()
 
 
 def pool_scores(token_scores: torch.Tensor, how: str = "max") -> torch.Tensor:

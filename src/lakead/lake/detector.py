@@ -225,7 +225,7 @@ class LakeDetector(BaseDetector):
             loo_rule=sup.loo_rule,
             fitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
-        if resolve_index(cfg.index, *self.state_.gallery.shape, device) == "hnsw":  # built once here, saved with the model
+        if cfg.index == "hnsw":  # built once here, saved with the model
             self.state_.gallery_index = self.gallery_index().serialize()  # (the exact kinds: when first needed)
         return self
 

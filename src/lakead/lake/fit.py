@@ -24,7 +24,6 @@ import torch
 from ..decision import SCOPE_SHARE, Thresholds, derive_thresholds  # noqa: F401 - SCOPE_SHARE, Thresholds re-exported
 from ..neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_image_features
 from ..index import GalleryIndex
-from ..index import resolve as resolve_index
 from ..ops import channel_variance, nearest_neighbor, top_k_channels
 from ..patchops import cosine_distances, top_percent_mean
 from .config import LakeConfig
@@ -112,16 +111,18 @@ def leave_one_out(gallery: torch.Tensor, n: int, n_tok: int, device: torch.devic
     of each image scored: image ``i``'s tokens against the gallery of the other images.
     ``gallery`` is ``(n * N, K)``, image by image. An evenly spaced subset of
     :data:`MAX_LOO_IMAGES` images is scored beyond that many; none with one image. ``index``:
-    the model's ``index`` option; where it stands for the k-d tree the search goes through it
-    (the same distances, :meth:`lakead.index.GalleryIndex.search_others`), else exact."""
+    ``"kdtree"`` searches through a k-d tree (the same distances,
+    :meth:`lakead.index.GalleryIndex.search_others`), ``"exact"`` without; :func:`.stream.leave_one_out`
+    chooses from the model's ``index`` option and the fit memory."""
     visual = np.full(n, np.nan, dtype=np.float64)
     tokens: list[np.ndarray] = []
     if n < 2:
         return visual, tokens
     g_dev = gallery.to(device)
     groups = torch.arange(n, dtype=torch.int32).repeat_interleave(n_tok).to(device)  # (n*N,)
-    kind = resolve_index(index, g_dev.shape[0], g_dev.shape[1], device)
-    search = GalleryIndex(g_dev, "kdtree" if kind == "kdtree" else "exact")
+    if index not in ("exact", "kdtree"):
+        raise ValueError(f"the leave-one-out searches exactly or through a k-d tree, not {index!r}")
+    search = GalleryIndex(g_dev, index)
     for i in spread_subset(n, MAX_LOO_IMAGES):
         q = g_dev[i * n_tok : (i + 1) * n_tok]  # (N, K)
         d = search.search_others(q, groups[i * n_tok : (i + 1) * n_tok], groups, block_elements=LOO_BLOCK_ELEMENTS)
