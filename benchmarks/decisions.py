@@ -37,6 +37,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import realdata  # noqa: E402
 
 from lakead import LakeDetector  # noqa: E402
 from lakead.anomalydino import AnomalyDinoDetector  # noqa: E402
@@ -69,10 +72,7 @@ def make(args):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    ap.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "mobilenetv2-12-int8.onnx"))
-    ap.add_argument("--layer", default="400")
-    ap.add_argument("--k", type=int, default=32)
+    realdata.add_options(ap)
     ap.add_argument("--distance", default="euclidean", choices=("euclidean", "cosine"))
     ap.add_argument("--top-percent", type=float, default=None, help="LAKE's visual_top_percent (default: the max)")
     ap.add_argument("--method", default="lake", choices=("lake", "anomalydino", "patchcore"))

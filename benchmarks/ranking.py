@@ -28,6 +28,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import realdata  # noqa: E402
 
 from lakead import LakeDetector  # noqa: E402
 from lakead.data import load_dataset  # noqa: E402
@@ -52,10 +55,7 @@ def pool(tokens: np.ndarray, percent: float | None) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    ap.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "mobilenetv2-12-int8.onnx"))
-    ap.add_argument("--layer", default="400")
-    ap.add_argument("--k", type=int, default=32)
+    realdata.add_options(ap)
     args = ap.parse_args(argv)
     t0 = time.time()
     print(f"# ranking: MobileNetV2 tensor {args.layer}, top-{args.k}, every training image as support, budget {BUDGET} "
