@@ -109,7 +109,7 @@ def test_prediction_contract(fitted, images, adapter, method):
 def test_threshold_is_learned_from_the_normal_images_alone(fitted, backbones, normals, adapter, method):
     det = fitted(adapter, method)
     assert np.isfinite(det.threshold_) and det.loo_scores_.shape == (len(normals),)
-    assert det.threshold_rule_ in ("conformal", "gaussian") and det.false_alarm_rate_ == det.config.false_alarm_rate
+    assert det.threshold_rule_ in ("conformal", "exponential") and det.false_alarm_rate_ == det.config.false_alarm_rate
     again = get_method(method).build(det.config, backbones[adapter.split("-")[0]], Runtime(batch_size=5)).fit(normals, "tile")
     assert again.threshold_ == pytest.approx(det.threshold_, rel=1e-5)
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import texture, with_defect
 from lakead import ConfigError, ImageLoadError, LakeadError, LakeDetector, ModelFormatError, NotFittedError, Prediction
-from lakead.decision import gaussian_threshold
+from lakead.decision import exponential_threshold
 from lakead.ops import anomaly_probability, robust_threshold
 
 OPTS = dict(k=8, layer=2, image_size=64, batch_size=4)
@@ -86,9 +86,12 @@ def test_leave_one_out_threshold(fitted, normals):
     assert fitted.loo_scores_.shape == (len(normals),) and np.isfinite(fitted.loo_scores_).all()
     assert np.median(fitted.loo_visual_) == pytest.approx(1.0)  # score_norm="loo"
     # 8 support images: a budget of 0.05 (0.045 for the defect score, beside the scope check) is below
-    # 1/(n+1), so the threshold is the Gaussian tail of the leave-one-out scores, and says so
-    assert fitted.threshold_rule_ == "gaussian" and fitted.false_alarm_rate_ == 0.05
-    assert fitted.threshold_ == pytest.approx(gaussian_threshold(fitted.loo_scores_, 0.045), rel=1e-5)
+    # 1/(n+1), so the threshold is the exponential tail of the leave-one-out scores (never under the
+    # largest), and says so
+    assert fitted.threshold_rule_ == "exponential" and fitted.false_alarm_rate_ == 0.05
+    want = max(exponential_threshold(fitted.loo_scores_, 0.045), fitted.loo_scores_.max())
+    assert fitted.threshold_ == pytest.approx(want, rel=1e-5)
+    assert "exponential tail" in fitted.summary()["threshold_rule"]  # what `lakead info` and the page say
     assert fitted.threshold_ > np.median(fitted.loo_scores_)
     old = LakeDetector(fitted.backbone, **OPTS, threshold_rule="sigmas").fit(normals, "tile")
     assert old.threshold_ == pytest.approx(robust_threshold(old.loo_scores_, 3.0), rel=1e-5)

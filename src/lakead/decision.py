@@ -9,14 +9,22 @@ budget:
   above it with probability at most ``alpha``, for any distribution and any ``n`` (a
   finite-sample guarantee; Vovk et al. 2005, Angelopoulos & Bates 2021). It needs
   ``alpha >= 1 / (n + 1)``: with fewer scores no order statistic is high enough.
+- ``exponential`` (a fitted tail, peaks over the median): the scores above their median ``u``
+  exceed it by ``e_i``; an exponential tail fitted to them (scale: the mean of the ``e_i``, the
+  maximum-likelihood estimate, the generalized Pareto with shape 0) puts the upper ``alpha``
+  quantile at ``u + mean(e) * ln(p_u / alpha)``, ``p_u`` the share of scores above ``u``.
+  Approximate; ``auto`` uses it where the budget is below ``1 / (n + 1)``, and never below the
+  largest normal score (the conformal level at ``1 / (n + 1)``), so that a smaller budget never
+  lowers the threshold. Chosen over the Gaussian tail because nearest-neighbour distances have
+  heavier upper tails than a Gaussian: on the real images' leave-one-out scores, split in two,
+  its false alarms are the closer to the budget (``benchmarks/tails.py``, docs/DECISIONS.md).
 - ``gaussian`` (a fitted tail): ``median + z(1 - alpha) * 1.4826 * MAD``, the upper ``alpha``
-  quantile of a normal distribution fitted with robust statistics. Approximate; ``auto`` uses it
-  where the budget is below ``1 / (n + 1)``, and never below the largest normal score (the
-  conformal level at ``1 / (n + 1)``), so that a smaller budget never lowers the threshold.
+  quantile of a normal distribution fitted with robust statistics (too light a tail for
+  distances: kept to compare).
 - ``sigmas``: ``median + s * 1.4826 * MAD`` for a given ``s`` (lakead before the budget; about
   0.1 % false alarms for s = 3 if the scores were Gaussian).
 
-``auto`` takes ``conformal`` when it is defined and ``gaussian`` otherwise, and says which.
+``auto`` takes ``conformal`` when it is defined and ``exponential`` otherwise, and says which.
 Every method derives all its decision levels (image, visual seed, pixel, scope) from its
 support images' leave-one-out scores with one function, :func:`derive_thresholds`.
 
@@ -35,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-RULES = ("auto", "conformal", "gaussian", "sigmas")
+RULES = ("auto", "conformal", "exponential", "gaussian", "sigmas")
 
 
 def _finite(scores: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -63,6 +71,23 @@ def conformal_threshold(scores: Sequence[float] | np.ndarray, alpha: float) -> f
     s = np.sort(_finite(scores))
     k = math.ceil((s.size + 1) * (1 - check_budget(alpha)) - 1e-9)
     return float(s[k - 1]) if k <= s.size else math.inf
+
+
+def exponential_threshold(scores: Sequence[float] | np.ndarray, alpha: float) -> float:
+    """``u + mean(e) * ln(p_u / alpha)``: the upper ``alpha`` quantile of an exponential tail fitted
+    to the excesses ``e`` of the scores over their median ``u`` (``p_u``: the share above ``u``);
+    the empirical ``1 - alpha`` quantile where ``alpha >= p_u`` (no tail to extrapolate).
+
+    >>> round(exponential_threshold([1.0, 2.0, 3.0, 4.0, 6.0], 0.05), 4)  # u = 3, e = (1, 3), p_u = 0.4
+    7.1589
+    """
+    s = _finite(scores)
+    u = float(np.median(s))
+    excess = s[s > u] - u
+    p_u = excess.size / s.size
+    if check_budget(alpha) >= p_u:
+        return float(np.quantile(s, 1 - alpha))
+    return u + float(excess.mean()) * math.log(p_u / alpha)
 
 
 def gaussian_threshold(scores: Sequence[float] | np.ndarray, alpha: float) -> float:
@@ -95,7 +120,7 @@ def budget_threshold(scores: Sequence[float] | np.ndarray, alpha: float, rule: s
     >>> budget_threshold(list(range(1, 40)), 0.05)
     (38.0, 'conformal')
     >>> budget_threshold(list(range(1, 10)), 0.05)[1]
-    'gaussian'
+    'exponential'
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -104,10 +129,12 @@ def budget_threshold(scores: Sequence[float] | np.ndarray, alpha: float, rule: s
         return sigmas_threshold(scores, sigmas), "sigmas"
     if rule == "conformal" or (rule == "auto" and check_budget(alpha) >= 1.0 / (n + 1)):
         return conformal_threshold(scores, alpha), "conformal"
-    t = gaussian_threshold(scores, alpha)
+    if rule == "gaussian":
+        return gaussian_threshold(scores, alpha), "gaussian"
+    t = exponential_threshold(scores, alpha)
     if rule == "auto":  # below 1/(n+1): never under the largest score (the conformal level at 1/(n+1))
         t = max(t, float(_finite(scores).max()))
-    return t, "gaussian"
+    return t, "exponential"
 
 
 def describe_rule(rule: str, alpha: float, n: int, sigmas: float = 3.0) -> str:
@@ -115,9 +142,12 @@ def describe_rule(rule: str, alpha: float, n: int, sigmas: float = 3.0) -> str:
     if rule == "conformal":
         return (f"false-alarm budget {alpha:g}: split-conformal order statistic of {n} leave-one-out normal scores "
                 f"(P(normal image flagged) <= {alpha:g})")
+    if rule == "exponential":
+        return (f"false-alarm budget {alpha:g}: exponential tail fitted to the {n} leave-one-out normal scores above "
+                f"their median (approximate{', the budget is below 1/(n+1)' if alpha < 1.0 / (n + 1) else ''})")
     if rule == "gaussian":
         return (f"false-alarm budget {alpha:g}: Gaussian tail fitted to {n} leave-one-out normal scores "
-                f"(median + {_z(alpha):.2f} x 1.4826 x MAD; approximate, the budget is below 1/(n+1))")
+                f"(median + {_z(alpha):.2f} x 1.4826 x MAD; approximate)")
     if rule == "sigmas":
         return f"median + {sigmas:g} x 1.4826 x MAD of {n} leave-one-out normal scores"
     return rule
@@ -139,7 +169,7 @@ class Thresholds:
     """Every decision level of a fitted model, derived from normal images only."""
 
     image: float  # the fused score above which an image is anomalous (inf: none could be derived)
-    rule: str  # how `image` was derived: conformal, gaussian, sigmas, fixed (by the user) or none
+    rule: str  # how `image` was derived: conformal, exponential, gaussian, sigmas, fixed (by the user) or none
     budget: float | None  # the false-alarm budget it was derived for (None: sigmas or fixed)
     seed: float | None  # the visual token score a defect region must reach: the visual decision level
     pixel: float | None  # the token score a region's pixels exceed

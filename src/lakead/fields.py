@@ -75,7 +75,7 @@ SLICES_HELP = ("NIfTI slices: axial, coronal or sagittal, optionally :FIRST-LAST
 
 
 #: How a threshold is derived from the normal images' scores (:data:`lakead.decision.RULES`).
-ThresholdRule = Literal["auto", "conformal", "gaussian", "sigmas"]
+ThresholdRule = Literal["auto", "conformal", "exponential", "gaussian", "sigmas"]
 
 #: The options every method has with one meaning: name -> (default, help), declared once here so
 #: that one command line and one form serve every method. A method's config declares each that it
@@ -88,7 +88,7 @@ SHARED_OPTIONS: dict[str, tuple[Any, str]] = {
     "false_alarm_rate": (0.05, "False-alarm budget: the share of normal images the decision may flag. The threshold is "
                                "derived from the support images' leave-one-out scores for it (docs/DECISIONS.md)."),
     "threshold_rule": ("auto", "How the threshold is derived: auto (conformal when the budget is at least 1/(n+1) for "
-                               "n support images, else a Gaussian tail), conformal, gaussian, or sigmas (median + "
+                               "n support images, else an exponential tail), conformal, exponential, gaussian, or sigmas (median + "
                                "threshold_sigmas robust SDs)."),
     "threshold": (None, "Fixed decision threshold (default: derived from the normal images)."),
     "threshold_sigmas": (3.0, "With threshold_rule sigmas: robust standard deviations above the typical normal score."),

@@ -63,7 +63,7 @@ class BankState(LearnedState):
     width: int = fact("D, channels of the patch features")
     bank_vectors: int = fact("patch features of the support images before any subsampling")
     threshold: float = fact("the decision threshold (inf: none could be derived)")
-    threshold_rule: str = fact("how it was derived: conformal, gaussian, sigmas, fixed or none")
+    threshold_rule: str = fact("how it was derived: conformal, exponential, gaussian, sigmas, fixed or none")
     false_alarm_rate: Optional[float] = fact("the false-alarm budget it was derived for (None: sigmas or fixed)")
     seed_threshold: Optional[float] = fact("the map value a defect region must reach")
     pixel_threshold: Optional[float] = fact("the map value a defect region's pixels exceed")

@@ -52,7 +52,7 @@ class LakeState(LearnedState):
     width: int = fact("D, channels of the visual tokens")
     visual_scale: float = fact("what visual distances are divided by (score_norm)")
     threshold: float = fact("the decision threshold (inf: none could be derived)")
-    threshold_rule: str = fact("how it was derived: conformal, gaussian, sigmas, fixed or none", default="sigmas")
+    threshold_rule: str = fact("how it was derived: conformal, exponential, gaussian, sigmas, fixed or none", default="sigmas")
     false_alarm_rate: float | None = fact("the false-alarm budget it was derived for (None: sigmas or fixed)", default=None)
     seed_threshold: float | None = fact("the visual token score a defect region must reach", default=None)
     pixel_threshold: float | None = fact("the token score a defect region's pixels exceed", default=None)

@@ -102,7 +102,7 @@ class ModelInfo(BaseModel):
     outliers: list[str] = Field(description="Normal images dropped by filter_outliers.")
     threshold: Optional[float] = Field(description="Decision threshold; null when none could be derived (one image).")
     false_alarm_rate: Optional[float] = Field(None, description="The false-alarm budget the threshold was derived for (null: fixed or the old sigmas rule).")
-    threshold_rule: str = Field("sigmas", description="How the threshold was derived: conformal, gaussian, sigmas, fixed or none.")
+    threshold_rule: str = Field("sigmas", description="How the threshold was derived: conformal, exponential, gaussian, sigmas, fixed or none.")
     image_size: int
     layer: Union[int, str, list[Union[int, str]]] = Field(description="Block(s) read for the visual branch.")
     semantic_layer: Optional[Union[int, str]]

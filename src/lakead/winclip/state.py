@@ -42,7 +42,7 @@ class WinCLIPState(LearnedState):
     lake_layer: LayerSpec | None = fact("WinCLIP+LAKE: the block(s) of LAKE's gallery")
     visual_scale: float = fact("WinCLIP+LAKE: what LAKE's distances are divided by (median leave-one-out score); else 1")
     threshold: float = fact("the decision threshold (inf: none could be derived)")
-    threshold_rule: str = fact("conformal, gaussian, sigmas, fixed, none, or uncalibrated (zero-shot without images)")
+    threshold_rule: str = fact("conformal, exponential, gaussian, sigmas, fixed, none, or uncalibrated (zero-shot without images)")
     false_alarm_rate: float | None = fact("the false-alarm budget it was derived for")
     seed_threshold: float | None = fact("the map level a defect region must reach")
     pixel_threshold: float | None = fact("the map level a defect region's pixels exceed")
