@@ -111,6 +111,19 @@ def test_lake_saves_its_hnsw_index_and_predicts_the_same_after_loading(tiny_back
     assert np.all(before.visual >= exact.visual - 1e-5)  # approximate: never below the exact distance
 
 
+def test_an_hnsw_index_chosen_after_fit_is_saved_with_the_model(tiny_backbone, images, tmp_path):
+    pytest.importorskip("faiss")
+    normal, test = images
+    det = LakeDetector(tiny_backbone, **OPTS).fit(normal, "tile")
+    det.config.index = "hnsw"
+    before = det.predict(test).scores
+    det.save(tmp_path / "m")
+    assert det.gallery_index_ is not None
+    loaded = LakeDetector.load(tmp_path / "m", backbone=tiny_backbone)
+    assert loaded.config.index == "hnsw" and np.array_equal(loaded.gallery_index_, det.gallery_index_)
+    np.testing.assert_array_equal(loaded.predict(test).scores, before)  # the same graph, not one built again
+
+
 def test_the_index_can_change_after_fit_without_refitting(tiny_backbone, images):
     normal, test = images
     det = LakeDetector(tiny_backbone, **OPTS).fit(normal, "tile")

@@ -123,6 +123,14 @@ class LakeDetector(BaseDetector):
         cached[1].ef_search = self.config.hnsw_ef_search
         return cached[1]
 
+    def save(self, path: str | Path) -> Path:
+        """:meth:`BaseDetector.save`; an HNSW index chosen after the fit (``config.index = "hnsw"``)
+        is built here, if no search has built it yet, and saved with the model like one built at fit."""
+        state = self.check_fitted()
+        if self.config.index == "hnsw" and state.gallery_index is None:
+            state.gallery_index = self.gallery_index().serialize()
+        return super().save(path)
+
     # -- fit ------------------------------------------------------------------------------
 
     def fit(
