@@ -91,7 +91,9 @@ def test_leave_one_out_threshold(fitted, normals):
     assert fitted.threshold_rule_ == "exponential" and fitted.false_alarm_rate_ == 0.05
     want = max(exponential_threshold(fitted.loo_scores_, 0.045), fitted.loo_scores_.max())
     assert fitted.threshold_ == pytest.approx(want, rel=1e-5)
-    assert "exponential tail" in fitted.summary()["threshold_rule"]  # what `lakead info` and the page say
+    said = fitted.summary()["threshold_rule"]  # what `lakead info` and the page say
+    assert "0.045 of it for the defect score beside the scope check" in said and "exponential tail" in said
+    assert "22 support images or more give the split-conformal guarantee" in said  # 1/(22 + 1) <= 0.045
     assert fitted.threshold_ > np.median(fitted.loo_scores_)
     old = LakeDetector(fitted.backbone, **OPTS, threshold_rule="sigmas").fit(normals, "tile")
     assert old.threshold_ == pytest.approx(robust_threshold(old.loo_scores_, 3.0), rel=1e-5)

@@ -33,7 +33,7 @@ import torch
 
 from .api import Prediction, Runtime, finite_or_none, read_model_meta, read_model_tensors, tensor_fingerprint, write_model_dir
 from .backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, load_backbone
-from .decision import Thresholds, derive_thresholds, describe_rule
+from .decision import SCOPE_SHARE, Thresholds, derive_thresholds, describe_rule
 from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
 from .fields import SLICES_HELP, WINDOW_HELP, Options, _admits, field_types, literal_choices, option  # noqa: F401 - re-exported
 from .images import ImageInput, LoadedImages, expand_inputs, load_image, read_all, source_name
@@ -393,7 +393,8 @@ class BaseDetector:
             return "fixed by the user"
         if not n:
             return "none (one support image)"
-        return describe_rule(state.threshold_rule, state.false_alarm_rate or 0.0, n, self.config.threshold_sigmas)
+        share = SCOPE_SHARE if getattr(state, "scope_threshold", None) is not None else 0.0
+        return describe_rule(state.threshold_rule, state.false_alarm_rate or 0.0, n, self.config.threshold_sigmas, share)
 
     def predict_arrays(
         self, arrays: Sequence[np.ndarray], *, threshold: float | None = None, on_progress: Callable[[int], None] | None = None

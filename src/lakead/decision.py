@@ -9,15 +9,18 @@ budget:
   above it with probability at most ``alpha``, for any distribution and any ``n`` (a
   finite-sample guarantee; Vovk et al. 2005, Angelopoulos & Bates 2021). It needs
   ``alpha >= 1 / (n + 1)``: with fewer scores no order statistic is high enough.
-- ``exponential`` (a fitted tail, peaks over the median): the scores above their median ``u``
-  exceed it by ``e_i``; an exponential tail fitted to them (scale: the mean of the ``e_i``, the
-  maximum-likelihood estimate, the generalized Pareto with shape 0) puts the upper ``alpha``
-  quantile at ``u + mean(e) * ln(p_u / alpha)``, ``p_u`` the share of scores above ``u``.
-  Approximate; ``auto`` uses it where the budget is below ``1 / (n + 1)``, and never below the
-  largest normal score (the conformal level at ``1 / (n + 1)``), so that a smaller budget never
-  lowers the threshold. Chosen over the Gaussian tail because nearest-neighbour distances have
-  heavier upper tails than a Gaussian: on the real images' leave-one-out scores, split in two,
-  its false alarms are the closer to the budget (``benchmarks/tails.py``, docs/DECISIONS.md).
+- ``exponential`` (a fitted tail, peaks over the median): the ``k`` scores above their median
+  ``u`` exceed it by ``e_i``, modelled as exponential (the generalized Pareto with shape 0) of
+  unknown scale. A new excess ``e`` over the observed mean ``S / k`` (``S`` the sum) then follows
+  an F(2, 2k) distribution, so ``P(e > x) = (1 + x / S) ** -k`` whatever the scale, and the level
+  is ``u + S * ((alpha / p_u) ** (-1 / k) - 1)``, ``p_u = k / n`` (a prediction bound: with few
+  scores it lies above the plug-in quantile ``u + mean(e) * ln(p_u / alpha)``, which it
+  approaches as ``k`` grows). Approximate (the tail is a model); ``auto`` uses it where the
+  budget is below ``1 / (n + 1)``, and never below the largest normal score (the conformal level
+  at ``1 / (n + 1)``), so that a smaller budget never lowers the threshold. Chosen over the
+  Gaussian tail and the plug-in exponential quantile because, on the real images' leave-one-out
+  scores split in two, its false alarms are the closest to the budget, down to 5 support images
+  (``benchmarks/tails.py``, docs/DECISIONS.md).
 - ``gaussian`` (a fitted tail): ``median + z(1 - alpha) * 1.4826 * MAD``, the upper ``alpha``
   quantile of a normal distribution fitted with robust statistics (too light a tail for
   distances: kept to compare).
@@ -74,12 +77,13 @@ def conformal_threshold(scores: Sequence[float] | np.ndarray, alpha: float) -> f
 
 
 def exponential_threshold(scores: Sequence[float] | np.ndarray, alpha: float) -> float:
-    """``u + mean(e) * ln(p_u / alpha)``: the upper ``alpha`` quantile of an exponential tail fitted
-    to the excesses ``e`` of the scores over their median ``u`` (``p_u``: the share above ``u``);
-    the empirical ``1 - alpha`` quantile where ``alpha >= p_u`` (no tail to extrapolate).
+    """``u + S * ((alpha / p_u) ** (-1 / k) - 1)``: the level a new score exceeds with probability
+    ``alpha`` when the ``k`` scores above the median ``u`` exceed it by exponential amounts of an
+    unknown scale (``S``: the sum of those excesses, ``p_u = k / n``); the empirical
+    ``1 - alpha`` quantile where ``alpha >= p_u`` (no tail to extrapolate).
 
-    >>> round(exponential_threshold([1.0, 2.0, 3.0, 4.0, 6.0], 0.05), 4)  # u = 3, e = (1, 3), p_u = 0.4
-    7.1589
+    >>> round(exponential_threshold([1.0, 2.0, 3.0, 4.0, 6.0], 0.05), 4)  # u = 3, S = 1 + 3, k = 2, p_u = 0.4
+    10.3137
     """
     s = _finite(scores)
     u = float(np.median(s))
@@ -87,7 +91,7 @@ def exponential_threshold(scores: Sequence[float] | np.ndarray, alpha: float) ->
     p_u = excess.size / s.size
     if check_budget(alpha) >= p_u:
         return float(np.quantile(s, 1 - alpha))
-    return u + float(excess.mean()) * math.log(p_u / alpha)
+    return u + float(excess.sum()) * ((alpha / p_u) ** (-1.0 / excess.size) - 1.0)
 
 
 def gaussian_threshold(scores: Sequence[float] | np.ndarray, alpha: float) -> float:
@@ -137,14 +141,19 @@ def budget_threshold(scores: Sequence[float] | np.ndarray, alpha: float, rule: s
     return t, "exponential"
 
 
-def describe_rule(rule: str, alpha: float, n: int, sigmas: float = 3.0) -> str:
-    """One line saying how a threshold was derived (for ``lakead info``, reports, the page)."""
+def describe_rule(rule: str, alpha: float, n: int, sigmas: float = 3.0, scope_share: float = 0.0) -> str:
+    """One line saying how a threshold was derived (for ``lakead info``, reports, the page);
+    ``scope_share``: the budget's share given to a scope check (the threshold's is the rest)."""
+    a = alpha * (1 - scope_share)  # what the image threshold was derived for
     if rule == "conformal":
         return (f"false-alarm budget {alpha:g}: split-conformal order statistic of {n} leave-one-out normal scores "
                 f"(P(normal image flagged) <= {alpha:g})")
     if rule == "exponential":
-        return (f"false-alarm budget {alpha:g}: exponential tail fitted to the {n} leave-one-out normal scores above "
-                f"their median (approximate{', the budget is below 1/(n+1)' if alpha < 1.0 / (n + 1) else ''})")
+        share = f", {a:g} of it for the defect score beside the scope check" if scope_share else ""
+        below = (f": {a:g} is below 1/(n+1); {math.ceil(1 / a - 1 - 1e-9)} support images or more give the "
+                 f"split-conformal guarantee") if a < 1.0 / (n + 1) else ""
+        return (f"false-alarm budget {alpha:g}{share}: exponential tail fitted to the leave-one-out normal scores above "
+                f"the median of {n} (a prediction bound; approximate{below})")
     if rule == "gaussian":
         return (f"false-alarm budget {alpha:g}: Gaussian tail fitted to {n} leave-one-out normal scores "
                 f"(median + {_z(alpha):.2f} x 1.4826 x MAD; approximate)")
