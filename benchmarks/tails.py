@@ -11,9 +11,12 @@ and the scope distances), derive a level from ``n_fit`` of them and count the sh
 others above it. A rule that honours its budget gives a share near the budget.
 
 Rules: ``gaussian`` (median + z x 1.4826 x MAD), ``gaussian, floored`` (never under the largest
-score: lakead's ``auto`` below 1/(n+1) before the exponential tail), ``exponential`` (the
-exponential tail above the median), ``exponential, floored`` (``auto`` now), ``largest`` (the
-largest score alone: the conformal level at 1/(n+1), whose share is about 1/(n_fit + 1)).
+score: lakead's ``auto`` below 1/(n+1) before the exponential tail), ``plug-in exponential,
+floored`` (the exponential tail above the median with its scale taken as known: ``u + mean(e) x
+ln(p_u / alpha)``; ``auto`` at commit ead45b5), ``exponential`` and ``exponential, floored``
+(``lakead.decision.exponential_threshold``, the prediction bound that accounts for the scale's
+uncertainty; floored: ``auto`` now), ``largest`` (the largest score alone: the conformal level at
+1/(n+1), whose share is about 1/(n_fit + 1)).
 
 The leave-one-out scores were each computed against all the other training images, not
 against the ``n_fit`` of a split: the splits test how well each tail extrapolates the
@@ -41,9 +44,18 @@ from lakead import LakeDetector  # noqa: E402
 from lakead.data import load_dataset  # noqa: E402
 from lakead.decision import exponential_threshold, gaussian_threshold  # noqa: E402
 
+def plug_in_exponential(s: np.ndarray, alpha: float) -> float:
+    """``u + mean(e) * ln(p_u / alpha)``: the exponential tail's quantile with the fitted scale taken as known."""
+    u = float(np.median(s))
+    e = s[s > u] - u
+    p_u = e.size / s.size
+    return float(np.quantile(s, 1 - alpha)) if alpha >= p_u else u + float(e.mean()) * np.log(p_u / alpha)
+
+
 RULES = {
     "gaussian": gaussian_threshold,
     "gaussian, floored": lambda s, a: max(gaussian_threshold(s, a), float(s.max())),
+    "plug-in exponential, floored": lambda s, a: max(plug_in_exponential(s, a), float(s.max())),
     "exponential": exponential_threshold,
     "exponential, floored": lambda s, a: max(exponential_threshold(s, a), float(s.max())),
     "largest": lambda s, a: float(s.max()),
@@ -64,8 +76,8 @@ def exceedance(scores: np.ndarray, n_fit: int, alpha: float, splits: int, rng: n
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     realdata.add_options(ap)
-    ap.add_argument("--n-fit", default="10,20", help="scores each level is derived from (comma-separated)")
-    ap.add_argument("--budgets", default="0.01,0.02,0.04", help="budgets (comma-separated; those below 1/(n_fit+1) are used)")
+    ap.add_argument("--n-fit", default="5,10,20", help="scores each level is derived from (comma-separated)")
+    ap.add_argument("--budgets", default="0.01,0.02,0.04,0.05,0.1", help="budgets (comma-separated; those below 1/(n_fit+1) are used)")
     ap.add_argument("--splits", type=int, default=2000)
     args = ap.parse_args(argv)
     n_fits = [int(v) for v in args.n_fit.split(",")]
