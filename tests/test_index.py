@@ -199,3 +199,70 @@ def test_the_fit_uses_the_tree_only_within_its_memory(tiny_backbone, images, mon
     assert kinds == ["kdtree", "exact"]  # the tree would take more than a quarter of 60 kB
     np.testing.assert_array_equal(roomy.loo_scores_, tight.loo_scores_)
     assert roomy.gallery_index_ is None  # an exact index is built when first needed, not at fit
+
+
+# -- the memory-bank methods (PatchCore, AnomalyDINO): the same index option -------------------------
+
+
+@pytest.fixture(scope="module")
+def bank_models(tiny_backbone, images):
+    from lakead.anomalydino import AnomalyDinoDetector
+    from lakead.patchcore import PatchCoreDetector
+
+    normal, _ = images
+    return {"patchcore": lambda **o: PatchCoreDetector(tiny_backbone, image_size=64, coreset=1.0, **o).fit(normal, "tile"),
+            "anomalydino": lambda **o: AnomalyDinoDetector(tiny_backbone, image_size=64, layer=2, **o).fit(normal, "tile")}
+
+
+@pytest.mark.parametrize("method", ["patchcore", "anomalydino"])
+def test_a_memory_bank_searched_through_each_index(bank_models, images, method, tmp_path):
+    """auto on a wide bank is the exact search; a k-d tree gives the same scores bit for bit; HNSW is
+    never nearer than the exact neighbour, is saved with the model and predicts the same after loading."""
+    pytest.importorskip("faiss")
+    from lakead.methods import load_detector
+
+    _, test = images
+    exact = bank_models[method]()
+    assert exact.summary()["index"] == "exact" and exact.gallery_index_ is None
+    ref = exact.predict(test)
+    tree = bank_models[method](index="kdtree")
+    np.testing.assert_array_equal(tree.predict(test).scores, ref.scores)
+    np.testing.assert_array_equal(tree.loo_scores_, exact.loo_scores_)  # the leave-one-out stays exact
+    hnsw = bank_models[method](index="hnsw")
+    assert hnsw.gallery_index_ is not None and hnsw.summary()["index"] == "hnsw"
+    got = hnsw.predict(test)
+    for a, b in zip(got.maps, ref.maps):
+        assert a.shape == b.shape
+    hnsw.save(tmp_path / "m")
+    again = load_detector(tmp_path / "m", backbone=hnsw.backbone)
+    assert np.array_equal(again.gallery_index_, hnsw.gallery_index_)
+    np.testing.assert_array_equal(again.predict(test).scores, got.scores)
+    assert torch.equal(hnsw.bank_, exact.bank_)  # the same bank, searched two ways
+    q = exact.bank_[:40] + 0.3 * torch.randn(40, exact.bank_.shape[1], generator=torch.Generator().manual_seed(0))
+    d_exact, d_hnsw = exact.nearest(q, exact.state_)[0], hnsw.nearest(q, hnsw.state_)[0]
+    assert d_hnsw.shape == (40,) and torch.all(d_hnsw >= d_exact - 1e-5)  # approximate: never nearer
+    assert float((d_hnsw - d_exact).abs().max()) < 1e-4  # and on a bank this small, the same neighbours
+
+
+def test_a_bank_index_chosen_after_fit_is_saved(bank_models, images, tmp_path):
+    pytest.importorskip("faiss")
+    from lakead.methods import load_detector
+
+    _, test = images
+    det = bank_models["patchcore"]()
+    det.config.index = "hnsw"
+    before = det.predict(test).scores
+    det.save(tmp_path / "m")
+    loaded = load_detector(tmp_path / "m", backbone=det.backbone)
+    assert loaded.config.index == "hnsw" and loaded.gallery_index_ is not None
+    np.testing.assert_array_equal(loaded.predict(test).scores, before)
+
+
+@pytest.mark.parametrize("bad", [0, True])
+def test_a_bank_refuses_a_bad_index_option(tiny_backbone, bad):
+    from lakead.patchcore import PatchCoreDetector
+
+    with pytest.raises(ConfigError, match="hnsw_ef_search"):
+        PatchCoreDetector(tiny_backbone, hnsw_ef_search=bad)
+    with pytest.raises(ConfigError, match="index"):
+        PatchCoreDetector(tiny_backbone, index="annoy")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from .backbones import Backbone, Layer
 from .base import fact, tensor
 from .errors import ConfigError
-from .memorybank import BankDetector, BankState, Scored, nearest
+from .memorybank import BankDetector, BankState, Scored
 from .ops import combine_blocks
 from .patchops import centre_share, cosine_distances, foreground_mask, pc_scores, principal_direction, top_percent_mean
 
@@ -111,7 +111,7 @@ class AnomalyDinoDetector(BankDetector):
 
     def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None) -> Scored:
         b, n_tok, width = tokens.shape
-        d, _ = nearest(tokens.reshape(b * n_tok, width), state.bank, state.bank_image, exclude)
+        d, _ = self.nearest(tokens.reshape(b * n_tok, width), state, exclude)
         patches = cosine_distances(d).reshape(b, n_tok)  # (B, N)
         fg = self.foreground(tokens, state)
         if fg is not None:

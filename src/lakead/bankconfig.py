@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .errors import ConfigError
-from .fields import Layer, LayerSpec, Options, ThresholdRule, as_blocks, option, shared_option
+from .fields import IndexKind, Layer, LayerSpec, Options, ThresholdRule, as_blocks, option, shared_option
 
 
 def _number(name: str, v: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> None:
@@ -34,6 +34,8 @@ class BankConfig(Options):
     threshold_rule: ThresholdRule = shared_option("threshold_rule")
     threshold: Optional[float] = shared_option("threshold")
     threshold_sigmas: float = shared_option("threshold_sigmas")
+    index: IndexKind = shared_option("index")
+    hnsw_ef_search: int = shared_option("hnsw_ef_search")
 
     @property
     def blocks(self) -> tuple[Layer | None, ...]:
@@ -41,7 +43,7 @@ class BankConfig(Options):
 
     def validate(self) -> "BankConfig":
         super().validate()
-        self.check_shared()  # backbone, image_size and the decision options
+        self.check_shared()  # backbone, image_size, the decision and index options
         self.blocks  # noqa: B018 - raises on an empty or repeated list
         _number("blur_sigma", self.blur_sigma, 0.0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

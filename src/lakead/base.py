@@ -35,6 +35,7 @@ from .api import Prediction, Runtime, finite_or_none, read_model_meta, read_mode
 from .backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, load_backbone
 from .decision import SCOPE_SHARE, Thresholds, derive_thresholds, describe_rule
 from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
+from .index import GalleryIndex
 from .fields import SLICES_HELP, WINDOW_HELP, Options, _admits, field_types, literal_choices, option  # noqa: F401 - re-exported
 from .images import ImageInput, LoadedImages, expand_inputs, load_image, read_all, source_name
 from .medical import ReadRule, is_medical, read_source
@@ -352,6 +353,26 @@ class BaseDetector:
         budget = {} if false_alarm_rate is None else {"false_alarm_rate": false_alarm_rate}
         return self.predict_arrays(loaded.arrays, threshold=threshold, on_progress=on_progress, **budget)
 
+    # -- the nearest-neighbour index (methods with an ``index`` option) ------------------------
+
+    def index_vectors(self, state: Any) -> torch.Tensor:
+        """The normal vectors ``(M, D)`` predict searches (LAKE: its gallery; memory banks: the bank)."""
+        raise NotImplementedError
+
+    def gallery_index(self) -> GalleryIndex:
+        """The fitted vectors (:meth:`index_vectors`) ready to be searched as the ``index`` option
+        says (:mod:`lakead.index`): built on first use, or read from the model (HNSW:
+        ``state.gallery_index``), and kept until the state or the option changes."""
+        state = self.check_fitted()
+        vectors = self.index_vectors(state)
+        key = (id(state), id(vectors), self.config.index)
+        cached = self.__dict__.get("_index")
+        if cached is None or cached[0] != key:
+            cached = (key, GalleryIndex(vectors, self.config.index, serialized=state.gallery_index))
+            self._index = cached
+        cached[1].ef_search = self.config.hnsw_ef_search
+        return cached[1]
+
     # -- decision levels (methods whose state keeps its support images' leave-one-out scores) ------
 
     def threshold_scores(self, state: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -405,8 +426,12 @@ class BaseDetector:
     def save(self, path: str | Path) -> Path:
         """Write the fitted model to a directory: ``lakead.json`` (method, options, backbone,
         learned facts, format version) and ``tensors.safetensors``. Atomic: the directory
-        appears complete or not at all. Returns the directory."""
-        return write_model_dir(path, self.model_meta(), self.check_fitted().tensors())
+        appears complete or not at all. Returns the directory. An HNSW index chosen after the fit
+        (``config.index = "hnsw"``) is built here if no search built it, and saved with the model."""
+        state = self.check_fitted()
+        if getattr(self.config, "index", None) == "hnsw" and state.gallery_index is None:
+            state.gallery_index = self.gallery_index().serialize()
+        return write_model_dir(path, self.model_meta(), state.tensors())
 
     def model_meta(self) -> dict[str, Any]:
         """What :meth:`save` writes to ``lakead.json`` (less the format name and version)."""

@@ -77,6 +77,9 @@ SLICES_HELP = ("NIfTI slices: axial, coronal or sagittal, optionally :FIRST-LAST
 #: How a threshold is derived from the normal images' scores (:data:`lakead.decision.RULES`).
 ThresholdRule = Literal["auto", "conformal", "exponential", "gaussian", "sigmas"]
 
+#: How predict searches the normal vectors (:func:`lakead.index.resolve`).
+IndexKind = Literal["auto", "exact", "kdtree", "hnsw"]
+
 #: The options every method has with one meaning: name -> (default, help), declared once here so
 #: that one command line and one form serve every method. A method's config declares each that it
 #: has with :func:`shared_option` where it stands among its own options (that order is the order
@@ -92,6 +95,12 @@ SHARED_OPTIONS: dict[str, tuple[Any, str]] = {
                                "threshold_sigmas robust SDs)."),
     "threshold": (None, "Fixed decision threshold (default: derived from the normal images)."),
     "threshold_sigmas": (3.0, "With threshold_rule sigmas: robust standard deviations above the typical normal score."),
+    "index": ("auto", "How predict finds each patch's nearest normal vector (LAKE's gallery, a memory bank): exact "
+                      "(matrix products over all of them), kdtree (exact too, much faster on many vectors of few "
+                      "channels), hnsw (approximate: cost nearly flat in their number, needs lakead[index]), or auto: "
+                      "kdtree from 100,000 vectors of at most 16 channels on the CPU, else exact (docs/SCALE.md)."),
+    "hnsw_ef_search": (128, "With index hnsw: candidates examined per query; higher is closer to the exact search and "
+                            "slower (docs/SCALE.md: 128 kept the exact search's decisions with 32 neurons, 64 did not)."),
 }
 
 
@@ -136,8 +145,8 @@ class Options:
         return self
 
     def check_shared(self) -> None:
-        """Check the options of :data:`SHARED_OPTIONS` this config has (``threshold_rule``, a
-        Literal, is checked by :meth:`validate`); a :class:`ConfigError` names the first bad one."""
+        """Check the options of :data:`SHARED_OPTIONS` this config has (``threshold_rule`` and
+        ``index``, Literals, are checked by :meth:`validate`); a :class:`ConfigError` names the first bad one."""
         v = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in SHARED_OPTIONS}
         if "backbone" in v and (not isinstance(v["backbone"], str) or not v["backbone"].strip()):
             raise ConfigError(f"backbone must be a hub id, a local directory or onnx:PATH, got {v['backbone']!r}")
@@ -152,6 +161,9 @@ class Options:
         threshold = v.get("threshold")
         if threshold is not None and not (_is_number(threshold) and not math.isnan(threshold)):
             raise ConfigError(f"threshold must be a number, not {threshold!r}")
+        e = v.get("hnsw_ef_search", 1)
+        if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+            raise ConfigError(f"hnsw_ef_search must be a positive integer, got {e!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

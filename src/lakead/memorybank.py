@@ -38,6 +38,7 @@ from .backbones.base import LayerSpec, as_blocks
 from .base import BaseDetector, LearnedState, fact, tensor
 from .errors import ConfigError, ModelFormatError
 from .images import ImageInput
+from .index import resolve as resolve_index
 from .lake.fit import MAX_LOO_IMAGES, spread_subset
 from .patchops import resize_map, smooth_maps
 
@@ -57,6 +58,8 @@ class BankState(LearnedState):
     loo_peaks: np.ndarray = tensor("(n,) float32: the largest value of each support image's leave-one-out map", numpy=True)
     loo_tokens: Optional[np.ndarray] = tensor("(T,) float32: leave-one-out map values at the patches of the support images",
                                               optional=True, numpy=True)
+    gallery_index: Optional[np.ndarray] = tensor("(B,) uint8: the bank's HNSW index, serialized (index='hnsw')",
+                                                 optional=True, numpy=True)
     layer: LayerSpec = fact("the block(s) read, in the backbone's canonical form")
     image_size: int = fact("square input size in pixels")
     grid: tuple[int, int] = fact("(gh, gw) grid of the patch features")
@@ -131,8 +134,26 @@ class BankDetector(BaseDetector):
 
     def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None) -> Scored:
         """Patch features ``(B, N, D)`` scored against ``state.bank`` (without the vectors of
-        support image ``exclude``: leave-one-out)."""
+        support image ``exclude``: leave-one-out), their nearest bank vectors found by :meth:`nearest`."""
         raise NotImplementedError
+
+    # -- the search -----------------------------------------------------------------------
+
+    def index_vectors(self, state: BankState) -> torch.Tensor:
+        return state.bank
+
+    def nearest(self, queries: torch.Tensor, state: BankState, exclude: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Euclidean nearest bank vector of every query ``(Q, D)``: distances ``(Q,)`` and indices
+        ``(Q,)``. At predict through the ``index`` option (:meth:`gallery_index`); leaving out the
+        vectors of support image ``exclude`` (the fit's leave-one-out), the exact search with groups."""
+        from .ops import nearest_neighbor
+
+        if exclude is None:
+            return self.gallery_index().search(queries)
+        bank = state.bank
+        groups = torch.full((queries.shape[0],), exclude, dtype=torch.int32, device=bank.device)
+        return nearest_neighbor(queries, bank, query_groups=groups, gallery_groups=state.bank_image.to(bank.device))
 
     # -- fit ------------------------------------------------------------------------------
 
@@ -170,7 +191,7 @@ class BankDetector(BaseDetector):
             threshold=math.inf, threshold_rule="none", false_alarm_rate=None, seed_threshold=None, pixel_threshold=None,
             map_range=(0.0, 1.0), class_name=class_name.strip(), support=list(loaded.names),
             support_rule=support_rule or f"{len(images)} images as given", skipped=[str(e) for e in loaded.errors],
-            fitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
+            fitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), gallery_index=None, **extra)
         cells = []
         if n >= 2:
             for i in spread_subset(n, MAX_LOO_IMAGES):
@@ -188,6 +209,8 @@ class BankDetector(BaseDetector):
             lo, hi = float(np.median(state.loo_tokens)), state.seed_threshold or 1.0
             state.map_range = (lo, hi if hi > lo else lo + 1.0)
         self.state_ = state
+        if cfg.index == "hnsw":  # built once here, saved with the model (the exact kinds: when first needed)
+            state.gallery_index = self.gallery_index().serialize()
         return self
 
     def threshold_scores(self, state: BankState) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, None]:
@@ -243,6 +266,7 @@ class BankDetector(BaseDetector):
             "bank_vectors": int(st.bank.shape[0]),
             "bank_vectors_before_subsampling": st.bank_vectors,
             "bank_bytes": int(st.bank.numel() * st.bank.element_size()),
+            "index": resolve_index(self.config.index, *st.bank.shape, st.bank.device),
             "threshold": st.threshold,
             "threshold_rule": self.describe_thresholds(st),
             "loo_score_median": float(np.median(finite)) if finite.size else None,
@@ -253,18 +277,6 @@ class BankDetector(BaseDetector):
         # for readers that load no tensors (lakead info, the service's model list), as LAKE writes them:
         # every channel is kept (k = the width), and there is no text probe
         return {"k": int(self.check_fitted().width), "semantic_layer": None, "prompts": None}
-
-
-def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_image: torch.Tensor, exclude: int | None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean nearest bank vector of every query ``(Q, D)``: distances ``(Q,)`` and indices
-    ``(Q,)`` (:func:`lakead.ops.nearest_neighbor`), leaving out the vectors of support image ``exclude``."""
-    from .ops import nearest_neighbor
-
-    if exclude is None:
-        return nearest_neighbor(queries, bank)
-    groups = torch.full((queries.shape[0],), exclude, dtype=torch.int32, device=bank.device)
-    return nearest_neighbor(queries, bank, query_groups=groups, gallery_groups=bank_image.to(bank.device))
 
 
 def default_pair(backbone: Backbone) -> tuple[int, ...]:

@@ -31,7 +31,7 @@ import torch
 
 from .backbones import Backbone, Layer
 from .coreset import coreset_count, greedy_coreset
-from .memorybank import BankDetector, BankState, Scored, default_pair, nearest
+from .memorybank import BankDetector, BankState, Scored, default_pair
 from .patchops import patchcore_features, reweighted_score
 
 log = logging.getLogger("lakead")
@@ -79,7 +79,7 @@ class PatchCoreDetector(BankDetector):
     def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None) -> Scored:
         b, n_tok, width = tokens.shape
         bank = state.bank
-        d, idx = nearest(tokens.reshape(b * n_tok, width), bank, state.bank_image, exclude)
+        d, idx = self.nearest(tokens.reshape(b * n_tok, width), state, exclude)
         d, idx = d.reshape(b, n_tok), idx.reshape(b, n_tok)  # (B, N)
         star, where = d.max(dim=1)  # (B,): s* and the most anomalous patch
         rows = torch.arange(b, device=tokens.device)

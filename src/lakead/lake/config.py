@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from ..fields import DEFAULT_CLIP, Layer, LayerSpec, Options, ThresholdRule, _admits, as_blocks, field_types, literal_choices, option, shared_option  # noqa: F401 - re-exported
+from ..fields import DEFAULT_CLIP, IndexKind, Layer, LayerSpec, Options, ThresholdRule, _admits, as_blocks, field_types, literal_choices, option, shared_option  # noqa: F401 - re-exported
 from ..errors import ConfigError
 
 NORMAL_PROMPT = "a photo of a normal {}."
@@ -69,14 +69,8 @@ class LakeConfig(Options):
     gallery_size: Optional[int] = option(
         None, "Most gallery vectors kept: beyond it, a greedy coreset of that many support tokens, so memory and "
         "predict time stop growing with the support set (docs/SCALE.md); default: every support token (the paper).")
-    index: Literal["auto", "exact", "kdtree", "hnsw"] = option(
-        "auto", "How predict finds each token's nearest gallery vector: exact (matrix products over the whole "
-        "gallery), kdtree (exact too, much faster on a large gallery of few neurons), hnsw (approximate: cost "
-        "nearly flat in the gallery size, needs lakead[index]), or auto: kdtree from 100,000 vectors of at most 16 "
-        "neurons on the CPU, else exact (docs/SCALE.md).")
-    hnsw_ef_search: int = option(
-        128, "With index hnsw: candidates examined per query; higher is closer to the exact search and slower "
-        "(docs/SCALE.md: 128 kept the exact search's decisions with 32 neurons, 64 did not).")
+    index: IndexKind = shared_option("index")
+    hnsw_ef_search: int = shared_option("hnsw_ef_search")
     scope_check: bool = option(
         True, "Also flag images that are not the product fitted on (out_of_scope): most of the image unlike the "
         "normal images (the median distance of its tokens to the support tokens, every channel, above what the "
@@ -114,9 +108,6 @@ class LakeConfig(Options):
             raise ConfigError("distance='cosine' cannot be combined with gallery_size: the coreset is chosen by Euclidean "
                               "distance (lakead.lake.stream) and the leave-one-out scores need every support token; "
                               "drop gallery_size or use distance='euclidean'")
-        e = self.hnsw_ef_search
-        if isinstance(e, bool) or not isinstance(e, int) or e < 1:
-            raise ConfigError(f"hnsw_ef_search must be a positive integer, got {e!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         return self

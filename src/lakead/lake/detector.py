@@ -48,7 +48,7 @@ from ..backbones import Backbone, BackboneInfo, Features, Layer, as_blocks, load
 from ..base import BaseDetector, backbone_precision  # noqa: F401 - backbone_precision: used by benchmarks
 from ..errors import ConfigError, ModelFormatError
 from ..images import ImageInput
-from ..index import GalleryIndex, resolve as resolve_index
+from ..index import resolve as resolve_index
 from . import fit as steps
 from . import stream
 from .config import ANOMALOUS_PROMPT, NORMAL_PROMPT, LakeConfig
@@ -111,25 +111,8 @@ class LakeDetector(BaseDetector):
         for start, f in self.iter_features(arrays, as_blocks(state.layer), joint, state.image_size):
             yield score_batch(start, f, state, self.config, self.text_model, self.gallery_index().search)
 
-    def gallery_index(self) -> GalleryIndex:
-        """The fitted gallery ready to be searched as ``index`` says (:mod:`lakead.index`): built
-        on first use, or read from the model (HNSW), and kept until the state or the option changes."""
-        state = self.check_fitted()
-        key = (id(state), id(state.gallery), self.config.index)
-        cached = self.__dict__.get("_index")
-        if cached is None or cached[0] != key:
-            cached = (key, GalleryIndex(state.gallery, self.config.index, serialized=state.gallery_index))
-            self._index = cached
-        cached[1].ef_search = self.config.hnsw_ef_search
-        return cached[1]
-
-    def save(self, path: str | Path) -> Path:
-        """:meth:`BaseDetector.save`; an HNSW index chosen after the fit (``config.index = "hnsw"``)
-        is built here, if no search has built it yet, and saved with the model like one built at fit."""
-        state = self.check_fitted()
-        if self.config.index == "hnsw" and state.gallery_index is None:
-            state.gallery_index = self.gallery_index().serialize()
-        return super().save(path)
+    def index_vectors(self, state: LakeState) -> torch.Tensor:
+        return state.gallery
 
     # -- fit ------------------------------------------------------------------------------
 
