@@ -79,7 +79,9 @@ class Textures(Sequence):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self.n))]
-        return texture(np.random.default_rng((self.seed, i)), self.size)
+        if not -self.n <= i < self.n:  # iteration stops here
+            raise IndexError(i)
+        return texture(np.random.default_rng((self.seed, i % self.n)), self.size)
 
 
 class Augmented(Sequence):
@@ -96,6 +98,9 @@ class Augmented(Sequence):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:  # iteration (read_all) stops here
+            raise IndexError(i)
+        i %= self.n
         k = i % len(self.paths)
         if k not in self.cache:
             self.cache[k] = np.asarray(Image.open(self.paths[k]).convert("RGB"))
