@@ -86,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         dets[index] = det
         print(f"built {index}: {out[f'build_seconds_{index}']} s", flush=True)
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in test]
-    preds, secs = {}, {k: [] for k in dets}
-    for _ in range(args.repeats):
-        for kind, det in dets.items():
-            t0 = time.perf_counter()
-            preds[kind] = det.predict_arrays(arrays)
-            secs[kind].append((time.perf_counter() - t0) / len(arrays))
+    preds, secs = fit_scale.predict_interleaved(dets, arrays, args.repeats)
     queries = test_tokens(exact, arrays)
     exact_d = [exact.nearest(q, exact.state_)[0] for q in queries]
     ref = preds["exact"]

@@ -121,6 +121,18 @@ class Augmented(Sequence):
         return np.clip(out.astype(np.float32) * rng.uniform(0.9, 1.1), 0, 255).astype(np.uint8)
 
 
+def predict_interleaved(dets: dict[str, Any], arrays: list[np.ndarray], repeats: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Each detector's prediction of ``arrays`` and its seconds per image in each of ``repeats``
+    rounds, the detectors taking turns within a round (so that they share the machine's load)."""
+    preds, secs = {}, {k: [] for k in dets}
+    for _ in range(repeats):
+        for kind, det in dets.items():
+            t0 = time.perf_counter()
+            preds[kind] = det.predict_arrays(arrays)
+            secs[kind].append((time.perf_counter() - t0) / len(arrays))
+    return preds, secs
+
+
 def save(out: Path, name: str, data: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -282,12 +294,7 @@ def exactness(args: argparse.Namespace) -> None:
         dets[f"exact+{index}"] = det
         print(f"built {index}: {out[f'build_seconds_exact+{index}']} s", flush=True)
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in test]
-    preds, secs = {}, {k: [] for k in dets}
-    for _ in range(args.repeats):
-        for kind, det in dets.items():
-            t0 = time.perf_counter()
-            preds[kind] = det.predict_arrays(arrays)
-            secs[kind].append((time.perf_counter() - t0) / len(arrays))
+    preds, secs = predict_interleaved(dets, arrays, args.repeats)
     for kind in dets:
         out[f"auroc_{kind}"] = image_metrics(labels, preds[kind].scores)["auroc"]
         out[f"ms_per_image_{kind}"] = float(np.median(secs[kind])) * 1e3
