@@ -35,7 +35,7 @@ import realdata  # noqa: E402
 from lakead import LakeDetector  # noqa: E402
 from lakead.data import load_dataset  # noqa: E402
 from lakead.decision import conformal_threshold  # noqa: E402
-from lakead.lake.fit import SCOPE_SHARE  # noqa: E402
+from lakead.decision import SCOPE_SHARE  # noqa: E402
 from lakead.metrics import image_metrics  # noqa: E402
 from lakead.patchops import top_percent_mean  # noqa: E402
 

@@ -10,6 +10,7 @@ import torch
 
 from conftest import texture, with_defect
 from lakead import LakeDetector
+from lakead.decision import derive_thresholds
 from lakead.errors import ConfigError
 from lakead.export import export_model
 from lakead.lake import fit as steps
@@ -142,8 +143,8 @@ def test_same_numbers_as_the_two_search_fit(case, cosine_record, tiny_backbone, 
     # the decision levels: the recorded leave-one-out scores through the threshold rule of the code
     # under test, which is the recorded levels while that rule is unchanged (the rule may change
     # on its own; what the fit feeds it must not)
-    levels = steps.thresholds(want["loo_scores"], want["loo_visual"], want["loo_tokens"], want.get("loo_scope"),
-                              det.config)
+    levels = derive_thresholds(want["loo_scores"], want["loo_visual"], want["loo_tokens"], want.get("loo_scope"),
+                               det.config)
     expect = {"threshold": levels.image, "seed_threshold": levels.seed, "pixel_threshold": levels.pixel,
               "scope_threshold": levels.scope}
     for key, value in expect.items():

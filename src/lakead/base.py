@@ -33,7 +33,7 @@ import torch
 
 from .api import Prediction, Runtime, finite_or_none, read_model_meta, read_model_tensors, tensor_fingerprint, write_model_dir
 from .backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, load_backbone
-from .decision import SCOPE_SHARE, Thresholds, derive_thresholds, describe_rule
+from .decision import Thresholds, derive_thresholds, describe_rule
 from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
 from .index import GalleryIndex
 from .fields import SLICES_HELP, WINDOW_HELP, Options, _admits, field_types, literal_choices, option  # noqa: F401 - re-exported
@@ -373,6 +373,14 @@ class BaseDetector:
         cached[1].ef_search = self.config.hnsw_ef_search
         return cached[1]
 
+    def keep_index(self) -> None:
+        """Put the HNSW graph into the state (``gallery_index``, saved with the model) when the
+        ``index`` option asks for one and the state has none: at the end of a fit, and at
+        :meth:`save` for an index chosen after the fit. The exact kinds are built when first needed."""
+        state = self.check_fitted()
+        if getattr(self.config, "index", None) == "hnsw" and state.gallery_index is None:
+            state.gallery_index = self.gallery_index().serialize()
+
     # -- decision levels (methods whose state keeps its support images' leave-one-out scores) ------
 
     def threshold_scores(self, state: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -414,8 +422,8 @@ class BaseDetector:
             return "fixed by the user"
         if not n:
             return "none (one support image)"
-        share = SCOPE_SHARE if getattr(state, "scope_threshold", None) is not None else 0.0
-        return describe_rule(state.threshold_rule, state.false_alarm_rate or 0.0, n, self.config.threshold_sigmas, share)
+        scope_on = getattr(state, "scope_threshold", None) is not None
+        return describe_rule(state.threshold_rule, state.false_alarm_rate or 0.0, n, self.config.threshold_sigmas, scope_on)
 
     def predict_arrays(
         self, arrays: Sequence[np.ndarray], *, threshold: float | None = None, on_progress: Callable[[int], None] | None = None
@@ -428,10 +436,8 @@ class BaseDetector:
         learned facts, format version) and ``tensors.safetensors``. Atomic: the directory
         appears complete or not at all. Returns the directory. An HNSW index chosen after the fit
         (``config.index = "hnsw"``) is built here if no search built it, and saved with the model."""
-        state = self.check_fitted()
-        if getattr(self.config, "index", None) == "hnsw" and state.gallery_index is None:
-            state.gallery_index = self.gallery_index().serialize()
-        return write_model_dir(path, self.model_meta(), state.tensors())
+        self.keep_index()
+        return write_model_dir(path, self.model_meta(), self.check_fitted().tensors())
 
     def model_meta(self) -> dict[str, Any]:
         """What :meth:`save` writes to ``lakead.json`` (less the format name and version)."""

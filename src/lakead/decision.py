@@ -141,15 +141,15 @@ def budget_threshold(scores: Sequence[float] | np.ndarray, alpha: float, rule: s
     return t, "exponential"
 
 
-def describe_rule(rule: str, alpha: float, n: int, sigmas: float = 3.0, scope_share: float = 0.0) -> str:
+def describe_rule(rule: str, alpha: float, n: int, sigmas: float = 3.0, scope_on: bool = False) -> str:
     """One line saying how a threshold was derived (for ``lakead info``, reports, the page);
-    ``scope_share``: the budget's share given to a scope check (the threshold's is the rest)."""
-    a = alpha * (1 - scope_share)  # what the image threshold was derived for
+    ``scope_on``: a scope check took its share of the budget (:func:`defect_budget`)."""
+    a = defect_budget(alpha, scope_on)  # what the image threshold was derived for
     if rule == "conformal":
         return (f"false-alarm budget {alpha:g}: split-conformal order statistic of {n} leave-one-out normal scores "
                 f"(P(normal image flagged) <= {alpha:g})")
     if rule == "exponential":
-        share = f", {a:g} of it for the defect score beside the scope check" if scope_share else ""
+        share = f", {a:g} of it for the defect score beside the scope check" if scope_on else ""
         below = (f": {a:g} is below 1/(n+1); {math.ceil(1 / a - 1 - 1e-9)} support images or more give the "
                  f"split-conformal guarantee") if a < 1.0 / (n + 1) else ""
         return (f"false-alarm budget {alpha:g}{share}: exponential tail fitted to the leave-one-out normal scores above "
@@ -171,6 +171,11 @@ def _z(alpha: float) -> float:
 #: Share of the false-alarm budget given to the scope check ("not this product") when it is on;
 #: the defect decision gets the rest, so that together they stay within the budget (union bound).
 SCOPE_SHARE = 0.1
+
+
+def defect_budget(alpha: float, scope_on: bool, scope_share: float = SCOPE_SHARE) -> float:
+    """The defect decision's part of the budget ``alpha``: all of it, or what the scope check leaves."""
+    return alpha * (1 - scope_share) if scope_on else alpha
 
 
 @dataclass(frozen=True)
@@ -216,7 +221,7 @@ def derive_thresholds(
     alpha = check_budget(options.false_alarm_rate if false_alarm_rate is None else false_alarm_rate)
     rule, sigmas, fixed = options.threshold_rule, options.threshold_sigmas, options.threshold
     scope_on = loo_scope is not None and np.isfinite(loo_scope).sum() >= 2
-    a_image = alpha * (1 - scope_share) if scope_on else alpha
+    a_image = defect_budget(alpha, scope_on, scope_share)
     finite = loo_scores[np.isfinite(loo_scores)]
     if finite.size == 0:
         return Thresholds(math.inf if fixed is None else float(fixed), "none" if fixed is None else "fixed",

@@ -20,16 +20,16 @@ Whatever finds the neighbour, its distance is then computed as :func:`nearest_ne
 
 from __future__ import annotations
 
-from typing import Literal
+import typing
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
+from .fields import IndexKind
 from .ops import DEFAULT_BLOCK_ELEMENTS, distance_to, nearest_neighbor
 
-IndexKind = Literal["auto", "exact", "kdtree", "hnsw"]
-INDEX_KINDS: tuple[str, ...] = ("auto", "exact", "kdtree", "hnsw")
+INDEX_KINDS: tuple[str, ...] = typing.get_args(IndexKind)
 
 #: ``auto`` uses the k-d tree from this many gallery vectors on ...
 AUTO_MIN_VECTORS = 100_000

@@ -209,8 +209,7 @@ class BankDetector(BaseDetector):
             lo, hi = float(np.median(state.loo_tokens)), state.seed_threshold or 1.0
             state.map_range = (lo, hi if hi > lo else lo + 1.0)
         self.state_ = state
-        if cfg.index == "hnsw":  # built once here, saved with the model (the exact kinds: when first needed)
-            state.gallery_index = self.gallery_index().serialize()
+        self.keep_index()  # HNSW: built once here, saved with the model
         return self
 
     def threshold_scores(self, state: BankState) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, None]:

@@ -216,8 +216,7 @@ class LakeDetector(BaseDetector):
             loo_rule=sup.loo_rule,
             fitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
-        if cfg.index == "hnsw":  # built once here, saved with the model
-            self.state_.gallery_index = self.gallery_index().serialize()  # (the exact kinds: when first needed)
+        self.keep_index()  # HNSW: built once here, saved with the model
         return self
 
     # -- predict --------------------------------------------------------------------------

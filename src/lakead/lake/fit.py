@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..decision import SCOPE_SHARE, Thresholds, derive_thresholds  # noqa: F401 - SCOPE_SHARE, Thresholds re-exported
+from ..decision import Thresholds, derive_thresholds
 from ..neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_image_features
 from ..index import GalleryIndex
 from ..ops import channel_variance, nearest_neighbor, top_k_channels
@@ -198,12 +198,6 @@ def describe_loo(scored: int, n: int) -> str:
     return f"{scored:,} of {n:,} support images, evenly spaced (lakead.lake.fit.spread_subset)"
 
 
-#: The decision levels for the leave-one-out scores of the support images, in the units of the
-#: saved scores (visual parts divided by the visual scale): one rule for every method, the budget
-#: split with the scope check by :data:`~lakead.decision.SCOPE_SHARE`.
-thresholds = derive_thresholds
-
-
 def decision(
     loo_visual_raw: np.ndarray,
     loo_tokens_raw: Sequence[np.ndarray],
@@ -213,13 +207,14 @@ def decision(
     use_text: bool,
 ) -> tuple[float, np.ndarray, Thresholds, tuple[float, float], np.ndarray | None]:
     """From the leave-one-out scores: the visual scale, the fused support scores ``(n,)``, the
-    decision levels (:func:`thresholds`), the maps' colour range (the typical normal token up
+    decision levels (:func:`lakead.decision.derive_thresholds`, in the units of the saved scores:
+    visual parts divided by the visual scale), the maps' colour range (the typical normal token up
     to the visual decision level) and the normalised token scores ``(T,)``."""
     finite = loo_visual_raw[np.isfinite(loo_visual_raw)]
     scale = float(np.median(finite)) if (config.score_norm == "loo" and finite.size and np.median(finite) > 0) else 1.0
     loo_scores = loo_visual_raw / scale + (config.lam * semantic_support if use_text else 0.0)
     tokens = np.concatenate(loo_tokens_raw).astype(np.float32) / np.float32(scale) if loo_tokens_raw else None
-    levels = thresholds(loo_scores, loo_visual_raw / scale, tokens, loo_scope, config)
+    levels = derive_thresholds(loo_scores, loo_visual_raw / scale, tokens, loo_scope, config)
     if tokens is not None:
         map_range = (float(np.median(tokens)), float(levels.seed))
     else:
