@@ -209,6 +209,15 @@ class ExportedDetector:
         """Pixels per token side: an image must be at least this large."""
         return int(self.meta["preprocessing"]["patch_size"])
 
+    @property
+    def read_rule(self) -> Any:
+        """How DICOM and NIfTI inputs are read: the source model's ``window`` and ``slices``
+        (:class:`lakead.medical.ReadRule`, as :attr:`lakead.base.BaseDetector.read_rule`)."""
+        from .medical import ReadRule
+
+        config = self.meta["source"].get("meta", {}).get("config", {})
+        return ReadRule(str(config.get("window", "auto")), str(config.get("slices", "axial")))
+
     def check_fitted(self) -> "ExportedDetector":
         return self
 
