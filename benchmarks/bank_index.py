@@ -33,7 +33,7 @@ import fit_scale  # noqa: E402 - sets the offline environment and sys.path for l
 
 import torch  # noqa: E402
 
-from lakead.anomalydino import AnomalyDinoDetector  # noqa: E402
+from lakead.methods.anomalydino import AnomalyDinoDetector  # noqa: E402
 from lakead.backbones.base import as_blocks  # noqa: E402
 from lakead.data import load_dataset  # noqa: E402
 from lakead.metrics import image_metrics  # noqa: E402

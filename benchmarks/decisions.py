@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import realdata  # noqa: E402
 
 from lakead import LakeDetector  # noqa: E402
-from lakead.anomalydino import AnomalyDinoDetector  # noqa: E402
-from lakead.patchcore import PatchCoreDetector  # noqa: E402
+from lakead.methods.anomalydino import AnomalyDinoDetector  # noqa: E402
+from lakead.methods.patchcore import PatchCoreDetector  # noqa: E402
 from lakead.data import load_dataset, read_mask  # noqa: E402
 from lakead.decision import RULES  # noqa: E402
 from lakead.metrics import image_metrics, oracle_recall  # noqa: E402

@@ -37,8 +37,8 @@ import numpy as np
 from lakead.data import load_dataset
 from lakead.export import export_model
 from lakead.export import quantize
-from lakead.lake import LakeDetector
-from lakead.lake.fit import spread_subset
+from lakead.methods.lake import LakeDetector
+from lakead.methods.lake.fit import spread_subset
 from lakead.metrics import image_metrics
 from lakead.runtime import ExportedDetector
 from lakead.testing import save_random_clip

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from speed import Clock, loadavg, machine_info, matmul_ceiling, model_dir, say, synthetic_images, vit_flops  # noqa: E402
 
 from lakead.export import export_model  # noqa: E402
-from lakead.lake import LakeDetector  # noqa: E402
+from lakead.methods.lake import LakeDetector  # noqa: E402
 from lakead.runtime import ExportedDetector  # noqa: E402
 
 #: path name -> (format, precision) of the export; None: the torch detector at that precision

@@ -3,8 +3,8 @@
 the fit that ran it twice (Euclidean while streaming, then again in cosine distance).
 
 The two-search fit is the code before this change with its second search restored here: the
-streaming fit's leave-one-out (:func:`lakead.lake.stream.leave_one_out`) is wrapped so that
-it first runs the Euclidean search of :func:`lakead.lake.fit.leave_one_out` on the gallery as
+streaming fit's leave-one-out (:func:`lakead.methods.lake.stream.leave_one_out`) is wrapped so that
+it first runs the Euclidean search of :func:`lakead.methods.lake.fit.leave_one_out` on the gallery as
 it comes (what the streaming code did, its result then thrown away, as ``rescore_support``
 threw it away) and then the search of today's code, which is what ``rescore_support`` ran.
 Both fits run in one process on the same support set and the same loaded backbone,
@@ -58,8 +58,8 @@ def main() -> None:
     from lakead import LakeDetector
     from lakead.backbones import load_backbone
     from lakead.data import load_dataset
-    from lakead.lake import fit as steps
-    from lakead.lake import stream
+    from lakead.methods.lake import fit as steps
+    from lakead.methods.lake import stream
 
     torch.set_num_threads(args.threads)
     ds, cat_name = args.category.split("/")

@@ -332,7 +332,7 @@ def spill(args: argparse.Namespace) -> None:
     import torch
 
     from lakead import LakeDetector
-    from lakead.lake import stream
+    from lakead.methods.lake import stream
 
     images = Textures(args.images, args.size)
     with tempfile.TemporaryDirectory(prefix="lakead-spill-") as tmp:

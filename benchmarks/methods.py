@@ -62,8 +62,8 @@ def rows(backbone: str) -> list[tuple[str, str, str, dict[str, Any]]]:
 
 def thin(cat: Any, limit: int | None) -> Any:
     """A category with at most ``limit`` test images: evenly spaced over its sorted test set, so
-    normal and defective images keep about their shares (:func:`lakead.lake.fit.spread_subset`)."""
-    from lakead.lake.fit import spread_subset
+    normal and defective images keep about their shares (:func:`lakead.methods.lake.fit.spread_subset`)."""
+    from lakead.methods.lake.fit import spread_subset
 
     if not limit or len(cat.test) <= limit:
         return cat

@@ -52,8 +52,8 @@ import torch  # noqa: E402
 
 from lakead.api import PRECISIONS  # noqa: E402
 from lakead.backbones import CLIPBackbone, as_blocks  # noqa: E402
-from lakead.lake.detector import LakeDetector, backbone_precision  # noqa: E402
-from lakead.lake.score import token_distances, visual_tokens  # noqa: E402
+from lakead.methods.lake.detector import LakeDetector, backbone_precision  # noqa: E402
+from lakead.methods.lake.score import token_distances, visual_tokens  # noqa: E402
 from lakead.fileio import atomic_directory  # noqa: E402
 from lakead.ops import anomaly_probability, pool_scores, upsample_map  # noqa: E402
 from lakead.testing import PRESETS, save_random_clip  # noqa: E402

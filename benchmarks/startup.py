@@ -43,7 +43,7 @@ def _time(cmd: list[str], src: Path | None = None) -> float:
 
 
 def _fit_tiny_model(tmp: Path) -> Path:
-    from lakead.lake import LakeDetector
+    from lakead.methods.lake import LakeDetector
     from lakead.testing import save_random_clip
     import numpy as np
 

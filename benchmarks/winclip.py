@@ -39,7 +39,7 @@ from lakead.data import load_dataset
 from lakead.evaluate import evaluate_category, format_percent
 from lakead.methods import get_method
 from lakead.testing import save_random_clip
-from lakead.winclip import WinCLIPConfig, WinCLIPDetector
+from lakead.methods.winclip import WinCLIPConfig, WinCLIPDetector
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

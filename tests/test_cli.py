@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from _synthetic import write_category
 from conftest import texture, with_defect
 from lakead.cli import app
-from lakead.lake import LakeConfig
+from lakead.methods.lake import LakeConfig
 from lakead.methods import METHODS
 
 runner = CliRunner()

@@ -1,7 +1,7 @@
 """The streaming fit (issue 16): two passes in bounded memory give the one-pass fit's numbers.
 
 The one-pass fit is the fit as it always was (every full-width token held, the steps of
-``lakead.lake.fit`` on them; ``tests/test_regression.py`` pins its numbers). A ``memory``
+``lakead.methods.lake.fit`` on them; ``tests/test_regression.py`` pins its numbers). A ``memory``
 below twice the full-width tokens makes the same fit stream: moments merged batch by batch,
 neurons chosen, a second pass keeping the gallery. Both must agree to 1e-5, with the same
 neurons and the same decisions.
@@ -18,8 +18,8 @@ from conftest import texture, with_defect
 from lakead import LakeDetector
 from lakead.coreset import greedy_coreset
 from lakead.errors import ConfigError
-from lakead.lake import fit as steps
-from lakead.lake import stream
+from lakead.methods.lake import fit as steps
+from lakead.methods.lake import stream
 from lakead.ops import Moments, channel_variance
 from regression.cases import CASES, held_out_images, normals
 

@@ -164,7 +164,7 @@ def test_an_exported_hnsw_model_searches_exactly(tiny_backbone, images, tmp_path
 def test_the_leave_one_out_through_the_tree_is_the_exact_one():
     """fit's leave-one-out through the k-d tree: the same distances as the exact search with groups,
     also for tokens whose nearest candidates are all of their own image (the exact fallback)."""
-    from lakead.lake.fit import leave_one_out
+    from lakead.methods.lake.fit import leave_one_out
 
     n, n_tok = 12, 40
     g = clustered(n * n_tok, 5, 6)
@@ -182,7 +182,7 @@ def test_the_leave_one_out_through_the_tree_is_the_exact_one():
 
 def test_the_fit_uses_the_tree_only_within_its_memory(tiny_backbone, images, monkeypatch):
     """The leave-one-out's tree counts against --fit-memory (a quarter of it at most); the same numbers either way."""
-    import lakead.lake.fit as steps
+    import lakead.methods.lake.fit as steps
 
     kinds = []
     real = steps.GalleryIndex
@@ -206,8 +206,8 @@ def test_the_fit_uses_the_tree_only_within_its_memory(tiny_backbone, images, mon
 
 @pytest.fixture(scope="module")
 def bank_models(tiny_backbone, images):
-    from lakead.anomalydino import AnomalyDinoDetector
-    from lakead.patchcore import PatchCoreDetector
+    from lakead.methods.anomalydino import AnomalyDinoDetector
+    from lakead.methods.patchcore import PatchCoreDetector
 
     normal, _ = images
     return {"patchcore": lambda **o: PatchCoreDetector(tiny_backbone, image_size=64, coreset=1.0, **o).fit(normal, "tile"),
@@ -260,7 +260,7 @@ def test_a_bank_index_chosen_after_fit_is_saved(bank_models, images, tmp_path):
 
 @pytest.mark.parametrize("bad", [0, True])
 def test_a_bank_refuses_a_bad_index_option(tiny_backbone, bad):
-    from lakead.patchcore import PatchCoreDetector
+    from lakead.methods.patchcore import PatchCoreDetector
 
     with pytest.raises(ConfigError, match="hnsw_ef_search"):
         PatchCoreDetector(tiny_backbone, hnsw_ef_search=bad)

@@ -13,7 +13,7 @@ from lakead import LakeDetector
 from lakead.decision import derive_thresholds
 from lakead.errors import ConfigError
 from lakead.export import export_model
-from lakead.lake import fit as steps
+from lakead.methods.lake import fit as steps
 from test_export import assert_agrees
 from _onnx_models import save_tiny_onnx
 from lakead.backbones import load_backbone
@@ -65,7 +65,7 @@ def test_cosine_ignores_the_length_of_a_token_and_euclidean_does_not(cosine, tin
     g = state.gallery[:5]  # unit vectors
     tokens = torch.zeros(1, 5, cosine.width_)
     tokens[0][:, state.neurons] = 3.0 * g
-    from lakead.lake.score import token_distances
+    from lakead.methods.lake.score import token_distances
 
     d_cos, _ = token_distances(tokens, state, cosine.config)
     assert d_cos.abs().max() < 1e-5

@@ -17,7 +17,7 @@ from _medical_files import nifti_from_images, write_dicom
 from lakead.cli import app
 from lakead.errors import ConfigError, ImageLoadError
 from lakead.images import expand_inputs, list_images, load_image
-from lakead.lake import LakeConfig, LakeDetector
+from lakead.methods.lake import LakeConfig, LakeDetector
 from lakead.medical import ReadRule, parse_slices, parse_window, read_mask_source, read_source
 
 pytest.importorskip("pydicom")

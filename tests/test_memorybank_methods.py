@@ -18,15 +18,15 @@ from _onnx_models import save_tiny_onnx
 from _synthetic import write_category
 from conftest import texture, with_defect
 from lakead import LakeConfig
-from lakead.anomalydino import AnomalyDinoConfig, AnomalyDinoDetector
+from lakead.methods.anomalydino import AnomalyDinoConfig, AnomalyDinoDetector
 from lakead.api import Runtime
 from lakead.backbones import load_backbone
 from lakead.cli import app
 from lakead.errors import ConfigError
-from lakead.memorybank import default_pair
+from lakead.methods.bank import default_pair
 from lakead.methods import get_method, load_detector
 from lakead.options import method_option_specs
-from lakead.patchcore import PatchCoreConfig, PatchCoreDetector
+from lakead.methods.patchcore import PatchCoreConfig, PatchCoreDetector
 from lakead.patchops import (
     centre_share,
     foreground_mask,

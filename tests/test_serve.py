@@ -29,7 +29,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from conftest import texture, with_defect  # noqa: E402
 from lakead.cli import app as cli_app  # noqa: E402
-from lakead.lake import LakeConfig, LakeDetector  # noqa: E402
+from lakead.methods.lake import LakeConfig, LakeDetector  # noqa: E402
 from lakead.serve import ServeLimits, create_app  # noqa: E402
 from lakead.serve.store import FIT_OPTIONS  # noqa: E402
 

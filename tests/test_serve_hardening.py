@@ -31,7 +31,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from conftest import texture  # noqa: E402
 from lakead.cli import app as cli_app  # noqa: E402
-from lakead.lake import LakeDetector  # noqa: E402
+from lakead.methods.lake import LakeDetector  # noqa: E402
 from lakead.serve import ServeLimits  # noqa: E402
 from test_serve import FIT, files, fit, make_app, normals, png, predict, tests_imgs  # noqa: E402,F401
 

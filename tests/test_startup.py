@@ -33,11 +33,11 @@ def test_help_of_every_command_does_not_import_torch():
 
 
 def test_methods_registry_and_config_do_not_import_torch():
-    assert _imported_after("from lakead.methods import METHODS; from lakead.lake import LakeConfig; LakeConfig().validate()") == set()
+    assert _imported_after("from lakead.methods import METHODS; from lakead.methods.lake import LakeConfig; LakeConfig().validate()") == set()
 
 
 def test_the_lazy_names_still_resolve():
-    from lakead.lake import LakeDetector
+    from lakead.methods.lake import LakeDetector
     from lakead.methods import METHODS, detector_class
 
     assert METHODS["lake"].detector_class is LakeDetector

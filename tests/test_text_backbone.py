@@ -96,7 +96,7 @@ def test_eval_and_explain_accept_another_family_and_text_model(dirs, tmp_path):
     from lakead.api import Runtime
     from lakead.evaluate import evaluate
     from lakead.explain import explain_images
-    from lakead.lake import LakeConfig
+    from lakead.methods.lake import LakeConfig
 
     cat = write_category(tmp_path / "data", "plate", n_train=6, n_good=2, defects={"crack": 2})
     cfg = LakeConfig(backbone=str(dirs["tiny-dinov2"]), text_backbone=str(dirs["tiny-siglip"]))

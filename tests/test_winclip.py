@@ -12,10 +12,10 @@ import torch
 from conftest import texture, with_defect
 from lakead import ConfigError, Runtime
 from lakead.methods import get_method, load_detector
-from lakead.winclip import WinCLIPConfig, WinCLIPDetector
-from lakead.winclip.maps import association, fuse, harmonic_aggregate, harmonic_mean, text_probability, window_indices
-from lakead.winclip.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, class_prototypes, prompt_ensemble
-from lakead.winclip.score import text_maps
+from lakead.methods.winclip import WinCLIPConfig, WinCLIPDetector
+from lakead.methods.winclip.maps import association, fuse, harmonic_aggregate, harmonic_mean, text_probability, window_indices
+from lakead.methods.winclip.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, class_prototypes, prompt_ensemble
+from lakead.methods.winclip.score import text_maps
 
 
 # -- prompts ---------------------------------------------------------------------------------

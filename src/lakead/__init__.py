@@ -24,7 +24,7 @@ from ._lazy import lazy_names
 # ``import lakead.runtime`` and ``lakead --help`` do not pay for torch and transformers.
 _LAZY = {
     "Detector": ".api", "Prediction": ".api", "Runtime": ".api",
-    "LakeConfig": ".lake", "LakeDetector": ".lake",
+    "LakeConfig": ".methods.lake", "LakeDetector": ".methods.lake",
 }
 
 

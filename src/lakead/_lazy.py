@@ -1,5 +1,5 @@
 """Names of a package imported on first use (PEP 562), so that importing the package does not
-import torch: ``lakead``, ``lakead.backbones``, ``lakead.lake`` and ``lakead.winclip`` use it."""
+import torch: ``lakead``, ``lakead.backbones``, ``lakead.methods.lake`` and ``lakead.methods.winclip`` use it."""
 
 from __future__ import annotations
 

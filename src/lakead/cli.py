@@ -21,7 +21,7 @@ from .errors import LakeadError
 from .fileio import check_directory_target
 from .configfile import config_file_option, print_config_option, render_config
 from .errors import CONTROL_CHARACTERS, printable
-from .lake import LakeConfig
+from .methods.lake import LakeConfig
 from .methods import METHODS, load_detector
 from .options import MODEL_PANEL, choice_option, option_text, runtime_options
 from .cli_common import (  # app: the entry point (lakead.cli:app)
@@ -74,7 +74,7 @@ def fit(
         return
     from .data import select_shots
     from .images import list_images
-    from .lake.stream import parse_memory
+    from .methods.lake.stream import parse_memory
 
     if (ray_address is not None or ray_workers is not None) and not ray:
         raise typer.BadParameter("only used with --ray", param_hint="--ray-address/--ray-workers")
@@ -230,7 +230,7 @@ def export(
     """Export a fitted model to ONNX or OpenVINO, to run without torch (lakead.runtime, docs/DEPLOY.md)."""
     from .export import export_model
     from .images import list_images, load_image
-    from .lake.fit import spread_subset
+    from .methods.lake.fit import spread_subset
 
     with errors_as_messages():
         check_directory_target(out_dir)
@@ -300,8 +300,8 @@ def explain(
 
     from .explain import compare_models, comparison_labels, explain_images, write_report
     from .images import list_images
-    from .lake import LakeDetector
-    from .lake.fit import spread_subset
+    from .methods.lake import LakeDetector
+    from .methods.lake.fit import spread_subset
 
     if top_neurons < 1:
         raise typer.BadParameter(f"must be at least 1, got {top_neurons}", param_hint="--top-neurons")

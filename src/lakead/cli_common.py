@@ -19,7 +19,7 @@ from ._version import __version__
 from .errors import LakeadError
 from .fileio import os_error_text
 from .errors import printable
-from .lake import LakeConfig
+from .methods.lake import LakeConfig
 from .helpstyle import PlainCommand, PlainGroup
 from .options import MODEL_PANEL, config_options, option_specs
 from .options import method_options as method_options  # noqa: F401 - for the commands
@@ -111,7 +111,7 @@ def check_hub(config: Any) -> None:
             hub_options(spec)
 
 
-#: The default backbone: the configuration's (declared once, in lakead.lake.config).
+#: The default backbone: the configuration's (declared once, in lakead.methods.lake.config).
 DEFAULT_BACKBONE: str = option_specs(LakeConfig)["backbone"].default
 
 

@@ -20,7 +20,7 @@ from rich.markup import escape
 from .api import Runtime
 from .cli_common import DEFAULT_BACKBONE, app, err, errors_as_messages, fail, model_options, out, progress_bar
 from .errors import printable
-from .lake import LakeConfig
+from .methods.lake import LakeConfig
 from .options import option_specs, option_text, runtime_options
 
 #: What the demo writes under --out.

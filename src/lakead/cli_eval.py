@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from .api import Runtime
-from .lake import LakeConfig
+from .methods.lake import LakeConfig
 from .methods import METHODS
 from .configfile import config_file_option
 from .options import choice_option, command_line, runtime_options

@@ -319,13 +319,13 @@ def _run(
 
 class RayFitWorker:
     """A Ray actor for :func:`fit_on_ray`: holds the backbone once, answers the fit's jobs
-    (:func:`lakead.lake.stream.run_job`: read a batch, run it, return its moments and tokens)."""
+    (:func:`lakead.methods.lake.stream.run_job`: read a batch, run it, return its moments and tokens)."""
 
     def __init__(self, config: dict[str, Any], device: str, batch_size: int, precision: str, threads: int,
                  ctx: Any) -> None:
         import torch
 
-        from .lake import LakeConfig, LakeDetector
+        from .methods.lake import LakeConfig, LakeDetector
 
         torch.set_num_threads(threads)
         self.failure = ""
@@ -341,7 +341,7 @@ class RayFitWorker:
         self.ctx = ctx
 
     def run(self, job: Any) -> Any:
-        from .lake.stream import run_job
+        from .methods.lake.stream import run_job
 
         if self.failure:
             return self.failure

@@ -1,6 +1,6 @@
 """Command-line options (and form fields) made from the configuration's own fields.
 
-Every option of a model is declared once, as a field of :class:`~lakead.lake.LakeConfig`
+Every option of a model is declared once, as a field of :class:`~lakead.methods.lake.LakeConfig`
 (its type, default and ``metadata["help"]``). This module turns those fields into the
 options of ``lakead fit``, ``eval``, ``ablate`` and ``baselines`` (and the service builds its
 form fields from the same :func:`option_specs`), so the commands cannot drift apart:
@@ -38,7 +38,7 @@ from rich.markup import escape
 from .api import PRECISIONS, Runtime
 from .fields import field_types, literal_choices, parse_layer
 from .errors import ConfigError
-from .lake.config import LakeConfig
+from .methods.lake.config import LakeConfig
 
 #: Help panels of ``--help``: the options of the model, and how a run is carried out.
 MODEL_PANEL = "Model options"

@@ -311,7 +311,7 @@ class ExportedDetector:
 
 
 def _map(grid: np.ndarray, hw: tuple[int, int], sigma: float, size: int) -> np.ndarray:
-    """One image's map at its own ``(H, W)``, blurred as :func:`lakead.lake.score.batch_maps` does."""
+    """One image's map at its own ``(H, W)``, blurred as :func:`lakead.methods.lake.score.batch_maps` does."""
     out = upsample(grid, (int(hw[0]), int(hw[1])))
     if sigma > 0:
         from scipy.ndimage import gaussian_filter

@@ -24,7 +24,7 @@ from ..backbones.cache import FeatureCache
 from ..data import Category
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
-from ..lake import LakeConfig
+from ..methods.lake import LakeConfig
 from ..methods import SCORE_FIELDS, get_method
 from ..metrics import PRO_FPR_LIMIT
 from .report import _csv, _device, metrics_table

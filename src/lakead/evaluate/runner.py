@@ -25,7 +25,7 @@ from ..errors import ConfigError, ImageLoadError, LakeadError
 from ..fileio import atomic_write_bytes
 from ..layouts import load_any, sample_masks
 from ..spro import SproMetrics, defect_of
-from ..lake import LakeConfig
+from ..methods.lake import LakeConfig
 from ..methods import SCORE_FIELDS, Method, get_method
 from ..metrics import PRO_FPR_LIMIT, PixelMetrics, image_metrics
 from .report import write_report

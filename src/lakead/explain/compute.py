@@ -17,8 +17,8 @@ import torch
 
 from ..errors import ConfigError
 from ..images import ImageInput
-from ..lake import LakeDetector
-from ..lake.score import ScoredBatch
+from ..methods.lake import LakeDetector
+from ..methods.lake.score import ScoredBatch
 from ..neurons import embed_2d, jaccard_matrix, knee_k, neuron_fingerprints, patch_contributions, top_contributors
 
 #: Percentiles of a neuron's support values that span the colour scale of its activation map.

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._version import __version__
 from ..fileio import atomic_directory
-from ..lake import LakeDetector
+from ..methods.lake import LakeDetector
 from ..neurons import KNEE_RULE
 from .compute import ImageExplanation, ModelComparison, VarianceCurve, variance_curve
 from .figures import _patch_box, activation_png, fingerprint_figure, image_png, jaccard_figure, overlay_png, variance_figure

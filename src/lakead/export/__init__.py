@@ -34,7 +34,7 @@ from ..backbones.base import as_blocks
 from ..backbones.onnx import ONNXBackbone
 from ..errors import ConfigError
 from ..fileio import atomic_directory
-from ..lake import LakeDetector
+from ..methods.lake import LakeDetector
 from ..methods import load_detector
 from ..runtime import EXPORT_FILE, EXPORT_FORMAT, EXPORT_VERSION, FORMATS, PRECISIONS, ExportedDetector
 from .graph import INPUT, OUTPUTS, LakeHead, OnnxFeatureHead, TorchGraph

@@ -2,7 +2,7 @@
 
 :class:`LakeHead` holds what the fit learned as constants (the sensitive neurons, the gallery,
 the prompts' embeddings, the scope gallery) and turns block tokens into scores with the same
-arithmetic as :mod:`lakead.lake.score`, written so that it exports to a static graph: the
+arithmetic as :mod:`lakead.methods.lake.score`, written so that it exports to a static graph: the
 nearest neighbour is one matrix product and an ``argmin`` (then the distance to the chosen
 vector recomputed directly, as :func:`lakead.ops.nearest_neighbor` does, so that it carries no
 cancellation error), the median a ``topk``; no ``cdist``, no loop that depends on the data.
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone, as_blocks
-from ..lake.config import LakeConfig
-from ..lake.state import LakeState
+from ..methods.lake.config import LakeConfig
+from ..methods.lake.state import LakeState
 from ..ops import combine_blocks
 from ..patchops import top_percent_mean
 

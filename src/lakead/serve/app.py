@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .._version import __version__
 from ..api import Runtime
 from ..errors import BackboneUnavailableError, ConfigError, LakeadError, ModelFormatError
-from ..lake import LakeConfig
+from ..methods.lake import LakeConfig
 from ..methods import METHODS, get_method
 from ..options import method_option_specs, option_specs
 from ..viz import overlay, png_bytes
@@ -165,7 +165,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 # -- model options as form fields ----------------------------------------------------------
 
 #: The detector options of POST /models (every configuration field but the backbone), each
-#: with its type, choices, default and help from :class:`~lakead.lake.LakeConfig`.
+#: with its type, choices, default and help from :class:`~lakead.methods.lake.LakeConfig`.
 OPTION_SPECS = {name: spec for name, spec in option_specs(LakeConfig).items() if name in FIT_OPTIONS}
 #: The options of the other methods (the ``method`` form field), with the methods that read each.
 METHOD_OPTION_SPECS = {name: dataclasses.replace(spec, help=f"{spec.help} [{', '.join(methods)}]")

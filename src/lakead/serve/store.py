@@ -41,7 +41,7 @@ import numpy as np
 from ..api import CONFIG_FILE, TENSORS_FILE, Detector, Prediction, Runtime, read_model_meta
 from ..backbones import Backbone, BackboneInfo, load_backbone
 from ..errors import ConfigError, LakeadError, ModelFormatError
-from ..lake import LakeConfig
+from ..methods.lake import LakeConfig
 from ..methods import get_method, load_detector
 from ..options import method_option_specs
 from ..runtime import EXPORT_FILE, ExportedDetector, is_exported, read_export_meta
@@ -372,7 +372,7 @@ class ModelStore:
         """Fit a detector on normal images, save it under a new id, and return its info.
 
         ``method``: a name of :data:`lakead.methods.METHODS`. ``options`` are
-        :class:`~lakead.lake.LakeConfig` fields from :data:`FIT_OPTIONS` (those the method shares
+        :class:`~lakead.methods.lake.LakeConfig` fields from :data:`FIT_OPTIONS` (those the method shares
         with LAKE are used) and the other methods' fields from :data:`METHOD_OPTIONS`;
         ``backbone`` must be one of :attr:`allowed_backbones` (default: the server's).
         Raises :class:`ConfigError` on a bad option, :class:`UploadRejected` (422) when an

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import nearest_neighbor
+from ...ops import nearest_neighbor
 
 #: Smallest score a harmonic mean divides by (a score of 0 gives a mean of about 0).
 EPS = 1e-12

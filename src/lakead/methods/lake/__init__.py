@@ -8,7 +8,7 @@
 """
 
 from .config import LakeConfig
-from .._lazy import lazy_names
+from ..._lazy import lazy_names
 
 # The detector and its state pull in torch: imported on first use (PEP 562), so that the
 # command line can build its options from LakeConfig without importing torch.

@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..api import Prediction, read_model_meta
-from ..backbones import Backbone, BackboneInfo, Features, Layer, as_blocks, load_backbone
-from ..base import BaseDetector, backbone_precision  # noqa: F401 - backbone_precision: used by benchmarks
-from ..errors import ConfigError, ModelFormatError
-from ..images import ImageInput
-from ..index import resolve as resolve_index
+from ...api import Prediction, read_model_meta
+from ...backbones import Backbone, BackboneInfo, Features, Layer, as_blocks, load_backbone
+from ...base import BaseDetector, backbone_precision  # noqa: F401 - backbone_precision: used by benchmarks
+from ...errors import ConfigError, ModelFormatError
+from ...images import ImageInput
+from ...index import resolve as resolve_index
 from . import fit as steps
 from . import stream
 from .config import ANOMALOUS_PROMPT, NORMAL_PROMPT, LakeConfig

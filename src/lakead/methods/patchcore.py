@@ -18,7 +18,7 @@ behind lakead's detector interface (``lakead fit --method patchcore``).
 Decisions come from the support images alone: each is scored leave-one-out against the coreset
 with its own vectors left out (one coreset for all, chosen from every image; without image i it
 covers the others' patches less densely, so these normal scores lean high, not low), and the
-threshold is the same false-alarm budget rule as LAKE's (:mod:`lakead.memorybank`).
+threshold is the same false-alarm budget rule as LAKE's (:mod:`lakead.methods.bank`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from .backbones import Backbone, Layer
-from .coreset import coreset_count, greedy_coreset
-from .memorybank import BankDetector, BankState, Scored, default_pair
-from .patchops import patchcore_features, reweighted_score
+from ..backbones import Backbone, Layer
+from ..coreset import coreset_count, greedy_coreset
+from .bank import BankDetector, BankState, Scored, default_pair
+from ..patchops import patchcore_features, reweighted_score
 
 log = logging.getLogger("lakead")
 
@@ -40,7 +40,7 @@ log = logging.getLogger("lakead")
 PAPER_WIDTH = 1024
 
 
-from .bankconfig import PatchCoreConfig  # noqa: E402 - the options, torch-free
+from .bank_options import PatchCoreConfig  # noqa: E402 - the options, torch-free
 
 
 @dataclass(kw_only=True)

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backbones.base import Layer, LayerSpec
-from ..base import LearnedState, fact, tensor
-from ..errors import ModelFormatError
+from ...backbones.base import Layer, LayerSpec
+from ...base import LearnedState, fact, tensor
+from ...errors import ModelFormatError
 
 
 @dataclass

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..coreset import greedy_coreset
-from ..errors import ConfigError, ImageLoadError
-from ..images import ImageInput, expand_inputs, source_name
-from ..index import resolve as resolve_index
-from ..index import tree_bytes
-from ..ops import Moments, pool_scores
+from ...coreset import greedy_coreset
+from ...errors import ConfigError, ImageLoadError
+from ...images import ImageInput, expand_inputs, source_name
+from ...index import resolve as resolve_index
+from ...index import tree_bytes
+from ...ops import Moments, pool_scores
 from .score import visual_tokens
 
 log = logging.getLogger("lakead")

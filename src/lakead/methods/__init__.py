@@ -19,20 +19,20 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
-from .api import Detector, Runtime, read_model_meta
-from .errors import ConfigError, ModelFormatError
+from ..api import Detector, Runtime, read_model_meta
+from ..errors import ConfigError, ModelFormatError
 
 if TYPE_CHECKING:
-    from .backbones import Backbone
+    from ..backbones import Backbone
 
 #: LAKE's detector, named rather than imported: the registry (and ``lakead --help``, which
 #: lists the methods) does not import torch until a detector is built or loaded.
-LakeDetector = "lakead.lake.detector:LakeDetector"
+LakeDetector = "lakead.methods.lake.detector:LakeDetector"
 #: Config classes of detectors named by string, in modules without torch.
-WinCLIPDetector = "lakead.winclip.detector:WinCLIPDetector"
-CONFIGS = {LakeDetector: "lakead.lake.config:LakeConfig", WinCLIPDetector: "lakead.winclip.config:WinCLIPConfig"}
-PatchCoreDetector = "lakead.patchcore:PatchCoreDetector"
-AnomalyDinoDetector = "lakead.anomalydino:AnomalyDinoDetector"
+WinCLIPDetector = "lakead.methods.winclip.detector:WinCLIPDetector"
+CONFIGS = {LakeDetector: "lakead.methods.lake.config:LakeConfig", WinCLIPDetector: "lakead.methods.winclip.config:WinCLIPConfig"}
+PatchCoreDetector = "lakead.methods.patchcore:PatchCoreDetector"
+AnomalyDinoDetector = "lakead.methods.anomalydino:AnomalyDinoDetector"
 
 #: Which number of a :class:`~lakead.api.Prediction` a method reports as its image score.
 SCORE_FIELDS = ("scores", "visual", "semantic")
@@ -118,9 +118,9 @@ METHODS: dict[str, Method] = {
         Method("winclip+lake", WinCLIPDetector, "WinCLIP+LAKE: WinCLIP's text maps fused with LAKE's sensitive-neuron "
                "distances (docs/METHODS.md)", {"reference": "lake"}, needs_text=True, backbone_kinds=("clip",)),
         Method("patchcore", PatchCoreDetector, "PatchCore (Roth et al. 2022): locally aware features of two blocks, "
-               "coreset memory bank, reweighted nearest-neighbour image score", config="lakead.bankconfig:PatchCoreConfig"),
+               "coreset memory bank, reweighted nearest-neighbour image score", config="lakead.methods.bank_options:PatchCoreConfig"),
         Method("anomalydino", AnomalyDinoDetector, "AnomalyDINO's rule (Damm et al. 2025): cosine nearest neighbour, "
-               "mean of the top 1 % patch scores", config="lakead.bankconfig:AnomalyDinoConfig"),
+               "mean of the top 1 % patch scores", config="lakead.methods.bank_options:AnomalyDinoConfig"),
     )
 }
 
@@ -163,7 +163,7 @@ def load_detector(
     ``precision`` say how to run it; see :meth:`LakeDetector.load` for ``backbone``). A
     directory written by ``lakead export`` is read by :class:`lakead.runtime.ExportedDetector`
     (its graph holds the backbone; it runs on the CPU at the precision it was exported with)."""
-    from .runtime import ExportedDetector, is_exported  # numpy and onnxruntime: only when a model is loaded
+    from ..runtime import ExportedDetector, is_exported  # numpy and onnxruntime: only when a model is loaded
 
     if is_exported(path):
         if backbone is not None:

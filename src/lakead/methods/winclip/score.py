@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import nearest_neighbor
+from ...ops import nearest_neighbor
 from .config import WinCLIPConfig
 from .maps import association, fuse, harmonic_aggregate, harmonic_mean, text_probability
 from .state import WinCLIPState

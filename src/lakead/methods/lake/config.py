@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from ..fields import DEFAULT_CLIP, IndexKind, Layer, LayerSpec, Options, ThresholdRule, _admits, as_blocks, field_types, literal_choices, option, shared_option  # noqa: F401 - re-exported
-from ..errors import ConfigError
+from ...fields import DEFAULT_CLIP, IndexKind, Layer, LayerSpec, Options, ThresholdRule, _admits, as_blocks, field_types, literal_choices, option, shared_option  # noqa: F401 - re-exported
+from ...errors import ConfigError
 
 NORMAL_PROMPT = "a photo of a normal {}."
 ANOMALOUS_PROMPT = "a photo of an anomalous {}."
@@ -21,7 +21,7 @@ ANOMALOUS_PROMPT = "a photo of an anomalous {}."
 
 @dataclass
 class LakeConfig(Options):
-    """Every option of a :class:`~lakead.lake.detector.LakeDetector`; saved as JSON with the model."""
+    """Every option of a :class:`~lakead.methods.lake.detector.LakeDetector`; saved as JSON with the model."""
 
     backbone: str = shared_option("backbone")
     k: Union[int, Literal["auto"], None] = option(
@@ -106,7 +106,7 @@ class LakeConfig(Options):
             raise ConfigError(f"visual_top_percent must be a number in (0, 100] or None, got {p!r}")
         if self.distance == "cosine" and self.gallery_size is not None:
             raise ConfigError("distance='cosine' cannot be combined with gallery_size: the coreset is chosen by Euclidean "
-                              "distance (lakead.lake.stream) and the leave-one-out scores need every support token; "
+                              "distance (lakead.methods.lake.stream) and the leave-one-out scores need every support token; "
                               "drop gallery_size or use distance='euclidean'")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")

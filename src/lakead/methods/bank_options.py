@@ -1,6 +1,6 @@
 """The options of the memory-bank methods (PatchCore, AnomalyDINO), without torch: the
 command line builds its options from these classes (``lakead --help`` does not import torch);
-the detectors are in :mod:`lakead.memorybank`, :mod:`lakead.patchcore` and :mod:`lakead.anomalydino`."""
+the detectors are in :mod:`lakead.methods.bank`, :mod:`lakead.methods.patchcore` and :mod:`lakead.methods.anomalydino`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import ConfigError
-from .fields import IndexKind, Layer, LayerSpec, Options, ThresholdRule, as_blocks, option, shared_option
+from ..errors import ConfigError
+from ..fields import IndexKind, Layer, LayerSpec, Options, ThresholdRule, as_blocks, option, shared_option
 
 
 def _number(name: str, v: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> None:

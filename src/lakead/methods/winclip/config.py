@@ -1,7 +1,7 @@
 """The options of the WinCLIP detectors (WinCLIP, WinCLIP+, WinCLIP+LAKE): saved with the model.
 
 Options that LAKE also has (``backbone``, ``image_size``, ``k``, ``layer``, the decision
-options) have the same name, type, default and meaning as in :class:`lakead.lake.LakeConfig`,
+options) have the same name, type, default and meaning as in :class:`lakead.methods.lake.LakeConfig`,
 so one command line or form serves every method (a test checks it); those every method has are
 declared once in :data:`lakead.fields.SHARED_OPTIONS`.
 """
@@ -12,13 +12,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from ..fields import Layer, LayerSpec, Options, ThresholdRule, as_blocks, option, shared_option
-from ..errors import ConfigError
+from ...fields import Layer, LayerSpec, Options, ThresholdRule, as_blocks, option, shared_option
+from ...errors import ConfigError
 
 
 @dataclass
 class WinCLIPConfig(Options):
-    """Every option of a :class:`~lakead.winclip.detector.WinCLIPDetector`."""
+    """Every option of a :class:`~lakead.methods.winclip.detector.WinCLIPDetector`."""
 
     backbone: str = shared_option("backbone")
     reference: Literal["none", "winclip", "lake"] = option(

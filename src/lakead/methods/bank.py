@@ -1,5 +1,5 @@
-"""What the memory-bank baselines share: PatchCore (:mod:`lakead.patchcore`) and AnomalyDINO
-(:mod:`lakead.anomalydino`) keep patch features of the normal images in a bank and score a
+"""What the memory-bank baselines share: PatchCore (:mod:`lakead.methods.patchcore`) and AnomalyDINO
+(:mod:`lakead.methods.anomalydino`) keep patch features of the normal images in a bank and score a
 test patch by its distance to the nearest one; they differ in the features, the bank and the
 image score. This module holds the rest, once:
 
@@ -32,20 +32,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .api import Prediction
-from .backbones import Backbone, Layer
-from .backbones.base import LayerSpec, as_blocks
-from .base import BaseDetector, LearnedState, fact, tensor
-from .errors import ConfigError, ModelFormatError
-from .images import ImageInput
-from .index import resolve as resolve_index
+from ..api import Prediction
+from ..backbones import Backbone, Layer
+from ..backbones.base import LayerSpec, as_blocks
+from ..base import BaseDetector, LearnedState, fact, tensor
+from ..errors import ConfigError, ModelFormatError
+from ..images import ImageInput
+from ..index import resolve as resolve_index
 from .lake.fit import MAX_LOO_IMAGES, spread_subset
-from .patchops import resize_map, smooth_maps
+from ..patchops import resize_map, smooth_maps
 
 log = logging.getLogger("lakead")
 
 
-from .bankconfig import BankConfig, _number  # noqa: E402,F401 - the options, torch-free
+from .bank_options import BankConfig, _number  # noqa: E402,F401 - the options, torch-free
 
 
 @dataclass(kw_only=True)
@@ -147,7 +147,7 @@ class BankDetector(BaseDetector):
         """Euclidean nearest bank vector of every query ``(Q, D)``: distances ``(Q,)`` and indices
         ``(Q,)``. At predict through the ``index`` option (:meth:`gallery_index`); leaving out the
         vectors of support image ``exclude`` (the fit's leave-one-out), the exact search with groups."""
-        from .ops import nearest_neighbor
+        from ..ops import nearest_neighbor
 
         if exclude is None:
             return self.gallery_index().search(queries)

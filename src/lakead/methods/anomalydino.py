@@ -27,7 +27,7 @@ Options of the paper, off by default:
 
 Decisions come from the support images alone: each is scored leave-one-out against the bank
 without its own vectors (nor those of its rotations), and the threshold is the same
-false-alarm budget rule as LAKE's (:mod:`lakead.memorybank`).
+false-alarm budget rule as LAKE's (:mod:`lakead.methods.bank`).
 """
 
 from __future__ import annotations
@@ -39,18 +39,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Backbone, Layer
-from .base import fact, tensor
-from .errors import ConfigError
-from .memorybank import BankDetector, BankState, Scored
-from .ops import combine_blocks
-from .patchops import centre_share, cosine_distances, foreground_mask, pc_scores, principal_direction, top_percent_mean
+from ..backbones import Backbone, Layer
+from ..base import fact, tensor
+from ..errors import ConfigError
+from .bank import BankDetector, BankState, Scored
+from ..ops import combine_blocks
+from ..patchops import centre_share, cosine_distances, foreground_mask, pc_scores, principal_direction, top_percent_mean
 
 #: The reference's rule for the component's sign: foreground must cover more than this share of the centre.
 CENTRE_SHARE = 0.35
 
 
-from .bankconfig import AnomalyDinoConfig  # noqa: E402 - the options, torch-free
+from .bank_options import AnomalyDinoConfig  # noqa: E402 - the options, torch-free
 
 
 @dataclass(kw_only=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..backbones.base import Backbone, Features, Layer, as_blocks
-from ..ops import combine_blocks, nearest_neighbor, pool_scores, upsample_map
+from ...backbones.base import Backbone, Features, Layer, as_blocks
+from ...ops import combine_blocks, nearest_neighbor, pool_scores, upsample_map
 from .config import LakeConfig
 from .fit import pool_visual, to_unit, token_distance
 from .state import LakeState

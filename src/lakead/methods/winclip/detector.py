@@ -28,15 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..api import Prediction
-from ..backbones.base import as_blocks
-from ..base import BaseDetector, backbone_precision
-from ..decision import Thresholds
-from ..errors import ConfigError
-from ..images import ImageInput
+from ...api import Prediction
+from ...backbones.base import as_blocks
+from ...base import BaseDetector, backbone_precision
+from ...decision import Thresholds
+from ...errors import ConfigError
+from ...images import ImageInput
 from ..lake.config import LakeConfig
 from ..lake.fit import select_neurons
-from ..ops import combine_blocks, nearest_neighbor, upsample_map
+from ...ops import combine_blocks, nearest_neighbor, upsample_map
 from .config import WinCLIPConfig
 from .maps import window_indices
 from .prompts import class_prototypes, prompt_ensemble

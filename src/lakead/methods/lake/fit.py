@@ -21,11 +21,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..decision import Thresholds, derive_thresholds
-from ..neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_image_features
-from ..index import GalleryIndex
-from ..ops import channel_variance, nearest_neighbor, top_k_channels
-from ..patchops import cosine_distances, top_percent_mean
+from ...decision import Thresholds, derive_thresholds
+from ...neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_image_features
+from ...index import GalleryIndex
+from ...ops import channel_variance, nearest_neighbor, top_k_channels
+from ...patchops import cosine_distances, top_percent_mean
 from .config import LakeConfig
 
 log = logging.getLogger("lakead")
@@ -191,11 +191,11 @@ def describe_loo(scored: int, n: int) -> str:
     """Which support images the leave-one-out scores (and so the threshold) come from.
 
     >>> describe_loo(3, 3), describe_loo(128, 1000)
-    ('every support image (3)', '128 of 1,000 support images, evenly spaced (lakead.lake.fit.spread_subset)')
+    ('every support image (3)', '128 of 1,000 support images, evenly spaced (lakead.methods.lake.fit.spread_subset)')
     """
     if scored >= n:
         return f"every support image ({n:,})"
-    return f"{scored:,} of {n:,} support images, evenly spaced (lakead.lake.fit.spread_subset)"
+    return f"{scored:,} of {n:,} support images, evenly spaced (lakead.methods.lake.fit.spread_subset)"
 
 
 def decision(
