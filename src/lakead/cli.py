@@ -445,6 +445,7 @@ def serve(
 
 from . import cli_eval  # noqa: E402,F401 - registers eval, ablate and baselines on the app
 from . import cli_demo  # noqa: E402,F401 - registers demo on the app
+from . import cli_line  # noqa: E402,F401 - registers update, history and rollback on the app
 
 
 if __name__ == "__main__":  # pragma: no cover

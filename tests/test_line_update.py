@@ -1,0 +1,188 @@
+"""lakead update (issue 29): normal images added to a fitted model equal a refit on all of them
+where the method is exact; versions and rollback."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import texture, with_defect
+from lakead import ConfigError, ImageLoadError, LakeDetector
+from lakead.line.update import add_normals
+from lakead.methods.lake import fit as steps
+
+OPTS = dict(k=8, layer=2, image_size=64, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(20)
+    return [texture(rng) for _ in range(14)]
+
+
+def _same_state(a, b, *, rtol=1e-5):
+    """The learned arrays and decision facts of two LAKE states agree (up to float rounding)."""
+    for name in ("gallery", "gallery_image", "scope_gallery", "scope_gallery_image"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            torch.testing.assert_close(x.cpu(), y.cpu(), rtol=rtol, atol=1e-6, msg=name)
+    for name in ("loo_visual", "loo_semantic", "loo_scores", "loo_tokens", "loo_scope"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6, err_msg=name)
+    for name in ("visual_scale", "threshold", "seed_threshold", "pixel_threshold", "scope_threshold"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x is None or y is None:
+            assert x is y, name
+        elif math.isinf(x) or math.isinf(y):
+            assert x == y, name
+        else:
+            assert x == pytest.approx(y, rel=rtol), name
+    assert a.map_range == pytest.approx(b.map_range, rel=rtol)
+    assert a.support == b.support and a.loo_rule == b.loo_rule and a.gallery_rule == b.gallery_rule
+
+
+@pytest.mark.parametrize("opts", [
+    {},
+    {"distance": "cosine"},
+    {"visual_top_percent": 10.0, "use_text": False},
+    {"scope_check": False, "threshold_rule": "conformal", "false_alarm_rate": 0.2},
+])
+def test_update_equals_refit(tiny_backbone, images, opts):
+    """With the neurons a refit would choose (selection all: every channel), an update equals a
+    refit on the old and new images, in every array the decisions come from."""
+    names = [f"img{i}" for i in range(len(images))]
+    o = {**OPTS, "selection": "all", **opts}
+    det = LakeDetector(tiny_backbone, **o).fit(images[:6], "tile", names=names[:6])
+    upd = add_normals(det, images[6:], names=names[6:])
+    ref = LakeDetector(tiny_backbone, **o).fit(images, "tile", names=names)
+    _same_state(det.state_, ref.state_)
+    assert upd.added == names[6:] and upd.support_before == 6 and upd.support_after == 14
+    assert upd.inexact == []
+    assert upd.threshold_after == det.state_.threshold
+
+
+def test_update_equals_refit_with_subsets(tiny_backbone, images, monkeypatch):
+    """Beyond the leave-one-out cap (an evenly spaced subset is scored) and the scope gallery's
+    cap (a random subset of tokens): old images newly in the subset are scored from the gallery,
+    those leaving it dropped, and the scope gallery is the rows a refit keeps."""
+    monkeypatch.setattr(steps, "MAX_LOO_IMAGES", 5)
+    monkeypatch.setattr(steps, "MAX_SCOPE_TOKENS", 700)  # 6 old images x 64 tokens fit; 14 do not
+    names = [f"img{i}" for i in range(len(images))]
+    o = {**OPTS, "selection": "all"}
+    det = LakeDetector(tiny_backbone, **o).fit(images[:6], "tile", names=names[:6])
+    upd = add_normals(det, images[6:], names=names[6:])
+    ref = LakeDetector(tiny_backbone, **o).fit(images, "tile", names=names)
+    _same_state(det.state_, ref.state_)
+    assert upd.inexact == []
+
+
+def test_update_in_rounds_and_from_one_image(tiny_backbone, images):
+    """Three updates in a row equal one refit; a model of one image (no leave-one-out, no
+    scope gallery) gets its scores from the update, and says the scope check stays off."""
+    o = {**OPTS, "selection": "all"}
+    names = [f"img{i}" for i in range(len(images))]
+    det = LakeDetector(tiny_backbone, **o).fit(images[:4], "tile", names=names[:4])
+    for a, b in ((4, 5), (5, 9), (9, len(images))):
+        add_normals(det, images[a:b], names=names[a:b])
+    ref = LakeDetector(tiny_backbone, **o).fit(images, "tile", names=names)
+    _same_state(det.state_, ref.state_)
+    one = LakeDetector(tiny_backbone, **o, scope_check=False).fit(images[:1], "tile", names=names[:1])
+    assert math.isinf(one.state_.threshold)
+    add_normals(one, images[1:6], names=names[1:6])
+    ref = LakeDetector(tiny_backbone, **o, scope_check=False).fit(images[:6], "tile", names=names[:6])
+    _same_state(one.state_, ref.state_)
+    one = LakeDetector(tiny_backbone, **o).fit(images[:1], "tile")
+    upd = add_normals(one, images[1:6])
+    assert one.state_.scope_gallery is None and any("scope check stays off" in s for s in upd.inexact)
+
+
+def test_update_keeps_the_neurons(tiny_backbone, images):
+    """With top-k neurons the update keeps the fit's neurons; its gallery is the refit's when the
+    refit chooses the same ones, and the update's is always every image's tokens in them."""
+    det = LakeDetector(tiny_backbone, **OPTS).fit(images[:6], "tile")
+    neurons = det.state_.neurons.clone()
+    add_normals(det, images[6:])
+    assert torch.equal(det.state_.neurons, neurons)
+    assert det.state_.gallery.shape == (14 * 64, 8)
+    ref = LakeDetector(tiny_backbone, **OPTS).fit(images, "tile")
+    if torch.equal(ref.state_.neurons, neurons):
+        _same_state(det.state_, ref.state_)
+
+
+def test_added_false_alarm_is_no_longer_flagged(tiny_backbone, images):
+    """An image flagged as anomalous, added as normal, scores like a support image afterwards."""
+    det = LakeDetector(tiny_backbone, **OPTS).fit(images[:6], "tile")
+    odd = with_defect(images[7], 0, 0, 64)  # all checker: out of scope on the tiny random CLIP
+    assert det.predict([odd]).anomalous[0]
+    add_normals(det, [odd])
+    assert not det.predict([odd]).anomalous[0]
+
+
+def test_update_refuses_and_leaves_the_model(tiny_backbone, images, tmp_path):
+    det = LakeDetector(tiny_backbone, **OPTS).fit(images[:4], "tile")
+    state = det.state_
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError, match="broken.png"):
+        add_normals(det, [images[5], str(bad)])
+    assert det.state_ is state
+    with pytest.raises(ConfigError, match="no image"):
+        add_normals(det, [])
+    core = LakeDetector(tiny_backbone, **OPTS, gallery_size=50).fit(images[:4], "tile")
+    with pytest.raises(ConfigError, match="coreset"):
+        add_normals(core, images[4:6])
+
+
+def test_cli_update_history_rollback(tiny_backbone, tiny_clip_dir, images, tmp_path):
+    """lakead update writes version 2 (the fit is 1), history lists both, rollback restores the
+    fit's files byte for byte, and an update after it starts from the version rolled back to."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lakead.cli import app
+    from lakead.line.versions import current, read_history
+    from lakead.methods import load_detector
+
+    model = tmp_path / "model"
+    LakeDetector(str(tiny_clip_dir), **OPTS).fit(images[:5], "tile").save(model)
+    (model / "notes.txt").write_text("mine")  # a file lakead did not write: carried over
+    fitted = {f: (model / f).read_bytes() for f in ("lakead.json", "tensors.safetensors")}
+    add = tmp_path / "good"
+    add.mkdir()
+    for i, img in enumerate(images[5:9]):
+        Image.fromarray(img).save(add / f"ok{i}.png")
+    runner = CliRunner()
+    r = runner.invoke(app, ["update", str(model), "--add-normal", str(add), "--by", "operator", "--json", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output.strip().splitlines()[-1])
+    assert doc["version"] == 2 and doc["support_after"] == 9 and len(doc["added"]) == 4
+    det = load_detector(model)
+    assert len(det.support_) == 9 and det.threshold_ == pytest.approx(doc["threshold_after"])
+    hist = read_history(model)
+    assert hist["current"] == 2 and [e["action"] for e in hist["versions"]] == ["fit", "update"]
+    assert hist["versions"][1]["by"] == "operator" and hist["versions"][1]["added"] == doc["added"]
+    assert current(model) == (2, model / "versions" / "2")
+    assert (model / "notes.txt").read_text() == "mine"
+    r = runner.invoke(app, ["history", str(model)])
+    assert r.exit_code == 0 and "update" in r.output and "operator" in r.output
+    r = runner.invoke(app, ["rollback", str(model), "1"])
+    assert r.exit_code == 0, r.output
+    assert {f: (model / f).read_bytes() for f in fitted} == fitted
+    assert len(load_detector(model).support_) == 5
+    r = runner.invoke(app, ["rollback", str(model), "7"])
+    assert r.exit_code == 1 and "no version 7" in r.output
+    r = runner.invoke(app, ["update", str(model), "--add-normal", str(add / "ok0.png"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    hist = read_history(model)
+    assert hist["current"] == 3 and hist["versions"][2]["parent"] == 1 and hist["versions"][2]["support"] == 6
+    r = runner.invoke(app, ["update", str(model), "--add-normal", str(tmp_path / "missing"), "--device", "cpu"])
+    assert r.exit_code == 1 and "missing" in r.output
+    assert read_history(model)["current"] == 3
