@@ -10,7 +10,7 @@ Layers, lowest first (a module may import from its own layer or below, never abo
    ``winclip`` (WinCLIP, WinCLIP+, WinCLIP+LAKE), ``bank`` (what the memory-bank methods share), ``patchcore``, ``anomalydino``
    (``methods.bank_options``, their options without torch, sits in layer 1)
 5. ``methods`` (its ``__init__``): the registry of methods
-6. users of detectors: ``batch`` (and its output directory, ``rundir``), ``distributed``, ``evaluate``, ``explain``, ``serve``, ``export``; ``options``
+6. users of detectors: ``batch`` (and its output directory, ``rundir``), ``distributed``, ``evaluate``, ``explain``, ``serve``, ``export``, ``line`` (update, versions); ``options``
    (a config's fields as command-line options and form fields, for ``cli`` and ``serve``); ``configfile`` (--config, --print-config)
 7. the command line: ``cli_common`` (the app, messages, shared options), ``cli``, ``cli_eval``
 """
