@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from ._version import __version__
 from .errors import ConfigError, ModelFormatError
 from .fileio import atomic_directory, recover_directory
+from .validate import load_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -254,9 +255,9 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
     if not cfg_file.is_file():
         raise ModelFormatError(f"{p}: not a lakead model directory (no {CONFIG_FILE})")
     try:
-        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{cfg_file}: cannot be parsed ({exc})") from None
+        meta = load_json(cfg_file)  # strict: finite numbers, bounded depth (lakead.validate)
+    except FileNotFoundError:
+        raise ModelFormatError(f"{p}: not a lakead model directory (no {CONFIG_FILE})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ModelFormatError(f"{cfg_file}: not a lakead model file")
     version = meta.get("format_version")

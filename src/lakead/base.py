@@ -39,6 +39,7 @@ from .index import GalleryIndex
 from .fields import SLICES_HELP, WINDOW_HELP, Options, _admits, field_types, literal_choices, option  # noqa: F401 - re-exported
 from .images import ImageInput, LoadedImages, expand_inputs, load_image, read_all, source_name
 from .medical import ReadRule, is_medical, read_source
+from .validate import check_state
 
 log = logging.getLogger("lakead")
 
@@ -111,9 +112,10 @@ class LearnedState:
                 else:
                     raise KeyError(f.name)
             state = cls(**cls.convert(values))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ModelFormatError(f"{where}: saved model is incomplete or damaged (missing or bad {exc})") from None
-        state.check(where)
+        check_state(state, where)  # the rules of every field (finite, in range: lakead.validate)
+        state.check(where)  # how this method's fields agree with each other
         return state
 
     @classmethod

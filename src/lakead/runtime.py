@@ -19,7 +19,6 @@ it with ``import torch`` made to fail). Install: ``pip install --no-deps lakead`
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from .api import Prediction, Runtime
 from .decision import Thresholds
 from .errors import ConfigError, ImageLoadError, ModelFormatError
 from .images import ImageInput, LoadedImages, load_image, preprocess, read_all, source_name
+from .validate import check_export_meta, load_json
 
 log = logging.getLogger("lakead")
 
@@ -58,11 +58,9 @@ def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not Path(path).is_dir():
         raise ModelFormatError(f"{path}: no such directory (an exported model is a directory written by 'lakead export')")
     try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
+        meta = load_json(f)  # strict: finite numbers, bounded depth (lakead.validate)
     except FileNotFoundError:
         raise ModelFormatError(f"{f}: missing; is {path} a directory written by 'lakead export'?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{f}: cannot be read ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise ModelFormatError(f"{f}: not a lakead export description (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     if meta.get("format_version") != EXPORT_VERSION:
@@ -73,7 +71,7 @@ def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFormatError(f"{f}: damaged (no {', '.join(missing)})")
     if meta["engine"] not in FORMATS or meta["precision"] not in PRECISIONS:
         raise ModelFormatError(f"{f}: unknown engine {meta['engine']!r} or precision {meta['precision']!r}")
-    return meta
+    return check_export_meta(meta, str(f))  # every field the runtime reads, in range
 
 
 def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
