@@ -95,12 +95,14 @@ def open_page(browser, url: str):
     return page, problems
 
 
-def create_model(page, normal: list[Path]) -> str:
+def create_model(page, normal: list[Path], text: bool = True) -> str:
     page.fill("#class-name", "tile")
     page.click("#fit-options summary")
     page.fill("#opt-k", "8")
     page.fill("#opt-layer", "2")
     page.fill("#opt-image_size", "64")
+    if not text:
+        page.select_option("#opt-use_text", "false")
     page.set_input_files("#fit-files", [str(p) for p in normal])
     assert page.inner_text("#fit-chosen").startswith(f"{len(normal)} image(s)")
     assert page.locator("#fit-thumbs img").count() == len(normal)
@@ -139,6 +141,7 @@ def test_create_a_model_score_images_and_see_the_overlays(browser, serve, images
     for i in range(2):
         text = cards.nth(i).inner_text()
         assert ("NORMAL" in text or "ANOMALOUS" in text) and "score" in text and "threshold" in text
+        assert " text " in text  # the text probe's score: this model has one
     scores = [float(cards.nth(i).get_attribute("data-score")) for i in range(2)]
     assert scores[1] > scores[0]  # the planted defect scores higher
     assert "2 image(s) scored" in page.inner_text("#predict-status")
@@ -148,6 +151,9 @@ def test_create_a_model_score_images_and_see_the_overlays(browser, serve, images
     page.wait_for_selector(".result.failed")
     assert "not an image" in page.inner_text(".result.failed")
     assert "broken.png" in page.inner_text("#message")
+    # no broken-image icon: neither the file the browser cannot show nor the map never made
+    page.wait_for_function("document.querySelectorAll('.result.failed img').length === 0", timeout=10_000)
+    assert page.locator(".result.failed .unshown").all_inner_texts() == ["the browser cannot show this file", "no map: not scored"]
     assert len(problems) <= 1 and all("status of 422" in p for p in problems), problems  # Chromium logs the 422
 
 
@@ -155,7 +161,7 @@ def test_dropping_files_and_deleting_a_model(browser, serve, images):
     url = serve()
     page, problems = open_page(browser, url + "/")
     page.wait_for_selector("body[data-ready=true]")
-    model_id = create_model(page, images["normal"][:4])
+    model_id = create_model(page, images["normal"][:4], text=False)
 
     # a real drop event carrying files, as a file manager sends it
     payload = [(p.name, list(p.read_bytes())) for p in images["test"]]
@@ -169,6 +175,7 @@ def test_dropping_files_and_deleting_a_model(browser, serve, images):
     )
     wait_for_overlays(page, 2)
     assert model_id in page.inner_text(".result")
+    assert all(" text " not in t for t in page.locator(".result .scores").all_inner_texts())  # no text probe: no "text 0.00"
 
     page.once("dialog", lambda d: d.accept())
     page.click("#delete-model")

@@ -73,7 +73,7 @@ from .rundir import (  # noqa: F401 - the output directory's names, re-exported 
     path_key,
     run_info,
 )
-from .viz import annotate, npy_bytes, overlay, png_bytes
+from .viz import annotate, npy_bytes, overlay, png_bytes, verdict_lines
 
 log = logging.getLogger("lakead")
 
@@ -186,8 +186,7 @@ def score_batch(
 
     def write(j: int) -> None:
         if "png" in maps:
-            verdict = ("NOT THIS PRODUCT" if pred.out_of_scope[j] else "ANOMALOUS") if pred.anomalous[j] else "normal"
-            text = f"score {pred.scores[j]:.4g}  {verdict}  (threshold {pred.threshold:.4g})"
+            text = verdict_lines(float(pred.scores[j]), pred.threshold, bool(pred.anomalous[j]), bool(pred.out_of_scope[j]))
             image = annotate(overlay(arrays[j], pred.maps[j], vmin, vmax), found[j][0], text, vmin, vmax,
                              anomalous=bool(pred.anomalous[j]))
             atomic_write_bytes(out_dir / "overlays" / f"{names[j]}.png", png_bytes(image))

@@ -113,15 +113,20 @@ def fit(
             else:
                 det.fit(chosen, class_name, support_rule=rule, on_progress=advance, memory=memory)
         det.save(out_dir)
-        _print_summary(det.summary(), title=f"model written to {out_dir}")
+        _print_summary(det.summary(), title=f"model written to {out_dir}", result=False)
         for problem in det.skipped_:
             err.print(f"skipped: {problem}", highlight=False, markup=False)
         for name in getattr(det.state_, "outliers", []):
             out.print(f"dropped as an outlier (--filter-outliers): {name}", highlight=False, markup=False, soft_wrap=True)
 
 
-def _print_summary(summary: dict, title: str) -> None:
+def _print_summary(summary: dict, title: str, *, result: bool = True) -> None:
+    """A two-column table of facts; ``result=False``: a report of what was written, left out with -q."""
+    if not result and state["quiet"]:
+        return
     table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a long path folds onto the next line, never cut with "..."
     for key, value in summary.items():
         table.add_row(escape(printable(key)), escape(printable(f"{value:.4g}" if isinstance(value, float) else value)))
     out.print(table)
@@ -252,7 +257,7 @@ def export(
         c = meta["check"]
         summary["check"] = (f"{c['images']} images: largest relative score difference {c['max_relative']:.3g}, "
                             f"decisions differ on {c['decisions_differ']}")
-    _print_summary(summary, title=f"exported to {out_dir}")
+    _print_summary(summary, title=f"exported to {out_dir}", result=False)
 
 
 @app.command()

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -42,7 +42,26 @@ app = _App(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True, soft_wrap=True)  # messages stay on one line: greppable in logs
-out = Console()
+#: The width of stdout when it is not a terminal (a pipe, a file, a CI log) and COLUMNS is not set.
+PIPED_WIDTH = 240
+
+
+class _Stdout(Console):
+    """stdout's console. Where stdout is piped, rich takes the width of the terminal on stdin or
+    stderr, or 80, and cuts tables to it ("55." for 55.3, paths ending in "..."); piped output
+    gets :data:`PIPED_WIDTH` columns instead (a table takes only what it needs). COLUMNS, when
+    set, still decides."""
+
+    def _size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        if self._width is None and not self._environ.get("COLUMNS") and not self.is_terminal:
+            return ConsoleDimensions(PIPED_WIDTH, size.height)
+        return size
+
+    size = property(_size, Console.size.fset)  # type: ignore[assignment]
+
+
+out = _Stdout()
 
 
 def _version(value: bool) -> None:

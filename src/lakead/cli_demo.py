@@ -79,7 +79,7 @@ def demo(
         for folder in (normal, test):
             if not folder.is_dir():
                 raise fail(f"{folder}: no such folder; the demo reads a category in the MVTec layout "
-                           "(CATEGORY/train/good and CATEGORY/test/)")
+                           "(CATEGORY/train/good and CATEGORY/test/)" + _categories_inside(category))
         spec, warning = choose_backbone(backbone, out_dir)
         if warning:
             err.print(f"[yellow]note:[/] {escape(warning)}", highlight=False)
@@ -111,6 +111,25 @@ def demo(
               highlight=False, markup=False, soft_wrap=True)
     if summary.failed:
         raise fail(f"{summary.failed} input(s) could not be read: listed in {results / 'errors.csv'}")
+
+
+def _categories_inside(folder: Path, limit: int = 3) -> str:
+    """A hint for a dataset folder given instead of one of its categories: the command with the
+    categories found one or two levels down (``mpdd`` -> ``mpdd/metal_plate``), or ""."""
+    def below(d: Path) -> list[Path]:
+        try:
+            return sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
+        except OSError:
+            return []
+
+    found = [c for c in below(folder) if (c / "train" / "good").is_dir()]
+    if not found:
+        found = [g for c in below(folder) for g in below(c) if (g / "train" / "good").is_dir()]
+    if not found:
+        return ""
+    more = f" (and {len(found) - limit} more)" if len(found) > limit else ""
+    return (f". {folder} holds {len(found)} categor{'y: give it' if len(found) == 1 else 'ies: give one, for example'}:\n"
+            + "\n".join(f"  lakead demo {c}" for c in found[:limit]) + more)
 
 
 def model_words(config: LakeConfig) -> list[str]:

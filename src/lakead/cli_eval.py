@@ -107,7 +107,7 @@ def eval_(
     names = [r.name for r in report.results]
     table.add_column("category", overflow="fold", min_width=min(40, max(map(len, ["mean", *names]))))  # never cut short
     for c in METRIC_COLUMNS:
-        table.add_column(HEADERS[c], justify="right")
+        table.add_column(HEADERS[c], justify="right", no_wrap=True, min_width=5)  # "100.0" whole
     for r in report.results:
         table.add_row(r.name, *(format_percent(v) for v in r.metrics().values()))
     table.add_row("mean", *(format_percent(report.mean[c]) for c in METRIC_COLUMNS))

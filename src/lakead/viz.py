@@ -68,12 +68,41 @@ def _contour(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
 
 
-def annotate(rgb: np.ndarray, mask: np.ndarray | None, text: str, vmin: float, vmax: float, *,
+def verdict_lines(score: float, threshold: float, anomalous: bool, out_of_scope: bool) -> list[str]:
+    """The words of an overlay's banner: the image score, the decision, and the image threshold
+    it was compared with (of the image score, not of the map's colour scale)."""
+    verdict = ("NOT THIS PRODUCT" if out_of_scope else "ANOMALOUS") if anomalous else "normal"
+    return [f"score {score:.4g}", verdict, f"(image threshold {threshold:.4g})"]
+
+
+#: The title of the colour bar and the words for its two ends (see :func:`annotate`).
+BAR_TITLE = "map scale"
+BAR_TOP = "patch level"
+BAR_BOTTOM = "typical normal"
+
+
+def _wrap(draw, parts: list[str], font, width: float) -> list[str]:
+    """``parts`` joined two spaces apart on as few lines as fit in ``width`` pixels (a part wider
+    than that gets a line of its own)."""
+    lines: list[str] = []
+    for part in parts:
+        joined = f"{lines[-1]}  {part}" if lines else part
+        if lines and draw.textlength(joined, font=font) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(part)
+    return lines
+
+
+def annotate(rgb: np.ndarray, mask: np.ndarray | None, text: str | list[str], vmin: float, vmax: float, *,
              anomalous: bool, cmap: str = COLORMAP) -> np.ndarray:
     """An overlay with what it means drawn on it, at the same size: the outline of the defect
-    regions (white), a colour bar from ``vmin`` (typical normal patch) to ``vmax`` (decision
-    level) along the right edge, and ``text`` (score and decision) in a box at the top left,
-    red when ``anomalous``, green otherwise. Returns a new ``(H, W, 3)`` uint8 array."""
+    regions (white), a colour bar along the right edge titled "map scale", from ``vmin`` (the typical
+    normal patch) to ``vmax`` (the patch decision level, which is not the image threshold), and
+    ``text`` (score and decision: a string or the parts of :func:`verdict_lines`) in a box at the
+    top left, red when ``anomalous``, green otherwise. The box takes at most about half the width
+    (its parts wrap onto lines) so that a small image stays visible. Returns a new ``(H, W, 3)``
+    uint8 array."""
     from matplotlib import colormaps
     from PIL import ImageDraw, ImageFont
 
@@ -87,12 +116,17 @@ def annotate(rgb: np.ndarray, mask: np.ndarray | None, text: str, vmin: float, v
     canvas = Image.fromarray(out)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(9, min(h, w) // 28))
-    for top, label in ((True, f"{vmax:.3g}"), (False, f"{vmin:.3g}")):
-        box = draw.textbbox((0, 0), label, font=font)
-        x = w - bar - (box[2] - box[0]) - 3
-        y = 2 if top else h - (box[3] - box[1]) - 5
-        draw.text((x, y), label, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
-    box = draw.textbbox((4, 4), text, font=font)
+    parts = [text] if isinstance(text, str) else list(text)
+    banner = "\n".join(_wrap(draw, parts, font, max(w // 2, 1)))
+    box = draw.multiline_textbbox((4, 4), banner, font=font, spacing=2)
     draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(180, 0, 0) if anomalous else (0, 110, 0))
-    draw.text((4, 4), text, fill=(255, 255, 255), font=font)
+    draw.multiline_text((4, 4), banner, fill=(255, 255, 255), font=font, spacing=2)
+    for label, at_top in ((f"{BAR_TITLE}\n{vmax:.3g} {BAR_TOP}", True), (f"{vmin:.3g} {BAR_BOTTOM}", False)):
+        size = draw.multiline_textbbox((0, 0), label, font=font, spacing=2)
+        x = w - bar - (size[2] - size[0]) - 3
+        y = 2 if at_top else h - (size[3] - size[1]) - 5
+        if at_top and x < box[2] + 6:  # no room beside the banner: below it
+            y = box[3] + 6
+        draw.multiline_text((x, y), label, fill=(255, 255, 255), font=font, spacing=2, align="right",
+                            stroke_width=1, stroke_fill=(0, 0, 0))
     return np.asarray(canvas)

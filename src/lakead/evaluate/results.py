@@ -63,6 +63,7 @@ class CategoryResult:
     map_range: tuple[float, float] = (0.0, 1.0)
     pixel_roc: tuple[np.ndarray, np.ndarray] | None = field(repr=False, default=None)
     decision: dict[str, float] = field(default_factory=dict)  # the fitted threshold's false alarms and recall
+    neurons: int | None = None  # the fitted detector's k (neurons kept), where it has one
 
     def metrics(self) -> dict[str, float]:
         """The seven numbers of a table row, keyed by :data:`METRIC_COLUMNS`."""
@@ -84,6 +85,7 @@ class CategoryResult:
             "fit_seconds": round(self.fit_seconds, 3),
             "predict_seconds_per_image": round(self.predict_seconds_per_image, 5),
             "decision": _clean(self.decision),
+            "k": self.neurons,
         }
 
 

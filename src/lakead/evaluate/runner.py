@@ -166,6 +166,7 @@ def evaluate_category(
         decision={**decision_rates(labels, flagged, det.threshold_, scores), **masks.compute(),
                   "out_of_scope_rate": float(out_of_scope.mean()) if len(test) else float("nan"),
                   "rule": str(getattr(det, "threshold_rule_", "?"))},
+        neurons=det.summary().get("k"),
     )
 
 
@@ -263,7 +264,7 @@ def save_maps_of(category: Category, batch: Sequence[Sample], arrays: Sequence[n
     image's path under its category folder: ``overlays/<category>/<path>.png`` (the map over
     the image with the defect regions outlined, score, decision and colour bar; ``"png"``)
     and ``maps/<category>/<path>.npy`` (the raw float32 map at the image's size; ``"npy"``)."""
-    from ..viz import annotate, npy_bytes, overlay, png_bytes
+    from ..viz import annotate, npy_bytes, overlay, png_bytes, verdict_lines
 
     if maps_dir is None:
         raise ConfigError("save_maps needs maps_dir, the folder to write the maps to")
@@ -275,8 +276,7 @@ def save_maps_of(category: Category, batch: Sequence[Sample], arrays: Sequence[n
             rel = s.path.name
         name = f"{category.name}/{rel}"
         if "png" in kinds:
-            verdict = ("NOT THIS PRODUCT" if pred.out_of_scope[j] else "ANOMALOUS") if pred.anomalous[j] else "normal"
-            text = f"score {pred.scores[j]:.4g}  {verdict}  (threshold {pred.threshold:.4g})"
+            text = verdict_lines(float(pred.scores[j]), pred.threshold, bool(pred.anomalous[j]), bool(pred.out_of_scope[j]))
             image = annotate(overlay(arr, pred.maps[j], vmin, vmax), pred.regions(j)[0], text, vmin, vmax,
                              anomalous=bool(pred.anomalous[j]))
             atomic_write_bytes(maps_dir / "overlays" / f"{name}.png", png_bytes(image))
@@ -379,6 +379,14 @@ def has_text_probe(cfg: Any, bb: Backbone) -> bool:
     return bb.has_text or getattr(cfg, "text_backbone", None) is not None
 
 
+def method_description(m: Method, cfg: Any) -> str:
+    """What a method does as run with ``cfg``: a method that fuses the text probe says so only
+    when the probe is on."""
+    if getattr(cfg, "use_text", None) is False and not m.needs_text and " + text probe, fused" in m.description:
+        return m.description.replace(" + text probe, fused", "") + "; text probe off: the visual score alone"
+    return m.description
+
+
 def _check_method(m: Method, bb: Backbone, cfg: Any = None) -> None:
     if m.needs_text and not has_text_probe(cfg, bb):
         raise ConfigError(f"method {m.name!r} needs a text tower; backbone {bb.info.source} has none")
@@ -412,7 +420,7 @@ def _settings(data_root, cfg: Any, rt: Runtime, bb: Backbone, m: Method, shots, 
         "command": command,
         "data_root": str(data_root),
         "method": m.name,
-        "method_description": m.description,
+        "method_description": method_description(m, cfg),
         "image_score": m.score,
         "shots": "all" if shots is None else shots,
         "shot_seed": seed,

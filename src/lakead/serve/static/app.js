@@ -293,6 +293,7 @@ function resultCard(file, batch, index) {
     const img = document.createElement("img");
     img.className = cls;
     img.alt = `${caption} of ${file.name}`;
+    img.addEventListener("error", () => unshown(img, "the browser cannot show this file"));
     if (cls === "input") img.src = URL.createObjectURL(file);
     const cap = document.createElement("figcaption");
     cap.textContent = caption;
@@ -307,6 +308,15 @@ function resultCard(file, batch, index) {
   scores.textContent = "waiting…";
   card.append(pair, title, scores);
   return card;
+}
+
+// An image the browser cannot show (a TIFF, a DICOM, a damaged file) or a map that was not made:
+// a line of text in its place, not a broken-image icon.
+function unshown(img, why) {
+  const note = document.createElement("div");
+  note.className = "unshown";
+  note.textContent = why;
+  img.replaceWith(note);
 }
 
 function fillCard(card, r, modelId) {
@@ -325,7 +335,9 @@ function fillCard(card, r, modelId) {
   badge.className = "badge decision";
   badge.textContent = r.out_of_scope ? "NOT THIS PRODUCT" : r.anomalous ? "ANOMALOUS" : "NORMAL";
   const text = document.createElement("span");
-  text.textContent = ` score ${fmt(r.score)} · visual ${fmt(r.visual)} · text ${fmt(r.semantic, 3)} · threshold ${fmt(r.threshold)}`;
+  const model = state.models.find((m) => m.id === modelId);
+  const probe = !model || model.text_probe ? ` · text ${fmt(r.semantic, 3)}` : "";  // no text probe: no text score
+  text.textContent = ` score ${fmt(r.score)} · visual ${fmt(r.visual)}${probe} · threshold ${fmt(r.threshold)}`;
   const small = document.createElement("div");
   small.className = "hint";
   const regions = (r.regions || []).length;
@@ -338,6 +350,8 @@ function failCard(card, problem) {
   card.classList.add("failed");
   card.dataset.decision = "failed";
   card.row = { ...card.row, decision: "failed", problem };
+  const map = card.querySelector("img.overlay");
+  if (map) unshown(map, "no map: not scored");
   card.querySelector(".scores").textContent = "not scored: " + problem;
 }
 
