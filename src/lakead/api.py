@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from ._version import __version__
 from .errors import ConfigError, ModelFormatError
-from .fileio import atomic_directory, recover_directory
+from .fileio import recover_directory
+from .outputs import MODEL, output_directory
 from .validate import load_json
 
 if TYPE_CHECKING:
@@ -217,11 +218,13 @@ def finite_or_none(value: float) -> float | None:
 
 def write_model_dir(path: str | Path, meta: dict[str, Any], tensors: dict[str, Any]) -> Path:
     """Write ``lakead.json`` (``meta`` with the format name and version added) and
-    ``tensors.safetensors`` atomically: the directory appears complete or not at all."""
+    ``tensors.safetensors`` atomically: the directory appears complete or not at all. An
+    existing ``path`` is replaced only when it holds a lakead model and nothing else
+    (:mod:`lakead.outputs`)."""
     from safetensors.torch import save_file
 
     doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lakead_version": __version__, **meta}
-    with atomic_directory(path) as tmp:
+    with output_directory(path, MODEL) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE),
                   metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})

@@ -436,7 +436,8 @@ class BaseDetector:
     def save(self, path: str | Path) -> Path:
         """Write the fitted model to a directory: ``lakead.json`` (method, options, backbone,
         learned facts, format version) and ``tensors.safetensors``. Atomic: the directory
-        appears complete or not at all. Returns the directory. An HNSW index chosen after the fit
+        appears complete or not at all; an existing ``path`` is replaced only when it holds a lakead
+        model and nothing else (:mod:`lakead.outputs`). Returns the directory. An HNSW index chosen after the fit
         (``config.index = "hnsw"``) is built here if no search built it, and saved with the model."""
         self.keep_index()
         return write_model_dir(path, self.model_meta(), self.check_fitted().tensors())

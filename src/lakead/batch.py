@@ -56,6 +56,7 @@ from .errors import ConfigError, ImageLoadError, NotFittedError
 from .fileio import atomic_write_bytes
 from .images import iter_images
 from .medical import ReadRule, expand_all, split_source, write_map_volume
+from .outputs import check_inputs
 from .rundir import (  # noqa: F401 - the output directory's names, re-exported for users of lakead.batch
     ERROR_COLUMNS,
     ERRORS_FILE,
@@ -317,6 +318,7 @@ def predict_to_dir(
     if threshold is not None and not _is_number(threshold):
         raise ConfigError(f"threshold must be a number, not {threshold!r}")
     out = Path(out_dir)
+    check_inputs(out, inputs, inside=False, holds=False)  # results inside the image folder are fine, in it are not
     check_target(out, resume=resume, overwrite=overwrite)  # before the work, not after it
     listed = iter_images(inputs, exclude=own_output(out, inputs))  # checks the inputs now, lists them while consumed
     volumes: list[VolumeMaps] = []  # maps "nifti": set once the output directory is open

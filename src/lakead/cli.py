@@ -18,7 +18,7 @@ from rich.table import Table
 
 from .api import Runtime
 from .errors import LakeadError
-from .fileio import check_directory_target
+from .outputs import BACKBONE, EXPORT, MODEL, REPORT, check_inputs, check_output
 from .configfile import config_file_option, print_config_option, render_config
 from .errors import CONTROL_CHARACTERS, printable
 from .methods.lake import LakeConfig
@@ -50,7 +50,7 @@ def fit(
         None, help="Folders (searched recursively) or files of normal images (none: zero-shot, --method winclip only).",
         show_default=False),
     class_name: str = typer.Option(..., "--class-name", "-c", help="What the images show, e.g. 'screw'; fills the text prompts."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the model to (replaced if it exists)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the model to: a new folder, or one holding only an earlier lakead model (replaced when the new one is complete); a folder with anything else in it, or one of the image folders, is refused."),
     shots: Optional[int] = typer.Option(None, help="Use only this many normal images (default: all)."),
     seed: Optional[int] = typer.Option(
         None, help="Sample the shots with this seed (default: the first N by name); also seeds --selection random "
@@ -85,7 +85,7 @@ def fit(
     if CONTROL_CHARACTERS.search(class_name):
         raise typer.BadParameter(f"has a control character: '{printable(class_name)}'; give printable text", param_hint="--class-name")
     with errors_as_messages():
-        check_directory_target(out_dir)  # before the work, not after it
+        check_output(out_dir, MODEL, inputs=normal or [])  # before the work, not after it
         cfg, m = configured(method, config, method_options)
         if m.detector_class.method != "lake" and (ray or fit_memory != "256MiB"):
             raise typer.BadParameter(f"--ray and --fit-memory apply to LAKE's streaming fit; method {m.name!r} "
@@ -183,6 +183,8 @@ def predict(
         raise typer.BadParameter("choose one: go on with the earlier run (--resume) or replace its results (--overwrite)",
                                  param_hint="--resume/--overwrite")
     with errors_as_messages():
+        check_inputs(out_dir, [model_dir], holds=False)  # the results are never written into the model
+        check_inputs(out_dir, inputs, inside=False, holds=False)
         check_target(out_dir, resume=resume, overwrite=overwrite)  # before the model is loaded
 
     def report(path: str, problem: str) -> None:
@@ -224,7 +226,7 @@ def predict(
 @app.command()
 def export(
     model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit'.", show_default=False),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the exported model to (replaced if it exists)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the exported model to: a new folder, or one holding only an earlier lakead export (replaced when the new one is complete); anything else, or the model itself, is refused."),
     format: str = typer.Option("onnx", "--format", help="onnx (model.onnx, for ONNX Runtime) or openvino (model.xml + model.bin)."),
     precision: str = typer.Option("fp32", help="fp32 (the same scores), int8 (backbone weights and activations in int8, dynamic), int8-static (int8 calibrated on normal images: --calibrate) or bf16 (OpenVINO only); see docs/DEPLOY.md."),
     batch: str = typer.Option("dynamic", help="Images per graph call: dynamic, or a fixed number N."),
@@ -238,7 +240,7 @@ def export(
     from .methods.lake.fit import spread_subset
 
     with errors_as_messages():
-        check_directory_target(out_dir)
+        check_output(out_dir, EXPORT, inputs=[model_dir])
         arrays = None
         if check:
             found = list_images(check)
@@ -292,7 +294,7 @@ def info(model_dir: Path = typer.Argument(..., help="A model directory written b
 def explain(
     model_dir: Path = typer.Argument(..., help="The model to explain: a directory written by 'lakead fit'.", show_default=False),
     inputs: Optional[list[Path]] = typer.Argument(None, help="Images or folders (searched recursively) to explain; optional.", show_default=False),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Report directory: index.html, report.json and img/ (replaced if it exists)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Report directory: index.html, report.json and img/ (a new folder, or one holding only an earlier explain report, replaced when the new one is complete)."),
     compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Another fitted model (one per category, same backbone and block) whose sensitive neurons are compared with MODEL_DIR's; repeat for more."),
     top_neurons: int = typer.Option(8, help="Neurons shown per image: the largest contributors at its most anomalous patch."),
     max_images: int = typer.Option(16, help="At most this many images are explained, evenly spaced over the sorted inputs."),
@@ -313,7 +315,7 @@ def explain(
     if max_images < 1:
         raise typer.BadParameter(f"must be at least 1, got {max_images}", param_hint="--max-images")
     with errors_as_messages():
-        check_directory_target(out_dir)  # before the work, not after it
+        check_output(out_dir, REPORT, inputs=[model_dir, *(inputs or []), *(compare or [])])  # before the work
         paths = list_images(inputs) if inputs else []
         run = dict(device=runtime.device, batch_size=runtime.batch_size, precision=runtime.precision)
         det = LakeDetector.load(model_dir, backbone=backbone, **run)
@@ -342,14 +344,15 @@ def explain(
 @app.command("download-backbone")
 def download_backbone(
     model_id: str = typer.Argument(..., help="Hugging Face hub id, e.g. openai/clip-vit-large-patch14-336, facebook/dinov2-base, google/siglip2-base-patch16-224.", show_default=False),
-    target: Path = typer.Argument(..., help="Directory to save the model, image processor and tokenizer to.", show_default=False),
+    target: Path = typer.Argument(..., help="Directory to save the model, image processor and tokenizer to: a new folder, or one holding only an earlier download-backbone (replaced when the new one is complete).", show_default=False),
 ) -> None:
     """Save a hub model of any supported family to a local directory (run where there is network; use it with --backbone)."""
     from .backbones.hub import is_cached, offline_reason
     from .backbones.registry import CHECKPOINT_FAMILIES, supported_families
-    from .fileio import atomic_directory
+    from .outputs import output_directory, write_backbone_marker
 
     with errors_as_messages():
+        check_output(target, BACKBONE)  # before the download
         reason = offline_reason()
         if reason and not is_cached(model_id):
             raise LakeadError(f"cannot fetch {model_id!r}: the Hugging Face Hub cannot be used ({reason}); run "
@@ -373,7 +376,7 @@ def download_backbone(
         except (OSError, ValueError) as exc:
             raise LakeadError(f"cannot fetch {model_id!r} from the Hugging Face Hub: {str(exc).splitlines()[0]}\n"
                               f"lakead reads these families:\n{supported_families()}") from None
-        with atomic_directory(target) as tmp:
+        with output_directory(target, BACKBONE) as tmp:
             model.save_pretrained(tmp)
             if isinstance(image_processor, Path):
                 (Path(tmp) / image_processor.name).write_bytes(image_processor.read_bytes())
@@ -381,6 +384,7 @@ def download_backbone(
                 image_processor.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            write_backbone_marker(tmp, model_id=model_id, model_type=model_type)
     out.print(f"saved {model_id} ({model_type}) to {target}; use it with --backbone {target}")
 
 

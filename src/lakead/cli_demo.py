@@ -59,7 +59,7 @@ def demo(
     category: Path = typer.Argument(..., help="One category in the MVTec layout: CATEGORY/train/good (normal images) "
                                               "and CATEGORY/test/ (images to score, in sub-folders).", show_default=False),
     out_dir: Path = typer.Option(Path("lakead-demo"), "--out", "-o", help="Where the model (model/) and the results "
-                                 "(results/) go; an earlier demo's are replaced."),
+                                 "(results/) go; an earlier demo's are replaced (nothing else is: a folder lakead did not write is refused)."),
     backbone: Optional[str] = typer.Option(None, help="Hub id, local save_pretrained directory, or onnx:PATH (default: "
                                            "the default CLIP, or without network a tiny random-weight CLIP)."),
     *,
@@ -70,7 +70,9 @@ def demo(
     import dataclasses
     import shlex
 
-    from .batch import predict_to_dir
+    from .batch import check_target, predict_to_dir
+    from .outputs import MODEL as MODEL_OUTPUT
+    from .outputs import check_inputs, check_output
     from .images import list_images
     from .methods import get_method
 
@@ -80,6 +82,9 @@ def demo(
             if not folder.is_dir():
                 raise fail(f"{folder}: no such folder; the demo reads a category in the MVTec layout "
                            "(CATEGORY/train/good and CATEGORY/test/)" + _categories_inside(category))
+        check_inputs(out_dir, [category], holds=False)  # never into the category's own folders
+        check_output(out_dir / MODEL, MODEL_OUTPUT)
+        check_target(out_dir / RESULTS, overwrite=True)
         spec, warning = choose_backbone(backbone, out_dir)
         if warning:
             err.print(f"[yellow]note:[/] {escape(warning)}", highlight=False)

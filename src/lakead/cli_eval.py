@@ -90,7 +90,9 @@ def eval_(
 
     with errors_as_messages():
         from .layouts import load_any
+        from .outputs import EVALUATION, check_output
 
+        check_output(out_dir, EVALUATION, inputs=[data_root])  # before any work
         n_shots = parse_shots(shots)
         config, method = configured(method, config, method_options)
         cats = load_any(data_root, _split(categories), normal_dir=normal_dir, abnormal_dirs=abnormal_dirs or (),
@@ -119,7 +121,9 @@ def _grid(ctx: typer.Context, data_root: Path, categories, out_dir: Path, varian
     """Run the settings of ``ablate`` or ``baselines`` over a dataset's categories, with a progress bar."""
     from .evaluate import grid_images, run_grid
     from .layouts import load_any
+    from .outputs import check_output, grid_kind
 
+    check_output(out_dir, grid_kind(title), inputs=[data_root])  # before any work
     cats = load_any(data_root, _split(categories))
     if backbone is None and variants:
         check_hub(variants[0].config)  # the settings of a grid share one backbone

@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import LakeadError
@@ -186,14 +186,18 @@ def _usual_permissions(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True,
+                     before_replace: Callable[[], None] | None = None) -> Iterator[Path]:
     """Build a directory under a temporary name; rename it to ``path`` only on success.
 
     On any exception the temporary directory is removed and an existing ``path`` is left as
     it was. When ``path`` exists and ``overwrite`` is true, it is replaced (see the module
     docstring: one exchange of names on Linux, else two renames that the next write undoes
     if a kill falls between them), so ``path`` is at every moment the complete old directory
-    or the complete new one. Files in it get the usual permissions.
+    or the complete new one. Files in it get the usual permissions. ``before_replace`` is
+    called once the new directory is complete, just before it is put in place (an exception
+    from it leaves ``path`` as it was). Which directories may be replaced is decided by
+    :mod:`lakead.outputs`.
     """
     target = Path(path)
     try:
@@ -211,6 +215,8 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
         raise write_error(target, exc) from None
     try:
         yield tmp
+        if before_replace is not None:
+            before_replace()
         _usual_permissions(tmp)
         if not target.exists():
             os.rename(tmp, target)
@@ -227,6 +233,6 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and not isinstance(exc, LakeadError):  # a refusal is already a message
             raise write_error(target, exc) from None
         raise

@@ -21,6 +21,7 @@ import numpy as np
 from ._version import __version__
 from .errors import LakeadError
 from .fileio import atomic_write_text
+from .outputs import RESULTS, OutputRefused, owned_by, refuse_foreign_results
 
 log = logging.getLogger("lakead")
 
@@ -102,11 +103,20 @@ RESULT_DIRS = ("overlays", "maps", "masks")
 
 def check_target(out_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> None:
     """Refuse an output directory that holds an earlier run's results (its ``scores.csv`` or
-    ``run.json``) unless ``resume`` (go on with that run) or ``overwrite`` (replace it)."""
+    ``run.json``) unless ``resume`` (go on with that run) or ``overwrite`` (replace it); refuse
+    one holding another kind of lakead output (a model, an export), and, with ``overwrite``, one
+    holding entries named like results that no run wrote (:func:`lakead.outputs.refuse_foreign_results`)."""
     if resume and overwrite:
         raise LakeadError("--resume and --overwrite: choose one (go on with the earlier run, or replace its results)")
     out = Path(out_dir)
-    if resume or overwrite or not out.is_dir():
+    if not out.is_dir():
+        return
+    other = owned_by(out)
+    if other is not None and other is not RESULTS:
+        raise OutputRefused(f"--out {out}: holds {other.what}; give another folder for the results")
+    if overwrite:
+        refuse_foreign_results(out)
+    if resume or overwrite:
         return
     found = [name for name in (SCORES_FILE, RUN_FILE) if (out / name).exists()]
     if found:

@@ -27,6 +27,7 @@ from ..fileio import atomic_write_text
 from ..methods.lake import LakeConfig
 from ..methods import SCORE_FIELDS, get_method
 from ..metrics import PRO_FPR_LIMIT
+from ..outputs import check_output, grid_kind, output_directory
 from .report import _csv, _device, metrics_table
 from .results import DECISION_KEYS, METRIC_COLUMNS, GridReport, _clean, format_percent, mean_metrics
 from .runner import ImageCache, _categories, evaluate_category, has_text_probe, images_to_process, runtime_settings
@@ -156,6 +157,7 @@ def run_grid(
         if v.score not in SCORE_FIELDS:
             raise ConfigError(f"score must be one of {SCORE_FIELDS}, got {v.score!r}")
     cats, data_root = _categories(data, categories)
+    check_output(out_dir, grid_kind(title), inputs=[data_root])  # before the work
     backbones = {v.config.backbone for v in variants}
     if len(backbones) != 1:
         raise ConfigError(f"a grid runs one backbone, got {sorted(backbones)}")
@@ -223,8 +225,13 @@ def run_grid(
 
 
 def write_grid(report: GridReport, title: str) -> None:
-    out = report.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    """``<title>.json``, ``.csv`` and ``.md`` in a new ``report.out_dir`` (one holding only an
+    earlier table of the same title is replaced when the new one is complete: :mod:`lakead.outputs`)."""
+    with output_directory(report.out_dir, grid_kind(title)) as tmp:
+        _write_grid_files(report, title, tmp)
+
+
+def _write_grid_files(report: GridReport, title: str, out: Path) -> None:
     doc = {"settings": report.settings, "rows": [
         {**r, "mean": _clean(r["mean"]), "categories": {c: _clean(m) for c, m in r["categories"].items()},
          "decision": _clean(r.get("decision", {})),

@@ -8,10 +8,12 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_bytes, atomic_write_text
 from ..metrics import PRO_FPR_LIMIT
+from ..outputs import EVALUATION, output_directory
 from .figures import category_figure
 from .results import HEADERS, METRIC_COLUMNS, EvalReport, _clean, format_percent
 
@@ -25,11 +27,16 @@ def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def write_report(report: EvalReport, *, figures: bool = True) -> None:
+def write_report(report: EvalReport, *, figures: bool = True, into: Path | None = None) -> None:
     """``metrics.json``, ``metrics.csv``, ``scores.csv``, ``report.md`` and
-    ``figures/<category>.png`` in ``report.out_dir``, each written atomically."""
-    out = report.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    ``figures/<category>.png`` in ``into`` (a folder being built by :func:`lakead.outputs.output_directory`),
+    or else in a new ``report.out_dir`` (one holding only an earlier evaluation is replaced when
+    the new one is complete)."""
+    if into is None:
+        with output_directory(report.out_dir, EVALUATION) as tmp:
+            write_report(report, figures=figures, into=tmp)
+        return
+    out = into
     doc = {
         "settings": report.settings,
         "categories": [r.to_json() for r in report.results],

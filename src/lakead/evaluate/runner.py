@@ -28,6 +28,7 @@ from ..spro import SproMetrics, defect_of
 from ..methods.lake import LakeConfig
 from ..methods import SCORE_FIELDS, Method, get_method
 from ..metrics import PRO_FPR_LIMIT, PixelMetrics, image_metrics
+from ..outputs import EVALUATION, check_output, output_directory
 from .report import write_report
 from .results import CategoryResult, EvalReport, Example, choose_examples, decision_rates, mean_metrics
 
@@ -344,7 +345,8 @@ def evaluate(
     """Evaluate ``method`` (a name of :data:`lakead.methods.METHODS` or a
     :class:`~lakead.methods.Method`) configured by ``config`` on every category of ``data``
     (a dataset folder, see :func:`~lakead.data.load_dataset`, or loaded categories) and write
-    the report to ``out_dir`` (created; the files in it are replaced one by one, atomically).
+    the report to ``out_dir`` (a new folder, or one holding only an earlier evaluation, replaced
+    when the new one is complete: :mod:`lakead.outputs`).
     ``runtime`` says how to run (device, batch size, precision; default :class:`Runtime`()),
     recorded in the report beside the configuration. ``on_progress(n)`` is called as images
     are processed (see :func:`images_to_process`). ``save_maps`` (``"png"`` and/or ``"npy"``)
@@ -354,22 +356,24 @@ def evaluate(
     if unknown:
         raise ConfigError(f"save_maps: {', '.join(unknown)} is not png or npy")
     cats, data_root = _categories(data, categories, getattr(config, "read_rule", None))
+    check_output(out_dir, EVALUATION, inputs=[data_root])  # before the work
     m = get_method(method) if isinstance(method, str) else method
     cfg = m.configure(config)
     bb = backbone or load_backbone(cfg.backbone, need_text=getattr(cfg, "use_text", False) or m.needs_text)
     _check_method(m, bb, cfg)
     cfg = _without_missing_text(cfg, bb)
     results = []
-    for cat in cats:
-        log.info("%s: %s shots, %d test images", cat.name, _n_shots(cat, shots), len(cat.test))
-        results.append(evaluate_category(cat, cfg, bb, runtime=rt, method=m, shots=shots, seed=seed,
-                                         examples=examples if figures else 0, on_progress=on_progress,
-                                         save_maps=save_maps, maps_dir=Path(out_dir)))
-    settings = _settings(data_root, cfg, rt, bb, m, shots, seed, command)
-    settings["data_notes"] = sorted({note for c in cats if (note := getattr(c, "note", ""))})
-    settings["saved_maps"] = sorted(save_maps)
-    report = EvalReport(results, mean_metrics([r.metrics() for r in results]), settings, Path(out_dir))
-    write_report(report, figures=figures)
+    with output_directory(out_dir, EVALUATION, inputs=[data_root]) as tmp:  # the maps and the report, put in place together
+        for cat in cats:
+            log.info("%s: %s shots, %d test images", cat.name, _n_shots(cat, shots), len(cat.test))
+            results.append(evaluate_category(cat, cfg, bb, runtime=rt, method=m, shots=shots, seed=seed,
+                                             examples=examples if figures else 0, on_progress=on_progress,
+                                             save_maps=save_maps, maps_dir=tmp))
+        settings = _settings(data_root, cfg, rt, bb, m, shots, seed, command)
+        settings["data_notes"] = sorted({note for c in cats if (note := getattr(c, "note", ""))})
+        settings["saved_maps"] = sorted(save_maps)
+        report = EvalReport(results, mean_metrics([r.metrics() for r in results]), settings, Path(out_dir))
+        write_report(report, figures=figures, into=tmp)
     return report
 
 

@@ -20,8 +20,8 @@ import jinja2
 import numpy as np
 
 from .._version import __version__
-from ..fileio import atomic_directory
 from ..methods.lake import LakeDetector
+from ..outputs import REPORT, output_directory
 from ..neurons import KNEE_RULE
 from .compute import ImageExplanation, ModelComparison, VarianceCurve, variance_curve
 from .figures import _patch_box, activation_png, fingerprint_figure, image_png, jaccard_figure, overlay_png, variance_figure
@@ -174,7 +174,8 @@ def write_report(
     command: str | None = None,
 ) -> Path:
     """Write ``index.html``, ``report.json`` and ``img/*.png`` to ``out_dir`` (atomically:
-    the directory appears complete or not at all; an existing one is replaced). Returns
+    the directory appears complete or not at all; an existing one is replaced only when it holds
+    an explain report and nothing else, :mod:`lakead.outputs`). Returns
     the path of ``index.html``."""
     curve = variance_curve(det)
     blobs: dict[str, bytes] = {"img/variance.png": variance_figure(curve)}
@@ -194,7 +195,7 @@ def write_report(
         blobs[files["fingerprints"]] = fingerprint_figure(comparison)
     data = report_data(det, curve, explanations, comparison, files, image_rule=image_rule, command=command)
     target = Path(out_dir)
-    with atomic_directory(target) as tmp:
+    with output_directory(target, REPORT) as tmp:
         (tmp / "img").mkdir()
         for rel, blob in blobs.items():
             (tmp / rel).write_bytes(blob)

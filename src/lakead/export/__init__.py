@@ -33,8 +33,8 @@ from ..api import finite_or_none
 from ..backbones.base import as_blocks
 from ..backbones.onnx import ONNXBackbone
 from ..errors import ConfigError
-from ..fileio import atomic_directory
 from ..methods.lake import LakeDetector
+from ..outputs import EXPORT, check_output, output_directory
 from ..methods import load_detector
 from ..runtime import EXPORT_FILE, EXPORT_FORMAT, EXPORT_VERSION, FORMATS, PRECISIONS, ExportedDetector
 from .graph import INPUT, OUTPUTS, LakeHead, OnnxFeatureHead, TorchGraph
@@ -88,6 +88,8 @@ def export_model(
     calibration: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """Export ``model`` (a model directory or a fitted detector) into the directory ``out``; returns it.
+    An existing ``out`` is replaced only when it holds a lakead export and nothing else; ``out`` may
+    not be the model directory, lie inside it or hold it (:mod:`lakead.outputs`).
 
     ``check``: images (``(H, W, 3)`` uint8) scored by the torch path and by the exported graph
     before anything is written; the differences are recorded in the JSON, and a precision whose
@@ -111,6 +113,8 @@ def export_model(
             "the CPU that runs it: docs/DEPLOY.md)")
     is_path = isinstance(model, (str, os.PathLike))
     where = str(model) if is_path else "the detector"
+    sources = [model] if is_path else []
+    check_output(out, EXPORT, inputs=sources)  # before the work
     det = load_detector(model, device="cpu") if is_path else model
     det = check_exportable(det, where)
     det.check_fitted()
@@ -125,7 +129,7 @@ def export_model(
     meta = _meta(det, format, precision, n_batch, where)
     if precision == "int8-static":
         onnx_bytes, meta["calibration"] = _quantize_int8_static(det, onnx_bytes, meta, calibration, n_batch, where)
-    with atomic_directory(out) as tmp:
+    with output_directory(out, EXPORT, inputs=sources) as tmp:
         model_file = tmp / meta["file"]
         if format == "onnx":
             model_file.write_bytes(onnx_bytes)
