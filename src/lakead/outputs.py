@@ -79,7 +79,8 @@ class OutputKind:
         return [e for e in entries if not any(fnmatch.fnmatchcase(e, p) for p in names)]
 
 
-MODEL = OutputKind("a lakead model", "lakead.json", _format_is("lakead-model"), ("lakead.json", "tensors.safetensors"))
+MODEL = OutputKind("a lakead model", "lakead.json", _format_is("lakead-model"),
+                   ("lakead.json", "tensors.safetensors", "versions"))  # versions/: lakead.line.versions
 EXPORT = OutputKind("a lakead export", "lakead-export.json", _format_is("lakead-export"),
                     ("lakead-export.json", "model.onnx", "model.xml", "model.bin"))
 REPORT = OutputKind("a lakead explain report", "report.json", _explain_report, ("report.json", "index.html", "img"))
