@@ -167,7 +167,7 @@ def test_the_default_text_probability_is_clips_softmax(tiny_backbone):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_defaults_layers_and_sizes(family_backbones, name):
     bb = family_backbones[name]
-    assert bb.default_layer() == 3 and bb.resolve_layer(None) == 3 and bb.default_k() == 3
+    assert bb.default_layer() == 3 and bb.resolve_layer(None) == 3 and bb.default_k() == 32
     assert bb.resolve_layer("2") == 2
     for bad in (0, 5, -1, "x"):
         with pytest.raises(ConfigError, match=r"1\.\.4"):
@@ -196,7 +196,7 @@ def test_default_block_and_k_scale_with_depth_and_width(tiny_backbone):
             self.width = width
 
     assert [Sized(n, 768).default_layer() for n in (24, 12, 40, 2)] == [18, 9, 30, 2]
-    assert [Sized(12, w).default_k() for w in (1024, 768, 384, 1536)] == [100, 75, 38, 150]
+    assert [Sized(12, w).default_k() for w in (1024, 768, 384, 1536, 64)] == [100, 100, 100, 150, 64]
     assert tiny_backbone.resolve_layer(None) == 3
 
 

@@ -40,12 +40,12 @@ def folders(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["tiny", *FAMILIES])
 def test_default_options_work_on_every_family(family, dirs, folders, tmp_path):
-    """No --layer, no --k: block 3 of 4 (3/4 of the depth) and k = 100 per 1024 channels (3 of 32)."""
+    """No --layer, no --k: block 3 of 4 (3/4 of the depth) and k = the paper's 100, every channel of a narrower block (32 of 32)."""
     r = CliRunner().invoke(app, ["fit", str(folders / "good"), "-c", "tile", "-o", str(tmp_path / "m"),
                                  "--backbone", str(dirs[family])])
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "m" / "lakead.json").read_text())
-    assert meta["layer"] == 3 and meta["k"] == 3
+    assert meta["layer"] == 3 and meta["k"] == 32
     r = CliRunner().invoke(app, ["predict", str(tmp_path / "m"), str(folders / "test"), "-o", str(tmp_path / "o"), "--maps", "none"])
     assert r.exit_code == 0, r.output
 

@@ -294,7 +294,7 @@ def model_facts(meta: dict[str, Any]) -> dict[str, Any]:
         "image_size": meta.get("image_size"),
         "k": meta.get("k", config.get("k")),
         "k_rule": "all channels" if selection == "all" else "auto (knee)" if config.get("k") == "auto" else (
-            "default (100 per 1024 channels)" if config.get("k") is None else "fixed"),
+            "default (100 per 1024 channels, at least 100)" if config.get("k") is None else "fixed"),
         "selection": selection,
         "support_images": len(meta["support"]),
         "support_rule": meta.get("support_rule"),

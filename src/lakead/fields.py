@@ -19,6 +19,30 @@ from .errors import ConfigError, ModelFormatError
 #: The default backbone: OpenAI's CLIP ViT-L/14 at 336 px, as in the paper.
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 
+#: The paper's K: 100 sensitive neurons (of ViT-L/14's 1024 channels), the count its ablation
+#: found best (fewer and more both lose).
+PAPER_K, PAPER_WIDTH = 100, 1024
+#: How :func:`default_k` chooses; shown by ``lakead info`` and the explain report.
+DEFAULT_K_RULE = "default: the paper's 100 per 1024 channels, at least 100 (every channel of a narrower block)"
+
+
+def default_k(width: int) -> int:
+    """Sensitive neurons kept by default for a block of ``width`` channels: the paper's share of
+    the channels (100 per 1024) on wide blocks, never fewer than the paper's 100 neurons, and
+    every channel of a block narrower than that: ``min(width, max(100, round(100 * width / 1024)))``.
+
+    The share alone gives 6 of the 64 channels of a small CNN's block, where the paper's
+    ablation found fewer than 100 neurons worse and the measurement of docs/SELECTION.md found
+    all channels better at every shot count (``python benchmarks/defaults.py``).
+
+    >>> default_k(1024), default_k(1536), default_k(768), default_k(576), default_k(64), default_k(32)
+    (100, 150, 100, 100, 64, 32)
+    """
+    if width < 1:
+        raise ConfigError(f"a block needs at least one channel, got width {width}")
+    return min(width, max(PAPER_K, round(PAPER_K * width / PAPER_WIDTH)))
+
+
 #: A block of the network: a 1-based block number for transformers, a tensor name for ONNX.
 Layer = Union[int, str]
 #: What a detector reads: one block, or several whose tokens are concatenated (a list).

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..fields import BLOCK_SEPARATORS, Layer, LayerSpec, as_blocks, parse_layer  # noqa: F401 - re-exported
+from ..fields import BLOCK_SEPARATORS, Layer, LayerSpec, as_blocks, default_k, parse_layer  # noqa: F401 - re-exported
 from ..images import preprocess
 from ..ops import anomaly_probability
 
@@ -108,9 +108,6 @@ class Backbone(abc.ABC):
     #: on the block read (ONNX tensors).
     width: int | None = None
 
-    #: The paper's k (100 sensitive neurons) and the width it was chosen for (ViT-L/14: 1024).
-    PAPER_K, PAPER_WIDTH = 100, 1024
-
     def default_layer(self) -> Layer:
         """The visual block read when none is given: 3/4 of the depth, as the paper's block 18
         of 24 (block 9 of 12 on a ViT-B). Backbones without numbered blocks have none."""
@@ -120,12 +117,12 @@ class Backbone(abc.ABC):
         return max(1, round(0.75 * n))
 
     def default_k(self) -> int | None:
-        """Sensitive neurons kept by default: the paper's 100 of 1024 channels scaled to this
-        backbone's width, ``round(100 * width / 1024)`` (at least 1); None when the width depends
-        on the block read (ONNX)."""
+        """Sensitive neurons kept by default at this backbone's width (:func:`lakead.fields.default_k`:
+        the paper's 100 per 1024 channels, at least 100, every channel of a narrower block); None
+        when the width depends on the block read (ONNX)."""
         if not self.width:
             return None
-        return max(1, round(self.PAPER_K * self.width / self.PAPER_WIDTH))
+        return default_k(self.width)
 
     @abc.abstractmethod
     def resolve_layer(self, layer: Layer | None, *, semantic: bool = False) -> Layer:

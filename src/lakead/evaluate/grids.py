@@ -76,7 +76,7 @@ def ablation_variants(
     out: list[Variant] = []
     seen = set()
     for layer, shot, sel, k, lam, norm in itertools.product(layers, shots, selections, ks, lams, norms):
-        k_eff = "all" if sel == "all" else k  # None: the default k (100 per 1024 channels)
+        k_eff = "all" if sel == "all" else k  # None: the default k (lakead.fields.default_k)
         key = (str(layer), shot, sel, k_eff, lam, norm)  # a multi-block layer is a list
         if key in seen:
             continue

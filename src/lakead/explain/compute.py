@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..fields import DEFAULT_K_RULE
 from ..images import ImageInput
 from ..methods.lake import LakeDetector
 from ..methods.lake.score import ScoredBatch
@@ -91,7 +92,7 @@ def _k_rule(det: LakeDetector) -> str:
     if det.config.k == "auto":
         return "auto: k = the elbow estimate"
     if det.config.k is None:
-        return "default: 100 per 1024 channels"
+        return DEFAULT_K_RULE
     return "fixed by the user"
 
 

@@ -26,8 +26,8 @@ class LakeConfig(Options):
     backbone: str = shared_option("backbone")
     k: Union[int, Literal["auto"], None] = option(
         None, "Number of sensitive neurons kept, or 'auto': the knee of the support set's sorted variance curve "
-        "(docs/INTERPRETABILITY.md); default: the paper's 100 per 1024 channels of the visual tokens (100 on "
-        "ViT-L/14); ignored with selection all.")
+        "(docs/INTERPRETABILITY.md); default: the paper's 100 per 1024 channels of the visual tokens, at least 100 "
+        "(100 on ViT-L/14; every channel of a block narrower than 100, docs/SELECTION.md); ignored with selection all.")
     layer: Optional[LayerSpec] = option(
         None, "Block read for the visual branch: a 1-based block number, or a tensor name for ONNX; several "
         "(12,18 or a+b) are concatenated on one token grid (block_grid); default: 3/4 of the backbone's depth "

@@ -49,6 +49,7 @@ from ...base import BaseDetector, backbone_precision  # noqa: F401 - backbone_pr
 from ...errors import ConfigError, ModelFormatError
 from ...images import ImageInput
 from ...index import resolve as resolve_index
+from ...fields import DEFAULT_K_RULE
 from . import fit as steps
 from . import stream
 from .config import ANOMALOUS_PROMPT, NORMAL_PROMPT, LakeConfig
@@ -302,7 +303,7 @@ class LakeDetector(BaseDetector):
             "k": int(state.neurons.numel()),
             "k_rule": "all channels" if cfg.selection == "all" else (
                 "auto: knee of the sorted variance curve" if cfg.k == "auto" else
-                "default: 100 per 1024 channels" if cfg.k is None else "fixed"),
+                DEFAULT_K_RULE if cfg.k is None else "fixed"),
             "width": state.width,
             "selection": cfg.selection,
             "support_images": len(state.support),

@@ -26,6 +26,7 @@ from ...neurons import MIN_IMAGES_FOR_FILTER, flag_outliers, knee_k, support_ima
 from ...index import GalleryIndex
 from ...ops import channel_variance, nearest_neighbor, top_k_channels
 from ...patchops import cosine_distances, top_percent_mean
+from ...fields import default_k
 from .config import LakeConfig
 
 log = logging.getLogger("lakead")
@@ -46,19 +47,6 @@ def spread_subset(n: int, limit: int) -> list[int]:
     if n <= limit:
         return list(range(n))
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, limit)})
-
-
-#: The paper's k: 100 sensitive neurons of ViT-L/14's 1024 channels; the default keeps that share.
-PAPER_K, PAPER_WIDTH = 100, 1024
-
-
-def default_k(width: int) -> int:
-    """The default number of sensitive neurons for ``width`` channels: the paper's share.
-
-    >>> default_k(1024), default_k(768), default_k(96), default_k(32)
-    (100, 75, 9, 3)
-    """
-    return max(1, round(PAPER_K * width / PAPER_WIDTH))
 
 
 def select_neurons(feats: torch.Tensor, config: LakeConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ class WinCLIPConfig(Options):
     lake_fusion: Literal["replace", "add"] = option(
         "replace", "WinCLIP+LAKE: LAKE's map replaces WinCLIP+'s association (replace) or is averaged with it (add).")
     k: Union[int, Literal["auto"], None] = option(
-        None, "WinCLIP+LAKE: sensitive neurons kept (as LAKE: default 100 per 1024 channels; auto: the knee).")
+        None, "WinCLIP+LAKE: sensitive neurons kept (as LAKE: default 100 per 1024 channels, at least 100; auto: the knee).")
     layer: Optional[LayerSpec] = option(
         None, "WinCLIP+LAKE: block(s) of LAKE's gallery (as LAKE: default 3/4 of the depth).")
     false_alarm_rate: float = shared_option("false_alarm_rate")  # the decision options: lakead.fields.SHARED_OPTIONS
