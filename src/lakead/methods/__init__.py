@@ -7,7 +7,7 @@ and one line in :data:`METHODS` (and one in :data:`DETECTORS` when it saves mode
 name): see docs/ARCHITECTURE.md.
 
 >>> sorted(METHODS)
-['all', 'anomalydino', 'bottom', 'lake', 'patchcore', 'random', 'text', 'visual', 'winclip', 'winclip+', 'winclip+lake']
+['all', 'anomalydino', 'bottom', 'lake', 'patchcore', 'random', 'subspace', 'text', 'visual', 'winclip', 'winclip+', 'winclip+lake']
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ WinCLIPDetector = "lakead.methods.winclip.detector:WinCLIPDetector"
 CONFIGS = {LakeDetector: "lakead.methods.lake.config:LakeConfig", WinCLIPDetector: "lakead.methods.winclip.config:WinCLIPConfig"}
 PatchCoreDetector = "lakead.methods.patchcore:PatchCoreDetector"
 AnomalyDinoDetector = "lakead.methods.anomalydino:AnomalyDinoDetector"
+SubspaceDetector = "lakead.methods.subspace:SubspaceDetector"
 
 #: Which number of a :class:`~lakead.api.Prediction` a method reports as its image score.
 SCORE_FIELDS = ("scores", "visual", "semantic")
@@ -121,11 +122,14 @@ METHODS: dict[str, Method] = {
                "coreset memory bank, reweighted nearest-neighbour image score", config="lakead.methods.bank_options:PatchCoreConfig"),
         Method("anomalydino", AnomalyDinoDetector, "AnomalyDINO's rule (Damm et al. 2025): cosine nearest neighbour, "
                "mean of the top 1 % patch scores", config="lakead.methods.bank_options:AnomalyDinoConfig"),
+        Method("subspace", SubspaceDetector, "SubspaceAD's rule (Lendering et al. 2026): squared residual outside the "
+               "principal subspace of the normal patches (99 % of their variance), mean of the top 1 % patch scores",
+               config="lakead.methods.bank_options:SubspaceConfig"),
     )
 }
 
 #: The ``method`` recorded in a saved model -> the class that loads it (or its "module:Class").
-DETECTORS: dict[str, Any] = {"lake": LakeDetector, "patchcore": PatchCoreDetector, "anomalydino": AnomalyDinoDetector,
+DETECTORS: dict[str, Any] = {"lake": LakeDetector, "patchcore": PatchCoreDetector, "anomalydino": AnomalyDinoDetector, "subspace": SubspaceDetector,
                            "winclip": WinCLIPDetector}
 
 

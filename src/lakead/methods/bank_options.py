@@ -1,4 +1,4 @@
-"""The options of the memory-bank methods (PatchCore, AnomalyDINO), without torch: the
+"""The options of the memory-bank methods (PatchCore, AnomalyDINO) and of the subspace method, without torch: the
 command line builds its options from these classes (``lakead --help`` does not import torch);
 the detectors are in :mod:`lakead.methods.bank`, :mod:`lakead.methods.patchcore` and :mod:`lakead.methods.anomalydino`."""
 
@@ -102,4 +102,38 @@ class AnomalyDinoConfig(BankConfig):
         for name in ("mask_background", "rotations"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        return self
+
+
+@dataclass
+class SubspaceConfig(Options):
+    """Every option of a :class:`~lakead.methods.subspace.SubspaceDetector`; saved as JSON with the model."""
+
+    backbone: str = shared_option("backbone")
+    layer: Optional[LayerSpec] = option(
+        None, "Block(s) read: 1-based block numbers or ONNX tensor names, several as 12,18 or a+b, concatenated on "
+        "the coarsest grid (default: the last block; ONNX models need them given).")
+    image_size: Optional[int] = shared_option("image_size")
+    variance_kept: float = option(0.99, "Share of the normal patch features' variance the principal subspace explains, "
+                                        "in (0, 1): the fewest top directions that reach it (SubspaceAD: 0.99).")
+    top_percent: float = option(1.0, "Image score: the mean of the top percent of the patch scores (1: AnomalyDINO's).")
+    blur_sigma: float = option(4.0, "Gaussian smoothing of the maps, in pixels of the model input (0: off).")
+    false_alarm_rate: float = shared_option("false_alarm_rate")  # the decision options: lakead.fields.SHARED_OPTIONS
+    threshold_rule: ThresholdRule = shared_option("threshold_rule")
+    threshold: Optional[float] = shared_option("threshold")
+    threshold_sigmas: float = shared_option("threshold_sigmas")
+
+    @property
+    def blocks(self) -> tuple[Layer | None, ...]:
+        return (None,) if self.layer is None else as_blocks(self.layer)
+
+    def validate(self) -> "SubspaceConfig":
+        super().validate()
+        self.check_shared()  # backbone, image_size and the decision options
+        self.blocks  # noqa: B018 - raises on an empty or repeated list
+        _number("variance_kept", self.variance_kept, 0.0, open_low=True)
+        if self.variance_kept >= 1:
+            raise ConfigError(f"variance_kept must be below 1 (at 1 no residual is left), got {self.variance_kept!r}")
+        _number("top_percent", self.top_percent, 0.0, 100.0, open_low=True)
+        _number("blur_sigma", self.blur_sigma, 0.0)
         return self
