@@ -45,7 +45,7 @@ from .bank_options import SubspaceConfig
 @dataclass(kw_only=True)
 class SubspaceState(BankState):
     """What :meth:`SubspaceDetector.fit` learns. Its ``bank`` is the principal basis, one
-    direction per row ``(K, D)`` (``bank_image`` -1: no direction belongs to one image)."""
+    direction per row ``(K, D)`` (``bank_image`` all 0, unused: no direction belongs to one image)."""
 
     mean: torch.Tensor = tensor("(D,) float32: mean of the support patch features", device=True)
     eigenvalues: torch.Tensor = tensor("(D,) float32: variances of the support patches along every principal direction, descending")
@@ -81,7 +81,7 @@ class SubspaceDetector(BankDetector):
         total = float(values.sum())
         explained = float(values[: basis.shape[1]].sum()) / total if total > 0 else 1.0
         extra = dict(mean=mean, eigenvalues=values, directions=int(basis.shape[1]), variance_explained=explained)
-        return basis.T.contiguous(), torch.full((basis.shape[1],), -1, dtype=torch.int32), extra
+        return basis.T.contiguous(), torch.zeros(basis.shape[1], dtype=torch.int32), extra
 
     def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None) -> Scored:
         mean, basis = state.mean, state.bank.T  # (D,), (D, K)
