@@ -389,7 +389,7 @@ def download_backbone(
 
 
 @app.command()
-@runtime_options()
+@runtime_options(pixels=False)  # the service has its own limits (--max-megapixels...)
 def serve(
     models_dir: Path = typer.Option(..., "--models-dir", help="Directory the models are stored in (created if missing)."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone of models created through the service: hub id, local save_pretrained directory, or onnx:PATH."),

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CONTROL_CHARACTERS, ImageLoadError, LakeadError, printable  # noqa: F401 - re-exported
+from .limits import check_image
 from .medical.rule import MEDICAL_SUFFIXES
 
 if TYPE_CHECKING:
@@ -71,6 +74,36 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     """``Image.open`` restricted to :func:`raster_formats` (``UnidentifiedImageError`` for any
     other format, e.g. EPS, whatever the file is called). Use it as a context manager."""
     return Image.open(path, formats=raster_formats())
+
+
+_measure_lock = threading.Lock()
+
+
+def raster_size(path: str | os.PathLike, formats: Sequence[str] | None = None) -> tuple[int, int] | None:
+    """``(width, height)`` of a raster file from its header, without decoding it; None when
+    Pillow cannot tell. A file past Pillow's own decompression-bomb limit is measured too (its
+    real size, with that check off for the moment of reading the header), so that it is
+    reported with its size and refused by lakead's budget (:mod:`lakead.limits`)."""
+    formats = tuple(formats) if formats is not None else raster_formats()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=formats) as im:
+                return im.size
+    except Image.DecompressionBombError:
+        pass
+    except Exception:  # noqa: BLE001 - not an image Pillow reads: reading it names the problem
+        return None
+    with _measure_lock:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # header only: nothing is decoded here
+        try:
+            with Image.open(path, formats=formats) as im:
+                return im.size
+        except Exception:  # noqa: BLE001
+            return None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def source_name(image: ImageInput, index: int | None = None) -> str:
@@ -222,6 +255,7 @@ def load_image(image: ImageInput, name: str | None = None, *, rule: ReadRule | N
             raise ImageLoadError(label, "is a directory, not an image file")
         try:
             with open_image(path) as im:
+                check_image(label, *im.size)  # from the header: a file over the pixel budget is never decoded
                 im.load()
                 return _pil_to_rgb(im, label)
         except UnidentifiedImageError:
@@ -231,6 +265,9 @@ def load_image(image: ImageInput, name: str | None = None, *, rule: ReadRule | N
                 return read_source(path, rule or ReadRule(), label).image
             raise ImageLoadError(label, "not an image, or an image format Pillow cannot read") from None
         except Image.DecompressionBombError as exc:
+            size = raster_size(path)
+            if size is not None:
+                check_image(label, *size)  # past lakead's budget: said with its real size
             raise ImageLoadError(label, f"too many pixels to read safely ({exc})") from None
         except ImageLoadError:
             raise

@@ -395,10 +395,14 @@ def choice_option(default: Any, *param_decls: str, choices: Sequence[str], help:
     return typer.Option(default, *param_decls, parser=parse, metavar=metavar, help=help, **kwargs)
 
 
-def runtime_options(*, defaults: Runtime | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def runtime_options(*, defaults: Runtime | None = None, pixels: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a typer command ``--device``, ``--batch-size`` and ``--precision``; it receives
     them as one :class:`~lakead.api.Runtime` (``runtime=``), not yet validated (the device is
-    checked where it is used: a Ray cluster's workers may have a GPU the caller lacks)."""
+    checked where it is used: a Ray cluster's workers may have a GPU the caller lacks).
+    ``pixels``: also ``--max-pixels``, the pixel budget of every input file of the run
+    (:mod:`lakead.limits`, set when the command starts)."""
+    from .limits import DEFAULT_MAX_PIXELS, VOLUME_FACTOR, set_max_pixels
+
     base = defaults or Runtime()
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -413,8 +417,16 @@ def runtime_options(*, defaults: Runtime | None = None) -> Callable[[Callable[..
             inspect.Parameter("precision", kw, annotation=Any, default=choice_option(
                 base.precision, "--precision", choices=PRECISIONS, help=RUNTIME_HELP["precision"], rich_help_panel=RUN_PANEL)),
         ]
+        if pixels:
+            added.append(inspect.Parameter("max_pixels", kw, annotation=int, default=typer.Option(
+                DEFAULT_MAX_PIXELS, "--max-pixels", min=1, rich_help_panel=RUN_PANEL,
+                help=f"Most pixels one image file may have (width x height; a DICOM or NIfTI file {VOLUME_FACTOR} times as "
+                     "many in all its frames or slices), read from its header: larger files are refused before they "
+                     "are decoded (docs/DATA.md).")))
 
         def build(values: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+            if pixels:
+                set_max_pixels(values.pop("max_pixels", None))
             return {"runtime": Runtime(**values)}
 
         return _extend(func, added, ("runtime",), build)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import ImageLoadError
+from ..limits import VOLUME_FACTOR, check_volume, max_pixels
 from .rule import Window, _pydicom, is_dicom, looks_like_dicom, to_uint8
 
 # -- DICOM --------------------------------------------------------------------------------
@@ -47,8 +50,11 @@ def _first(value: Any) -> float | None:
 
 
 def read_dicom(path: str | os.PathLike, label: str, window: Window) -> DicomImage:
-    """Decode a DICOM file with ``window`` (see the module docstring)."""
+    """Decode a DICOM file with ``window`` (see the module docstring); refused from its header
+    when it holds more pixels than the budget (:mod:`lakead.limits`)."""
     pydicom = _pydicom(label)
+    cols, rows, frames, _ = dicom_shape(dicom_header(path, label), label)
+    check_volume(label, cols, rows, frames, "frames")
     try:
         ds = pydicom.dcmread(os.fspath(path), force=not is_dicom(path) and looks_like_dicom(path))
     except FileNotFoundError:
@@ -69,7 +75,7 @@ def read_dicom(path: str | os.PathLike, label: str, window: Window) -> DicomImag
                                     "python-gdcm) or convert the file") from None
     except (ValueError, AttributeError, KeyError, TypeError, OSError) as exc:
         raise ImageLoadError(label, f"corrupt DICOM pixel data ({str(exc).splitlines()[0][:200]})") from None
-    frames = int(_first(ds.get("NumberOfFrames", 1)) or 1)
+    frames = dicom_shape(ds, label)[2]
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     modality = str(ds.get("Modality", "") or "")
@@ -95,6 +101,11 @@ def _dicom_window(ds: Any, arr: np.ndarray, window: Window, label: str) -> tuple
     """The rescaled values, the (lo, hi) they are mapped with, and the window described."""
     slope = _first(_functional(ds, "PixelValueTransformationSequence", "RescaleSlope"))
     intercept = _first(_functional(ds, "PixelValueTransformationSequence", "RescaleIntercept"))
+    for name, v in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+        if v is not None and not math.isfinite(v):
+            raise ImageLoadError(label, f"{name} {v} is not a finite number: the pixel values cannot be rescaled")
+    if slope == 0:
+        raise ImageLoadError(label, "RescaleSlope 0 maps every pixel to one value")
     if "ModalityLUTSequence" in ds:
         from pydicom.pixels import apply_modality_lut
 
@@ -130,12 +141,64 @@ def _dicom_window(ds: Any, arr: np.ndarray, window: Window, label: str) -> tuple
 
 
 def dicom_frames(path: str | os.PathLike, label: str) -> int:
-    """Frames in a DICOM file, from its header (pixel data not read)."""
+    """Frames in a DICOM file, from its header (pixel data not read); refused when the file
+    holds more pixels than the budget (:mod:`lakead.limits`)."""
+    cols, rows, frames, _ = dicom_shape(dicom_header(path, label), label)
+    check_volume(label, cols, rows, frames, "frames")
+    return frames
+
+
+#: Bytes a deflated DICOM file may inflate to, per pixel of the budget (8: float64 grey, or
+#: 16-bit colour with room for the other tags).
+_INFLATED_BYTES_PER_PIXEL = 8
+
+
+def dicom_header(path: str | os.PathLike, label: str) -> Any:
+    """The dataset of a DICOM file without its pixel data. A deflated file (which pydicom
+    inflates whole, even for its header) is first inflated in small pieces and counted,
+    without keeping them, and refused when it would expand past what the pixel budget allows."""
     pydicom = _pydicom(label)
+    force = looks_like_dicom(path)
     try:
-        ds = pydicom.dcmread(os.fspath(path), stop_before_pixels=True, force=looks_like_dicom(path))
-    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        _check_inflated_size(path, label, pydicom)
+        return pydicom.dcmread(os.fspath(path), stop_before_pixels=True, force=force)
+    except FileNotFoundError:
+        raise ImageLoadError(label, "file not found") from None
+    except ImageLoadError:
+        raise
+    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, zlib.error) as exc:
         raise ImageLoadError(label, f"not a readable DICOM file ({exc})") from None
-    return int(_first(ds.get("NumberOfFrames", 1)) or 1)
+
+
+def _check_inflated_size(path: str | os.PathLike, label: str, pydicom: Any) -> None:
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    with open(os.fspath(path), "rb") as f:
+        read_preamble(f, True)
+        meta = _read_file_meta_info(f)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        cap = max_pixels() * VOLUME_FACTOR * _INFLATED_BYTES_PER_PIXEL
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while chunk := f.read(16384):  # at most ~16 MB inflated per piece (deflate expands 1032:1 at most)
+            total += len(inflate.decompress(chunk))
+            if total > cap:
+                raise ImageLoadError(label, f"deflated DICOM data expands past {cap / 2**20:.0f} MiB, more than the "
+                                            f"pixel budget allows ({max_pixels() / 1e6:g} MP per image, --max-pixels)")
+
+
+def dicom_shape(ds: Any, label: str) -> tuple[int, int, int, int]:
+    """``(columns, rows, frames, samples per pixel)`` of a DICOM dataset, each a positive
+    whole number (a header saying otherwise is an :class:`ImageLoadError`)."""
+    out = []
+    for name, default in (("Columns", None), ("Rows", None), ("NumberOfFrames", 1), ("SamplesPerPixel", 1)):
+        raw = ds.get(name, default)
+        value = _first(raw) if raw not in (None, "") else (default if default is not None else None)
+        if value is None or not math.isfinite(value) or value != int(value) or value < 1:
+            raise ImageLoadError(label, f"DICOM header: {name} {raw!r} is not a positive whole number")
+        out.append(int(value))
+    return out[0], out[1], out[2], out[3]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ImageLoadError
+from ..limits import check_volume
 from .rule import AXIS_LETTERS, PLANES, Slices, Window, _cache, _nibabel, parse_slices
 
 # -- NIfTI --------------------------------------------------------------------------------
@@ -33,6 +34,10 @@ class NiftiVolume:
         if len(shape) > 3:
             raise ImageLoadError(label, f"is a {len(shape)}D NIfTI image (shape {shape}); lakead reads 3D volumes: "
                                         "take one volume out first (e.g. nibabel's img.slicer[..., 0], or fslroi)")
+        if any(s < 1 for s in shape):
+            raise ImageLoadError(label, f"NIfTI header: shape {shape} has an empty axis")
+        full = shape + (1,) * (3 - len(shape))
+        check_volume(label, full[0], full[1], full[2], "slices")  # from the header, before any voxel is read
         try:
             data = np.asanyarray(img.dataobj).reshape(shape + (1,) * (3 - len(shape)))
         except Exception as exc:  # noqa: BLE001
@@ -41,6 +46,8 @@ class NiftiVolume:
             raise ImageLoadError(label, f"voxel type {data.dtype} is not a grey level (RGB or complex NIfTI)")
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             finite = data[np.isfinite(data)]
+            if not finite.size:
+                raise ImageLoadError(label, "holds no finite voxel (every voxel NaN or infinite)")
             data = np.nan_to_num(data, nan=float(finite.min()) if finite.size else 0.0,
                                  posinf=float(finite.max()) if finite.size else 0.0,
                                  neginf=float(finite.min()) if finite.size else 0.0)

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, ImageLoadError, LakeadError
-from ..images import load_image
+from ..images import load_image, raster_size
 from ..medical import is_medical
 
 if TYPE_CHECKING:
@@ -107,33 +107,7 @@ def _header_size(path: Path) -> tuple[int, int] | None:
     if is_medical(path) or looks_like_dicom(path):
         dims = header_size(path)
         return None if dims is None else (dims[0], dims[1] * dims[2])
-    formats = _openable()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=formats) as im:
-                return im.size
-    except Image.DecompressionBombError:
-        return _size_past_bomb_check(path, formats)
-    except Exception:  # noqa: BLE001 - any failure is diagnosed by load_image
-        return None
-
-
-def _size_past_bomb_check(path: Path, formats: Sequence[str]) -> tuple[int, int]:
-    """The header size of a file that ``Image.open`` refuses as a decompression bomb: the
-    format's own header reader, as ``Image.open`` calls it, without the check."""
-    with path.open("rb") as fp:
-        prefix = fp.read(16)
-        for fmt in formats:
-            factory, accept = Image.OPEN[fmt]
-            if accept is not None and not accept(prefix):
-                continue
-            fp.seek(0)
-            try:
-                return factory(fp, str(path)).size
-            except Exception:  # noqa: BLE001 - not this format: try the next
-                continue
-    return (Image.MAX_IMAGE_PIXELS or 0) * 2 + 1, 1  # cannot happen: Image.open measured it
+    return raster_size(path, _openable())  # a file past Pillow's bomb limit measured too, with its real size
 
 
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
