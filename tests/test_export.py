@@ -127,9 +127,13 @@ def test_refusals_are_clear(tiny_backbone, tiny_clip_dir, images, tmp_path):
         export_model(two, tmp_path / "x")
 
     class Other:
-        method = "patchcore"
+        method = "mine"
+        backbone = tiny_backbone
 
-    with pytest.raises(ConfigError, match="'patchcore' model cannot be exported"):
+        def check_fitted(self):
+            return self
+
+    with pytest.raises(ConfigError, match="'mine' model cannot be exported: its method provides no scoring head"):
         export_model(Other(), tmp_path / "x")  # type: ignore[arg-type]
     assert not (tmp_path / "x").exists()
 
@@ -289,14 +293,12 @@ def test_deploy_doc_lists_the_runtime_extra():
     assert sorted(line.split("#")[0].split()[2:]) == names
 
 
-def test_every_registered_method_exports_or_says_why(tiny_backbone, tiny_clip_dir):
-    from lakead.export import EXPORTABLE, check_exportable
+def test_every_registered_method_exports_or_says_why(tiny_backbone, tiny_clip_dir, images):
+    from lakead.export import check_exportable
     from lakead.methods import METHODS
 
+    normal, _ = images
     for name, m in METHODS.items():
         det = m.build(m.config_class.from_options(backbone=str(tiny_clip_dir)), backbone=tiny_backbone)
-        if det.method in EXPORTABLE and EXPORTABLE[det.method] is None:
-            assert check_exportable(det, name) is det
-        else:
-            with pytest.raises(ConfigError, match="cannot be exported"):
-                check_exportable(det, name)
+        det = det.fit(normal[:3], "widget")
+        assert check_exportable(det, name) is det, name

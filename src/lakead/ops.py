@@ -196,6 +196,26 @@ def distance_to(queries: torch.Tensor, gallery: torch.Tensor, index: torch.Tenso
     return (queries.float() - gallery[index].float()).square().sum(1).sqrt()
 
 
+def matmul_nearest(queries: torch.Tensor, gallery: torch.Tensor, gallery_sq: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest neighbour as a static graph (what an exported scoring head traces in place of
+    the index): ``queries (..., K)`` and ``gallery (M, K)`` -> distances and indices ``(...)``.
+    Squared distances from one matrix product, the argmin, then the distance to the chosen
+    vector recomputed directly (:func:`distance_to`'s arithmetic), as :func:`nearest_neighbor`;
+    no blocks, no loop that depends on the data. ``gallery_sq (M,)``: its squared norms, if known.
+
+    >>> d, i = matmul_nearest(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[3.0, 0.0], [3.0, 3.0]]))
+    >>> d.tolist(), i.tolist()
+    ([3.0, 1.0], [0, 1])
+    """
+    q = queries.float()
+    g_sq = gallery.square().sum(1) if gallery_sq is None else gallery_sq
+    last = q.ndim - 1  # a dimension counted from the front: torch's ONNX exporter turns argmin(dim=-1) of some ranks into a wrong axis
+    d2 = g_sq - 2.0 * torch.matmul(q, gallery.T) + q.square().sum(last, keepdim=True)  # (..., M)
+    idx = d2.argmin(dim=last)  # (...)
+    return (q - gallery[idx]).square().sum(last).sqrt(), idx
+
+
 def pool_scores(token_scores: torch.Tensor, how: str = "max") -> torch.Tensor:
     """Image score from token scores: ``(B, N) -> (B,)``; ``how`` is ``"max"`` or ``"mean"``.
 

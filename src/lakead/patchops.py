@@ -60,9 +60,23 @@ def project_width(features: torch.Tensor, width: int) -> torch.Tensor:
     >>> project_width(torch.tensor([[1.0, 3.0, 5.0, 7.0]]), 2).tolist()
     [[2.0, 6.0]]
     """
-    shape = features.shape
-    flat = features.reshape(-1, 1, shape[-1])  # (R, 1, C)
-    return F.adaptive_avg_pool1d(flat, width).reshape(*shape[:-1], width)
+    c = features.shape[-1]
+    if c % width == 0:  # bins of c // width channels (what the pooling does, written so that it exports with any batch)
+        return features.reshape(*features.shape[:-1], width, c // width).mean(dim=-1)
+    if width % c == 0:  # each channel repeated (a gather: torch's ONNX export of repeat_interleave broke a constant of the backbone)
+        return features.index_select(features.ndim - 1, torch.from_numpy(np.repeat(np.arange(c), width // c)).to(features.device))
+    return features @ _pooling_matrix(c, width).to(features.device)  # bins of uneven sizes
+
+
+@functools.lru_cache(maxsize=16)
+def _pooling_matrix(c: int, width: int) -> torch.Tensor:
+    """``(c, width)``: adaptive average pooling of ``c`` channels to ``width`` as a matrix
+    (bin ``i`` covers channels ``floor(i c / width)`` to ``ceil((i + 1) c / width)``, as torch's)."""
+    m = np.zeros((c, width), np.float32)
+    for i in range(width):
+        lo, hi = (i * c) // width, -((-(i + 1) * c) // width)
+        m[lo:hi, i] = 1.0 / (hi - lo)
+    return torch.from_numpy(m)
 
 
 def patchcore_features(
@@ -164,29 +178,29 @@ def pc_scores(tokens: torch.Tensor, mean: torch.Tensor, direction: torch.Tensor,
     return ((tokens.float() - mean.to(tokens.device)) @ direction.to(tokens.device)) / max(scale, 1e-12)
 
 
-def clean_mask(mask: np.ndarray) -> np.ndarray:
-    """A ``(gh, gw)`` bool mask dilated by a 3 x 3 square, then closed (dilation, erosion) by
-    it, as AnomalyDINO cleans its background masks; the image border is not eroded.
+def clean_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, gh, gw)`` bool masks dilated by a 3 x 3 square, then closed (dilation, erosion) by
+    it, as AnomalyDINO cleans its background masks; the image border is not eroded. Max pooling
+    (outside the grid counts as unset for the dilations, as set for the erosion), so that an
+    exported head computes it in its graph.
 
-    >>> m = np.zeros((7, 7), bool); m[3, 3] = True  # one patch grows to its 3 x 3 neighbourhood
+    >>> m = torch.zeros(1, 7, 7, dtype=torch.bool); m[0, 3, 3] = True  # one patch grows to its 3 x 3 neighbourhood
     >>> int(clean_mask(m).sum())
     9
     """
-    from scipy import ndimage
-
-    k = np.ones((3, 3), bool)
-    out = ndimage.binary_dilation(mask, structure=k)
-    out = ndimage.binary_dilation(out, structure=k)
-    return ndimage.binary_erosion(out, structure=k, border_value=1)
+    x = mask[:, None].float()  # (B, 1, gh, gw)
+    x = F.max_pool2d(F.max_pool2d(x, 3, stride=1, padding=1), 3, stride=1, padding=1)
+    x = 1.0 - F.max_pool2d(1.0 - x, 3, stride=1, padding=1)  # erosion: the padding never counts as unset
+    return x[:, 0] > 0.5
 
 
 def foreground_mask(scores: torch.Tensor, grid: tuple[int, int], threshold: float, sign: float) -> torch.Tensor:
     """Which patches are foreground: ``sign * score > threshold`` for the principal-component
     scores ``(B, N)`` (:func:`pc_scores`), cleaned by :func:`clean_mask`; an image whose mask
     would be empty keeps every patch. Returns ``(B, N)`` bool."""
-    raw = (sign * scores > threshold).cpu().numpy().reshape(-1, *grid)  # (B, gh, gw)
-    out = np.stack([clean_mask(m) if m.any() else np.ones(grid, bool) for m in raw])
-    return torch.from_numpy(out.reshape(scores.shape[0], -1))
+    raw = (sign * scores > threshold).reshape(-1, *grid)  # (B, gh, gw)
+    kept = clean_mask(raw) | ~raw.flatten(1).any(dim=1)[:, None, None]
+    return kept.reshape(scores.shape[0], -1)
 
 
 def centre_share(mask: torch.Tensor, grid: tuple[int, int], border: float = 0.2) -> float:
@@ -212,11 +226,17 @@ def smooth_maps(grids: torch.Tensor, image_size: int, sigma: float) -> torch.Ten
 
 
 def _smooth_one(grid: torch.Tensor, image_size: int, sigma: float) -> torch.Tensor:
-    x = F.interpolate(grid[None, None].float(), size=(image_size, image_size), mode="bilinear", align_corners=False)[0, 0]
-    if sigma > 0:
-        g = gaussian_matrix(image_size, float(sigma)).to(x.device)
-        x = g @ x @ g.T  # the separable blur as two products: the same numbers as padding and convolving
-    return x  # (S, S)
+    blur = gaussian_matrix(image_size, float(sigma)).to(grid.device) if sigma > 0 else None
+    return upsample_blur(grid[None], image_size, blur)[0]  # (S, S)
+
+
+def upsample_blur(grids: torch.Tensor, image_size: int, blur: torch.Tensor | None) -> torch.Tensor:
+    """``(B, gh, gw)`` -> ``(B, S, S)``: bilinearly upsampled, then blurred by ``blur``
+    (:func:`gaussian_matrix`, or None) as ``G @ x @ G.T``: the separable blur as two products,
+    the same numbers as padding and convolving (what :func:`smooth_maps` does to one map, and
+    an exported memory-bank head to a batch)."""
+    x = F.interpolate(grids[:, None].float(), size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
+    return x if blur is None else blur @ x @ blur.T
 
 
 @functools.lru_cache(maxsize=8)

@@ -5,9 +5,10 @@ writes one graph, normalised pixels ``(B, 3, S, S)`` in, scores out (:mod:`.grap
 it ``lakead-export.json`` (preprocessing, decision levels, map range, grid, lakead version, the
 source model's fingerprint), into ``DIR`` atomically. See docs/DEPLOY.md.
 
-What can be exported is a method's learned state whose scoring is a static graph: LAKE and
-every method of :data:`lakead.methods.METHODS` built on it (they save models as ``lake``,
-one block or several). Other saved methods are refused with the reason (:data:`EXPORTABLE`).
+Every method provides its scoring as a head (``det.scoring_head()``, :mod:`.graph`): LAKE
+(and the baselines built on it), PatchCore, AnomalyDINO, WinCLIP, WinCLIP+ and WinCLIP+LAKE.
+What a head cannot hold is refused with the reason, by the method itself (LAKE with a second
+model for its text probe); a detector without a head is refused.
 """
 
 from __future__ import annotations
@@ -33,16 +34,13 @@ from ..api import finite_or_none
 from ..backbones.base import as_blocks
 from ..backbones.onnx import ONNXBackbone
 from ..errors import ConfigError
-from ..methods.lake import LakeDetector
 from ..outputs import EXPORT, check_output, output_directory
 from ..methods import load_detector
 from ..runtime import EXPORT_FILE, EXPORT_FORMAT, EXPORT_VERSION, FORMATS, PRECISIONS, ExportedDetector
-from .graph import INPUT, OUTPUTS, LakeHead, OnnxFeatureHead, TorchGraph
+from .graph import INPUT, OUTPUTS, OnnxFeatureHead, TorchGraph
 
 log = logging.getLogger("lakead")
 
-#: Saved method -> why it can or cannot be exported (None: it can).
-EXPORTABLE: dict[str, str | None] = {"lake": None}
 #: ONNX opset of the exported graphs (what the TorchScript-based exporter of torch writes well).
 OPSET = 17
 #: Precisions each format can keep (see docs/DEPLOY.md for how far scores move).
@@ -62,23 +60,28 @@ def parse_batch(value: str | int | None) -> int | None:
     return n
 
 
-def check_exportable(det: Any, where: str) -> LakeDetector:
-    """The detector, if its method and options can be exported; else a :class:`ConfigError` saying why."""
-    method = getattr(det, "method", type(det).__name__)
-    if method not in EXPORTABLE or not isinstance(det, LakeDetector):
-        known = ", ".join(m for m, why in EXPORTABLE.items() if why is None)
-        raise ConfigError(f"{where}: a {method!r} model cannot be exported: export writes the scoring of a saved "
-                          f"state as a static graph and knows how for {known} (and the baselines built on it) only")
-    if EXPORTABLE[method] is not None:
-        raise ConfigError(f"{where}: a {method!r} model cannot be exported: {EXPORTABLE[method]}")
-    if det.config.text_backbone is not None:
-        raise ConfigError(f"{where}: cannot be exported: its text probe runs on a second model (text_backbone "
-                          f"{det.config.text_backbone!r}) with its own input size; one graph takes one input")
+def check_exportable(det: Any, where: str) -> Any:
+    """The detector, if its method and options can be exported (it has a scoring head, and the
+    head takes its options); else a :class:`ConfigError` saying why."""
+    scoring_head(det, where)
     return det
 
 
+def scoring_head(det: Any, where: str) -> torch.nn.Module:
+    """The method's traceable scoring (``det.scoring_head()``), or a :class:`ConfigError` saying why not."""
+    method = getattr(det, "method", type(det).__name__)
+    hook = getattr(det, "scoring_head", None)
+    if hook is None:
+        raise ConfigError(f"{where}: a {method!r} model cannot be exported: its method provides no scoring head "
+                          "(scoring_head(), docs/ARCHITECTURE.md), so export cannot write its scoring as a static graph")
+    try:
+        return hook()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: a {method!r} model cannot be exported: {exc}") from None
+
+
 def export_model(
-    model: str | os.PathLike | LakeDetector,
+    model: str | os.PathLike | Any,
     out: str | Path,
     *,
     format: str = "onnx",
@@ -116,17 +119,17 @@ def export_model(
     sources = [model] if is_path else []
     check_output(out, EXPORT, inputs=sources)  # before the work
     det = load_detector(model, device="cpu") if is_path else model
-    det = check_exportable(det, where)
     det.check_fitted()
     backbone = det.backbone
     backbone.to("cpu")  # the graph is traced on the CPU (the head copies the state there)
+    head = scoring_head(det, where)
     if isinstance(backbone, ONNXBackbone) and precision != "fp32":
         raise ConfigError(f"{where}: its backbone is an ONNX model ({backbone.info.source}), exported as it is: "
                           "only fp32 applies (the model's own quantization is kept)")
-    onnx_bytes = _onnx_graph(det, n_batch)
+    onnx_bytes = _onnx_graph(det, head, n_batch, where)
     if precision == "int8":
         onnx_bytes = _quantize_int8(onnx_bytes)
-    meta = _meta(det, format, precision, n_batch, where)
+    meta = _meta(det, head, format, precision, n_batch, where)
     if precision == "int8-static":
         onnx_bytes, meta["calibration"] = _quantize_int8_static(det, onnx_bytes, meta, calibration, n_batch, where)
     with output_directory(out, EXPORT, inputs=sources) as tmp:
@@ -148,7 +151,7 @@ def export_model(
     return Path(out)
 
 
-def _example(det: LakeDetector, n_batch: int | None) -> torch.Tensor:
+def _example(det: Any, n_batch: int | None) -> torch.Tensor:
     s = det.state_.image_size
     return torch.zeros((n_batch or 2, 3, s, s), dtype=torch.float32)
 
@@ -165,22 +168,24 @@ def _to_onnx(module: torch.nn.Module, args: tuple, inputs: list[str], n_batch: i
     return buf.getvalue()
 
 
-def _onnx_graph(det: LakeDetector, n_batch: int | None) -> bytes:
-    state, backbone = det.state_, det.backbone
+def _onnx_graph(det: Any, head: torch.nn.Module, n_batch: int | None, where: str) -> bytes:
+    backbone = det.backbone
     if not isinstance(backbone, ONNXBackbone):
-        return _to_onnx(TorchGraph(backbone, state, det.config), (_example(det, n_batch),), [INPUT], n_batch)
+        return _to_onnx(TorchGraph(backbone, head), (_example(det, n_batch),), [INPUT], n_batch)
     import onnx
 
-    names = [str(b) for b in as_blocks(state.layer)]
+    if not hasattr(head, "blocks"):
+        raise ConfigError(f"{where}: a {det.method!r} model on an ONNX backbone cannot be exported: its head does not "
+                          "read block tokens")
+    names = [str(b) for b in as_blocks(head.blocks)]
     sub = backbone.subgraph(names)
     import onnxruntime as ort
 
     raw = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         names, {backbone.input_name: _example(det, n_batch or (backbone.fixed_batch or 2)).numpy()})
     deq = [None if np.issubdtype(r.dtype, np.floating) else backbone.dequantization(n, r.dtype) for n, r in zip(names, raw)]
-    head = OnnxFeatureHead(LakeHead(state, det.config, backbone), deq)
     feats = [f"feature{i}" for i in range(len(names))]
-    head_model = onnx.load_from_string(_to_onnx(head, tuple(torch.from_numpy(r) for r in raw), feats, n_batch))
+    head_model = onnx.load_from_string(_to_onnx(OnnxFeatureHead(head, deq), tuple(torch.from_numpy(r) for r in raw), feats, n_batch))
     sub_opset = max((o.version for o in sub.opset_import if o.domain in ("", "ai.onnx")), default=OPSET)
     if sub_opset < OPSET:
         sub = onnx.version_converter.convert_version(sub, OPSET)
@@ -218,7 +223,7 @@ def _quantize_int8(onnx_bytes: bytes) -> bytes:
         return dst.read_bytes()
 
 
-def _quantize_int8_static(det: LakeDetector, onnx_bytes: bytes, meta: dict[str, Any], calibration: Sequence[np.ndarray] | None,
+def _quantize_int8_static(det: Any, onnx_bytes: bytes, meta: dict[str, Any], calibration: Sequence[np.ndarray] | None,
                           n_batch: int | None, where: str) -> tuple[bytes, dict[str, Any]]:
     """int8-static (:mod:`.quantize`): the graph with its blocks' linear layers in int8, calibrated
     on normal images; returns it and what the JSON records of the calibration."""
@@ -244,12 +249,10 @@ def _write_openvino(onnx_bytes: bytes, xml: Path) -> None:
         onnx_file.unlink()
 
 
-def _meta(det: LakeDetector, format: str, precision: str, n_batch: int | None, where: str) -> dict[str, Any]:
-    state, cfg, bb = det.state_, det.config, det.backbone
+def _meta(det: Any, head: torch.nn.Module, format: str, precision: str, n_batch: int | None, where: str) -> dict[str, Any]:
+    state, bb = det.state_, det.backbone
     prep = bb.preprocessing
-    map_grid = list(state.grid)
-    if cfg.map_source == "semantic" and state.text_embeddings is not None:
-        map_grid = list(bb.grid_size(state.image_size))
+    facts = head.facts
     return {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
@@ -265,17 +268,17 @@ def _meta(det: LakeDetector, format: str, precision: str, n_batch: int | None, w
         "preprocessing": {"image_size": state.image_size, "mean": list(prep.mean), "std": list(prep.std),
                           "resample": int(prep.resample), "rescale": float(prep.rescale), "patch_size": int(bb.info.patch_size)},
         "grid": list(state.grid),
-        "map_grid": map_grid,
+        "map_grid": list(facts["map_grid"]),
         "map_range": [float(v) for v in state.map_range],
-        "sigma": float(cfg.sigma),
-        "lam": float(cfg.lam),
+        "sigma": float(facts["sigma"]),
+        "lam": float(facts.get("lam", 0.0)),
         "decision": {
             "threshold": finite_or_none(state.threshold),
             "threshold_rule": state.threshold_rule,
             "false_alarm_rate": state.false_alarm_rate,
             "seed_threshold": state.seed_threshold,
             "pixel_threshold": state.pixel_threshold,
-            "scope_threshold": state.scope_threshold,
+            "scope_threshold": getattr(state, "scope_threshold", None),
         },
         "class_name": state.class_name,
         "fitted_at": state.fitted_at,
@@ -283,7 +286,7 @@ def _meta(det: LakeDetector, format: str, precision: str, n_batch: int | None, w
     }
 
 
-def agreement(det: LakeDetector, exported: ExportedDetector, images: Sequence[np.ndarray]) -> dict[str, Any]:
+def agreement(det: Any, exported: ExportedDetector, images: Sequence[np.ndarray]) -> dict[str, Any]:
     """How far the exported graph's predictions are from the torch path's on ``images``:
     largest relative and absolute difference of the image scores, of the maps (relative to the
     map's range), and how many decisions differ. The graph searches the whole gallery exactly, so

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..backbones import Backbone, Layer
 from ..base import fact, tensor
 from ..errors import ConfigError
-from .bank import BankDetector, BankState, Scored
+from .bank import BankDetector, BankState, Scored, Search
 from ..ops import combine_blocks
 from ..patchops import centre_share, cosine_distances, foreground_mask, pc_scores, principal_direction, top_percent_mean
 
@@ -109,9 +109,9 @@ class AnomalyDinoDetector(BankDetector):
         pc = pc_scores(tokens, state.pca_mean, state.pca_direction, state.pca_scale)
         return foreground_mask(pc, state.grid, self.config.mask_threshold, state.pca_sign).to(tokens.device)
 
-    def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None) -> Scored:
+    def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None, search: Search | None = None) -> Scored:
         b, n_tok, width = tokens.shape
-        d, _ = self.nearest(tokens.reshape(b * n_tok, width), state, exclude)
+        d, _ = self.nearest(tokens.reshape(b * n_tok, width), state, exclude, search)
         patches = cosine_distances(d).reshape(b, n_tok)  # (B, N)
         fg = self.foreground(tokens, state)
         if fg is not None:

@@ -21,6 +21,7 @@ support images (their values at each patch's cell), so it is in the units of the
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -31,16 +32,18 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..api import Prediction
 from ..backbones import Backbone, Layer
-from ..backbones.base import LayerSpec, as_blocks
+from ..backbones.base import Features, LayerSpec, as_blocks
 from ..base import BaseDetector, LearnedState, fact, tensor
 from ..errors import ConfigError, ModelFormatError
 from ..images import ImageInput
 from ..index import resolve as resolve_index
 from .lake.fit import MAX_LOO_IMAGES, spread_subset
-from ..patchops import resize_map, smooth_maps
+from ..ops import matmul_nearest
+from ..patchops import gaussian_matrix, resize_map, smooth_maps, upsample_blur
 
 log = logging.getLogger("lakead")
 
@@ -98,6 +101,10 @@ class BankState(LearnedState):
             raise ModelFormatError(f"{where}: tensors and facts do not agree with each other ({'; '.join(problems)})")
 
 
+#: A nearest-neighbour search: queries ``(Q, D)`` and the bank ``(M, D)`` -> distances ``(Q,)``, indices ``(Q,)``.
+Search = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class Scored:
     """One batch scored against the bank: image scores ``(B,)`` and patch scores ``(B, N)``."""
@@ -132,9 +139,10 @@ class BankDetector(BaseDetector):
         and the method's own fields of the state."""
         raise NotImplementedError
 
-    def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None) -> Scored:
+    def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None, search: Search | None = None) -> Scored:
         """Patch features ``(B, N, D)`` scored against ``state.bank`` (without the vectors of
-        support image ``exclude``: leave-one-out), their nearest bank vectors found by :meth:`nearest`."""
+        support image ``exclude``: leave-one-out), their nearest bank vectors found by
+        :meth:`nearest` (``search``: in its place, as the exported head does)."""
         raise NotImplementedError
 
     # -- the search -----------------------------------------------------------------------
@@ -142,13 +150,16 @@ class BankDetector(BaseDetector):
     def index_vectors(self, state: BankState) -> torch.Tensor:
         return state.bank
 
-    def nearest(self, queries: torch.Tensor, state: BankState, exclude: int | None = None
+    def nearest(self, queries: torch.Tensor, state: BankState, exclude: int | None = None, search: Search | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Euclidean nearest bank vector of every query ``(Q, D)``: distances ``(Q,)`` and indices
         ``(Q,)``. At predict through the ``index`` option (:meth:`gallery_index`); leaving out the
-        vectors of support image ``exclude`` (the fit's leave-one-out), the exact search with groups."""
+        vectors of support image ``exclude`` (the fit's leave-one-out), the exact search with groups;
+        with ``search`` (``(queries, bank) -> (distances, indices)``), that one."""
         from ..ops import nearest_neighbor
 
+        if search is not None:
+            return search(queries, state.bank)
         if exclude is None:
             return self.gallery_index().search(queries)
         bank = state.bank
@@ -247,6 +258,10 @@ class BankDetector(BaseDetector):
         return Prediction(scores=sc, visual=sc.copy(), semantic=np.zeros_like(sc), anomalous=sc > thr, maps=tuple(maps),
                           threshold=thr, pixel_threshold=levels.pixel, seed_threshold=levels.seed)
 
+    def scoring_head(self) -> nn.Module:
+        """The scoring as a traceable module, what ``lakead export`` traces (:class:`BankHead`)."""
+        return BankHead(self)
+
     # -- reports --------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
@@ -290,3 +305,37 @@ def default_pair(backbone: Backbone) -> tuple[int, ...]:
                           "e.g. --layer 365_quantized+400")
     pair = (max(1, round(0.5 * n)), max(1, round(0.75 * n)))
     return pair[:1] if pair[0] == pair[1] else pair
+
+
+class BankHead(nn.Module):
+    """A fitted memory-bank detector's scoring as one traceable module (what ``lakead export``
+    traces; :mod:`lakead.export.graph`): block tokens -> the method's own
+    :meth:`~BankDetector.embed` and :meth:`~BankDetector.score`, the search one matrix product
+    and a min (:func:`lakead.ops.matmul_nearest`) over the whole bank (as ``index="exact"``),
+    and the maps upsampled to the model's input and blurred as :func:`~lakead.patchops.smooth_maps`
+    does (the runtime then resizes them to each image's size, with no blur of its own)."""
+
+    def __init__(self, det: BankDetector) -> None:
+        super().__init__()
+        st = det.check_fitted()
+        self.det = det
+        self.blocks = as_blocks(st.layer)
+        self.state = copy.copy(st)
+        self.state.bank = st.bank.detach().to("cpu", torch.float32)
+        self.size = int(st.image_size)
+        sigma = float(det.config.blur_sigma)
+        self.blur = gaussian_matrix(self.size, sigma) if sigma > 0 else None
+        self.facts: dict[str, Any] = {"map_grid": [self.size, self.size], "sigma": 0.0, "lam": 0.0}
+
+    def features(self, backbone: Backbone, pixels: torch.Tensor) -> tuple:
+        f = backbone.extract(pixels, self.blocks, None)
+        return [f.blocks[b] for b in self.blocks], [f.grids[b] for b in self.blocks], None, None
+
+    def forward(self, tokens: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], joint: Any = None,
+                joint_grid: Any = None) -> tuple[torch.Tensor, ...]:
+        feats = Features(blocks=dict(zip(self.blocks, tokens)), grids=dict(zip(self.blocks, grids)))
+        x, grid = self.det.embed(feats, self.blocks)  # (B, N, D)
+        s = self.det.score(x, self.state, search=matmul_nearest)
+        maps = upsample_blur(s.patches.reshape(-1, *grid), self.size, self.blur)  # (B, S, S)
+        zero = s.images * 0.0
+        return maps, s.images, zero, s.images, zero

@@ -31,7 +31,7 @@ import torch
 
 from ..backbones import Backbone, Layer
 from ..coreset import coreset_count, greedy_coreset
-from .bank import BankDetector, BankState, Scored, default_pair
+from .bank import BankDetector, BankState, Scored, Search, default_pair
 from ..patchops import patchcore_features, reweighted_score
 
 log = logging.getLogger("lakead")
@@ -76,10 +76,10 @@ class PatchCoreDetector(BankDetector):
             flat, image = flat[keep], image[keep]
         return flat.contiguous(), image.to(torch.int32), {}
 
-    def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None) -> Scored:
+    def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None, search: Search | None = None) -> Scored:
         b, n_tok, width = tokens.shape
         bank = state.bank
-        d, idx = self.nearest(tokens.reshape(b * n_tok, width), state, exclude)
+        d, idx = self.nearest(tokens.reshape(b * n_tok, width), state, exclude, search)
         d, idx = d.reshape(b, n_tok), idx.reshape(b, n_tok)  # (B, N)
         star, where = d.max(dim=1)  # (B,): s* and the most anomalous patch
         rows = torch.arange(b, device=tokens.device)
@@ -91,8 +91,10 @@ class PatchCoreDetector(BankDetector):
             return Scored(star, d)
         m_star = idx[rows, where]  # (B,) index of m*
         to_bank = torch.cdist(bank[m_star], bank, compute_mode="donot_use_mm_for_euclid_dist")  # (B, M)
-        to_bank[:, ~allowed] = float("inf")
-        to_bank[rows, m_star] = -1.0  # m* itself first, whatever ties
+        # out of place (torch's ONNX exporter rewrote a shared constant of the backbone after these in-place writes)
+        to_bank = to_bank.masked_fill(~allowed, float("inf"))
+        own = torch.arange(bank.shape[0], device=bank.device)[None, :] == m_star[:, None]  # (B, M): m*
+        to_bank = to_bank.masked_fill(own, -1.0)  # m* itself first, whatever ties
         near = to_bank.topk(k, dim=1, largest=False).indices  # (B, b)
         test_star = tokens[rows, where]  # (B, D): m_test*
         dist = (bank[near] - test_star[:, None, :]).square().sum(-1).sqrt()  # (B, b)

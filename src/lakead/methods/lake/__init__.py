@@ -1,9 +1,10 @@
-"""LAKE (latent anomaly knowledge excavation): the method, in four modules.
+"""LAKE (latent anomaly knowledge excavation): the method, in its modules.
 
 - :mod:`.config`: :class:`LakeConfig`, every saved option with its help text;
 - :mod:`.state`: :class:`LakeState`, every learned tensor and fact, declared once;
 - :mod:`.fit`: the steps of the fit as tensor functions (neurons, leave-one-out, threshold);
 - :mod:`.score`: scoring a batch against the state (shared by predict and explain);
+- :mod:`.head`: the same scoring as one traceable module (what export traces);
 - :mod:`.detector`: :class:`LakeDetector`, which ties them to a backbone (fit, predict, save, load).
 """
 

@@ -262,6 +262,16 @@ class LakeDetector(BaseDetector):
         return dataclasses.replace(pred, anomalous=pred.anomalous | out, out_of_scope=out, scope=scope_d,
                                    pixel_threshold=levels.pixel, seed_threshold=levels.seed)
 
+    def scoring_head(self) -> torch.nn.Module:
+        """LAKE's scoring as a traceable module, what ``lakead export`` traces (:mod:`.head`)."""
+        state = self.check_fitted()
+        if self.config.text_backbone is not None:
+            raise ConfigError(f"its text probe runs on a second model (text_backbone {self.config.text_backbone!r}) "
+                              "with its own input size; one graph takes one input. Fit it without --text-backbone to export it")
+        from .head import LakeHead
+
+        return LakeHead(state, self.config, self.backbone)
+
     # -- model directory ------------------------------------------------------------------
 
     def extra_facts(self) -> dict[str, Any]:

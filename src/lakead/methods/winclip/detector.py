@@ -36,8 +36,9 @@ from ...errors import ConfigError
 from ...images import ImageInput
 from ..lake.config import LakeConfig
 from ..lake.fit import select_neurons
-from ...ops import combine_blocks, nearest_neighbor, upsample_map
+from ...ops import nearest_neighbor, upsample_map
 from .config import WinCLIPConfig
+from .head import WinCLIPHead, window_features
 from .maps import window_indices
 from .prompts import class_prototypes, prompt_ensemble
 from .score import Scored, score_batch
@@ -88,16 +89,10 @@ class WinCLIPDetector(BaseDetector):
     def _features(self, arrays: Sequence[np.ndarray], tables, patch, lake, image_size: int):
         """Yield ``(start, image, windows, patches, lake_tokens)`` per batch."""
         bs = self.runtime.batch_size
-        wanted = tuple(dict.fromkeys(([patch] if patch is not None else []) + list(lake)))
         for start in range(0, len(arrays), bs):
             pixels = self.backbone.preprocessing(arrays[start : start + bs], image_size)
             with backbone_precision(self.runtime.precision, self.backbone):
-                wf = self.backbone.window_embeddings(pixels, tables, self.config.window_start_block, wanted)
-            patches = wf.blocks[patch] if patch is not None else None
-            lake_tokens = None
-            if lake:
-                lake_tokens, _ = combine_blocks([wf.blocks[b] for b in lake], [wf.grid] * len(lake), "coarsest")
-            yield start, wf.image.float(), [w.float() for w in wf.windows], patches, lake_tokens
+                yield (start, *window_features(self.backbone, pixels, tables, self.config.window_start_block, patch, lake))
 
     def _tables(self, grid: tuple[int, int]) -> list[torch.Tensor]:
         try:
@@ -250,6 +245,10 @@ class WinCLIPDetector(BaseDetector):
         scores = cat("scores")
         return Prediction(scores=scores, visual=cat("visual"), semantic=cat("text"), anomalous=scores > thr,
                           maps=tuple(maps), threshold=thr, pixel_threshold=levels.pixel, seed_threshold=levels.seed)
+
+    def scoring_head(self) -> torch.nn.Module:
+        """The scoring as a traceable module, what ``lakead export`` traces (:mod:`.head`)."""
+        return WinCLIPHead(self.check_fitted(), self.config)
 
     def extra_facts(self) -> dict[str, Any]:
         """For readers that load no tensors (``lakead info``, the service's model list), as LAKE

@@ -16,6 +16,11 @@ Equations of Jeong et al. (CVPR 2023):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,19 +64,40 @@ def text_probability(embeddings: torch.Tensor, prototypes: torch.Tensor, tempera
 def harmonic_aggregate(scores: torch.Tensor, windows: torch.Tensor, n_patches: int) -> torch.Tensor:
     """Eq. 2: window scores ``(B, nw)`` -> patch scores ``(B, N)``: for each patch, the
     harmonic mean of the scores of the windows in ``windows (nw, k)`` that cover it (0 for a
-    patch no window covers).
+    patch no window covers). The windows are fixed: which cover each patch is a table made
+    once (:func:`cover_table`), so this is a gather and a sum (what an exported head traces).
 
     >>> w = window_indices((3, 3), 2)
     >>> [round(v, 4) for v in harmonic_aggregate(torch.tensor([[1.0, 0.75, 0.5, 0.25]]), w, 9)[0].tolist()]
     [1.0, 0.8571, 0.75, 0.6667, 0.48, 0.375, 0.5, 0.3333, 0.25]
     """
-    b, nw = scores.shape
-    k = windows.shape[1]
-    flat = windows.reshape(-1).to(scores.device)  # (nw * k,)
-    inv = (1.0 / scores.float().clamp_min(EPS)).repeat_interleave(k, dim=1)  # (B, nw * k): window j's 1/score, k times
-    total = torch.zeros((b, n_patches), dtype=torch.float32, device=scores.device).index_add_(1, flat, inv)  # (B, N)
-    count = torch.bincount(flat, minlength=n_patches).to(torch.float32)  # (N,)
+    cover, count = cover_table(windows, n_patches)
+    inv = 1.0 / scores.float().clamp_min(EPS)  # (B, nw)
+    inv = torch.cat([inv, torch.zeros_like(inv[:, :1])], dim=1)  # (B, nw + 1): the last, 0, pads the table
+    total = inv[:, cover.to(scores.device)].sum(dim=2)  # (B, N)
+    count = count.to(scores.device)
     return torch.where(count > 0, count / total.clamp_min(EPS), torch.zeros_like(total))
+
+
+def cover_table(windows: torch.Tensor, n_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of ``n_patches`` patches, the windows of ``windows (nw, k)`` that cover it:
+    ``(N, c)`` int64 indices (padded with ``nw``) and their count ``(N,)`` float32. Made with
+    numpy, so that a traced head holds it as a constant."""
+    return _cover_table(tuple(windows.shape), windows.detach().cpu().numpy().astype(np.int64).tobytes(), int(n_patches))
+
+
+@functools.lru_cache(maxsize=32)
+def _cover_table(shape: tuple[int, int], table: bytes, n_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = np.frombuffer(table, dtype=np.int64).reshape(shape)
+    covering: list[list[int]] = [[] for _ in range(n_patches)]
+    for j, row in enumerate(w):
+        for patch in row:
+            covering[int(patch)].append(j)
+    width = max(1, max(len(c) for c in covering))
+    cover = np.full((n_patches, width), shape[0], np.int64)
+    for i, c in enumerate(covering):
+        cover[i, : len(c)] = c
+    return torch.from_numpy(cover), torch.tensor([len(c) for c in covering], dtype=torch.float32)
 
 
 def harmonic_mean(maps: torch.Tensor) -> torch.Tensor:
@@ -89,13 +115,15 @@ def association(
     *,
     query_image: torch.Tensor | None = None,
     memory_image: torch.Tensor | None = None,
+    search: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = nearest_neighbor,
 ) -> torch.Tensor:
     """Eq. 4: ``(B, Q, E)`` tokens and a ``(M, E)`` memory of normal tokens -> ``(B, Q)``
     ``min_r (1 - cos(f, r)) / 2``. With ``query_image (B,)`` and ``memory_image (M,)``, a token
     never matches the memory of its own image (leave-one-out at fit).
 
     For unit vectors ``(1 - cos) / 2 = ||a - b||^2 / 4``, so the exact chunked Euclidean search
-    of :func:`lakead.ops.nearest_neighbor` finds it on the normalised vectors.
+    of :func:`lakead.ops.nearest_neighbor` finds it on the normalised vectors (``search``: another
+    exact search, ``(queries, memory) -> (distances, indices)``, without the leave-one-out).
 
     >>> a = association(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
     >>> [round(v, 4) for v in a[0].tolist()]
@@ -104,10 +132,11 @@ def association(
     b, q, e = queries.shape
     qn = F.normalize(queries.float().reshape(b * q, e), dim=-1)  # (B*Q, E)
     mn = F.normalize(memory.float().to(qn.device), dim=-1)  # (M, E)
-    groups = {}
     if query_image is not None and memory_image is not None:
-        groups = dict(query_groups=query_image.to(qn.device).repeat_interleave(q), gallery_groups=memory_image.to(qn.device))
-    d, _ = nearest_neighbor(qn, mn, **groups)  # (B*Q,)
+        d, _ = nearest_neighbor(qn, mn, query_groups=query_image.to(qn.device).repeat_interleave(q),
+                                gallery_groups=memory_image.to(qn.device))  # (B*Q,)
+    else:
+        d, _ = search(qn, mn)  # (B*Q,): the exact search, or the exported head's matrix product
     return (d.square() / 4.0).clamp(0.0, 1.0).reshape(b, q)
 
 

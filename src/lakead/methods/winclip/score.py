@@ -15,7 +15,7 @@ Per image, on the ``(gh, gw)`` patch grid:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,10 @@ from ...ops import nearest_neighbor
 from .config import WinCLIPConfig
 from .maps import association, fuse, harmonic_aggregate, harmonic_mean, text_probability
 from .state import WinCLIPState
+
+
+#: An exact nearest-neighbour search: queries ``(Q, D)``, memory ``(M, D)`` -> distances ``(Q,)``, indices ``(Q,)``.
+Search = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -49,49 +53,54 @@ def text_maps(image: torch.Tensor, windows: Sequence[torch.Tensor], tables: Sequ
 
 
 def winclip_association(windows: Sequence[torch.Tensor], patches: torch.Tensor, tables: Sequence[torch.Tensor],
-                        state: WinCLIPState, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+                        state: WinCLIPState, image_ids: torch.Tensor | None = None, search: Search = nearest_neighbor) -> torch.Tensor:
     """WinCLIP+'s visual map ``(B, N)``: the mean of the patch association and of each scale's
     window association aggregated harmonically; ``image_ids (B,)``: leave those images out."""
     n_patches = patches.shape[1]
     loo = image_ids is not None
     maps = [association(patches, state.patch_memory, query_image=image_ids if loo else None,
-                        memory_image=state.patch_memory_image if loo else None)]
+                        memory_image=state.patch_memory_image if loo else None, search=search)]
     for s, (table, emb) in enumerate(zip(tables, windows)):
         sel = state.window_memory_scale == s  # (Mw,)
         mem_image = state.window_memory_image.to(sel.device)[sel] if loo else None
-        a = association(emb, state.window_memory[sel], query_image=image_ids if loo else None, memory_image=mem_image)
+        a = association(emb, state.window_memory[sel], query_image=image_ids if loo else None, memory_image=mem_image,
+                        search=search)
         maps.append(harmonic_aggregate(a, table, n_patches))
     return torch.stack(maps).mean(dim=0)  # (B, N)
 
 
-def lake_distances(tokens: torch.Tensor, state: WinCLIPState, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+def lake_distances(tokens: torch.Tensor, state: WinCLIPState, image_ids: torch.Tensor | None = None,
+                   search: Search = nearest_neighbor) -> torch.Tensor:
     """LAKE's token distances ``(B, N)``: each patch token's distance to its nearest gallery vector
     in the sensitive subspace (LAKE Eq. 7), not yet divided by the visual scale."""
     b, n_tok, _ = tokens.shape
     dev = state.gallery.device
     q = tokens.to(dev)[..., state.neurons.to(dev)].reshape(b * n_tok, -1)  # (B*N, K)
-    groups = {}
     if image_ids is not None:
-        groups = dict(query_groups=image_ids.to(dev).repeat_interleave(n_tok), gallery_groups=state.gallery_image.to(dev))
-    d, _ = nearest_neighbor(q, state.gallery, **groups)
+        d, _ = nearest_neighbor(q, state.gallery, query_groups=image_ids.to(dev).repeat_interleave(n_tok),
+                                gallery_groups=state.gallery_image.to(dev))
+    else:
+        d, _ = search(q, state.gallery)
     return d.reshape(b, n_tok)
 
 
 def score_batch(image: torch.Tensor, windows: Sequence[torch.Tensor], patches: torch.Tensor | None,
                 lake_tokens: torch.Tensor | None, tables: Sequence[torch.Tensor], state: WinCLIPState,
-                config: WinCLIPConfig, image_ids: torch.Tensor | None = None) -> Scored:
+                config: WinCLIPConfig, image_ids: torch.Tensor | None = None, search: Search = nearest_neighbor) -> Scored:
     """Score one batch from its features (see the module docstring): ``image (B, E)``, one
     ``(B, nw, E)`` per window size, the associated ``patches (B, N, D)`` and LAKE's
-    ``lake_tokens (B, N, D')`` (None when unused)."""
+    ``lake_tokens (B, N, D')`` (None when unused). ``image_ids``: the support images' own
+    indices (the fit's leave-one-out); ``search``: the exact nearest-neighbour search otherwise
+    (the exported head's matrix product, :func:`lakead.ops.matmul_nearest`)."""
     gh, gw = state.grid
     n_patches = gh * gw
     p_image, text_map = text_maps(image, windows, tables, n_patches, state.text_embeddings.to(image.device), config.temperature)
     text = p_image if config.text_score == "class" else 0.5 * (p_image + text_map.amax(dim=1))
     parts = []
     if state.window_memory is not None and patches is not None:
-        parts.append(winclip_association(windows, patches, tables, state, image_ids).to(text_map.device))
+        parts.append(winclip_association(windows, patches, tables, state, image_ids, search).to(text_map.device))
     if state.gallery is not None and lake_tokens is not None:
-        parts.append((lake_distances(lake_tokens, state, image_ids) / state.visual_scale).to(text_map.device))
+        parts.append((lake_distances(lake_tokens, state, image_ids, search) / state.visual_scale).to(text_map.device))
     visual_map = torch.stack(parts).mean(dim=0) if parts else None
     if visual_map is None:
         zero = torch.zeros_like(text)
