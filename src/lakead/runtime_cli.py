@@ -1,7 +1,7 @@
 """``lakead-runtime``: score images with an exported model on a machine without torch.
 
-The torch-free install (docs/DEPLOY.md) has no ``lakead`` command (its command line imports
-the torch detectors); this one needs only :mod:`lakead.runtime` and :mod:`lakead.batch`, and
+On the torch-free install (docs/DEPLOY.md) the ``lakead`` command only says what to install (its
+command line imports the torch detectors); this one needs only :mod:`lakead.runtime` and :mod:`lakead.batch`, and
 writes the same ``scores.csv``, overlays, maps and masks as ``lakead predict``::
 
     lakead-runtime predict exported/ images/ --out results/
@@ -31,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="Decision threshold for this run (default: the model's).")
     p.add_argument("--maps", default="png,npy", help="Map files to write: png, npy, png,npy or none.")
     p.add_argument("--masks", action="store_true", help="Also write masks/ and regions.csv.")
-    p.add_argument("--resume", action="store_true", help="Keep the rows already in --out/scores.csv and score the others.")
+    earlier = p.add_mutually_exclusive_group()
+    earlier.add_argument("--resume", action="store_true", help="Keep the rows already in --out/scores.csv and score the others.")
+    earlier.add_argument("--overwrite", action="store_true", help="Replace the results of an earlier run in --out (scores.csv, "
+                         "overlays/, maps/, ...; other files are left alone); without it or --resume such a folder is refused.")
     p.add_argument("--engine", choices=("onnxruntime", "openvino"), default=None, help="Default: onnxruntime for ONNX, openvino for IR.")
     p.add_argument("--batch-size", type=int, default=None, help="Images per graph call (a fixed-batch export uses its own).")
     p.add_argument("--threads", type=int, default=None, help="Intra-op threads of the engine (default: the engine's).")
@@ -57,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cannot read {path}: {problem}", file=sys.stderr)
 
         summary = predict_to_dir(det, args.inputs, args.out, threshold=args.threshold, maps=args.maps, masks=args.masks,
-                                 resume=args.resume, on_error=report)
+                                 resume=args.resume, overwrite=args.overwrite, on_error=report)
     except LakeadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
