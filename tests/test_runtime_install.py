@@ -94,3 +94,15 @@ def test_runtime_predict_takes_overwrite(exported, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # one or the other
         runtime_main(["predict", str(model), str(images), "--out", str(out), "--overwrite", "--resume"])
     assert e.value.code == 2
+
+
+def test_the_readme_offers_the_cpu_build_of_the_same_torch():
+    """Issue 25, Medium 2: one line for CPU-only users, from PyTorch's CPU index, pinning the
+    torch that the README's main command (run by CI as written) installs."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    main_pin = re.search(r"pip install (?:-q )?(torch==[\d.]+) -e \.", ci).group(1)
+    assert f"pip install {main_pin} -e . && lakead demo" in readme  # the main command, unchanged
+    cpu = [line for line in readme.splitlines() if "download.pytorch.org/whl/cpu" in line]
+    assert cpu == [f"python -m venv .venv && . .venv/bin/activate && pip install {main_pin} "
+                   "--index-url https://download.pytorch.org/whl/cpu"]
