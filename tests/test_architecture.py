@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import from its own layer or below, never above):
 
-0. ``_version``, ``errors``
+0. ``_version``, ``errors``, ``progress`` (what a long step is doing, for whoever shows it)
 1. pure helpers: ``fields`` (options and block names, no torch), ``validate`` (model files read back, checked), ``limits`` (the pixel budget of input files), ``fileio``, ``outputs`` (which --out may be replaced), ``decision``, ``ops``, ``coreset``, ``images``, ``metrics``, ``neurons``, ``data``, ``viz``, ``testing``
 2. ``api``: the Detector protocol, Prediction, Runtime, the model directory; ``runtime``: exported models run without torch
 3. ``backbones``: one adapter per family, the registry, the feature cache
@@ -25,7 +25,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "lakead"
 
 LAYERS = {
-    "_version": 0, "_lazy": 0, "errors": 0,
+    "_version": 0, "_lazy": 0, "errors": 0, "progress": 0,
     "fields": 1, "validate": 1, "limits": 1, "methods.bank_options": 1, "fileio": 1, "outputs": 1, "medical": 1, "decision": 1, "ops": 1, "index": 1, "coreset": 1, "images": 1, "metrics": 1, "neurons": 1, "data": 1, "layouts": 1, "spro": 1, "viz": 1, "testing": 1,
     "patchops": 1, "pca": 1,
     "api": 2, "runtime": 2,

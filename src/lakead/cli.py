@@ -32,6 +32,7 @@ from .cli_common import (  # app: the entry point (lakead.cli:app)
     errors_as_messages,
     method_options,
     fail,
+    loading,
     model_options,
     out,
     progress_bar,
@@ -99,8 +100,9 @@ def fit(
                                      f"{', '.join(z.name for z in METHODS.values() if z.zero_shot)}, fit on a class name alone)",
                                      param_hint="NORMAL")
         check_hub(config)
-        det = m.build(cfg, runtime=runtime)
-        det.backbone  # noqa: B018 - loaded before the progress bar: a missing backbone is one message, no bar
+        with loading(f"importing torch, loading the backbone {cfg.backbone}"):
+            det = m.build(cfg, runtime=runtime)
+            det.backbone  # noqa: B018 - loaded before the progress bar: a missing backbone is one message, no bar
         logging.getLogger("lakead").info("support set: %s", rule)
         with progress_bar("fit", len(chosen)) as advance:
             if m.detector_class.method != "lake":
@@ -205,8 +207,9 @@ def predict(
                     maps=map_kinds, resume=resume, overwrite=overwrite, on_progress=advance, on_error=report,
                 )
         else:
-            det = load_detector(model_dir, backbone=backbone, device=runtime.device, batch_size=runtime.batch_size,
-                                precision=runtime.precision)
+            with loading(f"importing torch, loading {model_dir} and its backbone"):
+                det = load_detector(model_dir, backbone=backbone, device=runtime.device, batch_size=runtime.batch_size,
+                                    precision=runtime.precision)
             with progress_bar("predict", total) as advance:
                 summary = predict_to_dir(
                     det, inputs, out_dir, threshold=threshold, false_alarm_rate=false_alarm_rate, maps=map_kinds,
@@ -235,7 +238,8 @@ def export(
     calibrate: Optional[list[Path]] = typer.Option(None, "--calibrate", help="int8-static: normal images or folders whose activation ranges set the int8 scales (default: the support images the model was fitted on, if their paths still exist; repeatable)."),
 ) -> None:
     """Export a fitted model to ONNX or OpenVINO, to run without torch (lakead.runtime, docs/DEPLOY.md)."""
-    from .export import export_model
+    with loading("importing torch and the ONNX exporter"):
+        from .export import export_model
     from .images import list_images, load_image
     from .methods.lake.fit import spread_subset
 
@@ -248,7 +252,9 @@ def export(
         calibration = None
         if calibrate:
             calibration = [load_image(p, str(p)) for p in list_images(calibrate)]
-        export_model(model_dir, out_dir, format=format, precision=precision, batch=batch, check=arrays, calibration=calibration)
+        with progress_bar(None):  # the export's stages, a row each
+            export_model(model_dir, out_dir, format=format, precision=precision, batch=batch, check=arrays,
+                         calibration=calibration)
     from .runtime import read_export_meta
 
     meta = read_export_meta(out_dir)
@@ -414,10 +420,11 @@ def serve(
 ) -> None:
     """Serve the models in --models-dir over HTTP, with a web page at /."""
     try:
-        import uvicorn
+        with loading("importing torch and the service"):
+            import uvicorn
 
-        from .serve import ServeLimits, create_app
-        from .serve.guard import served_hosts
+            from .serve import ServeLimits, create_app
+            from .serve.guard import served_hosts
     except ImportError as exc:
         raise fail(f"the service needs the serve extra ({exc.name} is missing): pip install 'lakead[serve]'") from None
     import os

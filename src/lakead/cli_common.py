@@ -13,7 +13,8 @@ import typer
 from rich.console import Console, ConsoleDimensions
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from ._version import __version__
 from .errors import LakeadError
@@ -109,15 +110,44 @@ def errors_as_messages(interrupted: str = "interrupted") -> Iterator[None]:
 
 
 @contextmanager
-def progress_bar(description: str, total: int) -> Iterator:
-    """A progress bar on stderr; yields ``advance(n)``."""
+def progress_bar(description: str | None, total: int = 0) -> Iterator:
+    """A progress bar on stderr; yields ``advance(n)``. The steps the library reports inside the
+    block (:mod:`lakead.progress`: the leave-one-out, the scope check, an export's stages) get a
+    row each, under the bar (``description`` None: those rows only). Nothing with -q."""
+    from .progress import reporting
+
     if state["quiet"]:
         yield lambda n: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (SpinnerColumn(finished_text=" "), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        rows: dict[str, Any] = {}
+
+        def listener(what: str, n: int | None):
+            if what in rows:  # the same step again (the next category of an evaluation): its row starts over
+                bar.reset(rows[what], total=n)
+            else:
+                rows[what] = bar.add_task(what, total=n)
+            row = rows[what]
+            if n is None:  # a stage of unknown length: done when it reports
+                return lambda k: bar.update(row, total=1, completed=1)
+            return lambda k: bar.advance(row, k)
+
+        task = bar.add_task(description, total=total) if description is not None else None
+        with reporting(listener):
+            yield (lambda n: bar.advance(task, n)) if task is not None else (lambda n: None)
+
+
+@contextmanager
+def loading(what: str) -> Iterator[None]:
+    """A spinner on stderr saying what is loading (importing torch, reading a backbone) where no
+    bar can count it; nothing with -q or where stderr is not a terminal."""
+    if state["quiet"] or not err.is_terminal:
+        yield
+        return
+    with err.status(f"{what}...", spinner="dots"):
+        yield
 
 
 def check_hub(config: Any) -> None:

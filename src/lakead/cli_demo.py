@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 
 from .api import Runtime
-from .cli_common import DEFAULT_BACKBONE, app, err, errors_as_messages, fail, model_options, out, progress_bar
+from .cli_common import DEFAULT_BACKBONE, app, err, errors_as_messages, fail, loading, model_options, out, progress_bar
 from .errors import printable
 from .methods.lake import LakeConfig
 from .options import option_specs, option_text, runtime_options
@@ -85,12 +85,14 @@ def demo(
         check_inputs(out_dir, [category], holds=False)  # never into the category's own folders
         check_output(out_dir / MODEL, MODEL_OUTPUT)
         check_target(out_dir / RESULTS, overwrite=True)
-        spec, warning = choose_backbone(backbone, out_dir)
+        with loading("looking for the backbone"):
+            spec, warning = choose_backbone(backbone, out_dir)
         if warning:
             err.print(f"[yellow]note:[/] {escape(warning)}", highlight=False)
         class_name = category.name
-        det = get_method("lake").build(dataclasses.replace(config, backbone=spec), runtime=runtime)
-        det.backbone  # noqa: B018 - loaded before the progress bar: a missing backbone is one message, no bar
+        with loading(f"importing torch and transformers, loading the backbone {spec}"):
+            det = get_method("lake").build(dataclasses.replace(config, backbone=spec), runtime=runtime)
+            det.backbone  # noqa: B018 - loaded before the progress bar: a missing backbone is one message, no bar
         images = list_images(normal)
         with progress_bar("fit", len(images)) as advance:
             det.fit(images, class_name, support_rule=f"all {len(images)} images", on_progress=advance)

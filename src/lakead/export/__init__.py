@@ -36,6 +36,7 @@ from ..backbones.onnx import ONNXBackbone
 from ..errors import ConfigError
 from ..outputs import EXPORT, check_output, output_directory
 from ..methods import load_detector
+from ..progress import stage
 from ..runtime import EXPORT_FILE, EXPORT_FORMAT, EXPORT_VERSION, FORMATS, PRECISIONS, ExportedDetector
 from .graph import INPUT, OUTPUTS, OnnxFeatureHead, TorchGraph
 
@@ -118,20 +119,24 @@ def export_model(
     where = str(model) if is_path else "the detector"
     sources = [model] if is_path else []
     check_output(out, EXPORT, inputs=sources)  # before the work
-    det = load_detector(model, device="cpu") if is_path else model
-    det.check_fitted()
-    backbone = det.backbone
+    with stage("loading the model and its backbone"):
+        det = load_detector(model, device="cpu") if is_path else model
+        det.check_fitted()
+        backbone = det.backbone
     backbone.to("cpu")  # the graph is traced on the CPU (the head copies the state there)
     head = scoring_head(det, where)
     if isinstance(backbone, ONNXBackbone) and precision != "fp32":
         raise ConfigError(f"{where}: its backbone is an ONNX model ({backbone.info.source}), exported as it is: "
                           "only fp32 applies (the model's own quantization is kept)")
-    onnx_bytes = _onnx_graph(det, head, n_batch, where)
+    with stage("tracing the graph (torch.onnx)"):
+        onnx_bytes = _onnx_graph(det, head, n_batch, where)
     if precision == "int8":
-        onnx_bytes = _quantize_int8(onnx_bytes)
+        with stage("quantizing to int8"):
+            onnx_bytes = _quantize_int8(onnx_bytes)
     meta = _meta(det, head, format, precision, n_batch, where)
     if precision == "int8-static":
-        onnx_bytes, meta["calibration"] = _quantize_int8_static(det, onnx_bytes, meta, calibration, n_batch, where)
+        with stage("calibrating and quantizing to int8"):
+            onnx_bytes, meta["calibration"] = _quantize_int8_static(det, onnx_bytes, meta, calibration, n_batch, where)
     with output_directory(out, EXPORT, inputs=sources) as tmp:
         model_file = tmp / meta["file"]
         if format == "onnx":
@@ -140,7 +145,8 @@ def export_model(
             _write_openvino(onnx_bytes, model_file)
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if check:
-            report = agreement(det, ExportedDetector.load(tmp), check)
+            with stage(f"checking the graph against the torch model on {len(check)} images"):
+                report = agreement(det, ExportedDetector.load(tmp), check)
             meta["check"] = report
             (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             if not report["decisions_same"]:

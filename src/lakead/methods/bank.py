@@ -44,6 +44,7 @@ from ..index import resolve as resolve_index
 from .lake.fit import MAX_LOO_IMAGES, spread_subset
 from ..ops import matmul_nearest
 from ..patchops import gaussian_matrix, resize_map, smooth_maps, upsample_blur
+from ..progress import steps
 
 log = logging.getLogger("lakead")
 
@@ -205,7 +206,7 @@ class BankDetector(BaseDetector):
             fitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), gallery_index=None, **extra)
         cells = []
         if n >= 2:
-            for i in spread_subset(n, MAX_LOO_IMAGES):
+            for i in steps(spread_subset(n, MAX_LOO_IMAGES), "leave-one-out"):
                 s = self.score(originals[i : i + 1].to(device), state, exclude=i)
                 smooth = smooth_maps(s.patches.reshape(1, *grid), size, cfg.blur_sigma)  # (1, S, S)
                 state.loo_scores[i] = float(s.images[0])

@@ -27,6 +27,7 @@ from ...index import GalleryIndex
 from ...ops import channel_variance, nearest_neighbor, top_k_channels
 from ...patchops import cosine_distances, top_percent_mean
 from ...fields import default_k
+from ...progress import steps
 from .config import LakeConfig
 
 log = logging.getLogger("lakead")
@@ -111,7 +112,7 @@ def leave_one_out(gallery: torch.Tensor, n: int, n_tok: int, device: torch.devic
     if index not in ("exact", "kdtree"):
         raise ValueError(f"the leave-one-out searches exactly or through a k-d tree, not {index!r}")
     search = GalleryIndex(g_dev, index)
-    for i in spread_subset(n, MAX_LOO_IMAGES):
+    for i in steps(spread_subset(n, MAX_LOO_IMAGES), "leave-one-out"):
         q = g_dev[i * n_tok : (i + 1) * n_tok]  # (N, K)
         d = search.search_others(q, groups[i * n_tok : (i + 1) * n_tok], groups, block_elements=LOO_BLOCK_ELEMENTS)
         visual[i] = float(d.max())
@@ -129,7 +130,7 @@ def leave_one_out_of(queries: dict[int, torch.Tensor], gallery: torch.Tensor, ga
     if n < 2:
         return visual, tokens
     g_dev, groups = gallery.to(device), gallery_image.to(device=device, dtype=torch.int32)
-    for i in sorted(queries):
+    for i in steps(sorted(queries), "leave-one-out"):
         q = queries[i].to(device=device, dtype=torch.float32)  # (N, K)
         own = torch.full((q.shape[0],), i, dtype=torch.int32, device=device)
         d, _ = nearest_neighbor(q, g_dev, query_groups=own, gallery_groups=groups, block_elements=LOO_BLOCK_ELEMENTS)

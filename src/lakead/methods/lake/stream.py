@@ -38,6 +38,7 @@ from ...images import ImageInput, expand_inputs, source_name
 from ...index import resolve as resolve_index
 from ...index import tree_bytes
 from ...ops import Moments, pool_scores
+from ...progress import steps as steps_of
 from .score import visual_tokens
 
 log = logging.getLogger("lakead")
@@ -432,7 +433,7 @@ def gather(det, inputs: Sequence[ImageInput], names: Sequence[str] | None, runne
     if scope_on:
         scope, scope_image = p2.scope_rows, (scope_flat // n_tok).to(torch.int32)
         loo_scope = np.full(n, np.nan)
-        for i in loo_images:
+        for i in steps_of(loo_images, "scope check"):
             loo_scope[i] = steps.scope_scores(full[i][None], scope, scope_image, image=i)[0]
         full = {i: t[:, neurons] for i, t in full.items()}
     gallery, loo_raw, loo_tokens = leave_one_out(cfg, p2.gallery, p2.gallery_image, full, n, n_tok, device, memory)
@@ -470,7 +471,7 @@ def _one_pass(p1: FirstPass, builder: GalleryBuilder, cfg, device: torch.device,
     if cfg.scope_check and n >= 2:  # every channel, so that another product is seen even where the neurons agree
         scope, scope_image = steps.scope_gallery(feats, cfg.seed)
         loo_scope = np.full(n, np.nan)
-        for i in loo_images:
+        for i in steps_of(loo_images, "scope check"):
             loo_scope[i] = steps.scope_scores(feats[i : i + 1], scope, scope_image, image=i)[0]
     queries = {i: feats[i][:, neurons] for i in loo_images} if cfg.gallery_size is not None else {}
     gallery, loo_raw, loo_tokens = leave_one_out(cfg, gallery, gallery_image, queries, n, n_tok, device, memory)
