@@ -497,10 +497,40 @@ def test_cli_serve(tmp_path, tiny_clip_dir, monkeypatch):
         assert c.get("/healthz", headers={"Host": "attacker.example"}).status_code == 400  # loopback: host names checked
 
 
+def test_cli_serve_without_its_default_backbone_serves_the_stored_models(tmp_path, tiny_clip_dir, normals, tests_imgs,
+                                                                         monkeypatch):
+    """Issue 25, Medium 5: a default backbone that cannot be loaded here does not stop the
+    service; the stored models are served (their backbone loaded by their first prediction),
+    and creating a model on the missing one answers 503 with the reason."""
+    import uvicorn
+
+    models = tmp_path / "m"
+    with TestClient(create_app(models, backbone=str(tiny_clip_dir), device="cpu", batch_size=4)) as c:
+        mid = fit(c, normals)["id"]
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(app=app))
+    missing = tmp_path / "nothing"
+    r = CliRunner().invoke(cli_app, ["serve", "--models-dir", str(models), "--backbone", str(missing),
+                                     "--allow-backbone", str(tiny_clip_dir), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "the stored models are served" in text and "serving 1 model(s)" in text
+    from lakead.backbones.hub import offline_reason
+
+    if offline_reason() is not None:  # without network the missing backbone is named at once
+        assert "no such folder" in text
+    store = seen["app"].state.store
+    assert store._backbones == {}  # nothing loaded at the start
+    with TestClient(seen["app"], base_url="http://127.0.0.1:8000") as c:
+        assert [m["id"] for m in c.get("/models").json()["models"]] == [mid]
+        r = predict(c, mid, tests_imgs[:2])
+        assert r.status_code == 200, r.text
+        r = c.post("/models", data=FIT, files=files(*[(f"n{i}.png", png(a)) for i, a in enumerate(normals)]))
+        assert r.status_code == 503 and str(missing) in r.json()["detail"]
+    assert list(store._backbones) == [str(tiny_clip_dir)]  # loaded by the request that needed it
+
+
 def test_cli_serve_errors(tmp_path, monkeypatch):
-    r = CliRunner().invoke(cli_app, ["serve", "--models-dir", str(tmp_path / "m"), "--backbone", str(tmp_path / "nothing")])
-    assert r.exit_code == 1 and ("cannot load the CLIP backbone" in r.output  # with a hub: the adapter's message
-                                 or "no such folder" in r.output)  # without one: lakead.backbones.hub's, at once
     monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)  # as if the serve extra were not installed
     r = CliRunner().invoke(cli_app, ["serve", "--models-dir", str(tmp_path / "m")])
     assert r.exit_code == 1 and "pip install 'lakead[serve]'" in r.output

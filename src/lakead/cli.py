@@ -398,7 +398,7 @@ def download_backbone(
 @runtime_options(pixels=False)  # the service has its own limits (--max-megapixels...)
 def serve(
     models_dir: Path = typer.Option(..., "--models-dir", help="Directory the models are stored in (created if missing)."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone of models created through the service: hub id, local save_pretrained directory, or onnx:PATH."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone of models created through the service: hub id, local save_pretrained directory, or onnx:PATH (loaded when a request needs it; the stored models are served without it)."),
     allow_backbone: list[str] = typer.Option([], "--allow-backbone", help="Another backbone clients may choose (repeatable)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; 127.0.0.1 serves this machine only."),
     port: int = typer.Option(8000, help="Port to listen on."),
@@ -446,8 +446,12 @@ def serve(
             device=runtime.device, batch_size=runtime.batch_size, precision=runtime.precision, workers=workers,
             allowed_hosts=served_hosts(host, allowed_host), allow_ip_hosts=not loopback,
         )
-        logging.getLogger("lakead").info("loading the backbone %s", backbone)
-        service.state.store.backbone(backbone)  # fail now, not at the first request
+    # the backbones are loaded when a request needs one (a fit, or a stored model's first prediction):
+    # the stored models are served even when the default backbone cannot be had here
+    problem = _backbone_problem(backbone)
+    if problem:
+        err.print(f"[yellow]note:[/] {escape(problem)}; the stored models are served, and creating a model on "
+                  f"{escape(backbone)} answers 503 until it can be loaded", highlight=False, soft_wrap=True)
     if not loopback and token is None:
         err.print(f"[yellow]warning:[/] serving on {host} without --token (--insecure): anyone who can reach this "
                   "machine can create, use and delete models", highlight=False)
@@ -457,6 +461,21 @@ def serve(
     out.print(f"lakead serving {len(service.state.store.list())} model(s) from {models_dir} at {url}"
               + (" (add #token=<LAKEAD_TOKEN>, or type it into the page)" if from_env else ""), highlight=False, soft_wrap=True)
     uvicorn.run(service, host=host, port=port, log_level="warning" if state["quiet"] else "info")
+
+
+def _backbone_problem(spec: str) -> str | None:
+    """Why the backbone ``spec`` cannot be loaded here, found without loading it (a missing
+    ONNX file; a hub model without network that is not cached), or None."""
+    from .backbones.hub import hub_options
+
+    if spec.startswith("onnx:"):
+        path = Path(spec.removeprefix("onnx:")).expanduser()
+        return None if path.is_file() else f"cannot load the backbone {spec!r}: {path} is no ONNX file"
+    try:
+        hub_options(spec)
+    except LakeadError as exc:
+        return str(exc).splitlines()[0].rstrip(".")
+    return None
 
 
 from . import cli_eval  # noqa: E402,F401 - registers eval, ablate and baselines on the app
