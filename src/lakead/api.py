@@ -280,30 +280,73 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def model_facts(meta: dict[str, Any]) -> dict[str, Any]:
-    """What ``lakead info`` shows of a saved model's ``lakead.json`` (read by :func:`read_model_meta`);
-    a KeyError or TypeError when a fact is missing."""
-    config = meta["config"]
-    selection = config.get("selection")
-    return {
+#: The facts every saved model has, whatever its method: what ``lakead info`` and the service's
+#: model list show first; the rest is what the method itself describes (its ``summary()``).
+COMMON_FACTS = ("method", "class_name", "backbone", "support_images", "support_rule", "threshold",
+                "false_alarm_budget", "threshold_rule", "fitted_at", "lakead_version")
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON values: tuples as lists, infinite or NaN floats as null, numpy scalars
+    as Python numbers, anything else unknown as its text."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    item = getattr(value, "item", None)  # numpy and torch scalars
+    if callable(item):
+        try:
+            return jsonable(item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
+def describe_model(meta: dict[str, Any]) -> dict[str, Any]:
+    """What ``lakead info`` and the service show of a saved model's ``lakead.json`` (read by
+    :func:`read_model_meta`): the facts every model has (:data:`COMMON_FACTS`), then the
+    method's own description (``summary``, saved with the model by
+    :meth:`lakead.base.BaseDetector.save`). No method is described with another's keys. A
+    KeyError or TypeError when a fact every model has is missing."""
+    own = meta.get("summary")
+    if not isinstance(own, dict):
+        own = _older_summary(meta)
+    common = {
         "method": meta["method"],
         "class_name": meta["class_name"],
         "backbone": meta["backbone"]["source"],
-        "layer": meta["layer"],
+        "support_images": len(meta["support"]),
+        "support_rule": meta.get("support_rule"),
+        "threshold": meta["threshold"],
+        "false_alarm_budget": meta.get("false_alarm_rate"),
+        "threshold_rule": own.get("threshold_rule", meta.get("threshold_rule", "sigmas")),
+        "fitted_at": meta.get("fitted_at"),
+        "lakead_version": meta.get("lakead_version"),
+    }
+    return {**common, **{k: v for k, v in own.items() if k not in common}}
+
+
+def _older_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The description of a model saved before models kept their method's summary: LAKE's
+    facts for a LAKE model, the block and input size for the others."""
+    out: dict[str, Any] = {"layer": meta.get("layer"), "image_size": meta.get("image_size")}
+    if meta["method"] != "lake":  # the older memory-bank and WinCLIP files wrote LAKE's keys as stand-ins: not shown
+        return out
+    config = meta["config"]
+    selection = config.get("selection")
+    return {
+        **out,
         "semantic_layer": meta.get("semantic_layer"),
-        "image_size": meta.get("image_size"),
         "k": meta.get("k", config.get("k")),
         "k_rule": "all channels" if selection == "all" else "auto (knee)" if config.get("k") == "auto" else (
             "default (100 per 1024 channels, at least 100)" if config.get("k") is None else "fixed"),
         "selection": selection,
-        "support_images": len(meta["support"]),
-        "support_rule": meta.get("support_rule"),
         "outliers_dropped": len(meta.get("outliers") or []),
-        **{k: meta[k] for k in ("gallery_rule", "loo_rule") if k in meta},  # LAKE's, since issue 16
-        "threshold": meta["threshold"],
-        "false_alarm_budget": meta.get("false_alarm_rate"),
-        "threshold_rule": meta.get("threshold_rule", "sigmas"),
+        **{k: meta[k] for k in ("gallery_rule", "loo_rule") if k in meta},
+        "text_probe": meta.get("prompts") is not None,
         "scope_check": meta.get("scope_threshold") is not None,
-        "fitted_at": meta.get("fitted_at"),
-        "lakead_version": meta.get("lakead_version"),
     }

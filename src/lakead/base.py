@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .api import Prediction, Runtime, finite_or_none, read_model_meta, read_model_tensors, tensor_fingerprint, write_model_dir
+from .api import Prediction, Runtime, finite_or_none, jsonable, read_model_meta, read_model_tensors, tensor_fingerprint, write_model_dir
 from .backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, load_backbone
 from .decision import Thresholds, derive_thresholds, describe_rule
 from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
@@ -452,11 +452,18 @@ class BaseDetector:
             **state.facts(),
             **self.extra_facts(),
             **({"read": self.read_record} if any(self.read_record.values()) else {}),
+            "summary": jsonable(self.summary()),  # what the method says of itself: lakead info, the service
         }
 
     def extra_facts(self) -> dict[str, Any]:
-        """Derived facts written beside the state for readers that load no tensors (``lakead info``)."""
+        """Facts of the method's own written beside the state (what its load needs besides the
+        state; the description for ``lakead info`` is its :meth:`summary`, saved as ``summary``)."""
         return {}
+
+    def summary(self) -> dict[str, Any]:
+        """The facts of a fitted model worth printing or reporting, in the method's own words
+        (saved with the model: ``lakead info`` and the service show them)."""
+        raise NotImplementedError
 
     @classmethod
     def load(

@@ -271,7 +271,7 @@ def export(
 @app.command()
 def info(model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit' or 'lakead export'.", show_default=False)) -> None:
     """Print what a saved (or exported) model holds (without loading the backbone)."""
-    from .api import model_facts, read_model_meta
+    from .api import describe_model, read_model_meta
     from .runtime import is_exported, read_export_meta
 
     with errors_as_messages():
@@ -281,7 +281,10 @@ def info(model_dir: Path = typer.Argument(..., help="A model directory written b
         else:
             meta = read_model_meta(model_dir)  # a format-1 model is converted as it is read
         try:
-            summary = {**(facts := model_facts(meta)), "layer": option_text(facts["layer"])}
+            summary = describe_model(meta)
+            for name in ("layer", "semantic_layer"):
+                if summary.get(name) is not None:
+                    summary[name] = option_text(summary[name])
             if "exported" in meta:
                 summary["exported"] = meta["exported"]
         except (KeyError, TypeError) as exc:

@@ -288,11 +288,6 @@ class BankDetector(BaseDetector):
             "loo_score_max": float(finite.max()) if finite.size else None,
         }
 
-    def extra_facts(self) -> dict[str, Any]:
-        # for readers that load no tensors (lakead info, the service's model list), as LAKE writes them:
-        # every channel is kept (k = the width), and there is no text probe
-        return {"k": int(self.check_fitted().width), "semantic_layer": None, "prompts": None}
-
 
 def default_pair(backbone: Backbone) -> tuple[int, ...]:
     """Two blocks at 1/2 and 3/4 of a numbered backbone's depth (PatchCore reads the 2nd and 3rd

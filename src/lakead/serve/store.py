@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..api import CONFIG_FILE, TENSORS_FILE, Detector, Prediction, Runtime, read_model_meta
+from ..api import CONFIG_FILE, COMMON_FACTS, TENSORS_FILE, Detector, Prediction, Runtime, describe_model, read_model_meta
 from ..backbones import Backbone, BackboneInfo, load_backbone
 from ..errors import ConfigError, LakeadError, ModelFormatError
 from ..methods.lake import LakeConfig
@@ -507,26 +507,18 @@ def model_info(model_id: str, meta: dict[str, Any]) -> dict[str, Any]:
                         "budget it was exported with, and creates no model")
     if meta.get("outliers"):
         warnings.append(f"{len(meta['outliers'])} support image(s) were dropped as outliers: {', '.join(meta['outliers'][:5])}")
+    described = describe_model(meta)  # the facts every model has, then the method's own (no LAKE keys faked)
     return {
         "id": model_id,
-        "method": meta["method"],
-        "class_name": meta["class_name"],
-        "backbone": meta["backbone"]["source"],
-        "fitted_at": meta["fitted_at"],
-        "lakead_version": meta["lakead_version"],
-        "support_images": len(meta["support"]),
-        "support": list(meta["support"]),
-        "support_rule": meta["support_rule"],
-        "outliers": list(meta.get("outliers") or []),
-        "threshold": meta["threshold"],
+        **described,
         "false_alarm_rate": meta.get("false_alarm_rate"),
         "threshold_rule": meta.get("threshold_rule", "sigmas"),
-        "image_size": meta["image_size"],
-        "layer": meta["layer"],
-        "semantic_layer": meta["semantic_layer"],
-        "k": int(meta["k"]),  # the number of neurons kept (k="auto" or selection="all" included)
-        "text_probe": meta["prompts"] is not None,
+        "threshold_description": described["threshold_rule"],
+        "support": list(meta["support"]),
+        "outliers": list(meta.get("outliers") or []),
+        "image_size": meta.get("image_size"),
         "map_range": list(meta["map_range"]),
         "config": config,
+        "description": {k: v for k, v in described.items() if k not in COMMON_FACTS},
         "warnings": warnings,
     }

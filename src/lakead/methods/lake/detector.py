@@ -275,7 +275,7 @@ class LakeDetector(BaseDetector):
     # -- model directory ------------------------------------------------------------------
 
     def extra_facts(self) -> dict[str, Any]:
-        facts: dict[str, Any] = {"k": int(self.check_fitted().neurons.numel())}  # for lakead info, which reads no tensors
+        facts: dict[str, Any] = {"k": int(self.check_fitted().neurons.numel())}  # the number of neurons kept, for readers of lakead.json
         if self.config.text_backbone is not None:
             facts["text_backbone"] = self.text_model.info.to_dict()  # checked when loaded, as the visual backbone is
         return facts

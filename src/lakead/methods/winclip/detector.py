@@ -250,14 +250,6 @@ class WinCLIPDetector(BaseDetector):
         """The scoring as a traceable module, what ``lakead export`` traces (:mod:`.head`)."""
         return WinCLIPHead(self.check_fitted(), self.config)
 
-    def extra_facts(self) -> dict[str, Any]:
-        """For readers that load no tensors (``lakead info``, the service's model list), as LAKE
-        writes them: the block read (LAKE's, else the associated one), no token-level text probe
-        block, and k: LAKE's neurons, every channel for WinCLIP+'s association, 0 for zero-shot."""
-        st = self.check_fitted()
-        k = st.neurons.numel() if st.neurons is not None else st.patch_memory.shape[1] if st.patch_memory is not None else 0
-        return {"layer": st.lake_layer if st.lake_layer is not None else st.patch_layer, "semantic_layer": None, "k": int(k)}
-
     def summary(self) -> dict[str, Any]:
         """The facts of a fitted model worth printing or reporting."""
         state = self.check_fitted()

@@ -156,10 +156,13 @@ function showModel() {
     ["id", m.id], ["class", m.class_name], ["normal images", m.support_images],
     ["threshold", fmt(m.threshold)],
     ["decision rule", m.false_alarm_rate != null ? `${m.threshold_rule}, false-alarm budget ${m.false_alarm_rate}` : m.threshold_rule],
-    ["backbone", m.backbone],
-    ["blocks", `visual ${m.layer}, text ${m.semantic_layer ?? "off"}`], ["neurons (k)", m.k],
-    ["fitted", m.fitted_at],
+    ["method", m.method], ["backbone", m.backbone], ["fitted", m.fitted_at],
   ];
+  // what the method says of itself (its summary): no method is shown with another's keys
+  for (const [k, v] of Object.entries(m.description || {})) {
+    if (v === null || typeof v === "object") continue;
+    rows.push([k.replaceAll("_", " "), typeof v === "number" && !Number.isInteger(v) ? fmt(v) : v]);
+  }
   for (const [k, v] of rows) {
     const dt = document.createElement("dt"); dt.textContent = k;
     const dd = document.createElement("dd"); dd.textContent = String(v);
