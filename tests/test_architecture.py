@@ -6,7 +6,7 @@ Layers, lowest first (a module may import from its own layer or below, never abo
 1. pure helpers: ``fields`` (options and block names, no torch), ``validate`` (model files read back, checked), ``limits`` (the pixel budget of input files), ``fileio``, ``outputs`` (which --out may be replaced), ``decision``, ``ops``, ``coreset``, ``images``, ``metrics``, ``neurons``, ``data``, ``viz``, ``testing``
 2. ``api``: the Detector protocol, Prediction, Runtime, the model directory; ``runtime``: exported models run without torch
 3. ``backbones``: one adapter per family, the registry, the feature cache
-4. ``base``: what every detector shares (BaseDetector, LearnedState); ``methods/``: one wing per method: ``lake`` (LAKE),
+4. ``base``: what every detector shares (BaseDetector); ``state``: learned state declared once (LearnedState, the shared parts); ``methods/``: one wing per method: ``lake`` (LAKE),
    ``winclip`` (WinCLIP, WinCLIP+, WinCLIP+LAKE), ``bank`` (what the memory-bank methods share), ``patchcore``, ``anomalydino``
    (``methods.bank_options``, their options without torch, sits in layer 1)
 5. ``methods`` (its ``__init__``): the registry of methods
@@ -30,7 +30,7 @@ LAYERS = {
     "patchops": 1, "pca": 1,
     "api": 2, "runtime": 2,
     "backbones": 3,
-    "base": 4, "methods.lake": 4, "methods.bank": 4, "methods.patchcore": 4, "methods.anomalydino": 4, "methods.subspace": 4, "methods.winclip": 4,
+    "base": 4, "state": 4, "methods.lake": 4, "methods.bank": 4, "methods.patchcore": 4, "methods.anomalydino": 4, "methods.subspace": 4, "methods.winclip": 4,
     "methods": 5,
     "batch": 6, "rundir": 6, "distributed": 6, "evaluate": 6, "explain": 6, "serve": 6,
     "options": 6, "export": 6, "line": 6, "helpstyle": 6, "configfile": 6, "cli": 7, "cli_common": 7, "cli_eval": 7, "cli_demo": 7, "cli_line": 7, "runtime_cli": 7, "__init__": 8, "__main__": 8,

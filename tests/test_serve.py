@@ -114,7 +114,7 @@ def test_create_get_list_predict_delete(client, normals, tests_imgs, tmp_path):
     mid = model["id"]
     assert mid.startswith("tile-")
     assert model["support"] == [f"n{i}.png" for i in range(len(normals))] and model["support_images"] == 6
-    assert model["k"] == 8 and model["layer"] == 2 and model["config"]["image_size"] == 64 and model["warnings"] == []
+    assert model["description"]["k"] == 8 and model["description"]["layer"] == 2 and model["config"]["image_size"] == 64 and model["warnings"] == []
     assert model["method"] == "lake" and not {"device", "batch_size", "precision"} & set(model["config"])
     assert client.get(f"/models/{mid}").json() == model
     assert [m["id"] for m in client.get("/models").json()["models"]] == [mid]

@@ -276,7 +276,7 @@ def test_5_a_backbone_first_used_by_a_stored_model_keeps_its_text_tower(make_app
     with TestClient(make_app(allowed_backbones=(str(other),))) as c:
         assert predict(c, "stored", tests_imgs[:1]).status_code == 200  # loads the other backbone first
         model = fit(c, normals, backbone=str(other))
-        assert model["text_probe"] is True and model["backbone"] == str(other)
+        assert model["description"]["text_probe"] is True and model["backbone"] == str(other)
 
 
 # -- 6: damaged model ---------------------------------------------------------------------------
@@ -404,7 +404,7 @@ def test_20_security_headers_on_every_answer(make_app):
 def test_20_a_long_class_name_does_not_crash(make_app, normals):
     with TestClient(make_app()) as c:
         model = fit(c, normals[:3], class_name="very long " * 12)
-        assert model["text_probe"] is True
+        assert model["description"]["text_probe"] is True
 
 
 # -- 16: the page -------------------------------------------------------------------------------

@@ -184,6 +184,19 @@ class Detector(Protocol):
         on_progress: Callable[[int], None] | None = None,
     ) -> Prediction: ...
 
+    def predict_arrays(
+        self,
+        arrays: Sequence[np.ndarray],
+        *,
+        threshold: float | None = None,
+        false_alarm_rate: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Prediction: ...
+
+    def thresholds(self, false_alarm_rate: float | None = None) -> Any:
+        """The decision levels (:class:`lakead.decision.Thresholds`): the fitted ones, or for a budget."""
+        ...
+
     def save(self, path: str | Path) -> Path: ...
 
     def summary(self) -> dict[str, Any]: ...

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import field
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .api import Prediction, Runtime, finite_or_none, jsonable, read_model_meta, read_model_tensors, tensor_fingerprint, write_model_dir
+from .api import Prediction, Runtime, jsonable, read_model_meta, read_model_tensors, write_model_dir
 from .backbones import DEFAULT_CLIP, Backbone, BackboneInfo, Features, Layer, load_backbone
 from .decision import Thresholds, derive_thresholds, describe_rule
 from .errors import ConfigError, ImageLoadError, ModelFormatError, NotFittedError
@@ -39,7 +40,7 @@ from .index import GalleryIndex
 from .fields import SLICES_HELP, WINDOW_HELP, Options, _admits, field_types, literal_choices, option  # noqa: F401 - re-exported
 from .images import ImageInput, LoadedImages, expand_inputs, load_image, read_all, source_name
 from .medical import ReadRule, is_medical, read_source
-from .validate import check_state
+from .state import DecisionRecord, LearnedState, SupportRecord, fact, tensor  # noqa: F401 - re-exported: a method's state is made of them
 
 log = logging.getLogger("lakead")
 
@@ -55,102 +56,21 @@ def backbone_precision(precision: str, backbone: Backbone) -> contextlib.Abstrac
     return torch.autocast(backbone.device.type, dtype=torch.bfloat16)
 
 
-# -- learned state ---------------------------------------------------------------------------
-
-
-def tensor(doc: str, *, optional: bool = False, numpy: bool = False, device: bool = False) -> Any:
-    """A learned array, saved in ``tensors.safetensors``. ``numpy``: held as a numpy array;
-    ``device``: moved to the run's device when loaded (what the search reads)."""
-    return field(metadata={"kind": "tensor", "doc": doc, "optional": optional, "numpy": numpy, "device": device})
-
-
-def fact(doc: str, *, default: Any = dataclasses.MISSING) -> Any:
-    """A learned fact, saved in ``lakead.json`` (``default``: what older files without it mean)."""
-    return field(metadata={"kind": "fact", "doc": doc, "default": default})
-
-
-class LearnedState:
-    """Base of a method's learned state (a dataclass of :func:`tensor` and :func:`fact` fields)."""
-
-    @classmethod
-    def names(cls, kind: str | None = None) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if kind is None or f.metadata["kind"] == kind)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The arrays as CPU tensors, by name (absent optional ones left out)."""
-        out = {}
-        for name in self.names("tensor"):
-            v = getattr(self, name)
-            if v is not None:
-                out[name] = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu()
-        return out
-
-    def facts(self) -> dict[str, Any]:
-        """The facts as JSON values (tuples as lists, an infinite float as null)."""
-        out = {}
-        for name in self.names("fact"):
-            v = getattr(self, name)
-            out[name] = list(v) if isinstance(v, tuple) else finite_or_none(v) if isinstance(v, float) else v
-        return out
-
-    @classmethod
-    def from_files(cls, facts: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> "LearnedState":
-        """From a saved model's ``lakead.json`` (as a dict) and tensors, converted by
-        :meth:`convert` and checked by :meth:`check`."""
-        values: dict[str, Any] = {}
-        try:
-            for f in dataclasses.fields(cls):
-                if f.metadata["kind"] == "tensor":
-                    t = tensors.get(f.name)
-                    if t is None and not f.metadata["optional"]:
-                        raise KeyError(f"tensor {f.name!r}")
-                    values[f.name] = t.numpy() if (t is not None and f.metadata["numpy"]) else t
-                elif f.name in facts:
-                    values[f.name] = facts[f.name]
-                elif f.metadata["default"] is not dataclasses.MISSING:
-                    values[f.name] = f.metadata["default"]
-                else:
-                    raise KeyError(f.name)
-            state = cls(**cls.convert(values))
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise ModelFormatError(f"{where}: saved model is incomplete or damaged (missing or bad {exc})") from None
-        check_state(state, where)  # the rules of every field (finite, in range: lakead.validate)
-        state.check(where)  # how this method's fields agree with each other
-        return state
-
-    @classmethod
-    def convert(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """JSON values -> field values (tuples, floats...); raise ValueError/TypeError when bad.
-        The facts every method's state has (``grid``, ``map_range``, ``threshold``: null is
-        infinite) are converted here; a subclass converts its own after calling this."""
-        names = cls.names("fact")
-        if "grid" in names:
-            values["grid"] = tuple(int(v) for v in values["grid"])
-        if "map_range" in names:
-            values["map_range"] = tuple(float(v) for v in values["map_range"])
-        if "threshold" in names:
-            values["threshold"] = math.inf if values["threshold"] is None else float(values["threshold"])
-        return values
-
-    def check(self, where: str) -> None:
-        """Raise :class:`ModelFormatError` when the arrays and facts do not agree."""
-
-    def to(self, device: torch.device) -> None:
-        """Move the arrays the search reads (``tensor(device=True)``) to ``device``."""
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            v = getattr(self, f.name)
-            if f.metadata["kind"] == "tensor" and f.metadata["device"] and v is not None:
-                setattr(self, f.name, v.to(device))
-
-    def fingerprint(self) -> str:
-        """sha256 of every learned array and the fit time (see :func:`lakead.api.tensor_fingerprint`)."""
-        return tensor_fingerprint(self.tensors(), {"fitted_at": getattr(self, "fitted_at", None)})
-
-
 # -- the detector ------------------------------------------------------------------------------
 
 
-class BaseDetector:
+def _learned(name: str) -> property:
+    """The ``det.<name>_`` property: the learned state's field, or NotFittedError before a fit."""
+
+    def get(self: "BaseDetector") -> Any:
+        if self.state_ is None:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted: {name}_ exists after fit(...) or load(...)")
+        return getattr(self.state_, name)
+
+    return property(get, doc=f"The learned ``{name}`` (see the method's state class).")
+
+
+class BaseDetector(ABC):
     """The method-independent half of a detector (see the module docstring).
 
     ``backbone`` is a hub id, a local directory, ``"onnx:PATH"`` or a built
@@ -183,6 +103,11 @@ class BaseDetector:
             self.config = self.config_class.from_options(backbone=source, **options)
         self.runtime = Runtime(device=device, batch_size=batch_size, precision=precision).validate()
         self.state_: Any = None
+        #: How the medical images read by fit were read (modalities, windows): saved as ``read``.
+        self.read_record: dict[str, list[str]] = {"modalities": [], "windows": []}
+        self._read_lock = threading.Lock()
+        self._warned: set = set()
+        self._index: Any = None
 
     @classmethod
     def from_config(cls, config: Any, backbone: Backbone | None = None, runtime: Runtime | None = None) -> "BaseDetector":
@@ -193,19 +118,17 @@ class BaseDetector:
 
     # -- state ----------------------------------------------------------------------------
 
-    def __getattr__(self, name: str) -> Any:
-        """``det.<field>_`` for every field of the method's learned state."""
-        if name.endswith("_") and not name.startswith("_") and name[:-1] in self.state_class.names():
-            state = self.__dict__.get("state_")
-            if state is None:
-                raise NotFittedError(f"this {type(self).__name__} is not fitted: {name} exists after fit(...) or load(...)")
-            return getattr(state, name[:-1])
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name.endswith("_") and not name.startswith("_") and name[:-1] in self.state_class.names():
-            raise AttributeError(f"{name} is learned state: set it on det.state_ ({name[:-1]})")
-        super().__setattr__(name, value)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give each subclass a read-only ``det.<field>_`` property for every field of its
+        learned state (properties, not ``__getattr__``: an error raised inside another
+        attribute, loading a backbone say, is never masked as a missing attribute)."""
+        super().__init_subclass__(**kwargs)
+        state_class = cls.__dict__.get("state_class")
+        if state_class is None:
+            return
+        for name in state_class.names():
+            if not hasattr(cls, f"{name}_"):
+                setattr(cls, f"{name}_", _learned(name))
 
     @property
     def is_fitted(self) -> bool:
@@ -229,6 +152,12 @@ class BaseDetector:
         return self._backbone_obj
 
     # -- fit ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def fit(self, images: Sequence[ImageInput] | ImageInput, class_name: str, *, names: Sequence[str] | None = None,
+            support_rule: str | None = None, on_progress: Callable[[int], None] | None = None) -> "BaseDetector":
+        """Learn from normal images (``names``: how to call them; ``support_rule``: how they were
+        chosen, saved with the model; ``on_progress``: called with the images done). Returns self."""
 
     def start_fit(self, class_name: str, *, purpose: str | None = None) -> tuple[Backbone, torch.device]:
         """What every ``fit`` does first: check ``class_name`` (``purpose``: what it is for, said
@@ -289,20 +218,13 @@ class BaseDetector:
         """How DICOM and NIfTI inputs are read: the model's ``window`` and ``slices`` options."""
         return ReadRule(getattr(self.config, "window", "auto"), getattr(self.config, "slices", "axial"))
 
-    @property
-    def read_record(self) -> dict[str, list[str]]:
-        """What the medical images read by ``fit`` were: their modalities (DICOM's Modality) and
-        the windows used (saved with the model as ``read``; empty for plain images)."""
-        rec = self.__dict__.setdefault("_read_record", {"modalities": [], "windows": []})
-        return rec
-
     def _note_read(self, label: str, modality: str, window: str) -> None:
         """Record (while fitting) or check (once fitted) how a medical image was read: another
         modality than the fit's is an error, another window a warning (once per window)."""
         rec = self.read_record
         key = window.split(" ")[0] if window.startswith("full") else window  # a full range differs per volume
         if not self.is_fitted:
-            with self.__dict__.setdefault("_read_lock", threading.Lock()):
+            with self._read_lock:
                 for name, value in (("modalities", modality), ("windows", key)):
                     if value and value not in rec[name]:
                         rec[name].append(value)
@@ -316,9 +238,8 @@ class BaseDetector:
                             label, key, ", ".join(rec["windows"]))
 
     def _warn_once(self, key: tuple, message: str, *args: Any) -> None:
-        warned = self.__dict__.setdefault("_warned", set())
-        if key not in warned:
-            warned.add(key)
+        if key not in self._warned:
+            self._warned.add(key)
             log.warning(message, *args)
 
     def iter_features(
@@ -352,14 +273,14 @@ class BaseDetector:
         """
         self.check_fitted()
         loaded = self.read_images(images, names, strict=True)
-        budget = {} if false_alarm_rate is None else {"false_alarm_rate": false_alarm_rate}
-        return self.predict_arrays(loaded.arrays, threshold=threshold, on_progress=on_progress, **budget)
+        return self.predict_arrays(loaded.arrays, threshold=threshold, false_alarm_rate=false_alarm_rate, on_progress=on_progress)
 
     # -- the nearest-neighbour index (methods with an ``index`` option) ------------------------
 
     def index_vectors(self, state: Any) -> torch.Tensor:
-        """The normal vectors ``(M, D)`` predict searches (LAKE: its gallery; memory banks: the bank)."""
-        raise NotImplementedError
+        """The normal vectors ``(M, D)`` predict searches (LAKE: its gallery; memory banks: the
+        bank). Only methods with an ``index`` option search through :meth:`gallery_index`."""
+        raise ConfigError(f"the {self.method} method keeps no gallery to index")
 
     def gallery_index(self) -> GalleryIndex:
         """The fitted vectors (:meth:`index_vectors`) ready to be searched as the ``index`` option
@@ -368,7 +289,7 @@ class BaseDetector:
         state = self.check_fitted()
         vectors = self.index_vectors(state)
         key = (id(state), id(vectors), self.config.index)
-        cached = self.__dict__.get("_index")
+        cached = self._index
         if cached is None or cached[0] != key:
             cached = (key, GalleryIndex(vectors, self.config.index, serialized=state.gallery_index))
             self._index = cached
@@ -388,8 +309,15 @@ class BaseDetector:
     def threshold_scores(self, state: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         """The leave-one-out scores of the support images the decision levels come from: image
         scores ``(n,)``, visual scores ``(n,)``, token or map scores ``(T,)`` (or None) and
-        scope scores ``(n,)`` (None: no scope check), NaN where not scored."""
-        raise NotImplementedError(f"{type(self).__name__} derives no decision levels from leave-one-out scores")
+        scope scores ``(n,)`` (None: no scope check), NaN where not scored.
+
+        The default, for a state with a :class:`~lakead.state.DecisionRecord`: its ``loo_scores``
+        as both image and visual scores, its ``loo_tokens``, no scope check. A method whose
+        state keeps no leave-one-out scores sets no false-alarm budget (a :class:`ConfigError`)."""
+        if not isinstance(state, DecisionRecord):
+            raise ConfigError(f"the {self.method} method keeps no leave-one-out scores of its normal images, so a "
+                              "false-alarm budget cannot be set after the fit: give a threshold instead")
+        return state.loo_scores, state.loo_scores, state.loo_tokens, None
 
     def derive_thresholds(self, state: Any, false_alarm_rate: float | None = None) -> Thresholds:
         """The decision levels from :meth:`threshold_scores` and the decision options
@@ -404,10 +332,32 @@ class BaseDetector:
         """The decision levels: the fitted ones, or derived again from the saved leave-one-out
         scores for another false-alarm budget (no refit)."""
         state = self.check_fitted()
+        if false_alarm_rate is None and not isinstance(state, DecisionRecord):
+            return Thresholds(float(getattr(state, "threshold", math.inf)), "fixed", None, None, None, None)
         if false_alarm_rate is None:
             return Thresholds(state.threshold, state.threshold_rule, state.false_alarm_rate, state.seed_threshold,
                               state.pixel_threshold, getattr(state, "scope_threshold", None))
         return self.derive_thresholds(state, false_alarm_rate)
+
+    def fit_levels(self, state: Any) -> None:
+        """Derive the decision levels from the state's leave-one-out scores and the decision
+        options, and write them into its facts: the end of a fit (:meth:`store_thresholds`)."""
+        self.store_thresholds(state, self.derive_thresholds(state))
+
+    def decide(self, scores: Sequence[float] | np.ndarray, maps: Sequence[np.ndarray], *, threshold: float | None = None,
+               false_alarm_rate: float | None = None, visual: np.ndarray | None = None,
+               semantic: np.ndarray | None = None) -> Prediction:
+        """The :class:`~lakead.api.Prediction` of image scores ``(B,)`` and maps (each at its
+        image's own size), decided at this model's levels: the fitted ones, those of
+        ``false_alarm_rate`` (:meth:`thresholds`), or ``threshold`` for the image level. The pixel
+        and seed levels come with it, so ``predict --masks`` finds the defect regions."""
+        levels = self.thresholds(false_alarm_rate)
+        thr = levels.image if threshold is None else float(threshold)
+        s = np.asarray(scores, dtype=np.float32)
+        return Prediction(scores=s, visual=s if visual is None else np.asarray(visual, np.float32),
+                          semantic=np.zeros_like(s) if semantic is None else np.asarray(semantic, np.float32),
+                          anomalous=s > thr, maps=tuple(maps), threshold=thr,
+                          pixel_threshold=levels.pixel, seed_threshold=levels.seed)
 
     @staticmethod
     def store_thresholds(state: Any, levels: Thresholds) -> None:
@@ -427,11 +377,14 @@ class BaseDetector:
         scope_on = getattr(state, "scope_threshold", None) is not None
         return describe_rule(state.threshold_rule, state.false_alarm_rate or 0.0, n, self.config.threshold_sigmas, scope_on)
 
+    @abstractmethod
     def predict_arrays(
-        self, arrays: Sequence[np.ndarray], *, threshold: float | None = None, on_progress: Callable[[int], None] | None = None
+        self, arrays: Sequence[np.ndarray], *, threshold: float | None = None, false_alarm_rate: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> Prediction:
-        """:meth:`predict` for images already read (``(H, W, 3)`` uint8 arrays)."""
-        raise NotImplementedError
+        """:meth:`predict` for images already read (``(H, W, 3)`` uint8 arrays). ``threshold``
+        replaces the image decision level for this call; ``false_alarm_rate`` derives the levels
+        again for that budget (:meth:`thresholds`)."""
 
     def save(self, path: str | Path) -> Path:
         """Write the fitted model to a directory: ``lakead.json`` (method, options, backbone,
@@ -460,10 +413,10 @@ class BaseDetector:
         state; the description for ``lakead info`` is its :meth:`summary`, saved as ``summary``)."""
         return {}
 
+    @abstractmethod
     def summary(self) -> dict[str, Any]:
         """The facts of a fitted model worth printing or reporting, in the method's own words
         (saved with the model: ``lakead info`` and the service show them)."""
-        raise NotImplementedError
 
     @classmethod
     def load(
@@ -507,5 +460,5 @@ class BaseDetector:
         det.state_ = state
         read = meta.get("read")
         if isinstance(read, dict):
-            det.__dict__["_read_record"] = {k: [str(v) for v in read.get(k, [])] for k in ("modalities", "windows")}
+            det.read_record = {k: [str(v) for v in read.get(k, [])] for k in ("modalities", "windows")}
         return det

@@ -327,7 +327,7 @@ def predict_to_dir(
     root = output_root(inputs)
     bs = detector.runtime.batch_size
     if threshold is None and false_alarm_rate is not None:
-        threshold_used = detector.thresholds(false_alarm_rate).image  # type: ignore[attr-defined]
+        threshold_used = detector.thresholds(false_alarm_rate).image
     else:
         threshold_used = detector.threshold_ if threshold is None else float(threshold)
     summary = BatchSummary(threshold=threshold_used)

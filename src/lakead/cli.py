@@ -58,7 +58,7 @@ def fit(
                    "and the outlier filter (default 0).", rich_help_panel=MODEL_PANEL),
     config_file: Optional[Path] = config_file_option(),
     print_config: bool = print_config_option(),
-    method: Any = choice_option("lake", "--method", choices=list(METHODS), help="How to score: "
+    method: Any = choice_option("lake", "--method", choices=METHODS, help="How to score: "
                                 + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "."),
     fit_memory: str = typer.Option("256MiB", help="Bound on what the fit holds (e.g. 1GiB): beyond half of it, the fit makes a second pass over the images instead of keeping their full-width tokens (docs/SCALE.md)."),
     ray: bool = typer.Option(False, "--ray", help=r"Run the fit's forward passes on a Ray cluster (needs Ray: pip install 'lakead\[ray]')."),

@@ -62,7 +62,7 @@ def eval_(
     shots: str = typer.Option("64", help="Normal training images to fit on, per category: a number or 'all'."),
     seed: int = _EVAL_SEED,
     first: bool = _FIRST,
-    method: Any = choice_option("lake", "--method", choices=list(METHODS), help="How to score: "
+    method: Any = choice_option("lake", "--method", choices=METHODS, help="How to score: "
                                 + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "."),
     examples: int = typer.Option(4, help="Example maps per category in the figures."),
     no_figures: bool = typer.Option(False, "--no-figures", help="Do not draw the figures."),
@@ -179,7 +179,7 @@ def baselines(
     data_root: Path = typer.Argument(..., help="A dataset (see 'lakead eval').", show_default=False),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for baselines.md, baselines.csv and baselines.json."),
     categories: Optional[list[str]] = _CATEGORIES,
-    methods: Any = choice_option(",".join(METHODS), "--methods", "--method", choices=list(METHODS), many=True,
+    methods: Any = choice_option(",".join(METHODS), "--methods", "--method", choices=METHODS, many=True,
                                  help="Methods, comma-separated (text needs a CLIP): "
                                       + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "."),
     seeds: str = typer.Option("0,1,2", help="Seeds that the random method is averaged over."),

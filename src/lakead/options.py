@@ -372,14 +372,17 @@ def build_config(config_cls: type, values: Mapping[str, Any], alternatives: Mapp
 def choice_option(default: Any, *param_decls: str, choices: Sequence[str], help: str, many: bool = False,
                   **kwargs: Any) -> Any:
     """A typer option that takes one of ``choices`` (``many``: several, comma-separated);
-    another word is a usage error (exit status 2). Annotate its parameter ``Any``."""
+    another word is a usage error (exit status 2). Annotate its parameter ``Any``. ``choices``
+    is read when the option is parsed, so a live mapping (the registry of methods) admits what
+    was registered after the command was built."""
     words = tuple(choices)
 
     def parse_one(value: str) -> str:
-        for c in words:
+        live = tuple(choices)
+        for c in live:
             if value.strip().lower() == c.lower():
                 return c
-        raise _invalid(f"{value!r} is not one of {', '.join(words)}")
+        raise _invalid(f"{value!r} is not one of {', '.join(live)}")
 
     def parse(value: Any) -> Any:
         if not isinstance(value, str):

@@ -133,6 +133,31 @@ DETECTORS: dict[str, Any] = {"lake": LakeDetector, "patchcore": PatchCoreDetecto
                            "winclip": WinCLIPDetector}
 
 
+def register(method: Method, *, saves_as: str | None = None) -> Method:
+    """Add a method to the registry (its name must be new): the command line, the service, eval
+    and ``load_detector`` then know it. ``saves_as``: the ``method`` its models are saved under,
+    when it differs from the detector class's ``method`` (given by name, the detector is not
+    imported here). Returns the method. The one line a new method adds (docs/ARCHITECTURE.md)."""
+    if method.name in METHODS:
+        raise ConfigError(f"a method named {method.name!r} is registered already")
+    METHODS[method.name] = method
+    name = saves_as or (method.detector.method if not isinstance(method.detector, str) else None)
+    if name is None:
+        raise ConfigError(f"method {method.name!r}: give saves_as= for a detector named by string")
+    DETECTORS.setdefault(name, method.detector)
+    return method
+
+
+def unregister(name: str) -> None:
+    """Remove a method added by :func:`register` (and the loader of its saved models when no
+    other method saves under that name)."""
+    method = METHODS.pop(name)
+    saved = [k for k, v in DETECTORS.items() if v is method.detector]
+    for k in saved:
+        if not any(m.detector is method.detector for m in METHODS.values()):
+            del DETECTORS[k]
+
+
 def detector_class(detector: Any) -> type:
     """A detector class, or one named ``"module:Class"`` imported now."""
     if not isinstance(detector, str):

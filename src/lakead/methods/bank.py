@@ -37,7 +37,8 @@ from torch import nn
 from ..api import Prediction
 from ..backbones import Backbone, Layer
 from ..backbones.base import Features, LayerSpec, as_blocks
-from ..base import BaseDetector, LearnedState, fact, tensor
+from ..base import BaseDetector
+from ..state import DecisionRecord, SupportRecord, fact, tensor
 from ..errors import ConfigError, ModelFormatError
 from ..images import ImageInput
 from ..index import resolve as resolve_index
@@ -53,15 +54,12 @@ from .bank_options import BankConfig, _number  # noqa: E402,F401 - the options, 
 
 
 @dataclass(kw_only=True)
-class BankState(LearnedState):
+class BankState(SupportRecord, DecisionRecord):
     """What every memory-bank method learns (n support images, M bank vectors of width D)."""
 
     bank: torch.Tensor = tensor("(M, D) float32: the memory bank of normal patch features", device=True)
     bank_image: torch.Tensor = tensor("(M,) int32: which support image each bank vector comes from")
-    loo_scores: np.ndarray = tensor("(n,) float32: leave-one-out image scores of the support images (NaN: not scored)", numpy=True)
     loo_peaks: np.ndarray = tensor("(n,) float32: the largest value of each support image's leave-one-out map", numpy=True)
-    loo_tokens: Optional[np.ndarray] = tensor("(T,) float32: leave-one-out map values at the patches of the support images",
-                                              optional=True, numpy=True)
     gallery_index: Optional[np.ndarray] = tensor("(B,) uint8: the bank's HNSW index, serialized (index='hnsw')",
                                                  optional=True, numpy=True)
     layer: LayerSpec = fact("the block(s) read, in the backbone's canonical form")
@@ -69,17 +67,6 @@ class BankState(LearnedState):
     grid: tuple[int, int] = fact("(gh, gw) grid of the patch features")
     width: int = fact("D, channels of the patch features")
     bank_vectors: int = fact("patch features of the support images before any subsampling")
-    threshold: float = fact("the decision threshold (inf: none could be derived)")
-    threshold_rule: str = fact("how it was derived: conformal, exponential, gaussian, sigmas, fixed or none")
-    false_alarm_rate: Optional[float] = fact("the false-alarm budget it was derived for (None: sigmas or fixed)")
-    seed_threshold: Optional[float] = fact("the map value a defect region must reach")
-    pixel_threshold: Optional[float] = fact("the map value a defect region's pixels exceed")
-    map_range: tuple[float, float] = fact("(typical normal patch, decision level): the maps' colour scale")
-    class_name: str = fact("what the images show")
-    support: list[str] = fact("names of the support images")
-    support_rule: str = fact("how the support images were chosen")
-    skipped: list[str] = fact("support images that could not be read, with the reason")
-    fitted_at: str = fact("UTC time of the fit")
 
     @classmethod
     def convert(cls, values: dict[str, Any]) -> dict[str, Any]:

@@ -103,11 +103,11 @@ class ModelInfo(BaseModel):
     threshold: Optional[float] = Field(description="Decision threshold; null when none could be derived (one image).")
     false_alarm_rate: Optional[float] = Field(None, description="The false-alarm budget the threshold was derived for (null: fixed or the old sigmas rule).")
     threshold_rule: str = Field("sigmas", description="How the threshold was derived: conformal, exponential, gaussian, sigmas, fixed or none.")
-    image_size: int
-    layer: Union[int, str, list[Union[int, str]]] = Field(description="Block(s) read for the visual branch.")
-    semantic_layer: Optional[Union[int, str]]
-    k: int = Field(description="Number of sensitive neurons kept.")
-    text_probe: bool
+    threshold_description: Optional[str] = Field(None, description="How the threshold was derived, in words.")
+    image_size: Optional[int] = None
+    description: dict[str, Any] = Field(default_factory=dict, description="What the method says of itself (its summary: "
+                                        "LAKE's blocks, neurons and text probe; a memory bank's size; ...). No method is "
+                                        "described with another's keys.")
     map_range: list[float] = Field(description="Map values from uncoloured (typical normal) to red (decision level).")
     config: dict[str, Any]
     warnings: list[str]

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from ...backbones.base import Layer, LayerSpec
-from ...base import LearnedState, fact, tensor
+from ...state import DecisionRecord, SupportRecord, fact, tensor
 from ...errors import ModelFormatError
 
 
 @dataclass
-class LakeState(LearnedState):
+class LakeState(SupportRecord, DecisionRecord):
     """Everything :meth:`LakeDetector.fit` learns (shapes: n support images, N tokens each,
     D channels of the visual block(s), K sensitive neurons, M = n * N gallery vectors, fewer with
     gallery_size)."""
@@ -32,11 +32,8 @@ class LakeState(LearnedState):
     gallery_image: torch.Tensor = tensor("(M,) int32: which support image each gallery vector comes from")
     loo_visual: np.ndarray = tensor("(n,) float32: leave-one-out visual scores of the support images (NaN: not scored)", numpy=True)
     loo_semantic: np.ndarray = tensor("(n,) float32: text-probe scores of the support images", numpy=True)
-    loo_scores: np.ndarray = tensor("(n,) float32: leave-one-out fused scores (what the threshold is derived from)", numpy=True)
     text_embeddings: torch.Tensor | None = tensor("(2, E) float32: normalised normal / anomalous prompt embeddings",
                                                   optional=True, device=True)
-    loo_tokens: np.ndarray | None = tensor("(T,) float32: leave-one-out token scores of the support images (pixel level)",
-                                           optional=True, numpy=True)
     scope_gallery: torch.Tensor | None = tensor("(G, D) float32: support tokens, every channel, for the scope check",
                                                 optional=True, device=True)
     scope_gallery_image: torch.Tensor | None = tensor("(G,) int32: which support image each comes from", optional=True)
@@ -51,25 +48,14 @@ class LakeState(LearnedState):
     grid: tuple[int, int] = fact("(gh, gw) token grid of the visual tokens")
     width: int = fact("D, channels of the visual tokens")
     visual_scale: float = fact("what visual distances are divided by (score_norm)")
-    threshold: float = fact("the decision threshold (inf: none could be derived)")
-    threshold_rule: str = fact("how it was derived: conformal, exponential, gaussian, sigmas, fixed or none", default="sigmas")
-    false_alarm_rate: float | None = fact("the false-alarm budget it was derived for (None: sigmas or fixed)", default=None)
-    seed_threshold: float | None = fact("the visual token score a defect region must reach", default=None)
-    pixel_threshold: float | None = fact("the token score a defect region's pixels exceed", default=None)
     scope_threshold: float | None = fact("the scope distance above which an image is out of scope (None: off)", default=None)
-    map_range: tuple[float, float] = fact("(typical normal patch, visual decision level): the maps' colour scale")
-    class_name: str = fact("what the images show")
     prompts: list[str] | None = fact("the normal and anomalous prompts; None when the probe is off")
     logit_scale: float | None = fact("CLIP's logit scale; None when the probe is off")
-    support: list[str] = fact("names of the support images kept")
-    support_rule: str = fact("how the support images were chosen")
-    skipped: list[str] = fact("support images that could not be read, with the reason")
     outliers: list[str] = fact("support images dropped by filter_outliers", default=[])  # absent before the filter existed
     gallery_rule: str = fact("how the gallery was made: every support token, or a greedy coreset of them",
                              default="every support token")
     loo_rule: str = fact("which support images the leave-one-out scores (and the threshold) come from",
                          default="every support image, or an evenly spaced 128 of them")
-    fitted_at: str = fact("UTC time of the fit")
 
     @classmethod
     def convert(cls, values: dict[str, Any]) -> dict[str, Any]:

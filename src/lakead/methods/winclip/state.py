@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from ...backbones.base import Layer, LayerSpec
-from ...base import LearnedState, fact, tensor
+from ...state import DecisionRecord, SupportRecord, fact, tensor
 from ...errors import ModelFormatError
 
 
 @dataclass
-class WinCLIPState(LearnedState):
+class WinCLIPState(SupportRecord, DecisionRecord):
     """Shapes: n support images (0 for zero-shot without images), N patches, E joint width,
     D block width, K sensitive neurons."""
 
@@ -29,11 +29,8 @@ class WinCLIPState(LearnedState):
     neurons: torch.Tensor | None = tensor("(K,) int64: LAKE's sensitive neurons (WinCLIP+LAKE)", optional=True)
     gallery: torch.Tensor | None = tensor("(n*N, K) float32: LAKE's gallery (WinCLIP+LAKE)", optional=True, device=True)
     gallery_image: torch.Tensor | None = tensor("(n*N,) int32: which support image each comes from", optional=True)
-    loo_scores: np.ndarray = tensor("(n,) float32: support images' leave-one-out scores (NaN: not scored)", numpy=True)
     loo_text: np.ndarray = tensor("(n,) float32: support images' text scores", numpy=True)
     loo_visual: np.ndarray = tensor("(n,) float32: support images' leave-one-out map maxima", numpy=True)
-    loo_tokens: np.ndarray = tensor("(T,) float32: support images' leave-one-out fused patch scores", numpy=True)
-    class_name: str = fact("what the images show")
     prompts: list[int] = fact("numbers of normal and anomalous prompts averaged")
     image_size: int = fact("square input size in pixels")
     grid: tuple[int, int] = fact("(gh, gw) patch grid")
@@ -41,16 +38,6 @@ class WinCLIPState(LearnedState):
     patch_layer: Layer | None = fact("WinCLIP+: the block of the associated patch tokens")
     lake_layer: LayerSpec | None = fact("WinCLIP+LAKE: the block(s) of LAKE's gallery")
     visual_scale: float = fact("WinCLIP+LAKE: what LAKE's distances are divided by (median leave-one-out score); else 1")
-    threshold: float = fact("the decision threshold (inf: none could be derived)")
-    threshold_rule: str = fact("conformal, exponential, gaussian, sigmas, fixed, none, or uncalibrated (zero-shot without images)")
-    false_alarm_rate: float | None = fact("the false-alarm budget it was derived for")
-    seed_threshold: float | None = fact("the map level a defect region must reach")
-    pixel_threshold: float | None = fact("the map level a defect region's pixels exceed")
-    map_range: tuple[float, float] = fact("the maps' colour scale")
-    support: list[str] = fact("names of the support images")
-    support_rule: str = fact("how the support images were chosen")
-    skipped: list[str] = fact("support images that could not be read, with the reason")
-    fitted_at: str = fact("UTC time of the fit")
 
     @classmethod
     def convert(cls, values: dict[str, Any]) -> dict[str, Any]:
