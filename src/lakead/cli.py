@@ -418,6 +418,11 @@ def serve(
     max_server_megapixels: float = typer.Option(400.0, help="Most decoded pixels held by all requests at once, in millions (others wait)."),
     max_image_size: int = typer.Option(1024, help="Largest image_size (network input side) a client may choose."),
     max_queued: int = typer.Option(16, help="Requests waiting for a worker, per model (and for fits); more get 503."),
+    max_sigma: int = typer.Option(16, help="Largest map blur (sigma, blur_sigma) a model may have, in pixels of the model input."),
+    max_ef_search: int = typer.Option(1024, help="Largest hnsw_ef_search a model may have."),
+    max_neighbours: int = typer.Option(64, help="Largest PatchCore neighbours a model may have."),
+    max_work_memory_mb: int = typer.Option(4096, help="Memory one fit or prediction may hold, in MiB, estimated from its options and images before it starts (413 past it)."),
+    max_seconds: int = typer.Option(900, help="Longest one fit or prediction may run, in seconds; past it, it is stopped (503)."),
     *,
     runtime: Runtime,
 ) -> None:
@@ -443,6 +448,8 @@ def serve(
             max_predict_images=max_predict_images, max_image_pixels=int(max_megapixels * 1e6),
             max_decode_pixels=int(max_decode_megapixels * 1e6), max_total_pixels=int(max_total_megapixels * 1e6),
             max_server_pixels=int(max_server_megapixels * 1e6), max_image_size=max_image_size, max_queued=max_queued,
+            max_sigma=max_sigma, max_ef_search=max_ef_search, max_neighbours=max_neighbours,
+            max_work_memory_mb=max_work_memory_mb, max_seconds=max_seconds,
         )
         service = create_app(
             models_dir, backbone=backbone, allowed_backbones=tuple(allow_backbone), token=token, limits=limits,

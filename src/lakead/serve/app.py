@@ -47,7 +47,8 @@ from ..options import method_option_specs, option_specs
 from ..viz import overlay, png_bytes
 from .docs import add_docs
 from .guard import Guard
-from .scheduling import Busy, FairSlots, PixelBudget, run_for_client
+from .budget import OverLimit, check_options, fit_memory, predict_memory, refuse_over
+from .scheduling import Busy, FairSlots, PixelBudget, TimedOut, run_for_client
 from ..medical import ReadRule
 from .store import FIT_OPTIONS, ID_PATTERN, METHOD_OPTIONS, BackboneNotAllowed, ModelNotFound, ModelStore, StorageError, clean_class_name
 from .uploads import Cancelled, ServeLimits, UploadRejected, Uploads, check_count, summarize_problems, upload_name
@@ -250,7 +251,7 @@ def create_app(
     Runtime(device=device, batch_size=batch_size, precision=precision).validate()
     store = ModelStore(models_dir, default_backbone=backbone, allowed_backbones=allowed_backbones, device=device,
                        batch_size=batch_size, precision=precision, max_cached=max_cached,
-                       max_image_size=limits.max_image_size)
+                       max_image_size=limits.max_image_size, limits=limits)
     fit_slots = FairSlots(1, limits.max_queued, "model creations")
     predict_slots = FairSlots(workers, limits.max_queued)
     pixels = PixelBudget(limits.max_server_pixels)
@@ -332,12 +333,9 @@ def create_app(
         """
         await _refuse_unknown_fields(request, {"images", "class_name", "backbone", "method", *FIT_OPTIONS, *METHOD_OPTIONS})
         m = get_method(method or "lake")
-        m.configure(LakeConfig.from_options(**{k: v for k, v in options.items() if k in FIT_OPTIONS}),
-                    {k: v for k, v in options.items() if k in METHOD_OPTIONS})  # a bad option is refused before any image is read
-        image_size = options.get("image_size")
-        if image_size is not None and image_size > limits.max_image_size:
-            raise ConfigError(f"image_size {image_size} is larger than this service allows "
-                              f"({limits.max_image_size}, lakead serve --max-image-size)")
+        cfg = m.configure(LakeConfig.from_options(**{k: v for k, v in options.items() if k in FIT_OPTIONS}),
+                          {k: v for k, v in options.items() if k in METHOD_OPTIONS})  # a bad option is refused before any image is read
+        check_options(cfg, limits)  # the options whose work grows with their value, within the server's bounds
         class_name = clean_class_name(class_name)
         if not class_name:
             raise ConfigError("class_name must be a non-empty string (it fills the text prompts)")
@@ -346,14 +344,16 @@ def create_app(
         names = [upload_name(f.filename, i) for i, f in enumerate(images)]
 
         def work(cancel: threading.Event) -> dict[str, Any]:
-            check = _patch_check(store.backbone(spec).info.patch_size)
+            bb = store.backbone(spec)
+            refuse_over(fit_memory(m.name, cfg, bb, len(names), store.runtime.batch_size), limits, "fit")
+            check = _patch_check(bb.info.patch_size)
             with Uploads([(n, f.file) for n, f in zip(names, images)], limits) as uploads:
                 with pixels.hold(uploads.pixels, cancel.is_set):
                     rule = ReadRule(str(options.get("window") or "auto"), str(options.get("slices") or "axial"))
                     arrays = uploads.decode(check, cancel.is_set, rule)
                     return store.create(arrays, names, class_name, options, backbone=spec, cancel=cancel, method=m.name)
 
-        result = await run_for_client(request, fit_slots, "fit", work)
+        result = await run_for_client(request, fit_slots, "fit", work, limits.max_seconds)
         response.headers["location"] = f"/models/{result['id']}"
         return _model(result)
 
@@ -391,8 +391,9 @@ def create_app(
             det = store.detector(model_id)
             check = _patch_check(det.patch_size if hasattr(det, "patch_size") else det.backbone.info.patch_size)
             with Uploads([(n, f.file) for n, f in zip(names, images)], limits) as uploads:
+                refuse_over(predict_memory(det, len(names), uploads.pixels, store.runtime.batch_size), limits, "prediction")
                 with pixels.hold(uploads.pixels, cancel.is_set):
-                    readable, failed = uploads.decode_each(check, cancel.is_set, store.detector(model_id).read_rule)
+                    readable, failed = uploads.decode_each(check, cancel.is_set, det.read_rule)
                     if not readable:
                         raise UploadRejected(422, summarize_problems("not readable as images", failed), failed)
                     index = [i for i, _ in readable]
@@ -418,7 +419,7 @@ def create_app(
             return PredictResponse(model=model_id, threshold=_finite(pred.threshold), map_range=[vmin, vmax], results=results,
                                    failed=[Problem(name=n, problem=p) for n, p in failed])
 
-        return await run_for_client(request, predict_slots, model_id, work)
+        return await run_for_client(request, predict_slots, model_id, work, limits.max_seconds)
 
     return app
 
@@ -495,6 +496,14 @@ def _exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(Busy)
     async def busy(request: Request, exc: Busy) -> JSONResponse:
         return _json_error(503, str(exc), headers={"retry-after": "5"})
+
+    @app.exception_handler(TimedOut)
+    async def timed_out(request: Request, exc: TimedOut) -> JSONResponse:
+        return _json_error(503, str(exc))
+
+    @app.exception_handler(OverLimit)
+    async def over_limit(request: Request, exc: OverLimit) -> JSONResponse:
+        return _json_error(409, str(exc))
 
     @app.exception_handler(Cancelled)
     async def cancelled(request: Request, exc: Cancelled) -> JSONResponse:

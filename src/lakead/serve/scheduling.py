@@ -11,7 +11,8 @@ stopping the work of a client that went away.
   its pixels fit (one that alone is over the budget is refused, 413).
 - :func:`run_for_client`: runs blocking work in a thread while watching the connection; when
   the client disconnects, the wait for a slot ends and the running work is told to stop
-  (it checks between batches of images and raises :class:`~lakead.serve.uploads.Cancelled`).
+  (it checks between batches of images and raises :class:`~lakead.serve.uploads.Cancelled`);
+  so is work that runs past the server's time limit (``max_seconds``, :class:`TimedOut`, 503).
 """
 
 from __future__ import annotations
@@ -125,12 +126,37 @@ class PixelBudget:
                 self._cond.notify_all()
 
 
-async def run_for_client(request: Request, slots: FairSlots, key: str, work: Callable[[threading.Event], T]) -> T:
+class TimedOut(LakeadError):
+    """The work ran past the server's time limit and was stopped: answered 503."""
+
+
+async def run_for_client(request: Request, slots: FairSlots, key: str, work: Callable[[threading.Event], T],
+                         max_seconds: float | None = None) -> T:
     """``work(cancel)`` in a worker thread once ``slots`` gives ``key`` a turn. If the client
     disconnects meanwhile, the wait ends, ``cancel`` is set for running work (which stops
-    at its next check), and :class:`Cancelled` is raised."""
+    at its next check), and :class:`Cancelled` is raised. Work still running ``max_seconds``
+    after its turn came is told to stop the same way, and :class:`TimedOut` is raised: a
+    request cannot hold a worker for longer, whatever it asked for."""
     cancel = threading.Event()
+    timed_out = threading.Event()
     result: list[Any] = []
+
+    def run(cancel: threading.Event) -> T:
+        timer = None
+        if max_seconds is not None:
+            timer = threading.Timer(max_seconds, lambda: (timed_out.set(), cancel.set()))
+            timer.daemon = True
+            timer.start()
+        try:
+            return work(cancel)
+        except Cancelled:
+            if timed_out.is_set():
+                raise TimedOut(f"stopped after {max_seconds:g} s, the longest this server lets one request run "
+                               "(lakead serve --max-seconds): send fewer images, or ask for less") from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def watch(scope: anyio.CancelScope) -> None:
         while True:
@@ -145,7 +171,7 @@ async def run_for_client(request: Request, slots: FairSlots, key: str, work: Cal
         tg.start_soon(watch, tg.cancel_scope)
         try:
             async with slots.slot(key):
-                result.append(await anyio.to_thread.run_sync(work, cancel))
+                result.append(await anyio.to_thread.run_sync(run, cancel))
         except Exception as exc:  # noqa: BLE001 - raised below, outside the task group
             failed.append(exc)
         tg.cancel_scope.cancel()

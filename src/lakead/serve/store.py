@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,8 @@ from ..methods.lake import LakeConfig
 from ..methods import get_method, load_detector
 from ..options import method_option_specs
 from ..runtime import EXPORT_FILE, ExportedDetector, is_exported, read_export_meta
-from .uploads import Cancelled, UploadRejected
+from .budget import check_options
+from .uploads import Cancelled, ServeLimits, UploadRejected
 
 log = logging.getLogger("lakead.serve")
 
@@ -165,6 +167,7 @@ class ModelStore:
         precision: str = Runtime.precision,
         max_cached: int = 8,
         max_image_size: int | None = None,
+        limits: "ServeLimits | None" = None,
     ) -> None:
         self.root = Path(root)
         try:
@@ -181,6 +184,7 @@ class ModelStore:
         self.device = device
         self.max_cached = max_cached
         self.max_image_size = max_image_size
+        self.limits = limits  # bounds of the options a stored model may have (lakead.serve.budget.BOUNDS)
         self._lock = threading.Lock()  # guards the dicts below
         self._entries: dict[str, _Entry] = {}
         self._cache: OrderedDict[str, tuple[tuple, Detector]] = OrderedDict()  # id -> (fingerprint, detector)
@@ -320,6 +324,10 @@ class ModelStore:
             if cached is not None:
                 log.info("model %s changed on disk: reading it again", model_id)
             if is_exported(path):  # its graph holds the backbone: nothing to check against the offered ones
+                if self.limits is not None:
+                    exp = read_export_meta(path)
+                    check_options(SimpleNamespace(sigma=exp["sigma"], image_size=exp["preprocessing"]["image_size"]),
+                                  self.limits, model_id)
                 det = ExportedDetector.load(path, batch_size=self.runtime.batch_size)
                 self._remember(model_id, det, now)  # type: ignore[arg-type]
                 return det  # type: ignore[return-value]
@@ -329,6 +337,9 @@ class ModelStore:
                 size = meta["image_size"]
             except (KeyError, TypeError) as exc:
                 raise ModelFormatError(f"stored model {model_id!r} is damaged ({exc})") from None
+            if self.limits is not None and isinstance(meta.get("config"), dict):
+                check_options(SimpleNamespace(**{k: v for k, v in meta["config"].items() if k != "image_size"}),
+                              self.limits, model_id)  # image_size: below, with the backbone's checks
             if self.max_image_size is not None and isinstance(size, int) and size > self.max_image_size:
                 raise BackboneNotAllowed(f"stored model {model_id!r} runs at image_size {size}, larger than this server "
                                          f"allows ({self.max_image_size}, lakead serve --max-image-size)")

@@ -48,6 +48,11 @@ class ServeLimits:
     max_server_pixels: int = 400_000_000  # decoded pixels held by all requests at once (others wait)
     max_image_size: int = 1024  # largest image_size (network input side) a client may choose
     max_queued: int = 16  # requests waiting for a worker, per model (and for fits); more get 503
+    max_sigma: int = 16  # largest map blur (sigma, blur_sigma) in pixels of the model input (both papers: 4)
+    max_ef_search: int = 1024  # largest hnsw_ef_search (candidates examined per query)
+    max_neighbours: int = 64  # largest PatchCore neighbours (bank vectors compared per patch)
+    max_work_memory_mb: int = 4096  # memory one fit or prediction may hold, estimated from its options before it starts
+    max_seconds: int = 900  # longest one fit or prediction may run; past it, it stops at its next check (503)
 
     def validate(self) -> "ServeLimits":
         for name, value in asdict(self).items():
