@@ -33,7 +33,7 @@ LAYERS = {
     "base": 4, "state": 4, "methods.lake": 4, "methods.bank": 4, "methods.patchcore": 4, "methods.anomalydino": 4, "methods.subspace": 4, "methods.winclip": 4,
     "methods": 5,
     "batch": 6, "rundir": 6, "distributed": 6, "evaluate": 6, "explain": 6, "serve": 6,
-    "options": 6, "export": 6, "line": 6, "helpstyle": 6, "configfile": 6, "cli": 7, "cli_common": 7, "cli_eval": 7, "cli_demo": 7, "cli_line": 7, "runtime_cli": 7, "__init__": 8, "__main__": 8,
+    "options": 6, "export": 6, "line": 6, "helpstyle": 6, "configfile": 6, "cli": 7, "cli_common": 7, "cli_eval": 7, "cli_demo": 7, "cli_layers": 7, "cli_line": 7, "runtime_cli": 7, "__init__": 8, "__main__": 8,
 }
 #: Most lines one module may have (a room doing one job).
 MAX_LINES = 560

@@ -50,7 +50,7 @@ def fit(
     normal: Optional[list[Path]] = typer.Argument(
         None, help="Folders (searched recursively) or files of normal images (none: zero-shot, --method winclip only).",
         show_default=False),
-    class_name: str = typer.Option(..., "--class-name", "-c", help="What the images show, e.g. 'screw'; fills the text prompts."),
+    class_name: Optional[str] = typer.Option(None, "--class-name", "-c", help="What the images show, e.g. 'screw'; fills the text prompts, so it is needed where there is a text probe (without one: the first folder's name, e.g. bottle for data/bottle/train/good).", show_default=False),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the model to: a new folder, or one holding only an earlier lakead model (replaced when the new one is complete); a folder with anything else in it, or one of the image folders, is refused."),
     shots: Optional[int] = typer.Option(None, help="Use only this many normal images (default: all)."),
     seed: Optional[int] = typer.Option(
@@ -73,6 +73,7 @@ def fit(
     if print_config:
         sys.stdout.write(render_config(ctx))
         return
+    from .cli_layers import check_blocks, class_name_from, needs_class_name
     from .data import select_shots
     from .images import list_images
     from .methods.lake.stream import parse_memory
@@ -83,7 +84,7 @@ def fit(
         memory = parse_memory(fit_memory)
     except LakeadError as exc:
         raise typer.BadParameter(str(exc), param_hint="--fit-memory") from None
-    if CONTROL_CHARACTERS.search(class_name):
+    if class_name is not None and CONTROL_CHARACTERS.search(class_name):
         raise typer.BadParameter(f"has a control character: '{printable(class_name)}'; give printable text", param_hint="--class-name")
     with errors_as_messages():
         check_output(out_dir, MODEL, inputs=normal or [])  # before the work, not after it
@@ -103,6 +104,13 @@ def fit(
         with loading(f"importing torch, loading the backbone {cfg.backbone}"):
             det = m.build(cfg, runtime=runtime)
             det.backbone  # noqa: B018 - loaded before the progress bar: a missing backbone is one message, no bar
+        check_blocks(det)  # a bad --layer too
+        if class_name is None:
+            if needs_class_name(det, m):
+                raise typer.BadParameter("needed: the text probe fills its prompts with it (or turn the probe off: --no-text)",
+                                         param_hint="--class-name")
+            class_name = class_name_from(normal or [])
+            logging.getLogger("lakead").info("class name: %s (the folder's; --class-name sets it)", class_name)
         logging.getLogger("lakead").info("support set: %s", rule)
         with progress_bar("fit", len(chosen)) as advance:
             if m.detector_class.method != "lake":
@@ -490,6 +498,7 @@ def _backbone_problem(spec: str) -> str | None:
 
 from . import cli_eval  # noqa: E402,F401 - registers eval, ablate and baselines on the app
 from . import cli_demo  # noqa: E402,F401 - registers demo on the app
+from . import cli_layers  # noqa: E402,F401 - registers layers on the app
 from . import cli_line  # noqa: E402,F401 - registers update, history and rollback on the app
 
 

@@ -71,6 +71,7 @@ def demo(
     import shlex
 
     from .batch import check_target, predict_to_dir
+    from .cli_layers import check_blocks
     from .outputs import MODEL as MODEL_OUTPUT
     from .outputs import check_inputs, check_output
     from .images import list_images
@@ -93,6 +94,7 @@ def demo(
         with loading(f"importing torch and transformers, loading the backbone {spec}"):
             det = get_method("lake").build(dataclasses.replace(config, backbone=spec), runtime=runtime)
             det.backbone  # noqa: B018 - loaded before the progress bar: a missing backbone is one message, no bar
+        check_blocks(det)  # a bad --layer: one message before any work
         images = list_images(normal)
         with progress_bar("fit", len(images)) as advance:
             det.fit(images, class_name, support_rule=f"all {len(images)} images", on_progress=advance)

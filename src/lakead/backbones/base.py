@@ -95,6 +95,16 @@ class WindowFeatures:
     grid: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class LayerInfo:
+    """One block ``--layer`` can read (``lakead layers BACKBONE`` lists them)."""
+
+    name: str  # what --layer takes: a block number, or an ONNX tensor name
+    channels: int  # width of its tokens
+    grid: tuple[int, int]  # (H, W) tokens at the model's own input size
+    note: str = ""  # e.g. how a quantized tensor is read
+
+
 class Backbone(abc.ABC):
     """A frozen image model that can be read at intermediate blocks."""
 
@@ -123,6 +133,12 @@ class Backbone(abc.ABC):
         if not self.width:
             return None
         return default_k(self.width)
+
+    def layers(self) -> list[LayerInfo]:
+        """Every block ``--layer`` can read, in the network's order (numbered blocks: 1..L, all
+        of the same width and grid; ONNX overrides this with its tensors)."""
+        grid = self.grid_size(self.info.image_size)
+        return [LayerInfo(str(i), int(self.width or 0), grid) for i in range(1, self.info.num_layers + 1)]
 
     @abc.abstractmethod
     def resolve_layer(self, layer: Layer | None, *, semantic: bool = False) -> Layer:

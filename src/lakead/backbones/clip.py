@@ -194,7 +194,8 @@ class CLIPBackbone(Backbone):
             hint = "" if semantic else (
                 f"; LAKE reads block 18 of 24, 3/4 of the depth, which is block {max(1, round(0.75 * self.num_layers))} here"
             )
-            raise ConfigError(f"{what} {layer} is out of range: this CLIP has blocks 1..{self.num_layers}{hint}")
+            raise ConfigError(f"{what} {layer} is out of range: this CLIP has blocks 1..{self.num_layers}{hint} "
+                              f"(lakead layers {self.info.source} lists them)")
         return layer
 
     @torch.inference_mode()

@@ -243,7 +243,7 @@ class HFViTBackbone(Backbone):
             what = "semantic_layer" if semantic else "layer"
             raise ConfigError(
                 f"{what} {layer} is out of range: this {self.FAMILY} has blocks 1..{self.num_layers} "
-                f"(the default, 3/4 of the depth, is block {self.default_layer()})"
+                f"(the default, 3/4 of the depth, is block {self.default_layer()}; lakead layers {self.info.source} lists them)"
             )
         return layer
 

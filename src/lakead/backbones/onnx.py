@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import BackboneUnavailableError, ConfigError
-from .base import Backbone, BackboneInfo, Features, Layer, Preprocessing, as_blocks
+from .base import Backbone, BackboneInfo, Features, Layer, LayerInfo, Preprocessing, as_blocks
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class ONNXBackbone(Backbone):
         self._sessions: dict[str, Any] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._warned_cpu = False
+        self._said: set[str] = set()  # layer names said to stand for their _quantized tensor
 
     @classmethod
     def from_file(
@@ -309,9 +310,10 @@ class ONNXBackbone(Backbone):
         return self._shapes
 
     def resolve_layer(self, layer: Layer | None, *, semantic: bool = False) -> str:
-        """A tensor name of the graph. A block number such as ``382`` (how the command line
-        reads digits) and a base name without ``_quantized`` are accepted when they name
-        exactly one tensor."""
+        """A tensor name of the graph, exactly as given. A block number such as ``382`` (how the
+        command line reads digits) names the tensor ``382``. A name that is no tensor but whose
+        ``<name>_quantized`` is (the int8 output of node ``<name>``) reads that one, and a log
+        line says so: a name never stands for another tensor silently."""
         if semantic:
             raise ConfigError(f"backbone {self.info.source!r} has no text tower: there is no semantic layer")
         if layer is None:
@@ -321,6 +323,10 @@ class ONNXBackbone(Backbone):
             chosen = name
         elif name + QUANTIZED_SUFFIX in self.tensors:
             chosen = name + QUANTIZED_SUFFIX
+            if name not in self._said:  # once per name
+                self._said.add(name)
+                log.info("layer %s: %s has no tensor %r; reading %r, its int8 output, dequantized", name,
+                         self.info.source, name, chosen)
         else:
             raise ConfigError(self._layer_help(f"layer {layer!r} is not a tensor of {self.info.source}"))
         shapes = self.feature_maps()
@@ -328,13 +334,30 @@ class ONNXBackbone(Backbone):
             raise ConfigError(self._layer_help(f"tensor {chosen!r} is not a (B, C, H, W) feature map"))
         return chosen
 
+    def layers(self) -> list[LayerInfo]:
+        """Every tensor of the graph that ``--layer`` can read (a ``(B, C, H, W)`` feature map),
+        in graph order, with its channels and grid at the model's input size."""
+        shapes = self.feature_maps()
+        out = []
+        for n in self.tensors:
+            if n not in shapes:
+                continue
+            c, h, w = shapes[n]
+            base = n.removesuffix(QUANTIZED_SUFFIX)
+            note = ""
+            if base != n:
+                note = "int8, read dequantized" + (f"; --layer {base} also names it" if base not in self.tensors else "")
+            out.append(LayerInfo(n, c, (h, w), note))
+        return out
+
     def _layer_help(self, problem: str, limit: int = 12) -> str:
         shapes = self.feature_maps()
         maps = [n for n in self.tensors if n in shapes and shapes[n][1] * shapes[n][2] > 1]
         # the deepest maps first: the useful blocks are usually near the end
         listed = ", ".join(f"{n} ({'x'.join(map(str, shapes[n]))})" for n in maps[::-1][:limit])
         more = f" and {len(maps) - limit} more" if len(maps) > limit else ""
-        return f"{problem}; feature maps (C x H x W) of this model, deepest first: {listed}{more}"
+        return (f"{problem}; feature maps (C x H x W) of this model, deepest first: {listed}{more}. "
+                f"All {len(shapes)} with their grids: lakead layers {self.info.source}")
 
     def check_image_size(self, image_size: int) -> int:
         if self.fixed_size is not None and image_size != self.fixed_size:
