@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lakead"
 
 LAYERS = {
     "_version": 0, "_lazy": 0, "errors": 0, "progress": 0,
-    "fields": 1, "validate": 1, "limits": 1, "methods.bank_options": 1, "fileio": 1, "outputs": 1, "medical": 1, "decision": 1, "ops": 1, "index": 1, "coreset": 1, "images": 1, "metrics": 1, "neurons": 1, "data": 1, "layouts": 1, "spro": 1, "viz": 1, "testing": 1,
+    "fields": 1, "support": 1, "validate": 1, "limits": 1, "methods.bank_options": 1, "fileio": 1, "outputs": 1, "medical": 1, "decision": 1, "ops": 1, "index": 1, "coreset": 1, "images": 1, "metrics": 1, "neurons": 1, "data": 1, "layouts": 1, "spro": 1, "viz": 1, "testing": 1,
     "patchops": 1, "pca": 1,
     "api": 2, "runtime": 2,
     "backbones": 3,

@@ -82,6 +82,9 @@ class BaseDetector(ABC):
     method: ClassVar[str]
     config_class: ClassVar[type]
     state_class: ClassVar[type[LearnedState]]
+    #: Whether ``fit`` takes ``memory=`` (a bound on what it holds, a second pass beyond it) and
+    #: runs its forwards on Ray (``lakead fit --fit-memory``, ``--ray``): LAKE's streaming fit.
+    streaming_fit: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -89,8 +89,9 @@ def fit(
     with errors_as_messages():
         check_output(out_dir, MODEL, inputs=normal or [])  # before the work, not after it
         cfg, m = configured(method, config, method_options)
-        if m.detector_class.method != "lake" and (ray or fit_memory != "256MiB"):
-            raise typer.BadParameter(f"--ray and --fit-memory apply to LAKE's streaming fit; method {m.name!r} "
+        streaming = m.detector_class.streaming_fit  # the method's own capability, not a branch on its name
+        if not streaming and (ray or fit_memory != "256MiB"):
+            raise typer.BadParameter(f"--ray and --fit-memory apply to a streaming fit (LAKE's); method {m.name!r} "
                                      "fits in one process", param_hint="--ray/--fit-memory")
         if normal:
             chosen, rule = select_shots(list_images(normal), shots, seed)
@@ -113,7 +114,7 @@ def fit(
             logging.getLogger("lakead").info("class name: %s (the folder's; --class-name sets it)", class_name)
         logging.getLogger("lakead").info("support set: %s", rule)
         with progress_bar("fit", len(chosen)) as advance:
-            if m.detector_class.method != "lake":
+            if not streaming:
                 det.fit(chosen, class_name, support_rule=rule, on_progress=advance)
             elif ray:
                 from .distributed import fit_on_ray
@@ -249,7 +250,7 @@ def export(
     with loading("importing torch and the ONNX exporter"):
         from .export import export_model
     from .images import list_images, load_image
-    from .methods.lake.fit import spread_subset
+    from .support import spread_subset
 
     with errors_as_messages():
         check_output(out_dir, EXPORT, inputs=[model_dir])
@@ -325,7 +326,7 @@ def explain(
     from .explain import compare_models, comparison_labels, explain_images, write_report
     from .images import list_images
     from .methods.lake import LakeDetector
-    from .methods.lake.fit import spread_subset
+    from .support import spread_subset
 
     if top_neurons < 1:
         raise typer.BadParameter(f"must be at least 1, got {top_neurons}", param_hint="--top-neurons")

@@ -133,7 +133,7 @@ def calibration_images(det, given: Sequence[np.ndarray] | None, where: str) -> t
     support images the model was fitted on, read again from the paths its ``lakead.json`` lists
     (as written at fit time, so relative to the directory ``fit`` ran in); a :class:`ConfigError`
     naming what is missing when neither is there."""
-    from ..methods.lake.fit import spread_subset
+    from ..support import spread_subset
 
     if given is not None:
         images = list(given)

@@ -42,7 +42,7 @@ from ..state import DecisionRecord, SupportRecord, fact, tensor
 from ..errors import ConfigError, ModelFormatError
 from ..images import ImageInput
 from ..index import resolve as resolve_index
-from .lake.fit import MAX_LOO_IMAGES, spread_subset
+from ..support import MAX_LOO_IMAGES, spread_subset
 from ..ops import matmul_nearest
 from ..patchops import gaussian_matrix, resize_map, smooth_maps, upsample_blur
 from ..progress import steps

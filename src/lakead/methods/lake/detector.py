@@ -75,6 +75,7 @@ class LakeDetector(BaseDetector):
     :meth:`load`. Options, images, batching, saving and loading: :class:`lakead.base.BaseDetector`.
     """
 
+    streaming_fit = True  # fit(memory=...), and fit_on_ray
     method = METHOD
     config_class = LakeConfig
     state_class = LakeState

@@ -28,26 +28,14 @@ from ...ops import channel_variance, nearest_neighbor, top_k_channels
 from ...patchops import cosine_distances, top_percent_mean
 from ...fields import default_k
 from ...progress import steps
+from ...support import MAX_LOO_IMAGES, spread_subset  # noqa: F401 - the fit's (steps.MAX_LOO_IMAGES)
 from .config import LakeConfig
 
 log = logging.getLogger("lakead")
 
-#: Support images scored leave-one-out at fit (an evenly spaced subset beyond this many).
-MAX_LOO_IMAGES = 128
 #: Distances held at once by the leave-one-out search (4 MiB of float32): the fit's memory
 #: stays flat as the gallery grows (the same nearest neighbours as any block size).
 LOO_BLOCK_ELEMENTS = 1 << 20
-
-
-def spread_subset(n: int, limit: int) -> list[int]:
-    """``limit`` indices evenly spaced over ``range(n)`` (all when ``n <= limit``).
-
-    >>> spread_subset(5, 3)
-    [0, 2, 4]
-    """
-    if n <= limit:
-        return list(range(n))
-    return sorted({int(round(v)) for v in np.linspace(0, n - 1, limit)})
 
 
 def select_neurons(feats: torch.Tensor, config: LakeConfig) -> tuple[torch.Tensor, torch.Tensor]:
