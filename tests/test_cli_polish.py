@@ -19,7 +19,7 @@ from lakead.cli import app
 from lakead.helpstyle import hoist_global_flags
 
 runner = CliRunner()
-COMMANDS = ["", "fit", "predict", "info", "explain", "eval", "ablate", "baselines", "serve", "download-backbone"]
+COMMANDS = ["", "fit", "predict", "info", "explain", "eval", "ablate", "baselines", "serve", "download-backbone", "tune"]
 
 
 def invoke(*args, **kwargs):

@@ -500,6 +500,7 @@ def _backbone_problem(spec: str) -> str | None:
 from . import cli_eval  # noqa: E402,F401 - registers eval, ablate and baselines on the app
 from . import cli_demo  # noqa: E402,F401 - registers demo on the app
 from . import cli_layers  # noqa: E402,F401 - registers layers on the app
+from . import cli_tune  # noqa: E402,F401 - registers tune on the app
 from . import cli_line  # noqa: E402,F401 - registers update, history and rollback on the app
 
 

@@ -93,8 +93,10 @@ BACKBONE_FORMAT = "lakead-backbone"
 BACKBONE = OutputKind("a backbone saved by lakead download-backbone", "lakead-backbone.json", _format_is(BACKBONE_FORMAT))
 RESULTS = OutputKind("the results of a lakead predict run", "run.json", _format_is("lakead-predict-run"),
                      ("run.json", "scores.csv", "errors.csv", "regions.csv", "overlays", "maps", "masks"))
+TUNING = OutputKind("a lakead tuning (lakead tune)", "tuning.json", _written_by_lakead,
+                    ("tuning.json", "candidates.csv", "candidates.md", "model"))
 #: Every kind, to say which one a folder holds.
-KINDS = (MODEL, EXPORT, REPORT, EVALUATION, ABLATION, BASELINES, BACKBONE, RESULTS)
+KINDS = (MODEL, EXPORT, REPORT, EVALUATION, ABLATION, BASELINES, BACKBONE, RESULTS, TUNING)
 #: Names shown when a folder is refused; the rest are counted.
 SHOWN = 4
 
