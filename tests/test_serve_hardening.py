@@ -237,7 +237,7 @@ def test_3_running_work_stops_when_the_client_leaves(make_app, normals, tests_im
         mid = fit(c, normals)["id"]
     batches = []
 
-    def endless(self, arrays, *, threshold=None, on_progress=None):
+    def endless(self, arrays, *, threshold=None, false_alarm_rate=None, on_progress=None):
         for _ in range(400):  # 20 s unless stopped
             batches.append(1)
             time.sleep(0.05)

@@ -67,7 +67,10 @@ def _learned(name: str) -> property:
             raise NotFittedError(f"this {type(self).__name__} is not fitted: {name}_ exists after fit(...) or load(...)")
         return getattr(self.state_, name)
 
-    return property(get, doc=f"The learned ``{name}`` (see the method's state class).")
+    def refuse(self: "BaseDetector", value: Any) -> None:
+        raise AttributeError(f"{name}_ is learned state: set it on det.state_ ({name})")
+
+    return property(get, refuse, doc=f"The learned ``{name}`` (see the method's state class).")
 
 
 class BaseDetector(ABC):
