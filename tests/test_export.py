@@ -281,18 +281,6 @@ def test_mobilenet_export_agrees_on_real_data(shared_data, tmp_path):
         assert report["max_relative"] < RTOL and report["decisions_same"]
 
 
-def test_deploy_doc_lists_the_runtime_extra():
-    import re
-    import tomllib
-
-    root = Path(__file__).resolve().parents[1]
-    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["runtime"]
-    names = sorted(re.split(r"[<>=\[]", e)[0] for e in extra)
-    doc = (root / "docs" / "DEPLOY.md").read_text()
-    line = next(ln for ln in doc.splitlines() if ln.startswith("pip install numpy"))
-    assert sorted(line.split("#")[0].split()[2:]) == names
-
-
 def test_every_registered_method_exports_or_says_why(tiny_backbone, tiny_clip_dir, images):
     from lakead.export import check_exportable
     from lakead.methods import METHODS
