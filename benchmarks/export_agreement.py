@@ -43,9 +43,13 @@ from lakead.metrics import image_metrics
 from lakead.runtime import ExportedDetector
 from lakead.testing import save_random_clip
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_speed import whole_graph_bf16  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = {"onnx": [("onnx", "fp32")], "clip": [("onnx", "fp32"), ("openvino", "fp32"), ("onnx", "int8"), ("openvino", "int8"),
-                                               ("openvino", "bf16"), ("onnx", "int8-static"), ("openvino", "int8-static")]}
+                                               ("openvino", "bf16"), ("openvino", "bf16-whole"), ("onnx", "int8-static"),
+                                               ("openvino", "int8-static")]}
 #: int8-static choices not kept (name -> options of lakead.export.quantize.quantize_int8_static), ONNX Runtime
 STATIC_VARIANTS = {"u8s8": dict(weights="int8"), "u8s8 reduce_range": dict(weights="int8", reduce_range=True),
                    "s8s8": dict(weights="int8", activations="int8"), "u8u8 attention": dict(attention=True)}
@@ -58,8 +62,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-test", type=int, default=60)
     ap.add_argument("--backbones", default="onnx,clip", help="comma-separated, from: onnx, clip")
     ap.add_argument("--static-variants", action="store_true", help="also the int8-static choices not kept")
+    ap.add_argument("--paths", default=None, help="comma-separated 'format precision' pairs to run, e.g. "
+                    "'onnx fp32,openvino bf16,openvino bf16-whole' (bf16-whole: the float32 graph at the bf16 hint, head "
+                    "included, as bf16 exports were before the head was split off); default: all")
+    ap.add_argument("--categories", default=None, help="comma-separated category names (default: all)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    wanted = None if args.paths is None else {tuple(p.split()) for p in args.paths.split(",") if p.strip()}
     kinds = [k.strip() for k in args.backbones.split(",") if k.strip()]
     mobilenet = ROOT.parent / "shared" / "models" / "mobilenetv2-12-int8.onnx"
     res: dict = {"command": "python benchmarks/export_agreement.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -67,7 +76,10 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="lakead-agreement-") as tmp:
         tiny = save_random_clip(Path(tmp) / "tiny-clip", "tiny", seed=0)
         backbones = {"onnx": (f"onnx:{mobilenet}", dict(layer="426_quantized")), "clip": (str(tiny), dict(layer=3))}
-        for cat in sorted((c for ds in sorted(args.data.iterdir()) if ds.is_dir() for c in load_dataset(ds)), key=lambda c: c.name):
+        cats = sorted((c for ds in sorted(args.data.iterdir()) if ds.is_dir() for c in load_dataset(ds)), key=lambda c: c.name)
+        if args.categories:
+            cats = [c for c in cats if c.name in args.categories.split(",")]
+        for cat in cats:
             support = [str(p) for p in cat.train[: args.shots]]
             pick = spread_subset(len(cat.test), args.max_test)
             tests = [cat.test[i] for i in pick]
@@ -78,17 +90,20 @@ def main(argv=None) -> dict:
                 arrays = [det.read_image(str(t.path)) for t in tests]
                 calibration = [det.read_image(s) for s in support]
                 ref = det.predict_arrays(arrays)
-                paths = [(fmt, prec, "", {}) for fmt, prec in PATHS[kind]]
+                paths = [(fmt, prec, "", {}) for fmt, prec in PATHS[kind] if wanted is None or (fmt, prec) in wanted]
                 if args.static_variants and kind == "clip":
                     paths += [("onnx", "int8-static", f" {v}", o) for v, o in STATIC_VARIANTS.items()]
                 for fmt, prec, variant, qopts in paths:
+                    whole = prec == "bf16-whole"
                     with mock.patch.object(quantize, "quantize_int8_static", partial(quantize.quantize_int8_static, **qopts)):
-                        out = export_model(det, Path(tmp) / f"{kind}-{fmt}-{prec}{variant}", format=fmt, precision=prec,
-                                           check=None if prec == "fp32" else [],  # compared here, on every test image
+                        out = export_model(det, Path(tmp) / f"{kind}-{fmt}-{prec}{variant}", format=fmt,
+                                           precision="fp32" if whole else prec,
+                                           check=None if prec in ("fp32", "bf16-whole") else [],  # compared here, on every test image
                                            calibration=calibration if prec == "int8-static" else None)
-                    got = ExportedDetector.load(out).predict_arrays(arrays)
+                    exp = whole_graph_bf16(out, None) if whole else ExportedDetector.load(out)
+                    got = exp.predict_arrays(arrays)
                     rel = np.abs(got.scores - ref.scores) / np.maximum(np.abs(ref.scores), 1e-12)
-                    row = {"category": cat.name, "backbone": kind, "path": f"{fmt} {prec}{variant}", "images": len(arrays),
+                    row = {"category": cat.name, "backbone": kind, "path": f"{fmt} {prec}{variant}", "ran": exp.ran, "images": len(arrays),
                            "max_relative_score": float(rel.max()), "decisions_differ": int((got.anomalous != ref.anomalous).sum()),
                            # the two parts of a decision: the score above the threshold, the scope check's flag
                            "score_decisions_differ": int(((got.scores > ref.threshold) != (ref.scores > ref.threshold)).sum()),

@@ -17,11 +17,15 @@ FLOPs over each path's time against the bfloat16 ceiling.
     python benchmarks/export_speed.py --presets vit-b-16 --rounds 5 --json out.json
 
 Paths: torch fp32, torch bf16 (``--precision bfloat16``: torch.autocast), ONNX Runtime fp32,
-OpenVINO fp32, OpenVINO bf16 (an inference hint: on a CPU without bfloat16 arithmetic OpenVINO
-runs float32, and the run says so), ONNX Runtime int8 and OpenVINO int8 (dynamic int8 weights
+OpenVINO fp32, OpenVINO bf16 (the backbone graph at OpenVINO's bf16 inference hint, then the head
+graph in float32: what ``--precision bf16`` writes; on a CPU without bfloat16 arithmetic OpenVINO
+runs float32, and the run says so), OpenVINO bf16 whole graph (the float32 graph compiled at the
+bf16 hint, head included: what bf16 exports were before the head was split off, for comparison), ONNX Runtime int8 and OpenVINO int8 (dynamic int8 weights
 and activations in the backbone's matrix products, the head float32), ONNX Runtime int8-static
 and OpenVINO int8-static (the blocks' linear layers in int8, calibrated on the fit's support
-images: ``--precision int8-static``). No GPU path here.
+images: ``--precision int8-static``). No GPU path here. ``--threads N``: N threads for torch and
+for each engine (1: one thread per engine, the fairest comparison on a shared machine). Each
+path's ``ran`` is what the engine reports it ran (``ExportedDetector.ran``).
 """
 
 from __future__ import annotations
@@ -50,12 +54,24 @@ from lakead.runtime import ExportedDetector  # noqa: E402
 #: path name -> (format, precision) of the export; None: the torch detector at that precision
 PATHS = {
     "torch fp32": None, "torch bf16": None, "ONNX Runtime fp32": ("onnx", "fp32"), "OpenVINO fp32": ("openvino", "fp32"),
-    "OpenVINO bf16": ("openvino", "bf16"), "ONNX Runtime int8": ("onnx", "int8"), "OpenVINO int8": ("openvino", "int8"),
+    "OpenVINO bf16": ("openvino", "bf16"), "OpenVINO bf16 whole graph": ("openvino", "bf16-whole"), "ONNX Runtime int8": ("onnx", "int8"), "OpenVINO int8": ("openvino", "int8"),
     "ONNX Runtime int8-static": ("onnx", "int8-static"), "OpenVINO int8-static": ("openvino", "int8-static"),
 }
 
 
-def build(preset: str, work: Path, cache: Path | None, shots: int, paths: list[str]) -> tuple[dict, dict]:
+def whole_graph_bf16(out: Path, threads: int | None) -> ExportedDetector:
+    """The float32 OpenVINO export ``out`` run at the bf16 inference hint, head included (the
+    bf16 export before the head was split off; not something ``lakead export`` writes now)."""
+    from lakead.runtime import _OpenVINO
+
+    det = ExportedDetector.load(out, batch_size=1, threads=threads)
+    det.engine = _OpenVINO(out / det.meta["file"], threads, "bf16")
+    det.ran = f"whole graph: {det.engine.ran()}"
+    return det
+
+
+def build(preset: str, work: Path, cache: Path | None, shots: int, paths: list[str], threads: int | None = None
+          ) -> tuple[dict, dict]:
     """The detectors of every path for ``preset``, and facts about the model."""
     from lakead.backbones import CLIPBackbone
 
@@ -75,11 +91,15 @@ def build(preset: str, work: Path, cache: Path | None, shots: int, paths: list[s
         fmt, prec = spec
         say(f"{preset}: exporting {name}...")
         t0 = time.perf_counter()
-        out = export_model(work / f"{preset}-model", work / f"{preset}-{fmt}-{prec}", format=fmt, precision=prec,
-                           check=None if prec == "fp32" else [],  # timed here whatever its decisions (compared below)
-                           calibration=support if prec == "int8-static" else None)
+        whole = prec == "bf16-whole"
+        prec = "fp32" if whole else prec
+        out = work / f"{preset}-{fmt}-{prec}"
+        if not out.exists():
+            export_model(work / f"{preset}-model", out, format=fmt, precision=prec,
+                         check=None if prec == "fp32" else [],  # timed here whatever its decisions (compared below)
+                         calibration=support if prec == "int8-static" else None)
         export_s[name] = time.perf_counter() - t0
-        runners[name] = ExportedDetector.load(out, batch_size=1)
+        runners[name] = whole_graph_bf16(out, threads) if whole else ExportedDetector.load(out, batch_size=1, threads=threads)
     depth = max(det.layer_, det.semantic_layer_)
     facts = {"preset": preset, "image_size": det.image_size_, "layer": det.layer_, "semantic_layer": det.semantic_layer_,
              "forward_flops": vit_flops(bb, det.image_size_, depth, 1, joint=True), "export_seconds": export_s,
@@ -107,7 +127,8 @@ def agreement(runners: dict, images: list[np.ndarray]) -> dict[str, dict]:
     for n, det in runners.items():
         p = det.predict_arrays(images)
         rel = np.abs(p.scores - ref.scores) / np.maximum(np.abs(ref.scores), 1e-12)
-        out[n] = {"max_relative_score": float(rel.max()), "decisions_differ": int((p.anomalous != ref.anomalous).sum())}
+        out[n] = {"max_relative_score": float(rel.max()), "decisions_differ": int((p.anomalous != ref.anomalous).sum()),
+                  "ran": getattr(det, "ran", f"torch {det.runtime.precision}")}
     return out
 
 
@@ -122,8 +143,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--ceiling-bfloat16", default="512,1024",
                     help="square matrix sizes of the bfloat16 ceiling (small: a CPU without bfloat16 arithmetic takes minutes per 2048 product)")
     ap.add_argument("--model-cache", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="threads of torch and of each engine (default: their own)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if "torch fp32" not in paths:
@@ -142,7 +166,7 @@ def main(argv=None) -> dict:
         f"bf16 {res['ceiling']['bfloat16']['ceiling_gflops']:.0f} GFLOP/s")
     with tempfile.TemporaryDirectory(prefix="lakead-export-speed-") as tmp:
         for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-            runners, facts = build(preset, Path(tmp), args.model_cache, args.shots, paths)
+            runners, facts = build(preset, Path(tmp), args.model_cache, args.shots, paths, args.threads)
             images = synthetic_images(args.check, (256, 256), seed=7, defects=True)
             facts["agreement"] = agreement(runners, images)
             say(f"{preset}: timing {args.rounds} interleaved rounds of {len(runners)} paths...")
@@ -157,7 +181,8 @@ def main(argv=None) -> dict:
             for n, v in facts["paths"].items():
                 say(f"  {n:18s} {v['median_s'] * 1e3:8.1f} ms  x{v['speedup_over_torch_fp32']:.2f} faster than torch fp32  "
                     f"{v['time_over_bf16_ceiling']:.2f} x bf16-ceiling time; max rel. score diff "
-                    f"{facts['agreement'][n]['max_relative_score']:.2g}, decisions differ {facts['agreement'][n]['decisions_differ']}")
+                    f"{facts['agreement'][n]['max_relative_score']:.2g}, decisions differ {facts['agreement'][n]['decisions_differ']}; "
+                    f"ran {facts['agreement'][n]['ran']}")
             del runners
     res["loadavg_end"] = loadavg()
     if args.json:

@@ -74,22 +74,7 @@ def _applies(adapter: str, method: str) -> bool:
     return (has_text or not m.needs_text) and (not m.backbone_kinds or kind in m.backbone_kinds)
 
 
-#: The worked example of docs/ARCHITECTURE.md (tests/_example_method.py), registered for this
-#: module: a method added as the recipe says keeps the same contract (one block: not the
-#: multi-block adapters).
-EXAMPLE = "mean-distance"
-CASES = [(a, m) for a in ADAPTERS for m in METHODS if _applies(a, m)] + [
-    (a, EXAMPLE) for a in ADAPTERS if "multiblock" not in a]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def example_registered():
-    from _example_method import MeanDistanceDetector
-    from lakead.methods import Method, register, unregister
-
-    register(Method(EXAMPLE, MeanDistanceDetector, "distance to the average normal patch (the ARCHITECTURE.md example)"))
-    yield
-    unregister(EXAMPLE)
+CASES = [(a, m) for a in ADAPTERS for m in METHODS if _applies(a, m)]
 
 
 def test_every_method_and_every_adapter_has_cases(backbones):

@@ -1,5 +1,5 @@
 """Every method exports (lakead.export with each method's scoring head): PatchCore, AnomalyDINO,
-WinCLIP, WinCLIP+ and WinCLIP+LAKE on the tiny random CLIP; the exported graph gives the torch
+the residual subspace, WinCLIP, WinCLIP+ and WinCLIP+LAKE on the tiny random CLIP; the exported graph gives the torch
 path's scores (within 1e-4 relative), maps and decisions, also at a threshold with decisions both
 ways; what a head cannot hold is refused with a reason a user can act on."""
 
@@ -58,6 +58,7 @@ CASES = {
     "patchcore-one-block": ("patchcore", dict(layer=3, coreset=0.5, neighbours=3)),
     "anomalydino": ("anomalydino", dict(layer=4)),
     "anomalydino-masked": ("anomalydino", dict(layer=[3, 4], mask_background=True)),
+    "subspace": ("subspace", dict(layer=[3, 4])),
     "winclip": ("winclip", dict(window_sizes="2")),
     "winclip+": ("winclip+", dict(window_sizes="2,3")),
     "winclip+lake": ("winclip+lake", dict(window_sizes="2", layer=3)),

@@ -240,7 +240,7 @@ def export(
     model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit'.", show_default=False),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write the exported model to: a new folder, or one holding only an earlier lakead export (replaced when the new one is complete); anything else, or the model itself, is refused."),
     format: str = typer.Option("onnx", "--format", help="onnx (model.onnx, for ONNX Runtime) or openvino (model.xml + model.bin)."),
-    precision: str = typer.Option("fp32", help="fp32 (the same scores), int8 (backbone weights and activations in int8, dynamic), int8-static (int8 calibrated on normal images: --calibrate) or bf16 (OpenVINO only); see docs/DEPLOY.md."),
+    precision: str = typer.Option("fp32", help="The backbone's precision; the head that decides stays float32. fp32 (the same scores), int8 (backbone weights and activations in int8, dynamic), int8-static (int8 calibrated on normal images: --calibrate), bf16 (OpenVINO only: backbone and head as two graphs), or auto (the fastest of bf16, int8-static, fp32 whose decisions equal float32's on --check); see docs/DEPLOY.md."),
     batch: str = typer.Option("dynamic", help="Images per graph call: dynamic, or a fixed number N."),
     check: Optional[list[Path]] = typer.Option(None, "--check", help="Images or folders scored by the torch model and the exported graph before writing: the differences are recorded, and an export whose decisions differ is refused (repeatable)."),
     max_check: int = typer.Option(32, help="At most this many --check images, evenly spaced over the sorted list."),
@@ -274,6 +274,10 @@ def export(
         c = meta["check"]
         summary["check"] = (f"{c['images']} images: largest relative score difference {c['max_relative']:.3g}, "
                             f"decisions differ on {c['decisions_differ']}")
+        summary["ran"] = c.get("ran")
+    if "auto" in meta:
+        summary["auto"] = "; ".join(f"{t['precision']}: " + (t["skipped"] if "skipped" in t else f"{t['decisions_differ']} decisions differ")
+                                    for t in meta["auto"]["tried"]) + f" -> {meta['auto']['chose']}"
     _print_summary(summary, title=f"exported to {out_dir}", result=False)
 
 

@@ -102,8 +102,30 @@ def _axis_weights(n_in: int, n_out: int) -> np.ndarray:
 Levels = Thresholds
 
 
+#: OpenVINO's runtime layer types that do the matrix products (where the inference precision shows).
+_OV_PRODUCTS = ("FullyConnected", "MatMul", "Convolution")
+#: What the graph's own precision means on ONNX Runtime's CPU provider (it has no reduced float precision setting).
+_ORT_RAN = {"fp32": "fp32", "int8": "int8 backbone products (quantized dynamically), fp32 head",
+            "int8-static": "int8 backbone products (static, QDQ), fp32 head", "bf16": "fp32"}
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the flags that decide which arithmetic the engines can use
+    (``/proc/cpuinfo`` on Linux; the platform's processor string elsewhere)."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.machine())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(wanted) or 'none of avx2, avx512, amx'})"
+
+
 class _OnnxRuntime:
-    def __init__(self, file: Path, threads: int | None) -> None:
+    def __init__(self, file: Path, threads: int | None, precision: str) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -111,10 +133,14 @@ class _OnnxRuntime:
         if threads:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(file), sess_options=opts, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
+        self.precision = precision
 
-    def __call__(self, pixels: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
-        return self.session.run(list(outputs), {self.input: pixels})
+    def __call__(self, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        return self.session.run(list(outputs), feeds)
+
+    def ran(self) -> str:
+        """The precision that runs: the graph's own (ONNX Runtime's CPU provider runs what the graph says)."""
+        return _ORT_RAN[self.precision]
 
 
 class _OpenVINO:
@@ -122,18 +148,46 @@ class _OpenVINO:
         import openvino as ov
 
         core = ov.Core()
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            log.warning("this CPU has no bfloat16 arithmetic (OpenVINO: %s): the bf16 model runs in float32",
-                        core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        self.capabilities = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}  # always set: the CPU plugin's default is bf16 where the CPU has it
+        if precision == "bf16" and "BF16" not in self.capabilities:
+            log.warning("this CPU has no bfloat16 arithmetic (OpenVINO: %s): the bf16 model runs in float32", self.capabilities)
             config["INFERENCE_PRECISION_HINT"] = "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(str(file), "CPU", config)
 
-    def __call__(self, pixels: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
-        result = self.compiled.create_infer_request().infer({0: pixels})  # one request per call: thread-safe
+    def __call__(self, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        result = self.compiled.create_infer_request().infer(feeds)  # one request per call: thread-safe
         return [np.asarray(result[self.compiled.output(n)]) for n in outputs]
+
+    def ran(self) -> str:
+        """The precision the compiled model's matrix products run in, read from OpenVINO's runtime
+        model (``runtimePrecision`` of its FullyConnected, MatMul and Convolution nodes), e.g. ``bf16``
+        or ``bf16 70, f32 2``, with the hint it was compiled with."""
+        from collections import Counter
+
+        counts: Counter[str] = Counter()
+        for op in self.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            if "layerType" in info and str(info["layerType"].astype(str)) in _OV_PRODUCTS:
+                counts[str(info["runtimePrecision"].astype(str))] += 1
+        hint = getattr(self.compiled.get_property("INFERENCE_PRECISION_HINT"), "type_name", None) or "?"  # e.g. "bf16"
+        products = next(iter(counts)) if len(counts) == 1 else ", ".join(f"{k} {v}" for k, v in counts.most_common())
+        return f"{products or 'no matrix product'} (OpenVINO CPU, inference precision {hint})"
+
+
+class _TwoGraphs:
+    """The backbone graph at the export's precision, then the head graph in float32 (``meta["head"]``)."""
+
+    def __init__(self, backbone: Any, head: Any, cut: Sequence[str]) -> None:
+        self.backbone, self.head, self.cut = backbone, head, list(cut)
+
+    def __call__(self, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        return self.head(dict(zip(self.cut, self.backbone(feeds, self.cut))), outputs)
+
+    def ran(self) -> str:
+        return f"backbone {self.backbone.ran()}; head {self.head.ran()}"
 
 
 class ExportedDetector:
@@ -162,17 +216,25 @@ class ExportedDetector:
         if engine not in ENGINES or (engine == "onnxruntime" and meta["engine"] != "onnx"):
             raise ConfigError(f"engine {engine!r} cannot run a {meta['engine']} export; "
                               f"{'onnxruntime or openvino' if meta['engine'] == 'onnx' else 'openvino'} can")
-        file = self.path / meta["file"]
-        if not file.is_file():
-            raise ModelFormatError(f"{file}: missing (the graph of the exported model)")
+        head = meta.get("head")
+        files = [self.path / meta["file"]] + ([self.path / head["file"]] if head else [])
+        for file in files:
+            if not file.is_file():
+                raise ModelFormatError(f"{file}: missing (a graph of the exported model)")
+        kind = _OnnxRuntime if engine == "onnxruntime" else _OpenVINO
         try:
-            self.engine = _OnnxRuntime(file, threads) if engine == "onnxruntime" else _OpenVINO(file, threads, meta["precision"])
+            self.engine = kind(files[0], threads, meta["precision"])
+            if head:  # the backbone at the export's precision, the head (which decides) in float32
+                self.engine = _TwoGraphs(self.engine, kind(files[1], threads, "fp32"), head["inputs"])
         except ImportError as exc:
             raise ConfigError(f"{path}: running it needs the {engine} package ({exc.name} is not installed): "
                               f"pip install {engine}") from None
         except Exception as exc:  # the engines raise their own exception types on a damaged file
-            raise ModelFormatError(f"{file}: {engine} cannot load it ({type(exc).__name__}: {str(exc).strip()[:300]})") from None
+            raise ModelFormatError(f"{files[0]}: {engine} cannot load it ({type(exc).__name__}: {str(exc).strip()[:300]})") from None
         self.engine_name = engine
+        #: the precision that actually runs (read from the engine, not the export's setting)
+        self.ran = self.engine.ran()
+        self.runtime = Runtime(device="cpu", batch_size=bs, precision=self.ran)  # what lakead.batch records in run.json
         d = meta["decision"]
         self.levels = Levels(math.inf if d["threshold"] is None else float(d["threshold"]), d["threshold_rule"],
                              d["false_alarm_rate"], d["seed_threshold"], d["pixel_threshold"], d["scope_threshold"])
@@ -240,6 +302,7 @@ class ExportedDetector:
     def summary(self) -> dict[str, Any]:
         m = self.meta
         return {"method": m["source"]["method"], "exported": f"{m['engine']} {m['precision']} (run with {self.engine_name})",
+                "ran": self.ran, "cpu": cpu_description(),
                 "class_name": m["class_name"], "backbone": m["source"]["backbone"]["source"],
                 "image_size": m["preprocessing"]["image_size"], "grid": m["grid"], "batch": m["batch"] or "dynamic",
                 "threshold": self.levels.image, "threshold_rule": self.levels.rule,
@@ -271,9 +334,9 @@ class ExportedDetector:
             for s in range(0, b, fixed):
                 part = pixels[s : s + fixed]
                 pad = np.concatenate([part, np.repeat(part[-1:], fixed - part.shape[0], axis=0)]) if part.shape[0] < fixed else part
-                chunks.append([o[: part.shape[0]] for o in self.engine(pad, outs)])
+                chunks.append([o[: part.shape[0]] for o in self.engine({self.meta["input"]: pad}, outs)])
             return {n: np.concatenate([c[i] for c in chunks]) for i, n in enumerate(outs)}
-        return dict(zip(outs, self.engine(np.ascontiguousarray(pixels, dtype=np.float32), outs)))
+        return dict(zip(outs, self.engine({self.meta["input"]: np.ascontiguousarray(pixels, dtype=np.float32)}, outs)))
 
     def predict(self, images: Sequence[ImageInput], *, names: Sequence[str] | None = None, threshold: float | None = None,
                 false_alarm_rate: float | None = None, on_progress: Callable[[int], None] | None = None) -> Prediction:

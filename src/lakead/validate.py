@@ -199,6 +199,15 @@ def check_export_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
     file = f.text(meta["file"], "file")
     if not file or PurePath(file).name != file or file in (".", "..") or "\\" in file:
         f.fail("file", f"must be a file name inside the export's directory, got {file!r}")
+    head = meta.get("head")  # a second graph, the head in float32 after the backbone's (lakead.export.split)
+    if head is not None:
+        h = f.mapping(head, "head")
+        name = f.text(h.get("file"), "head.file")
+        if not name or PurePath(name).name != name or name in (".", "..", file) or "\\" in name:
+            f.fail("head.file", f"must be a file name inside the export's directory, not the backbone's, got {name!r}")
+        cut = h.get("inputs")
+        if not isinstance(cut, list) or not cut or not all(isinstance(c, str) and c for c in cut) or len(set(cut)) != len(cut):
+            f.fail("head.inputs", f"must list the head graph's inputs once each, got {_show(cut)}")
     f.integer(meta["batch"], "batch", lo=1, hi=MAX_EXPORT_BATCH, none=True)
     f.text(meta["input"], "input")
     outputs = meta["outputs"]

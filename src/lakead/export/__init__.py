@@ -1,7 +1,8 @@
 """Export a fitted detector to ONNX or OpenVINO IR, to run without torch (:mod:`lakead.runtime`).
 
-``lakead export MODEL_DIR --format onnx|openvino --out DIR [--precision fp32|bf16|int8|int8-static] [--batch dynamic|N]``
-writes one graph, normalised pixels ``(B, 3, S, S)`` in, scores out (:mod:`.graph`), and beside
+``lakead export MODEL_DIR --format onnx|openvino --out DIR [--precision fp32|bf16|int8|int8-static|auto] [--batch dynamic|N]``
+writes one graph, normalised pixels ``(B, 3, S, S)`` in, scores out (:mod:`.graph`); bf16 two,
+the backbone's and the head's, the head run in float32 (:mod:`.split`); and beside
 it ``lakead-export.json`` (preprocessing, decision levels, map range, grid, lakead version, the
 source model's fingerprint), into ``DIR`` atomically. See docs/DEPLOY.md.
 
@@ -44,8 +45,11 @@ log = logging.getLogger("lakead")
 
 #: ONNX opset of the exported graphs (what the TorchScript-based exporter of torch writes well).
 OPSET = 17
-#: Precisions each format can keep (see docs/DEPLOY.md for how far scores move).
-FORMAT_PRECISIONS = {"onnx": ("fp32", "int8", "int8-static"), "openvino": ("fp32", "bf16", "int8", "int8-static")}
+#: Precisions each format can keep (see docs/DEPLOY.md for how far scores move); ``auto`` chooses one by the check.
+FORMAT_PRECISIONS = {"onnx": ("fp32", "int8", "int8-static", "auto"), "openvino": ("fp32", "bf16", "int8", "int8-static", "auto")}
+#: What the export's precision applies to: the backbone graph. The head (neuron selection, gallery products, min,
+#: text probe, scope) stays float32: int8 leaves its nodes unquantized; bf16 writes it as a second graph (:mod:`.split`).
+SPLIT_PRECISIONS = ("bf16",)
 
 
 def parse_batch(value: str | int | None) -> int | None:
@@ -104,12 +108,15 @@ def export_model(
     """
     if format not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in (*PRECISIONS, "auto"):
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)} or auto, got {precision!r}")
     if precision not in FORMAT_PRECISIONS[format]:
         raise ConfigError(f"precision {precision} is not offered for {format}: "
                           f"{', '.join(FORMAT_PRECISIONS[format])} are (bf16 is an OpenVINO inference setting)")
     n_batch = parse_batch(batch)
+    if precision == "auto" and not check:
+        raise ConfigError("precision auto chooses the fastest precision whose decisions equal float32's on the check "
+                          "images: give them (--check IMAGES)")
     if precision != "fp32" and check is None:
         raise ConfigError(
             f"precision {precision} is exported only with check images (--check): it is not kept by default because "
@@ -125,36 +132,109 @@ def export_model(
         backbone = det.backbone
     backbone.to("cpu")  # the graph is traced on the CPU (the head copies the state there)
     head = scoring_head(det, where)
-    if isinstance(backbone, ONNXBackbone) and precision != "fp32":
+    onnx_model = isinstance(backbone, ONNXBackbone)
+    if onnx_model and precision not in ("fp32", "auto"):
         raise ConfigError(f"{where}: its backbone is an ONNX model ({backbone.info.source}), exported as it is: "
                           "only fp32 applies (the model's own quantization is kept)")
     with stage("tracing the graph (torch.onnx)"):
-        onnx_bytes = _onnx_graph(det, head, n_batch, where)
-    if precision == "int8":
-        with stage("quantizing to int8"):
-            onnx_bytes = _quantize_int8(onnx_bytes)
-    meta = _meta(det, head, format, precision, n_batch, where)
-    if precision == "int8-static":
-        with stage("calibrating and quantizing to int8"):
-            onnx_bytes, meta["calibration"] = _quantize_int8_static(det, onnx_bytes, meta, calibration, n_batch, where)
+        fp32 = _onnx_graph(det, head, n_batch, where)
+    if format == "openvino":
+        _refuse_for_openvino(fp32, where)
+    candidates = [precision] if precision != "auto" else auto_candidates(format, onnx_model)
+    ref = None
+    if check:
+        with stage(f"scoring {len(check)} check images with the torch model"):
+            ref = _reference(det, check)
+    tried: list[dict[str, Any]] = []
     with output_directory(out, EXPORT, inputs=sources) as tmp:
-        model_file = tmp / meta["file"]
-        if format == "onnx":
-            model_file.write_bytes(onnx_bytes)
-        else:
-            _write_openvino(onnx_bytes, model_file)
-        (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if check:
-            with stage(f"checking the graph against the torch model on {len(check)} images"):
-                report = agreement(det, ExportedDetector.load(tmp), check)
+        for p in candidates:
+            try:
+                with stage(f"writing the {p} graph" + (" (quantizing to int8)" if p.startswith("int8") else "")):
+                    graphs, meta = _build(det, head, fp32, format, p, n_batch, calibration, where)
+                    _write(tmp, graphs, meta, format)
+            except ConfigError as exc:
+                if precision != "auto":
+                    raise
+                tried.append({"precision": p, "skipped": str(exc)})
+                continue
+            if not check:
+                break
+            with stage(f"checking the {p} graph against the torch model on {len(check)} images"):
+                report = agreement(det, ExportedDetector.load(tmp), check, ref=ref)
             meta["check"] = report
+            if precision == "auto":
+                tried.append({"precision": p, **{k: report[k] for k in ("ran", "decisions_differ", "max_relative")}})
+                meta["auto"] = {"chose": p, "tried": tried, "order": list(candidates)}
             (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            if not report["decisions_same"]:
+            if report["decisions_same"]:
+                break
+            if precision != "auto" or p == candidates[-1]:
                 raise ConfigError(
-                    f"{where}: the {format} {precision} graph decides differently from the torch path on "
+                    f"{where}: the {format} {p} graph (ran: {report['ran']}) decides differently from the torch path on "
                     f"{report['decisions_differ']} of {report['images']} check images (largest relative score "
                     f"difference {report['max_relative']:.3g}); nothing was written. Use --precision fp32.")
     return Path(out)
+
+
+def auto_candidates(format: str, onnx_backbone: bool = False) -> list[str]:
+    """What ``--precision auto`` tries, fastest first, until one decides as float32 does on the
+    check images: bf16 (OpenVINO, where this CPU has bfloat16 arithmetic), int8-static, fp32."""
+    if onnx_backbone:
+        return ["fp32"]
+    out = []
+    if format == "openvino":
+        try:
+            import openvino as ov
+
+            if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                out.append("bf16")
+        except ImportError:
+            pass
+    return out + ["int8-static", "fp32"]
+
+
+def _build(det: Any, head: torch.nn.Module, fp32: bytes, format: str, precision: str, n_batch: int | None,
+           calibration: Sequence[np.ndarray] | None, where: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The graphs (file name -> ONNX bytes) and the JSON of one precision."""
+    onnx_bytes = _quantize_int8(fp32) if precision == "int8" else fp32
+    meta = _meta(det, head, format, precision, n_batch, where)
+    if precision == "int8-static":
+        onnx_bytes, meta["calibration"] = _quantize_int8_static(det, onnx_bytes, meta, calibration, n_batch, where)
+    if precision not in SPLIT_PRECISIONS:
+        return {meta["file"]: onnx_bytes}, meta
+    from .split import split_head
+
+    backbone, head_graph, cut = split_head(onnx_bytes, INPUT, OUTPUTS)
+    ext = Path(meta["file"]).suffix
+    meta["file"] = f"backbone{ext}"
+    meta["head"] = {"file": f"head{ext}", "inputs": cut, "precision": "fp32"}
+    return {meta["file"]: backbone, meta["head"]["file"]: head_graph}, meta
+
+
+def _write(tmp: Path, graphs: dict[str, bytes], meta: dict[str, Any], format: str) -> None:
+    """The graphs and the JSON into ``tmp`` (an earlier candidate's files removed)."""
+    for f in tmp.iterdir():
+        f.unlink()
+    for name, onnx_bytes in graphs.items():
+        if format == "onnx":
+            (tmp / name).write_bytes(onnx_bytes)
+        else:
+            _write_openvino(onnx_bytes, tmp / name)
+    (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _refuse_for_openvino(onnx_bytes: bytes, where: str) -> None:
+    """A one-line refusal for a graph OpenVINO cannot convert: ONNX Runtime's quantized operators
+    (``QLinear*``, ``com.microsoft`` ones), as int8 ONNX backbones hold."""
+    import onnx
+
+    model = onnx.load_from_string(onnx_bytes)
+    ops = sorted({(f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model.graph.node
+                  if n.op_type.startswith("QLinear") or n.domain == "com.microsoft"})
+    if ops:
+        raise ConfigError(f"{where}: OpenVINO cannot convert this graph: its backbone holds ONNX Runtime's quantized "
+                          f"operators ({', '.join(ops[:4])}{', ...' if len(ops) > 4 else ''}); export it with --format onnx "
+                          "(ONNX Runtime runs them, and the engine openvino does not), or fit on a float32 backbone")
 
 
 def _example(det: Any, n_batch: int | None) -> torch.Tensor:
@@ -250,9 +330,14 @@ def _write_openvino(onnx_bytes: bytes, xml: Path) -> None:
     onnx_file = xml.with_suffix(".onnx")
     onnx_file.write_bytes(onnx_bytes)
     try:
-        ov.save_model(ov.convert_model(str(onnx_file)), str(xml), compress_to_fp16=False)
+        model = ov.convert_model(str(onnx_file))
+    except Exception as exc:  # OpenVINO's own exception types; its message is long and multi-line
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ConfigError(f"OpenVINO cannot convert the exported graph ({first[:200]}); --format onnx writes it for "
+                          "ONNX Runtime") from None
     finally:
         onnx_file.unlink()
+    ov.save_model(model, str(xml), compress_to_fp16=False)
 
 
 def _meta(det: Any, head: torch.nn.Module, format: str, precision: str, n_batch: int | None, where: str) -> dict[str, Any]:
@@ -292,15 +377,20 @@ def _meta(det: Any, head: torch.nn.Module, format: str, precision: str, n_batch:
     }
 
 
-def agreement(det: Any, exported: ExportedDetector, images: Sequence[np.ndarray]) -> dict[str, Any]:
+def _reference(det: Any, images: Sequence[np.ndarray]) -> Any:
+    """The torch path's predictions on ``images``, searched exactly (what the graph computes)."""
+    if getattr(det.config, "index", None) == "hnsw":
+        det = copy.copy(det)
+        det.config = dataclasses.replace(det.config, index="exact")
+    return det.predict_arrays(list(images))
+
+
+def agreement(det: Any, exported: ExportedDetector, images: Sequence[np.ndarray], ref: Any = None) -> dict[str, Any]:
     """How far the exported graph's predictions are from the torch path's on ``images``:
     largest relative and absolute difference of the image scores, of the maps (relative to the
     map's range), and how many decisions differ. The graph searches the whole gallery exactly, so
     a model searched through an approximate index (``index="hnsw"``) is compared searched exactly."""
-    if getattr(det.config, "index", None) == "hnsw":
-        det = copy.copy(det)
-        det.config = dataclasses.replace(det.config, index="exact")
-    ref = det.predict_arrays(list(images))
+    ref = _reference(det, images) if ref is None else ref
     got = exported.predict_arrays(list(images))
     rel = np.abs(got.scores - ref.scores) / np.maximum(np.abs(ref.scores), 1e-12)
     span = max(float(np.ptp(np.concatenate([m.ravel() for m in ref.maps]))), 1e-12)
@@ -313,4 +403,5 @@ def agreement(det: Any, exported: ExportedDetector, images: Sequence[np.ndarray]
         "max_map_relative": map_diff if math.isfinite(map_diff) else None,
         "decisions_differ": differ,
         "decisions_same": differ == 0,
+        "ran": exported.ran,
     }

@@ -22,6 +22,7 @@ support images (their values at each patch's cell), so it is in the units of the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -304,7 +305,10 @@ class BankHead(nn.Module):
         self.det = det
         self.blocks = as_blocks(st.layer)
         self.state = copy.copy(st)
-        self.state.bank = st.bank.detach().to("cpu", torch.float32)
+        for f in dataclasses.fields(st):  # the graph is traced on the CPU
+            v = getattr(st, f.name)
+            if isinstance(v, torch.Tensor):
+                setattr(self.state, f.name, v.detach().cpu())
         self.size = int(st.image_size)
         sigma = float(det.config.blur_sigma)
         self.blur = gaussian_matrix(self.size, sigma) if sigma > 0 else None

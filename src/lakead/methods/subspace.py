@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..ops import combine_blocks
 from ..patchops import top_percent_mean
 from ..pca import Moments, principal_subspace, residual_energy
-from .bank import BankDetector, BankState, Scored
+from .bank import BankDetector, BankState, Scored, Search
 from .bank_options import SubspaceConfig
 
 
@@ -83,7 +83,7 @@ class SubspaceDetector(BankDetector):
         extra = dict(mean=mean, eigenvalues=values, directions=int(basis.shape[1]), variance_explained=explained)
         return basis.T.contiguous(), torch.zeros(basis.shape[1], dtype=torch.int32), extra
 
-    def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None) -> Scored:
+    def score(self, tokens: torch.Tensor, state: Any, exclude: int | None = None, search: Search | None = None) -> Scored:
         mean, basis = state.mean, state.bank.T  # (D,), (D, K)
         if exclude is not None:  # the subspace of the other support images: ``tokens`` are image ``exclude``'s own
             mean, _, basis = principal_subspace(self._moments.without(tokens.reshape(-1, tokens.shape[-1])),
