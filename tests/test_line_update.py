@@ -67,19 +67,31 @@ def test_update_equals_refit(tiny_backbone, images, opts):
     assert upd.threshold_after == det.state_.threshold
 
 
-def test_update_equals_refit_with_subsets(tiny_backbone, images, monkeypatch):
-    """Beyond the leave-one-out cap (an evenly spaced subset is scored) and the scope gallery's
-    cap (a random subset of tokens): old images newly in the subset are scored from the gallery,
-    those leaving it dropped, and the scope gallery is the rows a refit keeps."""
-    monkeypatch.setattr(steps, "MAX_LOO_IMAGES", 5)
-    monkeypatch.setattr(steps, "MAX_SCOPE_TOKENS", 700)  # 6 old images x 64 tokens fit; 14 do not
+def test_update_beyond_the_caps(tiny_backbone, images, monkeypatch):
+    """Beyond the leave-one-out cap the update scores evenly spaced shares of the old and the new
+    images (not the refit's subset), each with the score a refit gives that image; beyond the
+    scope gallery's cap it keeps a sample of that many tokens; both are said in ``inexact``."""
     names = [f"img{i}" for i in range(len(images))]
     o = {**OPTS, "selection": "all"}
+    monkeypatch.setattr(steps, "MAX_LOO_IMAGES", 100)
+    every = LakeDetector(tiny_backbone, **o).fit(images, "tile", names=names).state_  # every image scored
+    monkeypatch.setattr(steps, "MAX_LOO_IMAGES", 5)
+    monkeypatch.setattr(steps, "MAX_SCOPE_TOKENS", 700)  # 6 old images x 64 tokens fit; 14 do not
     det = LakeDetector(tiny_backbone, **o).fit(images[:6], "tile", names=names[:6])
     upd = add_normals(det, images[6:], names=names[6:])
-    ref = LakeDetector(tiny_backbone, **o).fit(images, "tile", names=names)
-    _same_state(det.state_, ref.state_)
-    assert upd.inexact == []
+    st = det.state_
+    scored = np.flatnonzero(np.isfinite(st.loo_visual))
+    assert len(scored) == 5 and (scored < 6).sum() == 2 and (scored >= 6).sum() == 3
+    raw = st.loo_visual[scored] * st.visual_scale
+    np.testing.assert_allclose(raw, every.loo_visual[scored] * every.visual_scale, rtol=1e-5)
+    np.testing.assert_allclose(st.loo_tokens.reshape(5, 64) * st.visual_scale,
+                               every.loo_tokens.reshape(14, 64)[scored] * every.visual_scale, rtol=1e-5, atol=1e-6)
+    assert st.scope_gallery.shape == (700, every.scope_gallery.shape[1]) and set(st.scope_gallery_image.tolist()) == set(range(14))
+    for i in scored:  # each scope score against the sampled gallery, as the fit computes it
+        tok = every.scope_gallery[i * 64 : (i + 1) * 64]
+        assert st.loo_scope[i] == pytest.approx(steps.scope_scores(tok[None], st.scope_gallery, st.scope_gallery_image, image=i)[0])
+    assert det.thresholds(st.false_alarm_rate).image == pytest.approx(st.threshold)
+    assert any("leave-one-out" in s for s in upd.inexact) and any("scope gallery" in s for s in upd.inexact)
 
 
 def test_update_in_rounds_and_from_one_image(tiny_backbone, images):
@@ -186,3 +198,26 @@ def test_cli_update_history_rollback(tiny_backbone, tiny_clip_dir, images, tmp_p
     r = runner.invoke(app, ["update", str(model), "--add-normal", str(tmp_path / "missing"), "--device", "cpu"])
     assert r.exit_code == 1 and "missing" in r.output
     assert read_history(model)["current"] == 3
+
+
+def test_paired_search_agrees_with_the_fits_search():
+    """cross_nearest and self_nearest find the neighbours nearest_neighbor finds (one block for
+    both sides; each pair of groups once), on sizes that cross block boundaries."""
+    from lakead.line.search import cross_nearest, self_nearest
+    from lakead.ops import distance_to, nearest_neighbor
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 5, generator=g), torch.randn(170, 5, generator=g)
+    xd2, xi, yd2, yi = cross_nearest(x, y, block_elements=4000)
+    d, _ = nearest_neighbor(x, y)
+    torch.testing.assert_close(distance_to(x, y, xi), d)
+    d, _ = nearest_neighbor(y, x)
+    torch.testing.assert_close(distance_to(y, x, yi), d)
+    torch.testing.assert_close(xd2.clamp_min(0).sqrt(), distance_to(x, y, xi), rtol=1e-4, atol=1e-4)
+    groups = torch.arange(17, dtype=torch.int32).repeat_interleave(10)  # 17 images of 10 tokens
+    sd2, si = self_nearest(y, 10, block_elements=900)
+    d, _ = nearest_neighbor(y, y, query_groups=groups, gallery_groups=groups)
+    torch.testing.assert_close(distance_to(y, y, si), d)
+    assert (groups[si] != groups).all()
+    one = self_nearest(y[:10], 10)
+    assert torch.isinf(one[0]).all() and (one[1] == -1).all()
