@@ -19,6 +19,9 @@ import torch
 
 #: Distances held at once (16 MiB of float32).
 BLOCK_ELEMENTS = 1 << 22
+#: Rows of a block: few, so that the column minima reduce over a short axis (torch's minimum with
+#: indices over the long axis of a square block took x5 its row minima on the CPU).
+BLOCK_ROWS = 192
 
 
 def _better(best_d2: torch.Tensor, best_idx: torch.Tensor, d2: torch.Tensor, idx: torch.Tensor, sl: slice) -> None:
@@ -42,8 +45,7 @@ def cross_nearest(x: torch.Tensor, y: torch.Tensor, block_elements: int = BLOCK_
         return xd2, xi, yd2, yi
     x, y = x.float(), y.float()
     x_sq, y_sq = x.square().sum(1), y.square().sum(1)
-    side = max(1, math.isqrt(block_elements))
-    xb = min(p, max(side, block_elements // q))
+    xb = min(p, BLOCK_ROWS)
     yb = max(1, min(q, block_elements // xb))
     for xs in range(0, p, xb):
         xe = min(p, xs + xb)
@@ -73,21 +75,24 @@ def self_nearest(y: torch.Tensor, per_group: int, block_elements: int = BLOCK_EL
     y = y.float()
     y_sq = y.square().sum(1)
     groups = m // per_group
-    chunk = max(1, math.isqrt(block_elements) // per_group) * per_group  # rows per chunk: whole groups
-    own = torch.block_diag(*[torch.ones(per_group, per_group, dtype=torch.bool)] * (chunk // per_group)).to(dev)
-    for a in range(0, m, chunk):
-        ae = min(m, a + chunk)
-        for b in range(a, m, chunk):
-            be = min(m, b + chunk)
+    rows = max(1, BLOCK_ROWS // per_group) * per_group  # whole groups per block of rows
+    cols = max(rows, block_elements // rows)
+    own = torch.block_diag(*[torch.ones(per_group, per_group, dtype=torch.bool)] * (rows // per_group)).to(dev)
+    for a in range(0, m, rows):
+        ae = min(m, a + rows)
+        for b in range(a, m, cols):  # the groups from this one on: every pair of groups once
+            be = min(m, b + cols)
             d2 = torch.addmm(y_sq[b:be].unsqueeze(0), y[a:ae], y[b:be].T, beta=1.0, alpha=-2.0)
-            d2.add_(y_sq[a:ae].unsqueeze(1))
-            if a == b:
-                d2.masked_fill_(own[: ae - a, : be - b], math.inf)  # a group never matches itself
+            d2.add_(y_sq[a:ae].unsqueeze(1))  # (rows, cols)
+            if b == a:
+                w = min(ae - a, be - b)
+                d2[:, :w].masked_fill_(own[: ae - a, :w], math.inf)  # a group never matches itself
             v, i = d2.min(dim=1)
             _better(d2b, ib, v, i + b, slice(a, ae))
-            if a != b:
-                v, i = d2.min(dim=0)
-                _better(d2b, ib, v, i + a, slice(b, be))
+            lo = ae - b if b == a else 0  # columns of later groups (this block's own rows: done above)
+            if lo < be - b:
+                v, i = d2[:, lo:].min(dim=0)
+                _better(d2b, ib, v, i + a, slice(b + lo, be))
     if groups < 2:
         ib.fill_(-1)
     return d2b, ib
