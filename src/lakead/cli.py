@@ -505,7 +505,7 @@ from . import cli_eval  # noqa: E402,F401 - registers eval, ablate and baselines
 from . import cli_demo  # noqa: E402,F401 - registers demo on the app
 from . import cli_layers  # noqa: E402,F401 - registers layers on the app
 from . import cli_tune  # noqa: E402,F401 - registers tune on the app
-from . import cli_line  # noqa: E402,F401 - registers update, history and rollback on the app
+from . import cli_line  # noqa: E402,F401 - registers update, history, rollback and watch on the app
 
 
 if __name__ == "__main__":  # pragma: no cover
