@@ -62,3 +62,21 @@ def test_service_lists_each_method_in_its_own_words(tiny_backbone, normals, tmp_
     info = model_info("m", read_model_meta(path))
     assert LAKE_KEYS.isdisjoint(info) and LAKE_KEYS.isdisjoint(info["description"])
     assert info["description"]["bank_vectors"] > 0 and info["method"] == "anomalydino"
+
+
+def _options_shown(*args: str) -> set[str]:
+    r = CliRunner().invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    import re
+
+    return {m.group(1) for line in r.output.splitlines() if (m := re.match(r"[│|]\s+(?:\*\s+)?(--[\w-]+)", line))}
+
+
+def test_help_with_a_method_shows_that_methods_options_only():
+    everything = _options_shown("fit", "--help")
+    assert {"--k", "--lam", "--coreset", "--neighbourhood"} <= everything  # without --method: every method's
+    patchcore = _options_shown("fit", "--method", "patchcore", "--help")
+    assert {"--coreset", "--neighbourhood", "--layer", "--false-alarm-rate", "--out"} <= patchcore
+    assert not {"--k", "--lam", "--selection", "--semantic-layer"} & patchcore  # LAKE's own
+    lake = _options_shown("eval", "--method=lake", "--help")
+    assert {"--k", "--lam"} <= lake and "--coreset" not in lake

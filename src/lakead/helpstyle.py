@@ -61,10 +61,61 @@ def _plain(params: list[Any]) -> list[Any]:
 
 
 class PlainCommand(typer.core.TyperCommand):
-    """A command whose ``--help`` shows plain types (INTEGER, PATH, TEXT...; none for flags)."""
+    """A command whose ``--help`` shows plain types (INTEGER, PATH, TEXT...; none for flags),
+    and, when ``--method M`` is given with ``--help``, only the model options method ``M`` has
+    (each method owns its options: ``lakead fit --method patchcore --help``)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        ctx.meta["lakead.args"] = list(args)  # read by --help, which click runs before the other options
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        ctx.meta["lakead.help"] = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            ctx.meta.pop("lakead.help", None)
 
     def get_params(self, ctx: Any) -> list[Any]:
-        return _plain(super().get_params(ctx))
+        params = _plain(super().get_params(ctx))
+        method = _method_asked(ctx) if ctx.meta.get("lakead.help") else None
+        return params if method is None else method_params(params, method)
+
+
+def _method_asked(ctx: Any) -> str | None:
+    """The ``--method`` given on the command line being helped (None: none, or not a method)."""
+    args = ctx.meta.get("lakead.args") or []
+    for i, a in enumerate(args):
+        value = a.split("=", 1)[1] if a.startswith("--method=") else args[i + 1] if a == "--method" and i + 1 < len(args) else None
+        if value is not None:
+            from .methods import METHODS
+
+            return value if value in METHODS else None
+    return None
+
+
+def method_params(params: list[Any], method: str) -> list[Any]:
+    """``params`` less the model options of other methods: an option named after a field of
+    some method's config is kept only when ``method``'s config has that field (shown under
+    "Model options"); the command's own options are kept."""
+    import copy
+    import dataclasses
+
+    from .methods import METHODS, get_method
+    from .options import METHOD_PANEL, MODEL_PANEL
+
+    fields = {m.name: {f.name for f in dataclasses.fields(m.config_class)} for m in METHODS.values()}
+    everyone = set().union(*fields.values())
+    own = fields[get_method(method).name]
+    out = []
+    for p in params:
+        if p.name in everyone and p.name not in own:
+            continue
+        if getattr(p, "rich_help_panel", None) == METHOD_PANEL:
+            p = copy.copy(p)
+            p.rich_help_panel = MODEL_PANEL
+        out.append(p)
+    return out
 
 
 class PlainGroup(typer.core.TyperGroup):
