@@ -82,7 +82,8 @@ class OutputKind:
 MODEL = OutputKind("a lakead model", "lakead.json", _format_is("lakead-model"),
                    ("lakead.json", "tensors.safetensors", "versions"))  # versions/: lakead.line.versions
 EXPORT = OutputKind("a lakead export", "lakead-export.json", _format_is("lakead-export"),
-                    ("lakead-export.json", "model.onnx", "model.xml", "model.bin"))
+                    ("lakead-export.json", "model.onnx", "model.xml", "model.bin",  # one graph; bf16: the backbone's and the head's
+                     "backbone.onnx", "backbone.xml", "backbone.bin", "head.onnx", "head.xml", "head.bin"))
 REPORT = OutputKind("a lakead explain report", "report.json", _explain_report, ("report.json", "index.html", "img"))
 EVALUATION = OutputKind("a lakead evaluation", "metrics.json", _written_by_lakead,
                         ("metrics.json", "metrics.csv", "scores.csv", "report.md", "figures", "overlays", "maps"))
