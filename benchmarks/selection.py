@@ -97,7 +97,8 @@ def run(a: argparse.Namespace) -> int:
                 rows = []
                 for r in synth:
                     img, _ = score_tokens(r.candidate, support, test, cf.grids, base)
-                    rows.append({**r.row(), "real_image_auroc": image_metrics(labels, img.numpy())["auroc"]})
+                    rows.append({**r.row(), "real_image_auroc": image_metrics(labels, img.numpy())["auroc"],
+                                 "samples": [[f, lab, round(v, 7)] for f, lab, v in r.samples]})
                 doc["runs"].append({"category": cat.name, "shots": key[1], "seed": seed, "support": len(idx),
                                     "test_images": int(len(labels)), "candidates": rows,
                                     "seconds": {"features": round(t_feat, 1), "synthetic": round(t_syn, 1),
@@ -120,7 +121,7 @@ def kendall(x: list[float], y: list[float]) -> float:
 
 def choose(rows: list[dict]) -> dict:
     """The tune rule (lakead.selection.search.best) on saved rows."""
-    key = lambda r: (round(r["synthetic_image_auroc"], 3), r["synthetic_pixel_auroc"])  # noqa: E731
+    key = lambda r: (round(r["synthetic_image_auroc"], 3), r["synthetic_separation"])  # noqa: E731
     top = max(key(r) for r in rows)
     return next(r for r in rows if key(r) == top)
 
@@ -145,7 +146,7 @@ def report(a: argparse.Namespace) -> int:
         picks.setdefault((r["shots"], r["category"]), []).append(choose(rows)["candidate"])
     s = doc["settings"]
     print(f"Image AUROC (%) on the real test images, mean over the draws; MobileNetV2 int8, candidates on "
-          f"{', '.join(s['layers'])}; {s['folds']} folds, {s['defects_per_image']} synthetic defects per support image; "
+          f"{', '.join(s['layers'])}; {s['folds']} folds, synthetic defects per held-out image: {s['defects_per_image'] or "tune's default (2, at least 32 in all)"}; "
           f"test sets thinned to at most {s['max_test']} images. Command: `python benchmarks/selection.py run` then `report`.\n")
     for sh in shots:
         print(f"\n### {sh} shot{'s' if sh != 1 else ''}\n")
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--shots", default="1,4,16,all")
     r.add_argument("--draws", type=int, default=3)
     r.add_argument("--folds", type=int, default=4)
-    r.add_argument("--defects-per-image", type=int, default=2)
+    r.add_argument("--defects-per-image", type=int, default=None, help="default: tune's (lakead.selection.search.defects_for)")
     r.add_argument("--max-test", type=int, default=200)
     r.add_argument("--categories", default="metal_plate,tire,tile", help="the order to run them in (substrings)")
     r.add_argument("--json", default=str(REPO / "runs" / "selection.json"))

@@ -65,6 +65,7 @@ def test_queries_of_several_images_and_of_one():
     assert all(m.any() for m in q.masks)
     again = make_queries(arrays, defects_per_image=2, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(q.arrays, again.arrays))
+    assert len(make_queries(arrays, seed=3).label) == 35  # 7 each: at least 32 in all
     one = make_queries(arrays[:1], defects_per_image=2, views=3, seed=3)
     assert one.label == [0, 0, 0, 1, 1, 1, 1, 1, 1] and set(one.origin) == {0}
     assert not any(m.any() for m in one.masks[:3])
@@ -78,11 +79,11 @@ def test_tune_ranks_candidates_and_fits_the_best(images, tiny_backbone, tmp_path
     seen = []
     res = tune(normals, "tile", cands, base, backbone=tiny_backbone, on_candidate=seen.append)
     assert len(res.results) == len(cands) == len(seen) and all(r.scored for r in res.results)
-    top = max((round(r.image_auroc, 3), r.pixel_auroc) for r in res.results)
-    assert (round(res.chosen.image_auroc, 3), res.chosen.pixel_auroc) == top
+    top = max((round(r.image_auroc, 3), r.separation) for r in res.results)
+    assert (round(res.chosen.image_auroc, 3), res.chosen.separation) == top
     assert res.detector.method == {"visual": "lake", "all": "lake"}.get(res.chosen.candidate.method, res.chosen.candidate.method)
     assert res.detector.is_fitted and len(res.detector.state_.support) == len(normals)
-    assert res.settings["folds"] == 4 and res.settings["synthetic_images"] == 2 * len(normals)
+    assert res.settings["folds"] == 4 and res.settings["synthetic_images"] == 6 * len(normals)  # at least 32 in all
     pred = res.detector.predict(tests)
     assert pred.scores.shape == (4,)
     doc = write_tuning(res, tmp_path / "t")

@@ -54,7 +54,8 @@ def tune(
     shots: Optional[int] = typer.Option(None, min=1, help="Use only this many normal images (default: all)."),
     seed: int = typer.Option(0, help="Seed of the shots (with --shots) and of the synthetic defects."),
     folds: int = typer.Option(4, min=2, help="Groups of support images, each held out in turn."),
-    defects_per_image: int = typer.Option(2, min=1, help="Synthetic defects made on each held-out image."),
+    defects_per_image: Optional[int] = typer.Option(None, min=1, help="Synthetic defects made on each held-out image "
+                                                    "(default: 2, more on few images: at least 32 in all)."),
     budget_seconds: Optional[float] = typer.Option(None, min=0, help="Stop scoring candidates after this many seconds "
                                                    "(the first is always scored; the rest listed as not scored)."),
     false_alarm_rate: float = typer.Option(SHARED_OPTIONS["false_alarm_rate"][0], help=SHARED_OPTIONS["false_alarm_rate"][1]),
@@ -86,8 +87,8 @@ def tune(
 
         def shown(r) -> None:
             if not state["quiet"]:
-                err.print(f"  {r.candidate.label}: synthetic image AUROC {100 * r.image_auroc:.1f}, pixel "
-                          f"{100 * r.pixel_auroc:.1f} ({r.seconds:.1f} s)", highlight=False, markup=False)
+                err.print(f"  {r.candidate.label}: synthetic image AUROC {100 * r.image_auroc:.1f}, separation "
+                          f"{r.separation:.2f}, pixel AUROC {100 * r.pixel_auroc:.1f} ({r.seconds:.1f} s)", highlight=False, markup=False)
 
         result = run_tune([str(p) for p in chosen], class_name, candidates, base, backbone=bb, runtime=runtime,
                           support_rule=rule, folds=folds, defects_per_image=defects_per_image, seed=seed,

@@ -31,8 +31,9 @@ def tuning_doc(result: TuneResult, *, command: str | None = None) -> dict[str, A
         "settings": {"lakead_version": __version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "command": command, **result.settings},
         "chosen": {"candidate": c.candidate.label, "method": c.candidate.method, "options": c.candidate.options,
-                   "synthetic_image_auroc": c.image_auroc, "synthetic_pixel_auroc": c.pixel_auroc,
-                   "why": f"{result.settings['rule']}: {_num(c.image_auroc)} image, {_num(c.pixel_auroc)} pixel AUROC "
+                   "synthetic_image_auroc": c.image_auroc, "synthetic_separation": c.separation,
+                   "synthetic_pixel_auroc": c.pixel_auroc,
+                   "why": f"{result.settings['rule']}: image AUROC {_num(c.image_auroc)}, separation {c.separation:.2f} "
                           f"of {sum(r.scored for r in result.results)} candidates scored"},
         "candidates": [r.row() for r in result.results],
         "seconds": result.seconds,
@@ -45,12 +46,14 @@ def candidates_markdown(doc: dict[str, Any]) -> str:
              f"{s['support_images']} support images, {s['folds']} folds, {s['synthetic_images']} synthetic defects "
              f"({', '.join(s['kinds'])}), seed {s['seed']}; {doc['chosen']['why']}. Times (s): "
              + ", ".join(f"{k} {v}" for k, v in doc["seconds"].items()) + ".", "",
-             "| candidate | synthetic image AUROC | synthetic pixel AUROC | per fold | seconds | chosen |",
-             "|---|---:|---:|---|---:|---|"]
+             "| candidate | synthetic image AUROC | separation | synthetic pixel AUROC | image AUROC per fold | seconds | chosen |",
+             "|---|---:|---:|---:|---|---:|---|"]
     for r in doc["candidates"]:
         folds = " ".join(f"{100 * f:.1f}" if math.isfinite(f) else "-" for f in r["folds"]) if r["scored"] else "not scored (budget)"
         chosen = "**yes**" if r["candidate"] == doc["chosen"]["candidate"] else ""
-        lines.append(f"| {r['candidate']} | {_num(r['synthetic_image_auroc'])} | {_num(r['synthetic_pixel_auroc'])} | "
+        sep = r["synthetic_separation"]
+        lines.append(f"| {r['candidate']} | {_num(r['synthetic_image_auroc'])} | {'-' if not math.isfinite(sep) else f'{sep:.2f}'} | "
+                     f"{_num(r['synthetic_pixel_auroc'])} | "
                      f"{folds} | {r['seconds']} | {chosen} |")
     return "\n".join(lines) + "\n"
 
@@ -58,9 +61,11 @@ def candidates_markdown(doc: dict[str, Any]) -> str:
 def candidates_csv(doc: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["candidate", "method", "options", "synthetic_image_auroc", "synthetic_pixel_auroc", "folds", "seconds", "scored", "chosen"])
+    w.writerow(["candidate", "method", "options", "synthetic_image_auroc", "synthetic_separation", "synthetic_pixel_auroc", "folds",
+                "seconds", "scored", "chosen"])
     for r in doc["candidates"]:
-        w.writerow([r["candidate"], r["method"], json.dumps(r["options"]), r["synthetic_image_auroc"], r["synthetic_pixel_auroc"],
+        w.writerow([r["candidate"], r["method"], json.dumps(r["options"]), r["synthetic_image_auroc"], r["synthetic_separation"],
+                    r["synthetic_pixel_auroc"],
                     " ".join(map(str, r["folds"])), r["seconds"], r["scored"], r["candidate"] == doc["chosen"]["candidate"]])
     return buf.getvalue()
 

@@ -2,19 +2,23 @@
 
 1. The support images are split into ``folds`` groups (image ``i`` in group ``i % folds``);
    each group in turn is held out and the others are the support of the candidates.
-2. Every held-out image gets ``defects_per_image`` synthetic defects (:mod:`lakead.synthetic`,
-   the kinds taken in turn so that every kind is used; seeded by ``seed`` and the image's
-   index). With one support image there is nothing to hold out: the held-out normals are
-   ``views`` mildly jittered copies of it (a crop of 90-97 % of its area, resized back, its
+2. Every held-out image gets synthetic defects (:mod:`lakead.synthetic`, the kinds taken in
+   turn so that every kind is used; seeded by ``seed`` and the image's index):
+   ``defects_per_image``, by default 2 and more on few images so that there are at least
+   :data:`MIN_DEFECTS` in all (an AUROC from 8 defects moves in steps of 1/32 and ties at 1.0).
+   With one support image there is nothing to hold out: the held-out normals are ``views``
+   (8) mildly jittered copies of it (a crop of 90-97 % of its area, resized back, its
    brightness scaled by 0.95-1.05), and the defects are made on those.
 3. The network runs once per image (support and synthetic) at every candidate block; each
    candidate (:mod:`lakead.selection.candidates`) scores every fold from those features: image
-   AUROC of the synthetic defects against the held-out normals, and pixel AUROC of its patch
-   scores against the defect masks (a patch is defective when the mask covers at least 30 % of
-   its cell, normal when it covers none), both averaged over the folds (one split alone picked
-   unreliably in the feasibility run of issue 30).
-4. The candidates are ranked by the mean image AUROC (to 3 decimals), ties broken by the pixel
-   AUROC; the best is fitted on every support image and returned with the table of all.
+   AUROC of the synthetic defects against the held-out normals; their separation (Cohen's d of
+   the log image scores: how far apart the two groups are, which still tells candidates apart
+   when several reach an AUROC of 1); and pixel AUROC of its patch scores against the defect
+   masks (a patch is defective when the mask covers at least 30 % of its cell, normal when it
+   covers none), each averaged over the folds (one split alone picked unreliably in the
+   feasibility run of issue 30).
+4. The candidates are ranked by the mean image AUROC (to 3 decimals), ties broken by the
+   separation; the best is fitted on every support image and returned with the table of all.
 
 The candidates are scored in the order given until ``budget_seconds`` is spent (the first
 always); those left are listed as not scored.
@@ -43,6 +47,10 @@ log = logging.getLogger("lakead")
 
 #: A patch counts as defective when the defect mask covers at least this share of its cell.
 PATCH_COVER = 0.3
+#: Fewest synthetic defects in all (the default number per image grows on few images).
+MIN_DEFECTS = 32
+#: Jittered views of a single support image that stand for held-out normals.
+VIEWS = 8
 
 
 @dataclass(frozen=True)
@@ -63,18 +71,22 @@ class Scored:
 
     candidate: Candidate
     image_auroc: float = math.nan
+    separation: float = math.nan
     pixel_auroc: float = math.nan
     folds: list[float] = field(default_factory=list)
     seconds: float = 0.0
     scored: bool = False
+    #: (fold, label, image score) of every held-out image (for benchmarks; not written by tune)
+    samples: list[tuple[int, int, float]] = field(default_factory=list, repr=False)
 
     def key(self) -> tuple[float, float]:
-        return (round(self.image_auroc, 3), self.pixel_auroc if math.isfinite(self.pixel_auroc) else -1.0)
+        return (round(self.image_auroc, 3), self.separation if math.isfinite(self.separation) else -math.inf)
 
     def row(self) -> dict[str, Any]:
         return {"candidate": self.candidate.label, "method": self.candidate.method, "options": self.candidate.options,
-                "synthetic_image_auroc": self.image_auroc, "synthetic_pixel_auroc": self.pixel_auroc,
-                "folds": self.folds, "seconds": round(self.seconds, 3), "scored": self.scored}
+                "synthetic_image_auroc": self.image_auroc, "synthetic_separation": self.separation,
+                "synthetic_pixel_auroc": self.pixel_auroc, "folds": self.folds, "seconds": round(self.seconds, 3),
+                "scored": self.scored}
 
 
 def fold_of(n: int, folds: int) -> list[int]:
@@ -99,10 +111,23 @@ def jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.asarray(crop).astype(np.float32) * rng.uniform(0.95, 1.05), 0, 255).astype(np.uint8)
 
 
-def make_queries(arrays: Sequence[np.ndarray], *, defects_per_image: int = 2, views: int = 4, seed: int = 0,
+def defects_for(images: int, defects_per_image: int | None = None) -> int:
+    """Defects per held-out image: as given, or 2 and more on few images, so that there are at
+    least :data:`MIN_DEFECTS` in all.
+
+    >>> defects_for(64), defects_for(4), defects_for(8), defects_for(4, 1)
+    (2, 8, 4, 1)
+    """
+    if defects_per_image is not None:
+        return defects_per_image
+    return max(2, math.ceil(MIN_DEFECTS / max(1, images)))
+
+
+def make_queries(arrays: Sequence[np.ndarray], *, defects_per_image: int | None = None, views: int = VIEWS, seed: int = 0,
                  kinds: Sequence[str] = KINDS) -> Queries:
     """The synthetic defects of every support image (the held-out normals are the support images
-    themselves), or, with one support image, ``views`` jittered views of it and defects on those."""
+    themselves), or, with one support image, ``views`` jittered views of it and defects on those
+    (``defects_per_image``: :func:`defects_for`)."""
     n = len(arrays)
     out = Queries([], [], [], [], [])
     bases: list[tuple[int, np.ndarray]] = [(i, a) for i, a in enumerate(arrays)]
@@ -113,6 +138,7 @@ def make_queries(arrays: Sequence[np.ndarray], *, defects_per_image: int = 2, vi
             out.arrays.append(v), out.origin.append(0), out.label.append(0)
             out.masks.append(np.zeros(v.shape[:2], bool)), out.kinds.append("normal")
     turn = 0
+    defects_per_image = defects_for(len(bases), defects_per_image)
     for j, (i, base) in enumerate(bases):
         where = placement_mask(base)
         source = arrays[(i + 1) % n] if n > 1 else base[::-1, ::-1].copy()
@@ -144,6 +170,21 @@ def patch_labels(masks: Sequence[np.ndarray], grid: tuple[int, int]) -> np.ndarr
     m = torch.from_numpy(np.stack([mk.astype(np.float32) for mk in masks]))[:, None]  # (B, 1, H, W)
     cover = F.adaptive_avg_pool2d(m, grid).reshape(len(masks), -1).numpy()  # (B, N)
     return np.where(cover >= PATCH_COVER, 1.0, np.where(cover > 0, np.nan, 0.0))
+
+
+def separation(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Cohen's d of the log scores of the defects (label 1) against the normals (label 0):
+    the difference of their means over the pooled standard deviation (NaN with a group empty).
+
+    >>> round(separation(np.array([0, 0, 1, 1]), np.exp(np.array([0.0, 1.0, 2.0, 3.0]))), 3)
+    2.828
+    """
+    logs = np.log(np.maximum(scores.astype(np.float64), 1e-12))
+    a, b = logs[labels == 1], logs[labels == 0]
+    if a.size == 0 or b.size == 0:
+        return math.nan
+    pooled = math.sqrt((a.var(ddof=1 if a.size > 1 else 0) + b.var(ddof=1 if b.size > 1 else 0)) / 2)
+    return float((a.mean() - b.mean()) / max(pooled, 1e-12))
 
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -181,7 +222,7 @@ def score_candidates(
         if c_i and budget_seconds is not None and time.perf_counter() - start > budget_seconds:
             continue
         t0 = time.perf_counter()
-        aurocs, pix_y, pix_s = [], [], []
+        aurocs, seps, pix_y, pix_s = [], [], [], []
         grid = None
         for f in sorted(set(fold)):
             held = [i for i in range(n) if fold[i] == f]
@@ -193,6 +234,8 @@ def score_candidates(
             img, patches = score_tokens(cand, sup, qry, grids, base)
             y = np.concatenate([np.zeros(len(normals)), labels[q_idx]])
             aurocs.append(_auroc(y, img.numpy()))
+            seps.append(separation(y, img.numpy()))
+            res.samples += [(f, int(lab), float(v)) for lab, v in zip(y, img.numpy())]
             if grid is None:  # the candidate's blocks on their coarsest grid
                 grid = min((grids[b] for b in cand.blocks), key=lambda g: g[0] * g[1])
             masks = [np.zeros(queries.masks[0].shape, bool)] * len(normals) + [queries.masks[i] for i in q_idx]
@@ -201,6 +244,8 @@ def score_candidates(
         res.folds = [round(a, 6) for a in aurocs]
         finite = [a for a in aurocs if math.isfinite(a)]
         res.image_auroc = float(np.mean(finite)) if finite else math.nan
+        finite = [v for v in seps if math.isfinite(v)]
+        res.separation = float(np.mean(finite)) if finite else math.nan
         res.pixel_auroc = _auroc(np.concatenate(pix_y), np.concatenate(pix_s))
         res.seconds = time.perf_counter() - t0
         res.scored = True
@@ -210,7 +255,7 @@ def score_candidates(
 
 
 def best(results: Sequence[Scored]) -> Scored:
-    """The candidate with the highest mean synthetic image AUROC (3 decimals), then pixel AUROC;
+    """The candidate with the highest mean synthetic image AUROC (3 decimals), then separation;
     the first of equals (the order given)."""
     scored = [r for r in results if r.scored and math.isfinite(r.image_auroc)]
     if not scored:
@@ -242,7 +287,7 @@ def tune(
     names: Sequence[str] | None = None,
     support_rule: str | None = None,
     folds: int = 4,
-    defects_per_image: int = 2,
+    defects_per_image: int | None = None,
     seed: int = 0,
     budget_seconds: float | None = None,
     on_candidate: Callable[[Scored], None] | None = None,
@@ -273,11 +318,12 @@ def tune(
     det = chosen.candidate.build(base, cached, runtime)
     det.fit(arrays, class_name, names=list(loaded.names), support_rule=support_rule or f"{len(arrays)} images as given")
     t_fit = time.perf_counter() - t0 - t_scored
-    settings = {"folds": min(folds, len(arrays)), "defects_per_image": defects_per_image, "seed": seed,
+    settings = {"folds": min(folds, len(arrays)), "defects_per_image": defects_for(len(arrays) if len(arrays) > 1 else VIEWS,
+                                                                                defects_per_image), "seed": seed,
                 "kinds": sorted(set(queries.kinds) - {"normal"}), "synthetic_images": int(sum(queries.label)),
                 "held_out_normals": len(arrays) if len(arrays) > 1 else len(queries.label) - int(sum(queries.label)),
                 "support_images": len(arrays), "image_size": size, "budget_seconds": budget_seconds,
-                "rule": "highest mean synthetic image AUROC over the folds (3 decimals), then pixel AUROC"}
+                "rule": "highest mean synthetic image AUROC over the folds (3 decimals), then separation"}
     seconds = {"features": round(t_features, 3), "scoring": round(t_scored - t_features, 3), "final_fit": round(t_fit, 3),
                "total": round(time.perf_counter() - t0, 3)}
     return TuneResult(det, chosen, results, settings, seconds)
