@@ -3,6 +3,7 @@
 
     python benchmarks/selection.py run [--shots 1,4,16,all] [--draws 3] [--json runs/selection.json]
     python benchmarks/selection.py report [--json runs/selection.json] > docs/selection/selection.md
+    python benchmarks/selection.py decide > docs/selection/decisions.md
 
 ``run``: for every category of ``--data``, shot count and draw of the shots (seeds 0..draws-1 as
 :func:`lakead.data.select_shots` draws them; one draw with every image), every candidate of
@@ -22,6 +23,12 @@ against each fixed method with its defaults (LAKE, AnomalyDINO, subspace on tens
 block the docs use) and against the oracle (the best candidate on the real test labels, for
 reference only), and the Kendall tau between synthetic and real AUROC over the candidates.
 Features are extracted once per category (``benchmarks/featcache.py``).
+
+``decide``: ``lakead tune`` itself (:func:`lakead.selection.tune`) on every training image of each
+category, with the default decision options; the chosen model predicts every test image: false
+alarms, recall, the recall of the best threshold at those false alarms (oracle), defective images
+with a region, images called out of scope; and the time of tune against a plain fit of the chosen
+configuration (both on this shared machine, side by side).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import featcache  # noqa: E402
 import realdata  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DEFECTS = "tune's default (2, at least 32 in all)"
 #: The fixed methods with their defaults, as a user gets them with --layer 400.
 FIXED = {"LAKE (visual, default k)": "visual @ 400_quantized", "AnomalyDINO": "anomalydino @ 400_quantized",
          "subspace": "subspace @ 400_quantized"}
@@ -146,7 +154,7 @@ def report(a: argparse.Namespace) -> int:
         picks.setdefault((r["shots"], r["category"]), []).append(choose(rows)["candidate"])
     s = doc["settings"]
     print(f"Image AUROC (%) on the real test images, mean over the draws; MobileNetV2 int8, candidates on "
-          f"{', '.join(s['layers'])}; {s['folds']} folds, synthetic defects per held-out image: {s['defects_per_image'] or "tune's default (2, at least 32 in all)"}; "
+          f"{', '.join(s['layers'])}; {s['folds']} folds, synthetic defects per held-out image: {s['defects_per_image'] or DEFAULT_DEFECTS}; "
           f"test sets thinned to at most {s['max_test']} images. Command: `python benchmarks/selection.py run` then `report`.\n")
     for sh in shots:
         print(f"\n### {sh} shot{'s' if sh != 1 else ''}\n")
@@ -173,6 +181,45 @@ def report(a: argparse.Namespace) -> int:
     return 0
 
 
+def decide(a: argparse.Namespace) -> int:
+    from lakead.backbones import load_backbone
+    from lakead.data import load_dataset
+    from lakead.methods.lake.config import LakeConfig
+    from lakead.metrics import image_metrics, oracle_recall
+    from lakead.selection import default_candidates, tune
+
+    torch.set_num_threads(1)
+    spec = f"onnx:{a.model}"
+    base = LakeConfig(backbone=spec, use_text=False)
+    print(f"# lakead tune on every training image, default decision (budget {base.false_alarm_rate})\n")
+    print("MobileNetV2 int8, candidates on " + a.layers + "; every test image. Command: `python benchmarks/selection.py decide`.\n")
+    print("| category | chosen | image AUROC | false alarms (good) | recall (defective) | oracle recall at those false alarms | "
+          "defective with a region | good out of scope | defective out of scope | tune s | plain fit s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for cat in load_dataset(a.data):
+        bb = load_backbone(spec)
+        t0 = time.time()
+        res = tune(sorted(cat.train), cat.class_name, default_candidates(a.layers.split(",")), base, backbone=bb)
+        t_tune = time.time() - t0
+        t0 = time.time()
+        plain = res.chosen.candidate.build(base, load_backbone(spec)).fit(sorted(cat.train), cat.class_name)
+        t_fit = time.time() - t0
+        det = res.detector
+        labels = np.array([s.label for s in cat.test])
+        pred = det.predict([s.path for s in cat.test])
+        assert np.allclose(plain.predict([s.path for s in cat.test[:3]]).scores, pred.scores[:3], rtol=1e-4)
+        far = float(pred.anomalous[labels == 0].mean())
+        rec = float(pred.anomalous[labels == 1].mean())
+        regions = [bool(pred.regions(i)[1]) for i in np.nonzero(labels == 1)[0]]
+        scope = pred.out_of_scope if pred.out_of_scope is not None else np.zeros(len(labels), bool)
+        print(f"| {cat.name} | {res.chosen.candidate.label} | {100 * image_metrics(labels, pred.scores)['auroc']:.1f} | "
+              f"{100 * far:.1f} % | {100 * rec:.1f} % | {100 * oracle_recall(labels, pred.scores, far):.1f} % | "
+              f"{100 * np.mean(regions):.1f} % | {100 * scope[labels == 0].mean():.1f} % | {100 * scope[labels == 1].mean():.1f} % | "
+              f"{t_tune:.0f} | {t_fit:.0f} |", flush=True)
+    print(f"\nLoad average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])} (2 cores, shared).")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -188,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--json", default=str(REPO / "runs" / "selection.json"))
     p = sub.add_parser("report")
     p.add_argument("--json", default=str(REPO / "runs" / "selection.json"))
+    d = sub.add_parser("decide")
+    realdata.add_options(d)
+    d.add_argument("--layers", default="365,400,426")
     a = ap.parse_args(argv)
-    return run(a) if a.cmd == "run" else report(a)
+    return {"run": run, "report": report, "decide": decide}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -130,5 +130,8 @@ def test_the_command_line_writes_the_tuning(images, tiny_clip_dir, tmp_path):
     doc = json.loads((tmp_path / "t" / "tuning.json").read_text())
     assert [c["options"]["layer"] for c in doc["candidates"][::5]] == [2, [1, 3]]
     assert (tmp_path / "t" / "model" / "lakead.json").exists()
+    r = CliRunner().invoke(app, ["info", str(tmp_path / "t")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert doc["chosen"]["candidate"] in r.output and "separation" in r.output and "tuning_rule" in r.output
     r = CliRunner().invoke(app, ["tune", str(folder), "-c", "tile", "-o", str(folder), "--backbone", str(tiny_clip_dir)])
     assert r.exit_code != 0 and "--out" in r.output

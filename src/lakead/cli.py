@@ -282,12 +282,21 @@ def export(
 
 
 @app.command()
-def info(model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit' or 'lakead export'.", show_default=False)) -> None:
-    """Print what a saved (or exported) model holds (without loading the backbone)."""
+def info(model_dir: Path = typer.Argument(..., help="A model directory written by 'lakead fit' or 'lakead export', or a "
+                                          "folder written by 'lakead tune'.", show_default=False)) -> None:
+    """Print what a saved (or exported) model holds (without loading the backbone); for a tuning,
+    also which configuration was chosen, why, and every candidate's synthetic scores."""
     from .api import describe_model, read_model_meta
+    from .outputs import TUNING
     from .runtime import is_exported, read_export_meta
 
+    tuning = None
     with errors_as_messages():
+        if TUNING.holds(model_dir):
+            from .selection.output import read_tuning
+
+            tuning = read_tuning(model_dir)
+            model_dir = model_dir / "model"
         if is_exported(model_dir):
             exp = read_export_meta(model_dir)
             meta = {**((exp.get("source") or {}).get("meta") or {}), "exported": f"{exp['engine']} {exp['precision']}, batch {exp['batch'] or 'dynamic'}"}
@@ -308,7 +317,22 @@ def info(model_dir: Path = typer.Argument(..., help="A model directory written b
             summary.update(window=cfg.get("window", "auto"), slices=cfg.get("slices", "axial"),
                            modalities=", ".join(read.get("modalities", [])) or "-",
                            windows_seen=", ".join(read.get("windows", [])) or "-")
+        if tuning is not None:
+            summary.update(tuned=tuning["chosen"]["candidate"], tuning_rule=tuning["chosen"]["why"],
+                           tuning_seconds=tuning["seconds"].get("total"))
     _print_summary(summary, title=str(model_dir))
+    if tuning is not None:
+        table = Table(title="candidates (lakead tune, synthetic defects)", title_justify="left")
+        for col in ("candidate", "image AUROC", "separation", "pixel AUROC", "chosen"):
+            table.add_column(col, justify="left" if col in ("candidate", "chosen") else "right")
+        for r in tuning["candidates"]:
+            cells = [f"{100 * r[k]:.1f}" if r["scored"] and r[k] == r[k] else "-" for k in ("synthetic_image_auroc",)]
+            sep = r.get("synthetic_separation")
+            table.add_row(r["candidate"], *cells, "-" if not r["scored"] or sep is None or sep != sep else f"{sep:.2f}",
+                          "-" if not r["scored"] or r["synthetic_pixel_auroc"] != r["synthetic_pixel_auroc"]
+                          else f"{100 * r['synthetic_pixel_auroc']:.1f}",
+                          "yes" if r["candidate"] == tuning["chosen"]["candidate"] else "")
+        out.print(table)
 
 
 @app.command()

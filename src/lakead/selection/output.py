@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..errors import LakeadError
 from ..outputs import TUNING, output_directory
 from .search import TuneResult
 
@@ -80,4 +81,16 @@ def write_tuning(result: TuneResult, out: str | Path, *, inputs: Iterable[str | 
         (tmp / "candidates.md").write_text(candidates_markdown(doc), encoding="utf-8")
         (tmp / "candidates.csv").write_text(candidates_csv(doc), encoding="utf-8")
         (tmp / "tuning.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    return doc
+
+
+def read_tuning(folder: str | Path) -> dict[str, Any]:
+    """``tuning.json`` of a folder written by :func:`write_tuning`; a :class:`LakeadError` naming
+    the file when it cannot be read or lacks what tune writes."""
+    path = Path(folder) / "tuning.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc["chosen"]["candidate"], doc["chosen"]["why"], doc["candidates"], doc["seconds"]  # noqa: B018
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LakeadError(f"{path}: not a tuning lakead wrote ({type(exc).__name__}: {exc})") from None
     return doc
