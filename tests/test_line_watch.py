@@ -228,3 +228,124 @@ def test_sinks_stdout_and_webhook_with_dead_letter(model_dir, tmp_path, capsys):
           make_sinks=lambda r: [Webhook(f"http://127.0.0.1:{dead_port}/", r.dir / "webhook-dead.jsonl", retries=(0.01,))], **FAST)
     dead = [json.loads(x) for x in (out2 / "webhook-dead.jsonl").read_text().splitlines()]
     assert sorted(d["result"]["item"] for d in dead) == names and all(d["error"] for d in dead)
+
+
+# -- a real MQTT broker, and kill -9 ------------------------------------------------------------
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """Debian's mosquitto on a free loopback port, stopped after the test (skipped where absent)."""
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run installs it)")
+    pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed (pip install 'lakead[line]')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.skip("mosquitto did not start")
+    yield port
+    proc.terminate()
+    proc.wait(5)
+
+
+class _Subscriber:
+    """Collects the messages of ``topic`` (QoS 1)."""
+
+    def __init__(self, port: int, topic: str = "lakead/#") -> None:
+        import paho.mqtt.client as mqtt
+
+        self.got: list[dict] = []
+        self.ready = threading.Event()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-subscriber")
+        self.c.on_connect = lambda c, u, f, rc, p=None: (c.subscribe(topic, qos=1), self.ready.set())
+        self.c.on_message = lambda c, u, msg: self.got.append({"topic": msg.topic, **json.loads(msg.payload)})
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        assert self.ready.wait(10)
+        time.sleep(0.2)
+
+    def wait_for(self, n: int, timeout: float = 30.0) -> None:
+        end = time.time() + timeout
+        while len(self.got) < n and time.time() < end:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def test_mqtt_every_result_published(model_dir, tmp_path, broker):
+    from lakead.line.sinks import MqttSink
+
+    sub = _Subscriber(broker)
+    src, out = tmp_path / "in", tmp_path / "out"
+    names = _images(src, 4)
+    watch(model_dir, str(src), out, idle_exit=0.5,
+          make_sinks=lambda r: [MqttSink(f"127.0.0.1:{broker}", topic="lakead/{model}/results", qos=1, model="m")], **FAST)
+    sub.wait_for(4)
+    sub.close()
+    assert sorted(m["item"] for m in sub.got) == names and {m["topic"] for m in sub.got} == {"lakead/m/results"}
+    assert (out / ".sinks" / "mqtt").read_text().strip() == "4"
+    with pytest.raises(ConfigError, match="not in the URL"):
+        MqttSink("mqtt://user:secret@127.0.0.1:1")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lakead.cli", *args]
+
+
+def _kill_after_rows(cmd: list[str], out: Path, rows: int, env: dict) -> None:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    end = time.time() + 120
+    while time.time() < end and proc.poll() is None:
+        if (out / "scores.csv").exists() and len(_rows(out)) >= rows:
+            break
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no cleanup of any kind
+    proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["folder", "video"])
+def test_kill_9_and_resume_exactly_once(model_dir, tmp_path, broker, kind):
+    """The command line killed with SIGKILL mid-run, then --resume: every item is in scores.csv
+    once, and on the broker; the only repeat a receiver can see is a message acknowledged just
+    before the kill whose count was not yet written (same item key)."""
+    import os
+
+    sub = _Subscriber(broker)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "HF_HUB_OFFLINE": "1"}
+    if kind == "folder":
+        src = tmp_path / "in"
+        expected = _images(src, 12)
+        source, extra = str(src), ["--settle", "0.2", "--poll", "0.05", "--idle-exit", "1.5"]
+    else:
+        source = str(_video(tmp_path / "cam.avi", 24))
+        expected = [f"cam.avi#frame={i}" for i in range(24)]
+        extra = []
+    out = tmp_path / "out"
+    cmd = _cli("watch", str(model_dir), source, "--out", str(out), "--device", "cpu", "--mqtt", f"127.0.0.1:{broker}", *extra)
+    _kill_after_rows(cmd, out, 4, env)
+    before = len(_rows(out))
+    assert 0 < before < len(expected)
+    r = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    keys = [row["item"] for row in _rows(out)]
+    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys))
+    sub.wait_for(len(expected))
+    sub.close()
+    got = [m["item"] for m in sub.got]
+    assert set(got) == set(expected)
+    assert len(got) - len(set(got)) <= 1
