@@ -224,10 +224,10 @@ def test_fit_from_a_lazy_sequence_never_holds_the_images(tiny_backbone):
             peak[0] = max(peak[0], len(alive))
             return arr
 
-    det = LakeDetector(tiny_backbone, layer=2, batch_size=8, use_text=False, device="cpu")
+    det = LakeDetector(tiny_backbone, layer=2, k=4, batch_size=8, use_text=False, device="cpu")
     det.fit(Dataset(), "texture", memory="200KiB")  # below the 240 KiB of full-width tokens: two passes
     assert det.fit_passes >= 2 and len(det.support_) == 120
     assert peak[0] <= 4 * 8, f"{peak[0]} images alive at once"
-    one = LakeDetector(tiny_backbone, layer=2, batch_size=8, use_text=False, device="cpu")
+    one = LakeDetector(tiny_backbone, layer=2, k=4, batch_size=8, use_text=False, device="cpu")
     one.fit([texture(np.random.default_rng(i), (32, 32)) for i in range(120)], "texture")
     np.testing.assert_allclose(one.gallery_.numpy(), det.gallery_.numpy(), **TOL)
