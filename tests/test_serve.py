@@ -546,7 +546,7 @@ from schemathesis.checks import positive_data_acceptance  # noqa: E402
 AUTH = {"Authorization": "Bearer tok"}
 OPERATIONS = [
     ("GET", "/healthz"), ("GET", "/info"), ("GET", "/models"), ("POST", "/models"), ("GET", "/models/{model_id}"),
-    ("DELETE", "/models/{model_id}"), ("POST", "/models/{model_id}/predict"),
+    ("DELETE", "/models/{model_id}"), ("POST", "/models/{model_id}/predict"), ("POST", "/models/{model_id}/normals"),
 ]
 
 

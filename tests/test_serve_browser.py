@@ -277,3 +277,26 @@ def test_api_description_renders_without_network(browser, serve, path, rendered)
     # ReDoc always asks for its maker's logo (cdn.redoc.ly): the CSP stops it in the browser, and the page goes on
     assert outside in ([], ["https://cdn.redoc.ly/redoc/logo-mini.svg"]) and all(failed.get(u) == "csp" for u in outside), (outside, failed)
     assert not [p for p in problems if "Content Security Policy" in p and "cdn.redoc.ly" not in p], problems
+
+
+def test_mark_as_good_updates_the_model(browser, serve, images, tmp_path):
+    """A flagged image's "mark as good" adds it to the model (a new version), and the next time it
+    is scored it is normal (issue 29)."""
+    odd = tmp_path / "odd.png"
+    Image.fromarray(with_defect(texture(np.random.default_rng(12)), 0, 0, 64)).save(odd)  # flagged on the tiny CLIP
+    url = serve()
+    page, problems = open_page(browser, url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    create_model(page, images["normal"])
+    page.set_input_files("#test-files", [str(odd)])
+    wait_for_overlays(page, 1)
+    assert "ANOMALOUS" in page.inner_text(".result .badge") or "NOT THIS PRODUCT" in page.inner_text(".result .badge")
+    page.click(".result button.mark-good")
+    page.wait_for_selector(".result .marked", timeout=60_000)
+    assert "version 2" in page.inner_text(".result .marked")
+    assert "7 images" in page.inner_text("#model-select option:checked")
+    page.click("#clear-results")
+    page.set_input_files("#test-files", [str(odd)])
+    page.wait_for_function("[...document.querySelectorAll('.result')].some((c) => c.dataset.decision === 'normal')",
+                           timeout=60_000)
+    assert not problems, problems

@@ -45,6 +45,7 @@ from ..methods.lake import LakeConfig
 from ..methods import METHODS, get_method
 from ..options import method_option_specs, option_specs
 from ..viz import overlay, png_bytes
+from . import normals
 from .docs import add_docs
 from .guard import Guard
 from .budget import OverLimit, check_options, fit_memory, predict_memory, refuse_over
@@ -367,6 +368,9 @@ def create_app(
         """Remove a stored model (after the predictions running on it finish)."""
         store.delete(model_id)
         return Response(status_code=204)
+
+    normals.register(app, store, limits, fit_slots, pixels, _refuse_unknown_fields, _patch_check,
+                     _errors(400, 401, 404, 413, 422, 503))  # POST /models/{id}/normals: "mark as good"
 
     @app.post("/models/{model_id}/predict", tags=["models"], responses=_errors(400, 401, 404, 409, 413, 422, 503))
     async def predict(

@@ -289,6 +289,7 @@ function resultCard(file, batch, index) {
   card.className = "result pending";
   Object.assign(card.dataset, { name: file.name, decision: "pending", batch, index });
   card.row = { name: file.name, decision: "pending" };
+  card.file = file;  // kept for "mark as good"
   const pair = document.createElement("div");
   pair.className = "pair";
   for (const [cls, caption] of [["input", "image"], ["overlay", "anomaly map"]]) {
@@ -346,6 +347,38 @@ function fillCard(card, r, modelId) {
   const regions = (r.regions || []).length;
   small.textContent = `${r.width}×${r.height} px · ${regions} defect region${regions === 1 ? "" : "s"} · model ${modelId}`;
   p.append(badge, text, small);
+  if (r.anomalous) p.append(markGoodButton(card, modelId));
+}
+
+// "Mark as good": the operator says this flagged image is fine. Its image joins the model's normal
+// images without a refit (POST /models/{id}/normals), as a new version; the next images scored use it.
+function markGoodButton(card, modelId) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "mark-good";
+  button.textContent = "mark as good";
+  button.title = "Add this image to the model's normal images (no refit; a new model version)";
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    button.textContent = "adding…";
+    const form = new FormData();
+    form.append("images", card.file, card.file.name);
+    try {
+      const res = await api(`/models/${encodeURIComponent(modelId)}/normals`, { method: "POST", body: form });
+      const note = document.createElement("div");
+      note.className = "hint marked";
+      note.textContent = `added as normal: version ${res.version} of ${modelId}, threshold ${fmt(res.threshold_before)} → ` +
+        `${fmt(res.threshold_after)} (the next images scored use it)`;
+      button.replaceWith(note);
+      card.dataset.marked = "good";
+      await loadModels(modelId);
+    } catch (err) {
+      button.disabled = false;
+      button.textContent = "mark as good";
+      showMessage(`${card.file.name} was not added: ${errorText(err)}`);
+    }
+  });
+  return button;
 }
 
 function failCard(card, problem) {
