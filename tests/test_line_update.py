@@ -221,3 +221,46 @@ def test_paired_search_agrees_with_the_fits_search():
     assert (groups[si] != groups).all()
     one = self_nearest(y[:10], 10)
     assert torch.isinf(one[0]).all() and (one[1] == -1).all()
+
+
+# -- the memory-bank methods --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opts", [{}, {"rotations": True}])
+def test_anomalydino_update_equals_refit(tiny_backbone, images, opts):
+    """AnomalyDINO without the mask: the bank of every patch grows as a refit's does, and every
+    leave-one-out score, peak and map value and the decision levels equal a refit's."""
+    from lakead.methods.anomalydino import AnomalyDinoDetector
+
+    names = [f"img{i}" for i in range(len(images))]
+    det = AnomalyDinoDetector(tiny_backbone, image_size=64, **opts).fit(images[:6], "tile", names=names[:6])
+    upd = add_normals(det, images[6:], names=names[6:])
+    ref = AnomalyDinoDetector(tiny_backbone, image_size=64, **opts).fit(images, "tile", names=names)
+    a, b = det.state_, ref.state_
+    assert upd.inexact == [] and a.support == b.support and a.bank.shape == b.bank.shape
+    assert sorted(a.bank_image.tolist()) == sorted(b.bank_image.tolist())
+    for name in ("loo_scores", "loo_peaks", "loo_tokens"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert a.threshold == pytest.approx(b.threshold, rel=1e-5) and a.map_range == pytest.approx(b.map_range, rel=1e-5)
+    test = [with_defect(images[3], 10, 10, 16)]
+    np.testing.assert_allclose(det.predict(test).scores, ref.predict(test).scores, rtol=1e-5)
+
+
+def test_patchcore_update_says_what_is_not_exact(tiny_backbone, images):
+    """PatchCore: the bank grows by a coreset of the new patches at the model's ratio (a refit's bank
+    has the same size), the new images are scored against it, the old keep their scores; said."""
+    from lakead.methods.patchcore import PatchCoreDetector
+
+    det = PatchCoreDetector(tiny_backbone, image_size=64, coreset=0.25).fit(images[:6], "tile")
+    old_scores = det.state_.loo_scores.copy()
+    upd = add_normals(det, images[6:])
+    ref = PatchCoreDetector(tiny_backbone, image_size=64, coreset=0.25).fit(images, "tile")
+    st = det.state_
+    assert abs(st.bank.shape[0] - ref.state_.bank.shape[0]) <= 1 and st.bank_vectors == ref.state_.bank_vectors
+    np.testing.assert_array_equal(st.loo_scores[:6], old_scores)
+    assert np.isfinite(st.loo_scores[6:]).all() and math.isfinite(st.threshold)
+    assert any("coreset" in s for s in upd.inexact) and any("keep their fitted scores" in s for s in upd.inexact)
+    odd = with_defect(images[7], 0, 0, 64)
+    before = det.predict([odd]).scores[0]
+    add_normals(det, [odd])
+    assert det.predict([odd]).scores[0] < 0.5 * before  # a coreset of its own patches is in the bank now

@@ -2,7 +2,7 @@
 
 The images' tokens join the model's gallery (or memory bank), the leave-one-out scores of the
 support images and the decision levels are computed again, incrementally where that is exact:
-:mod:`.lake_update` for LAKE (the memory-bank methods: not yet). What each method
+:mod:`.lake_update` for LAKE, :mod:`.bank_update` for the memory-bank methods (PatchCore, AnomalyDINO). What each method
 gets exactly and what it does not is said in those modules and in docs/LINE.md, and every
 update returns the list (``Update.inexact``). :func:`update_model` does it to a model directory
 and writes the result as a new version (:mod:`.versions`).
@@ -59,7 +59,9 @@ def add_normals(det: Any, images: Sequence[ImageInput] | ImageInput, names: Sequ
 
         r = update_lake(det, images, names, on_progress)
     elif isinstance(det, BankDetector):
-        raise ConfigError(f"adding images to a {det.method!r} model is not supported yet: fit it again on all the images")
+        from .bank_update import update_bank
+
+        r = update_bank(det, images, names, on_progress)
     else:
         raise ConfigError(f"method {det.method!r} keeps no gallery of normal images to add to: fit it again instead")
     seconds = {**r.seconds, "total": time.perf_counter() - t0}
