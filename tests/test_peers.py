@@ -80,3 +80,16 @@ def test_help_with_a_method_shows_that_methods_options_only():
     assert not {"--k", "--lam", "--selection", "--semantic-layer"} & patchcore  # LAKE's own
     lake = _options_shown("eval", "--method=lake", "--help")
     assert {"--k", "--lam"} <= lake and "--coreset" not in lake
+
+
+def test_the_service_offers_each_method_its_own_options(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lakead.serve.app import create_app
+
+    info = TestClient(create_app(tmp_path / "store", backbone="unused/backbone")).get("/info").json()
+    by = info["options_by_method"]
+    assert set(by) == set(info["methods"])
+    assert {"coreset", "layer", "false_alarm_rate"} <= set(by["patchcore"]) and "k" not in by["patchcore"]
+    assert {"k", "lam", "layer"} <= set(by["lake"]) and "coreset" not in by["lake"]

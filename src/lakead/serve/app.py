@@ -89,6 +89,8 @@ class ServerInfo(BaseModel):
     methods: list[str] = Field(default_factory=list, description="The values of POST /models 'method'.")
     method_options: dict[str, Any] = Field(default_factory=dict, description="Options of the methods other than LAKE "
                                            "(POST /models with 'method'), with their defaults; their help names the methods.")
+    options_by_method: dict[str, list[str]] = Field(default_factory=dict, description="Each method's own options among "
+                                                    "fit_options and method_options: the form of a method shows these only.")
 
 
 class ModelInfo(BaseModel):
@@ -216,6 +218,16 @@ def with_option_fields(endpoint: Callable[..., Awaitable[Any]]) -> Callable[...,
 
 # -- the app ------------------------------------------------------------------------------
 
+def options_by_method() -> dict[str, list[str]]:
+    """Each registered method's own options among those POST /models takes (its config's fields)."""
+    offered = [*OPTION_SPECS, *(n for n in METHOD_OPTION_SPECS if n not in OPTION_SPECS)]
+    out = {}
+    for m in METHODS.values():
+        own = {f.name for f in dataclasses.fields(m.config_class)}
+        out[m.name] = [n for n in offered if n in own]
+    return out
+
+
 def create_app(
     models_dir: str | Path,
     *,
@@ -298,6 +310,7 @@ def create_app(
             option_choices={name: list(spec.choices) for name, spec in OPTION_SPECS.items() if spec.kind == "choice"},
             option_help={name: spec.help for name, spec in OPTION_SPECS.items()},
             methods=list(METHODS), method_options={name: spec.default for name, spec in METHOD_OPTION_SPECS.items()},
+            options_by_method=options_by_method(),
         )
 
     @app.get("/models", tags=["models"], responses=_errors(401), response_model_exclude_unset=True)

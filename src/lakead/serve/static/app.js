@@ -201,9 +201,26 @@ function buildOptionFields() {
     label.append(select);
     box.append(label);
   }
-  for (const [name, def] of Object.entries(info.fit_options)) {
+  // each method owns its options: the form shows the chosen method's only (GET /info options_by_method)
+  const byMethod = info.options_by_method || {};
+  if ((info.methods || []).length > 1) {
+    const label = document.createElement("label");
+    label.textContent = "method";
+    const select = document.createElement("select");
+    select.name = "method";
+    select.id = "opt-method";
+    for (const m of info.methods) select.append(new Option(m, m));
+    select.value = info.methods.includes("lake") ? "lake" : info.methods[0];
+    select.addEventListener("change", showMethodOptions);
+    label.append(select);
+    box.append(label);
+  }
+  const options = { ...info.fit_options };
+  for (const [name, def] of Object.entries(info.method_options || {})) if (!(name in options)) options[name] = def;
+  for (const [name, def] of Object.entries(options)) {
     const label = document.createElement("label");
     label.textContent = name;
+    label.dataset.option = name;
     let input;
     if (info.option_choices[name]) {
       input = document.createElement("select");
@@ -224,6 +241,17 @@ function buildOptionFields() {
     input.id = "opt-" + name;
     label.append(input);
     box.append(label);
+  }
+  showMethodOptions();
+}
+
+function showMethodOptions() {
+  const select = $("#opt-method");
+  const own = select && state.info.options_by_method ? state.info.options_by_method[select.value] : null;
+  for (const label of $("#option-fields").querySelectorAll("label[data-option]")) {
+    const shown = !own || own.includes(label.dataset.option);
+    label.hidden = !shown;
+    for (const el of label.querySelectorAll("input, select")) el.disabled = !shown;  // not sent when hidden
   }
 }
 
@@ -261,7 +289,7 @@ async function createModel(event) {
   const form = new FormData();
   form.append("class_name", className);
   for (const el of $("#option-fields").querySelectorAll("input, select")) {
-    if (el.value.trim() !== "") form.append(el.name, el.value.trim());
+    if (!el.disabled && el.value.trim() !== "") form.append(el.name, el.value.trim());
   }
   for (const f of files) form.append("images", f, f.name);
   const button = $("#fit-button");
@@ -340,7 +368,7 @@ function fillCard(card, r, modelId) {
   badge.textContent = r.out_of_scope ? "NOT THIS PRODUCT" : r.anomalous ? "ANOMALOUS" : "NORMAL";
   const text = document.createElement("span");
   const model = state.models.find((m) => m.id === modelId);
-  const probe = !model || model.text_probe ? ` · text ${fmt(r.semantic, 3)}` : "";  // no text probe: no text score
+  const probe = !model || (model.description || {}).text_probe ? ` · text ${fmt(r.semantic, 3)}` : "";  // no text probe: no text score
   text.textContent = ` score ${fmt(r.score)} · visual ${fmt(r.visual)}${probe} · threshold ${fmt(r.threshold)}`;
   const small = document.createElement("div");
   small.className = "hint";
