@@ -41,6 +41,7 @@ from .fields import SLICES_HELP, WINDOW_HELP, Options, _admits, field_types, lit
 from .images import ImageInput, LoadedImages, expand_inputs, load_image, read_all, source_name
 from .medical import ReadRule, is_medical, read_source
 from .state import DecisionRecord, LearnedState, SupportRecord, fact, tensor  # noqa: F401 - re-exported: a method's state is made of them
+from .validate import check_backbone_meta, check_state_backbone
 
 log = logging.getLogger("lakead")
 
@@ -446,7 +447,7 @@ class BaseDetector(ABC):
                                    "load it with lakead.methods.load_detector")
         try:
             config = cls.config_class.from_dict(meta["config"]).validate()
-            saved_info = BackboneInfo(**meta["backbone"])
+            saved_info = BackboneInfo(**check_backbone_meta(meta.get("backbone"), f"{path}: lakead.json"))
         except (TypeError, KeyError, ModelFormatError, ConfigError) as exc:
             raise ModelFormatError(f"{path}: lakead.json is damaged ({exc})") from None
         runtime = Runtime().replace(device=device, batch_size=batch_size, precision=precision)
@@ -459,6 +460,7 @@ class BaseDetector(ABC):
                 f"patch {bb.info.patch_size}, weights {bb.info.fingerprint[:12]}): use the same model"
             )
         state = cls.state_class.from_files(meta, read_model_tensors(path), str(path))
+        check_state_backbone(state, bb, config, str(path))  # its blocks, input size and text width fit the backbone
         det = cls.from_config(config, backbone=bb, runtime=runtime)
         dev = runtime.torch_device()
         bb.to(dev)

@@ -15,6 +15,7 @@ from dataclasses import field
 from typing import Any, Literal, Union
 
 from .errors import ConfigError, ModelFormatError
+from .limits import MAX_IMAGE_SIZE
 
 #: The default backbone: OpenAI's CLIP ViT-L/14 at 336 px, as in the paper.
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
@@ -177,6 +178,9 @@ class Options:
         size = v.get("image_size")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ConfigError(f"image_size must be a positive integer, got {size!r}")
+        if size is not None and size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"image_size {size} is larger than lakead runs ({MAX_IMAGE_SIZE}: past it the network's "
+                              "attention alone needs tens of gigabytes per image)")
         if "false_alarm_rate" in v and not (_is_number(v["false_alarm_rate"]) and 0 < v["false_alarm_rate"] < 1):
             raise ConfigError(f"false_alarm_rate must be a number in (0, 1), got {v['false_alarm_rate']!r}")
         if "threshold_sigmas" in v and not (_is_number(v["threshold_sigmas"]) and math.isfinite(v["threshold_sigmas"])

@@ -23,6 +23,10 @@ DEFAULT_MAX_PIXELS = 40_000_000
 #: the image budget (320 M voxels by default: a 512 x 512 CT of 1200 slices).
 VOLUME_FACTOR = 8
 
+#: Largest network input side (``image_size``) lakead runs: past it the tokens' attention alone
+#: needs tens of gigabytes per image (the option's bound, and a saved model's).
+MAX_IMAGE_SIZE = 4096
+
 _max_pixels = DEFAULT_MAX_PIXELS
 
 

@@ -364,6 +364,10 @@ class ExportedDetector:
             if on_progress is not None:
                 on_progress(len(batch))
         cat = {n: np.concatenate(v) if v else np.zeros(0, np.float32) for n, v in parts.items()}
+        if not all(np.isfinite(cat[n]).all() for n in ("score", "visual", "semantic")) or not all(
+                np.isfinite(m).all() for m in maps):  # never a NaN score called normal
+            raise ModelFormatError(f"{self.path}: the graph gave scores or maps that are not finite numbers: "
+                                   "the export is damaged; export the model again")
         out_of_scope = cat["scope"] > levels.scope if levels.scope is not None else np.zeros(len(maps), bool)
         return Prediction(scores=cat["score"], visual=cat["visual"], semantic=cat["semantic"],
                           anomalous=(cat["score"] > thr) | out_of_scope, maps=tuple(maps), threshold=thr,

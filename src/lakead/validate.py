@@ -28,15 +28,14 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .errors import ModelFormatError
+from .errors import ConfigError, ModelFormatError
+from .fields import as_blocks
+from .limits import MAX_IMAGE_SIZE
 
 #: Deepest nesting of lists and objects a model file may have (lakead writes 4).
 MAX_DEPTH = 32
 #: Most digits of an integer in a model file.
 MAX_DIGITS = 30
-#: Largest network input side (image_size) lakead runs: past it the tokens' attention alone
-#: needs tens of gigabytes per image. Also the bound of the ``image_size`` option.
-MAX_IMAGE_SIZE = 4096
 #: Largest fixed batch of an exported graph.
 MAX_EXPORT_BATCH = 4096
 #: The outputs of an exported graph the runtime reads (lakead.export.graph.OUTPUTS).
@@ -222,10 +221,11 @@ def check_export_meta(meta: dict[str, Any], where: str) -> dict[str, Any]:
     p = f.mapping(meta["preprocessing"], "preprocessing")
     patch = f.integer(p.get("patch_size"), "preprocessing.patch_size", lo=1, hi=MAX_IMAGE_SIZE)
     size = f.integer(p.get("image_size"), "preprocessing.image_size", lo=patch, hi=MAX_IMAGE_SIZE)  # type: ignore[arg-type]
-    f.numbers(p.get("mean"), "preprocessing.mean", 3)
-    f.numbers(p.get("std"), "preprocessing.std", 3, lo=0.0, lo_open=True)
+    # pixels are 0..255, times rescale, less mean, over std: bounds that keep them far from float32's range
+    f.numbers(p.get("mean"), "preprocessing.mean", 3, lo=-1e4, hi=1e4)
+    f.numbers(p.get("std"), "preprocessing.std", 3, lo=1e-4, hi=1e4)
     f.integer(p.get("resample"), "preprocessing.resample", lo=min(RESAMPLE_FILTERS), hi=max(RESAMPLE_FILTERS))
-    f.number(p.get("rescale"), "preprocessing.rescale", lo=0.0, lo_open=True)
+    f.number(p.get("rescale"), "preprocessing.rescale", lo=1e-6, hi=1e4)
     for key in ("grid", "map_grid"):
         f.integers(meta[key], key, 2, lo=1, hi=size)  # type: ignore[arg-type]
     lo, hi = f.numbers(meta["map_range"], "map_range", 2)
@@ -286,11 +286,24 @@ def check_state(state: Any, where: str) -> None:
                 f.fail(f"tensor {name}", f"holds {'NaN' if np.isnan(a).any() else 'infinite'} values")
         elif np.issubdtype(a.dtype, np.integer) and a.size and int(a.min()) < 0:
             f.fail(f"tensor {name}", "holds negative indices")
+    for name in names:  # an index array lists one entry per row of the array it indexes
+        for suffix in ("_image", "_scale"):
+            base = name[: -len(suffix)] if name.endswith(suffix) else None
+            if base in names and getattr(state, name) is not None and getattr(state, base) is not None:
+                n_index, n_rows = len(_array(getattr(state, name))), len(_array(getattr(state, base)))
+                if n_index != n_rows:
+                    f.fail(f"tensor {name}", f"has {n_index} entries for the {n_rows} rows of {base}")
     size = None
     if "image_size" in names:
         size = f.integer(state.image_size, "image_size", lo=1, hi=MAX_IMAGE_SIZE)
     if "grid" in names:
         f.integers(list(state.grid), "grid", 2, lo=1, hi=size or MAX_IMAGE_SIZE)
+    if "window_sizes" in names:
+        sizes = state.window_sizes
+        if not isinstance(sizes, list) or not sizes:
+            f.fail("window_sizes", f"must be a list of window sides, got {_show(sizes)}")
+        for i, v in enumerate(sizes):
+            f.integer(v, f"window_sizes[{i}]", lo=1, hi=min(state.grid))
     width = f.integer(state.width, "width", lo=1, hi=2**31) if "width" in names else None
     neurons = getattr(state, "neurons", None)
     if neurons is not None:
@@ -309,3 +322,52 @@ def check_state(state: Any, where: str) -> None:
         f.number(state.false_alarm_rate, "false_alarm_rate", lo=0.0, hi=1.0, lo_open=True, hi_open=True, none=True)
     if "map_range" in names:
         f.numbers(list(state.map_range), "map_range", 2)
+
+
+def check_state_backbone(state: Any, backbone: Any, config: Any, where: str) -> None:
+    """What a loaded state must agree with in its backbone: every block it names exists
+    (``layer``, ``semantic_layer``, ``patch_layer``, ``lake_layer``), ``image_size`` is a
+    multiple of the patch size, and the text embeddings have the width of the backbone's joint
+    space (when the text probe runs on this backbone)."""
+    f = Fields(f"{where}: saved model")
+    for name in ("layer", "lake_layer", "patch_layer", "semantic_layer"):
+        value = getattr(state, name, None)
+        if value is None:
+            if name == "layer" and hasattr(state, "layer"):
+                f.fail("layer", "is missing: the block(s) the model reads")
+            continue
+        try:
+            for block in as_blocks(value):
+                if not isinstance(block, (int, str)) or isinstance(block, bool):
+                    raise ConfigError(f"block {block!r} is neither a number nor a name")
+                backbone.resolve_layer(block, semantic=name == "semantic_layer")
+        except ConfigError as exc:
+            f.fail(name, f"{_show(value)} does not fit the backbone ({exc})")
+    size = getattr(state, "image_size", None)
+    if size is not None:
+        try:
+            backbone.check_image_size(size)
+        except ConfigError as exc:
+            f.fail("image_size", f"does not fit the backbone ({exc})")
+        grid = getattr(state, "grid", None)
+        if grid is not None and backbone.info.num_layers > 0 and tuple(grid) != tuple(backbone.grid_size(size)):
+            f.fail("grid", f"{list(grid)} is not the backbone's token grid {list(backbone.grid_size(size))} at image_size {size}")
+    text = getattr(state, "text_embeddings", None)
+    joint = getattr(backbone.info, "joint_dim", None)
+    if text is not None and getattr(config, "text_backbone", None) is None and joint:
+        shape = tuple(text.shape)
+        if len(shape) != 2 or shape[0] != 2 or shape[1] != joint:
+            f.fail("tensor text_embeddings", f"has shape {shape}, the backbone's joint space (2, {joint})")
+
+
+def check_backbone_meta(info: Any, where: str) -> dict[str, Any]:
+    """The ``backbone`` object of ``lakead.json`` (:class:`lakead.backbones.BackboneInfo`'s fields), typed."""
+    f = Fields(where)
+    info = f.mapping(info, "backbone")
+    for key in ("kind", "source", "fingerprint"):
+        f.text(info.get(key), f"backbone.{key}")
+    f.integer(info.get("num_layers"), "backbone.num_layers", lo=0, hi=10_000)
+    f.integer(info.get("patch_size"), "backbone.patch_size", lo=1, hi=MAX_IMAGE_SIZE)
+    f.integer(info.get("image_size"), "backbone.image_size", lo=1, hi=MAX_IMAGE_SIZE)
+    f.integer(info.get("joint_dim"), "backbone.joint_dim", lo=1, hi=2**20, none=True)
+    return info

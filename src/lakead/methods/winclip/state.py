@@ -53,8 +53,12 @@ class WinCLIPState(SupportRecord, DecisionRecord):
         n = len(self.support)
         if self.loo_scores.shape != (n,):
             problems.append(f"{self.loo_scores.shape} leave-one-out scores for {n} support images")
-        if (self.window_memory is None) != (self.window_memory_scale is None):
-            problems.append("window memory without its scales")
+        if len({self.window_memory is None, self.window_memory_scale is None, self.patch_memory is None,
+                (self.patch_layer is None)}) > 1:
+            problems.append("WinCLIP+'s window memory, its scales, the patch memory and patch_layer come together")
+        if self.window_memory_scale is not None and self.window_memory_scale.numel() and (
+                int(self.window_memory_scale.max()) >= len(self.window_sizes)):
+            problems.append(f"window scales beyond the {len(self.window_sizes)} window sizes")
         if (self.neurons is None) != (self.gallery is None) or (self.gallery is not None and self.gallery.shape[1] != self.neurons.numel()):
             problems.append("LAKE gallery and neurons disagree")
         if not math.isfinite(self.visual_scale) or self.visual_scale <= 0:
