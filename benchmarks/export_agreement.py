@@ -66,6 +66,9 @@ def main(argv=None) -> dict:
                     "'onnx fp32,openvino bf16,openvino bf16-whole' (bf16-whole: the float32 graph at the bf16 hint, head "
                     "included, as bf16 exports were before the head was split off); default: all")
     ap.add_argument("--categories", default=None, help="comma-separated category names (default: all)")
+    ap.add_argument("--clip", default="tiny", help="the random CLIP preset of lakead.testing for the clip backbone "
+                    "(tiny, vit-b-16, vit-l-14-336: full size, random weights, its text probe on; default tiny)")
+    ap.add_argument("--layer", type=int, default=None, help="the clip backbone's block read (default: 3 on the tiny CLIP, LAKE's own default on the others)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     wanted = None if args.paths is None else {tuple(p.split()) for p in args.paths.split(",") if p.strip()}
@@ -74,8 +77,8 @@ def main(argv=None) -> dict:
     res: dict = {"command": "python benchmarks/export_agreement.py " + " ".join(sys.argv[1:] if argv is None else argv),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
     with tempfile.TemporaryDirectory(prefix="lakead-agreement-") as tmp:
-        tiny = save_random_clip(Path(tmp) / "tiny-clip", "tiny", seed=0)
-        backbones = {"onnx": (f"onnx:{mobilenet}", dict(layer="426_quantized")), "clip": (str(tiny), dict(layer=3))}
+        tiny = save_random_clip(Path(tmp) / "clip", args.clip, seed=0)
+        backbones = {"onnx": (f"onnx:{mobilenet}", dict(layer="426_quantized")), "clip": (str(tiny), {} if args.layer is None and args.clip != "tiny" else dict(layer=args.layer or 3))}
         cats = sorted((c for ds in sorted(args.data.iterdir()) if ds.is_dir() for c in load_dataset(ds)), key=lambda c: c.name)
         if args.categories:
             cats = [c for c in cats if c.name in args.categories.split(",")]
@@ -103,7 +106,7 @@ def main(argv=None) -> dict:
                     exp = whole_graph_bf16(out, None) if whole else ExportedDetector.load(out)
                     got = exp.predict_arrays(arrays)
                     rel = np.abs(got.scores - ref.scores) / np.maximum(np.abs(ref.scores), 1e-12)
-                    row = {"category": cat.name, "backbone": kind, "path": f"{fmt} {prec}{variant}", "ran": exp.ran, "images": len(arrays),
+                    row = {"category": cat.name, "backbone": kind if kind == "onnx" else f"clip {args.clip}", "path": f"{fmt} {prec}{variant}", "ran": exp.ran, "images": len(arrays),
                            "max_relative_score": float(rel.max()), "decisions_differ": int((got.anomalous != ref.anomalous).sum()),
                            # the two parts of a decision: the score above the threshold, the scope check's flag
                            "score_decisions_differ": int(((got.scores > ref.threshold) != (ref.scores > ref.threshold)).sum()),

@@ -492,6 +492,9 @@ def stored_meta(path: Path) -> dict[str, Any]:
     except (KeyError, TypeError):
         raise ModelFormatError(f"{path / EXPORT_FILE}: damaged (no source.meta)") from None
     meta["exported"] = f"{exp['engine']} {exp['precision']}"
+    ran = (exp.get("check") or {}).get("ran")
+    if ran:  # what the engine ran when the export was checked (on the exporting machine)
+        meta["exported"] += f"; ran at export's check: {ran}"
     return meta
 
 
