@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"scored {summary.scored} image(s), {summary.anomalous} above the threshold {summary.threshold:.4g}; "
-          f"results in {args.out}/scores.csv")
+          f"results in {args.out}/scores.csv; ran {det.ran}")
     return 1 if summary.failed else 0
 
 
