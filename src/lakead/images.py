@@ -49,7 +49,7 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 log = logging.getLogger("lakead")
 
 #: File endings read when a directory is listed (case-insensitive).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 #: The Pillow formats a file may be opened as (``Image.open(..., formats=...)``): raster formats
 #: decoded by Pillow itself. EPS/PostScript (which runs Ghostscript), PDF, WMF/EMF and the

@@ -96,6 +96,12 @@ def patchcore_features(
     ((1, 16, 4), (4, 4), [1.0, 1.0, 0.0, 0.0])
     """
     target = tuple(grids[0])
+    smallest = min(min(g) for g in grids)
+    if neighbourhood > smallest:  # every patch would average (nearly) the whole image, padding included: all scores ~0
+        from .errors import ConfigError
+
+        raise ConfigError(f"neighbourhood {neighbourhood} is larger than the {smallest}-patch side of the token grid: "
+                          f"choose at most {smallest - (1 - smallest % 2)} (the paper's 3)")
     parts = []
     for t, g in zip(tokens, grids):
         x = local_average(t.float(), tuple(g), neighbourhood)  # (B, N_i, C_i)

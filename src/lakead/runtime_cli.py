@@ -64,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LakeadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the output folder or a file: read-only, full disk, permissions
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"scored {summary.scored} image(s), {summary.anomalous} above the threshold {summary.threshold:.4g}; "
           f"results in {args.out}/scores.csv; ran {det.ran}")
     return 1 if summary.failed else 0
