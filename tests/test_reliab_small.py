@@ -44,3 +44,36 @@ def test_the_runtime_reports_an_unwritable_out_in_one_line(tiny_backbone, tmp_pa
     assert main(["predict", str(out), str(tmp_path / "a.png"), "--out", str(tmp_path / "file" / "results")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text,words", [
+    ("k: 3\nk: 5\n", "the key 'k' is given twice"),
+    ("a: " + "[" * 200_000 + "]" * 200_000 + "\n", "nested deeper"),
+])
+def test_config_files_with_repeated_keys_or_deep_nesting_are_refused(tmp_path, text, words):
+    """Item 20: a repeated key kept the last value silently; a 200k-deep YAML was a RecursionError traceback."""
+    import typer
+
+    from lakead.configfile import read_config
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(typer.BadParameter) as err:
+        read_config(tmp_path / "c.yaml")
+    assert words in str(err.value) and "c.yaml" in str(err.value)
+
+
+def test_resuming_with_an_fp32_export_of_the_same_model(tiny_backbone, tmp_path):
+    """Item 24: 'written with precision float32, this run uses fp32' (an fp32 export gives the same scores)."""
+    from lakead import LakeDetector
+    from lakead.batch import predict_to_dir
+    from lakead.export import export_model
+    from lakead.runtime import ExportedDetector
+
+    rng = np.random.default_rng(3)
+    det = LakeDetector(tiny_backbone, device="cpu", layer=3).fit([texture(rng) for _ in range(4)], "w")
+    for i in range(3):
+        Image.fromarray(texture(rng)).save(tmp_path / f"{i}.png")
+    predict_to_dir(det, [tmp_path / "0.png", tmp_path / "1.png"], tmp_path / "r", maps="none")
+    exported = ExportedDetector.load(export_model(det, tmp_path / "x"))
+    summary = predict_to_dir(exported, [tmp_path / f"{i}.png" for i in range(3)], tmp_path / "r", maps="none", resume=True)
+    assert summary.skipped == 2 and summary.scored == 1

@@ -27,6 +27,25 @@ OWN = ("config_file", "print_config", "help")
 REQUIRED = "<required>"
 
 
+def _strict_loader() -> type:
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        """YAML's safe loader, with a key given twice in one mapping an error (YAML keeps the last)."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """The mapping in a YAML (``.yaml``, ``.yml``) or TOML (``.toml``) file; raises
     ``typer.BadParameter`` naming the file and the problem."""
@@ -51,9 +70,11 @@ def read_config(path: Path) -> dict[str, Any]:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader that refuses a repeated key
         except yaml.YAMLError as exc:
             raise bad(f"not valid YAML: {' '.join(str(exc).split())}") from None
+        except RecursionError:
+            raise bad("nested deeper than a config file can be (option: value pairs)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -273,7 +273,7 @@ class OutputDir:
             raise LakeadError(
                 f"cannot resume: {self.dir / SCORES_FILE} was written with threshold {old_thr}, this run uses "
                 f"{self.info['threshold']}; give the same --threshold, or drop --resume to replace it")
-        if old.get("precision", "float32") != self.info["precision"]:
+        if _precision(old.get("precision", "float32")) != _precision(self.info["precision"]):
             raise LakeadError(
                 f"cannot resume: {self.dir / SCORES_FILE} was written with precision {old.get('precision', 'float32')}, "
                 f"this run uses {self.info['precision']}; give the same --precision, or drop --resume to replace it")
@@ -387,3 +387,9 @@ class Todo:
     def take_skipped(self) -> int:
         n, self._reported = self.skipped - self._reported, self.skipped
         return n
+
+
+def _precision(name: str) -> str:
+    """One name per arithmetic: an export's ``fp32`` is the torch model's ``float32`` (the same
+    scores: an fp32 export keeps its source's fingerprint)."""
+    return {"fp32": "float32"}.get(name, name)
