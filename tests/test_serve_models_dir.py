@@ -47,3 +47,19 @@ def test_winclip_through_the_service(make_app, normals, tests_imgs):
             assert "damaged" not in c.get("/models").json()
             r = predict(c, mid, tests_imgs[:2])
             assert r.status_code == 200, r.text
+
+
+def test_a_multi_slice_upload_is_refused_without_the_servers_path(make_app, normals, tests_imgs, tmp_path):
+    """Item 21: the advice named the server's temporary upload path (.../lakead-upload-xxx/0.nii.gz#z=K)."""
+    pytest.importorskip("nibabel", reason="the medical extra is not installed")
+    from _medical_files import nifti_from_images
+
+    vol = nifti_from_images(tmp_path / "scan.nii.gz", [a[:, :, 0] for a in tests_imgs[:3]])
+    with TestClient(make_app()) as c:
+        mid = fit(c, normals[:3])["id"]
+        r = c.post(f"/models/{mid}/predict", files=[("images", ("scan.nii.gz", vol.read_bytes(), "application/gzip")),
+                                                    ("images", ("ok.png", png(tests_imgs[0]), "image/png"))])
+        assert r.status_code == 200, r.text
+        (failed,) = r.json()["failed"]
+        assert failed["name"] == "scan.nii.gz" and "lakead-upload" not in failed["problem"] and "#z=" not in failed["problem"]
+        assert "holds 3 axial slices: the service scores one image per file" in failed["problem"], failed

@@ -262,7 +262,7 @@ class Uploads:
                 else:
                     arrays.append((index, arr))
             except ImageLoadError as exc:
-                unreadable.append((name, exc.problem))
+                unreadable.append((name, _for_client(exc.problem, path, name)))
             finally:
                 path.unlink(missing_ok=True)  # free the disk now, not only at the end of a large request
         return arrays, unreadable
@@ -283,6 +283,20 @@ class Uploads:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _for_client(problem: str, path: Path, name: str) -> str:
+    """A reader's problem as a client can read and act on it: the server's temporary path
+    replaced by the file's own name, and the command-line advice for a file holding several
+    images (name one as FILE#z=K, or give the whole file to predict) replaced by what the
+    service takes: one image per file."""
+    problem = problem.replace(str(path), name).replace(str(path.parent), "")
+    m = re.match(r"holds (\d+) (.*?) ?(slices with signal|frames): ", problem)
+    if m:
+        what = "slices" if "slices" in m.group(3) else "frames"
+        return (f"holds {m.group(1)} {m.group(2) + ' ' if m.group(2) else ''}{what}: the service scores one image per "
+                f"file; send one {what[:-1]} (a one-{what[:-1]} file, or the {what[:-1]} as a PNG)")
+    return problem
 
 
 class Cancelled(LakeadError):
