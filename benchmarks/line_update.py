@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--name", default="update_vs_refit")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a loaded machine, two threads "
+                    "each waiting on the other made small searches x8-x15 slower, the refit's and the update's alike)")
     args = ap.parse_args()
 
     import torch
@@ -61,7 +63,7 @@ def main() -> None:
     from lakead.line.versions import write_version
     from lakead.methods.lake.detector import LakeDetector
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)
     root = Path(args.data) / args.category
     train = sorted((root / "train" / "good").glob("*.png"))
     pool = sorted((root / "test" / "good").glob("*.png"))

@@ -74,10 +74,7 @@ class CurrentModel:
         sig = self._signature()
         if self.det is not None and (sig is None or sig == self.sig):
             return False
-        version, where = current(self.dir)
-        if self.det is not None and version == self.version:
-            self.sig = sig
-            return False
+        version, where = current(self.dir)  # changed: an update, a rollback, or a model fitted again in its place
         backbone = None if self.det is None else self.det.backbone
         try:
             det = load_detector(where, backbone=backbone, **self.run)
