@@ -77,3 +77,22 @@ def test_resuming_with_an_fp32_export_of_the_same_model(tiny_backbone, tmp_path)
     exported = ExportedDetector.load(export_model(det, tmp_path / "x"))
     summary = predict_to_dir(exported, [tmp_path / f"{i}.png" for i in range(3)], tmp_path / "r", maps="none", resume=True)
     assert summary.skipped == 2 and summary.scored == 1
+
+
+def test_a_long_file_name_gets_output_files(tiny_backbone, tmp_path):
+    """Item 11: a legal 255-byte name made the overlay name too long: 0 of 5 rows were written."""
+    from lakead import LakeDetector
+    from lakead.batch import predict_to_dir
+
+    rng = np.random.default_rng(4)
+    det = LakeDetector(tiny_backbone, device="cpu", layer=3).fit([texture(rng) for _ in range(4)], "w")
+    src = tmp_path / "in"
+    src.mkdir()
+    names = ["a" * 251 + ".png", "a" * 250 + "b.png", "é" * 125 + ".png", "short.png"]
+    for n in names:
+        Image.fromarray(texture(rng)).save(src / n)
+    summary = predict_to_dir(det, [src], tmp_path / "r", maps="png,npy", masks=True)
+    assert summary.scored == 4 and summary.failed == 0
+    overlays = sorted(p.name for p in (tmp_path / "r" / "overlays").iterdir())
+    assert len(overlays) == 4 and len(set(overlays)) == 4 and "short.png.png" in overlays
+    assert all(len(o.encode()) <= 255 for o in overlays)

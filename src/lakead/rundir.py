@@ -58,6 +58,26 @@ def output_name(path: str | os.PathLike, root: Path) -> str:
     return os.path.relpath(os.path.abspath(path), root)
 
 
+#: Most bytes of an image's output name in its folder: the file system's 255, less what the
+#: output files add (``.png``, ``.npy``) and the atomic write's temporary name (``.NAME.xxxxxxxx.tmp``).
+MAX_LEAF_BYTES = 200
+
+
+def short_leaf(leaf: str, full: str) -> str:
+    """``leaf`` when it fits :data:`MAX_LEAF_BYTES`; else its start, ``~`` and 8 hex digits of
+    the full name (so two long names stay apart), and its own suffix: a legal 255-byte file
+    name gets output files the file system can hold."""
+    raw = leaf.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_LEAF_BYTES:
+        return leaf
+    stem, suffix = os.path.splitext(leaf)
+    suffix = suffix if len(suffix.encode("utf-8", "surrogateescape")) <= 16 else ""
+    tag = "~" + hashlib.blake2b(full.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+    room = MAX_LEAF_BYTES - len(tag) - len(suffix.encode("utf-8", "surrogateescape"))
+    head = stem.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")  # cut at a character boundary
+    return head + tag + suffix
+
+
 class OutputNames:
     """The output names of one run's images, called in listing order: :func:`output_name`,
     and where two names in one folder differ only in case (``A.png``, ``a.png``), the later
@@ -73,6 +93,8 @@ class OutputNames:
     def __call__(self, path: str | os.PathLike) -> str:
         name = output_name(path, self.root)
         folder, leaf = os.path.split(name)
+        leaf = short_leaf(leaf, name)
+        name = os.path.join(folder, leaf)
         key = folder.casefold()
         for k in [k for k in self._folders if k and k != key and not key.startswith(k + os.sep)]:
             del self._folders[k]  # a folder the listing has left
