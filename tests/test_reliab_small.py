@@ -96,3 +96,30 @@ def test_a_long_file_name_gets_output_files(tiny_backbone, tmp_path):
     overlays = sorted(p.name for p in (tmp_path / "r" / "overlays").iterdir())
     assert len(overlays) == 4 and len(set(overlays)) == 4 and "short.png.png" in overlays
     assert all(len(o.encode()) <= 255 for o in overlays)
+
+
+@pytest.mark.parametrize("damage", ["bytes", "size"])
+def test_a_damaged_hnsw_graph_is_one_error(tiny_backbone, tmp_path, damage):
+    """Item 17: a damaged HNSW graph was a faiss RuntimeError traceback, one of the wrong size a ValueError."""
+    pytest.importorskip("faiss", reason="the index extra is not installed")
+    from safetensors.torch import load_file, save_file
+
+    from lakead import LakeDetector
+    from lakead.errors import ModelFormatError
+    from lakead.methods import load_detector
+
+    rng = np.random.default_rng(5)
+    det = LakeDetector(tiny_backbone, device="cpu", layer=3, index="hnsw").fit([texture(rng) for _ in range(4)], "w")
+    path = det.save(tmp_path / "m")
+    tensors = load_file(str(path / "tensors.safetensors"))
+    g = tensors["gallery_index"]
+    if damage == "bytes":
+        g = g.clone()
+        g[40:400] = 255
+    else:
+        other = LakeDetector(tiny_backbone, device="cpu", layer=3, index="hnsw").fit([texture(rng) for _ in range(2)], "w")
+        g = other.save(tmp_path / "o") and load_file(str(tmp_path / "o" / "tensors.safetensors"))["gallery_index"]
+    tensors["gallery_index"] = g.contiguous()
+    save_file(tensors, str(path / "tensors.safetensors"))
+    with pytest.raises(ModelFormatError, match="saved HNSW graph .* is damaged or of another gallery"):
+        load_detector(path, backbone=tiny_backbone).predict([texture(rng)])

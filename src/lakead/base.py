@@ -298,7 +298,14 @@ class BaseDetector(ABC):
         key = (id(state), id(vectors), self.config.index)
         cached = self._index
         if cached is None or cached[0] != key:
-            cached = (key, GalleryIndex(vectors, self.config.index, serialized=state.gallery_index))
+            try:
+                cached = (key, GalleryIndex(vectors, self.config.index, serialized=state.gallery_index))
+            except (RuntimeError, ValueError) as exc:  # faiss on a damaged graph; a graph of another size
+                if state.gallery_index is None:
+                    raise
+                raise ModelFormatError(f"the model's saved HNSW graph (tensor gallery_index) is damaged or of another "
+                                       f"gallery ({' '.join(str(exc).split())[:200]}): fit again, or predict with "
+                                       "--index exact") from None
             self._index = cached
         cached[1].ef_search = self.config.hnsw_ef_search
         return cached[1]
