@@ -123,3 +123,25 @@ def test_a_damaged_hnsw_graph_is_one_error(tiny_backbone, tmp_path, damage):
     save_file(tensors, str(path / "tensors.safetensors"))
     with pytest.raises(ModelFormatError, match="saved HNSW graph .* is damaged or of another gallery"):
         load_detector(path, backbone=tiny_backbone).predict([texture(rng)])
+
+
+def test_a_full_disk_at_save_is_one_error_and_keeps_the_old_model(tiny_backbone, tmp_path, monkeypatch):
+    """Item 16: fit on a full disk was a SafetensorError traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from lakead import LakeDetector
+    from lakead.errors import LakeadError
+
+    rng = np.random.default_rng(6)
+    det = LakeDetector(tiny_backbone, device="cpu", layer=3).fit([texture(rng) for _ in range(3)], "w")
+    det.save(tmp_path / "m")
+    before = (tmp_path / "m" / "tensors.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(LakeadError, match=r"m: the model cannot be written \(.*No space left on device.*\); nothing was replaced"):
+        det.save(tmp_path / "m")
+    assert (tmp_path / "m" / "tensors.safetensors").read_bytes() == before

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from ._version import __version__
-from .errors import ConfigError, ModelFormatError
+from .errors import ConfigError, LakeadError, ModelFormatError
 from .fileio import recover_directory
 from .outputs import MODEL, output_directory
 from .validate import load_json
@@ -234,13 +234,18 @@ def write_model_dir(path: str | Path, meta: dict[str, Any], tensors: dict[str, A
     ``tensors.safetensors`` atomically: the directory appears complete or not at all. An
     existing ``path`` is replaced only when it holds a lakead model and nothing else
     (:mod:`lakead.outputs`)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "lakead_version": __version__, **meta}
-    with output_directory(path, MODEL) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE),
-                  metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    try:
+        with output_directory(path, MODEL) as tmp:
+            (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE),
+                      metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    except (OSError, SafetensorError) as exc:  # a full disk, a read-only folder: the old model, if any, is kept
+        problem = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:300]
+        raise LakeadError(f"{path}: the model cannot be written ({problem}); nothing was replaced") from None
     return Path(path)
 
 
