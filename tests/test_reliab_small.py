@@ -145,3 +145,23 @@ def test_a_full_disk_at_save_is_one_error_and_keeps_the_old_model(tiny_backbone,
     with pytest.raises(LakeadError, match=r"m: the model cannot be written \(.*No space left on device.*\); nothing was replaced"):
         det.save(tmp_path / "m")
     assert (tmp_path / "m" / "tensors.safetensors").read_bytes() == before
+
+
+def test_leftovers_of_a_killed_save_are_removed_by_the_next_one(tiny_backbone, tmp_path):
+    """Item 23: hidden .M.*.tmp copies left by kill -9 were never cleaned by the command line."""
+    import os
+    import time
+
+    from lakead import LakeDetector
+
+    rng = np.random.default_rng(8)
+    det = LakeDetector(tiny_backbone, device="cpu", layer=3).fit([texture(rng) for _ in range(3)], "w")
+    old, young, other = tmp_path / ".M.abcd1234.tmp", tmp_path / ".M.wxyz9876.tmp", tmp_path / ".M.notlakead"
+    for d in (old, young, other):
+        d.mkdir()
+        (d / "lakead.json").write_text("{}")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    os.utime(other, (past, past))
+    det.save(tmp_path / "M")
+    assert not old.exists() and young.exists() and other.exists() and (tmp_path / "M" / "lakead.json").is_file()

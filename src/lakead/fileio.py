@@ -185,6 +185,37 @@ def _usual_permissions(root: Path) -> None:
     os.chmod(root, DIR_MODE)
 
 
+#: A temporary directory of an interrupted write this old is a leftover (the service's
+#: models folder uses the same age).
+STALE_SECONDS = 3600.0
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove what a killed :func:`atomic_directory` left beside ``target``: directories named
+    exactly as it names them (``.NAME.`` + 8 characters of ``tempfile`` + ``.tmp``) and older
+    than :data:`STALE_SECONDS` (a younger one may be another process's write in progress).
+    Nothing else is touched. Returns what was removed."""
+    import re
+    import time
+
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for e in entries:
+        try:
+            if (pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+                    and now - e.stat(follow_symlinks=False).st_mtime > STALE_SECONDS):
+                shutil.rmtree(e.path, ignore_errors=True)
+                removed.append(Path(e.path))
+        except OSError:
+            continue
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True,
                      before_replace: Callable[[], None] | None = None) -> Iterator[Path]:
@@ -205,6 +236,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True,
     except OSError as exc:
         raise write_error(target, exc) from None
     recover_directory(target)
+    remove_stale_temporaries(target)
     if target.exists() and not target.is_dir():
         raise TargetExistsError(f"{target}: exists and is not a directory")
     if target.exists() and not overwrite:
