@@ -165,3 +165,24 @@ def test_leftovers_of_a_killed_save_are_removed_by_the_next_one(tiny_backbone, t
     os.utime(other, (past, past))
     det.save(tmp_path / "M")
     assert not old.exists() and young.exists() and other.exists() and (tmp_path / "M" / "lakead.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["lake", "anomalydino"])
+def test_identical_support_images_are_said_at_fit(tiny_backbone, method, caplog):
+    """Item 12: five identical support images gave a threshold every test image passed, without a word."""
+    import logging
+
+    from lakead.methods import get_method
+    from lakead.methods.lake import LakeConfig
+
+    img = texture(np.random.default_rng(9))
+    m = get_method(method)
+    cfg = m.configure(LakeConfig.from_options(backbone="x", layer=3), {})
+    with caplog.at_level(logging.WARNING, logger="lakead"):
+        m.build(cfg, tiny_backbone).fit([img] * 5, "tile")
+    assert any("score alike when each is left out" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    rng = np.random.default_rng(10)
+    with caplog.at_level(logging.WARNING, logger="lakead"):
+        m.build(cfg, tiny_backbone).fit([texture(rng) for _ in range(5)], "tile")
+    assert not any("score alike" in r.getMessage() for r in caplog.records)

@@ -39,6 +39,7 @@ image the decision calls anomalous shows at least the area around its peak
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -226,6 +227,11 @@ def derive_thresholds(
     if finite.size == 0:
         return Thresholds(math.inf if fixed is None else float(fixed), "none" if fixed is None else "fixed",
                           None, None, None, None)
+    if finite.size >= 2 and float(np.ptp(finite)) <= 1e-6 * max(1.0, float(np.abs(finite).max())):
+        logging.getLogger("lakead").warning(
+            "the %d support images score alike when each is left out (all %.4g): they are copies of one another, or "
+            "show no variation, so the threshold says nothing about how far a normal image may differ; fit on varied "
+            "normal images", finite.size, float(finite[0]))
     image, used = budget_threshold(finite, a_image, rule, sigmas)
     if fixed is not None:
         image, used = float(fixed), "fixed"
