@@ -230,7 +230,7 @@ def test_a_lake_configuration_carries_the_shared_options():
     assert m.unused(lake, {"coreset": 0.5, "top_percent": 2.0}) == ["k", "top_percent"]
     assert get_method("lake").unused(lake, {"coreset": 0.5}) == ["coreset"]
     specs = method_option_specs()
-    assert specs["coreset"][1] == ("patchcore",) and specs["blur_sigma"][1] == ("patchcore", "anomalydino")
+    assert specs["coreset"][1] == ("patchcore",) and specs["blur_sigma"][1] == ("patchcore", "anomalydino", "subspace")
 
 
 def test_load_refuses_a_damaged_bank(tiny_backbone, normals, tmp_path):
