@@ -155,7 +155,9 @@ def report(a: argparse.Namespace) -> int:
     s = doc["settings"]
     print(f"Image AUROC (%) on the real test images, mean over the draws; MobileNetV2 int8, candidates on "
           f"{', '.join(s['layers'])}; {s['folds']} folds, synthetic defects per held-out image: {s['defects_per_image'] or DEFAULT_DEFECTS}; "
-          f"test sets thinned to at most {s['max_test']} images. Command: `python benchmarks/selection.py run` then `report`.\n")
+          f"test sets thinned to at most {s['max_test']} images. Commands: `python benchmarks/selection.py run` then "
+          "`python benchmarks/selection.py report > docs/selection/selection.md`; every number in runs/selection.json "
+          "(docs/selection/selection.json: the same without the held-out scores).\n")
     for sh in shots:
         print(f"\n### {sh} shot{'s' if sh != 1 else ''}\n")
         print("| category | draws | " + " | ".join(cols) + " | Kendall tau (synthetic vs real) |")

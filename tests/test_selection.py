@@ -72,6 +72,18 @@ def test_queries_of_several_images_and_of_one():
     assert fold_of(6, 4) == [0, 1, 2, 3, 0, 1]
 
 
+def test_patch_labels_of_masks_of_several_sizes():
+    from lakead.selection.search import patch_labels
+
+    a, b = np.zeros((40, 40), bool), np.zeros((20, 60), bool)
+    a[:20, :20] = True  # the top-left cell of a 2 x 2 grid, whole
+    b[:, 45:] = True  # half of the right column's cells
+    np.testing.assert_array_equal(patch_labels([a, b], (2, 2)), [[1, 0, 0, 0], [0, 1, 0, 1]])
+    c = np.zeros((40, 40), bool)
+    c[:4, :4] = True  # 4 % of a cell: neither
+    assert np.isnan(patch_labels([c], (2, 2))[0, 0])
+
+
 def test_tune_ranks_candidates_and_fits_the_best(images, tiny_backbone, tmp_path):
     normals, tests = images
     base = LakeConfig(backbone="tiny", image_size=64, use_text=False)

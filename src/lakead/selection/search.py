@@ -167,8 +167,8 @@ def extract(backbone: Backbone, arrays: Sequence[np.ndarray], blocks: Sequence[L
 def patch_labels(masks: Sequence[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
     """``(B, N)`` float: 1 where the mask covers at least :data:`PATCH_COVER` of a patch's cell,
     0 where it covers none, NaN between (left out of the pixel AUROC)."""
-    m = torch.from_numpy(np.stack([mk.astype(np.float32) for mk in masks]))[:, None]  # (B, 1, H, W)
-    cover = F.adaptive_avg_pool2d(m, grid).reshape(len(masks), -1).numpy()  # (B, N)
+    cover = np.stack([F.adaptive_avg_pool2d(torch.from_numpy(mk.astype(np.float32))[None, None], grid).reshape(-1).numpy()
+                      for mk in masks])  # (B, N): each mask at its own image's size
     return np.where(cover >= PATCH_COVER, 1.0, np.where(cover > 0, np.nan, 0.0))
 
 
@@ -238,7 +238,7 @@ def score_candidates(
             res.samples += [(f, int(lab), float(v)) for lab, v in zip(y, img.numpy())]
             if grid is None:  # the candidate's blocks on their coarsest grid
                 grid = min((grids[b] for b in cand.blocks), key=lambda g: g[0] * g[1])
-            masks = [np.zeros(queries.masks[0].shape, bool)] * len(normals) + [queries.masks[i] for i in q_idx]
+            masks = [np.zeros(grid, bool)] * len(normals) + [queries.masks[i] for i in q_idx]
             pix_y.append(patch_labels(masks, grid).reshape(-1))
             pix_s.append(patches.numpy().reshape(-1))
         res.folds = [round(a, 6) for a in aurocs]
