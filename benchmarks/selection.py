@@ -4,6 +4,7 @@
     python benchmarks/selection.py run [--shots 1,4,16,all] [--draws 3] [--json runs/selection.json]
     python benchmarks/selection.py report [--json runs/selection.json] > docs/selection/selection.md
     python benchmarks/selection.py decide > docs/selection/decisions.md
+    python benchmarks/selection.py pixels > docs/selection/pixels.md
 
 ``run``: for every category of ``--data``, shot count and draw of the shots (seeds 0..draws-1 as
 :func:`lakead.data.select_shots` draws them; one draw with every image), every candidate of
@@ -222,6 +223,49 @@ def decide(a: argparse.Namespace) -> int:
     return 0
 
 
+def pixels(a: argparse.Namespace) -> int:
+    """Pixel AUROC and PRO of tune's choice with every training image (read from ``--json``)
+    and of the fixed methods, each fitted and evaluated by lakead's own harness
+    (:func:`lakead.evaluate.runner.evaluate_category`: full-size maps, the metrics of ``lakead eval``)."""
+    import dataclasses
+
+    from lakead.backbones import load_backbone
+    from lakead.backbones.cache import FeatureCache
+    from lakead.data import load_dataset
+    from lakead.evaluate.runner import ImageCache, evaluate_category
+    from lakead.methods.lake.config import LakeConfig
+    from lakead.methods.lake.fit import spread_subset
+    from lakead.selection import Candidate
+
+    torch.set_num_threads(1)
+    spec = f"onnx:{a.model}"
+    base = LakeConfig(backbone=spec, use_text=False)
+    doc = json.loads(Path(a.json).read_text())
+    chosen = {}
+    for r in doc["runs"]:
+        if r["shots"] == "all":
+            c = choose(r["candidates"])
+            chosen[r["category"]] = Candidate(c["method"], c["options"])
+    bb = FeatureCache(load_backbone(spec))
+    print("| category | row | configuration | I-AUROC | P-AUROC | PRO |\n|---|---|---|---:|---:|---:|")
+    for cat in load_dataset(a.data):
+        if a.max_test and len(cat.test) > a.max_test:
+            cat = dataclasses.replace(cat, test=tuple(cat.test[i] for i in spread_subset(len(cat.test), a.max_test)))
+        rows = [("tune", chosen[cat.name])] + [(name, Candidate(label.split(" @ ")[0], {"layer": "400"}))
+                                                for name, label in FIXED.items()]
+        images = ImageCache()
+        for name, cand in rows:
+            res = evaluate_category(cat, cand.config(base), bb, method=cand.method, shots=None, seed=0, images=images)
+            m = res.metrics()
+            print(f"| {cat.name} | {name} | {cand.label} | {100 * m['image_auroc']:.1f} | {100 * m['pixel_auroc']:.1f} | "
+                  f"{100 * m['pixel_pro']:.1f} |", flush=True)
+        bb.clear()
+    print(f"\nEvery training image; test sets thinned to at most {a.max_test} images as in `run`. Command: "
+          "`python benchmarks/selection.py pixels > docs/selection/pixels.md`. Load average at the end: "
+          f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -240,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("decide")
     realdata.add_options(d)
     d.add_argument("--layers", default="365,400,426")
+    x = sub.add_parser("pixels")
+    realdata.add_options(x)
+    x.add_argument("--json", default=str(REPO / "runs" / "selection.json"))
+    x.add_argument("--max-test", type=int, default=200)
     a = ap.parse_args(argv)
-    return {"run": run, "report": report, "decide": decide}[a.cmd](a)
+    return {"run": run, "report": report, "decide": decide, "pixels": pixels}[a.cmd](a)
 
 
 if __name__ == "__main__":
