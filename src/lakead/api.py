@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from ._version import __version__
 from .errors import ConfigError, LakeadError, ModelFormatError
 from .fileio import recover_directory
-from .outputs import MODEL, output_directory
+from .outputs import MODEL, OutputRefused, output_directory
 from .validate import load_json
 
 if TYPE_CHECKING:
@@ -243,6 +243,8 @@ def write_model_dir(path: str | Path, meta: dict[str, Any], tensors: dict[str, A
             (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
             save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE),
                       metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    except OutputRefused:  # a folder lakead must not replace: its own one-line refusal, as every command gives
+        raise
     except (OSError, SafetensorError) as exc:  # a full disk, a read-only folder: the old model, if any, is kept
         problem = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:300]
         raise LakeadError(f"{path}: the model cannot be written ({problem}); nothing was replaced") from None
