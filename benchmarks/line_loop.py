@@ -10,7 +10,7 @@ each round the same is done by a refit on the same support images (fit on the sh
 added so far): false alarms, recall, how many decisions differ between the two, the thresholds, and
 the time of the update against the refit's.
 
-    python benchmarks/line_loop.py --category mpdd/metal_plate --shots 8 --rounds 4 --out docs/line
+    python benchmarks/line_loop.py --category magnetic_tile/tile --shots 16 --false-alarm-rate 0.1 --rounds 4 --out docs/line
 
 The machine these figures come from has 2 cores shared with other developers: the times are
 there to be compared within a run.
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--category", default="mpdd/metal_plate")
     ap.add_argument("--shots", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--false-alarm-rate", type=float, default=None, help="the model's budget (default: lakead's)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--name", default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a loaded machine, two threads "
@@ -60,6 +61,8 @@ def main() -> None:
     line, held = goods[0::2], goods[1::2]
     bb = load_backbone(f"onnx:{args.model}", need_text=False)
     opts = dict(layer=args.layer, k=args.k, device="cpu")
+    if args.false_alarm_rate is not None:
+        opts["false_alarm_rate"] = args.false_alarm_rate
     det = LakeDetector(bb, **opts).fit([str(p) for p in train], args.category)
     held_arr = [det.read_image(str(p)) for p in held]
     bad_arr = [det.read_image(str(p)) for p in defects]
@@ -105,7 +108,7 @@ def main() -> None:
               f"{f['threshold']:>10.4g} | {differ:>19} | {t_update:>8.2f} {t_refit:>8.2f}"
               + ("" if same_neurons else "  (the refit chose other neurons)"))
     result = {"command": "python " + " ".join(sys.argv), "loadavg_end": loadavg(), "category": args.category,
-              "shots": len(train), "held_out_good": len(held), "defective": len(defects),
+              "shots": len(train), "false_alarm_rate": det.state_.false_alarm_rate, "held_out_good": len(held), "defective": len(defects),
               "start": {k: v for k, v in start.items() if k != "decisions"}, "rounds": rows}
     print(f"load average at the end: {result['loadavg_end']}")
     if args.out:

@@ -307,9 +307,9 @@ def _loo_tokens(state, gallery: torch.Tensor, gallery_image: torch.Tensor, new_r
         xd2, xi, yd2, yi = cross_nearest(old_rows, new_rows)
         to_new = xi[flat(again)] if again else None
         to_old = (yd2[flat(new)], yi[flat(new)]) if new else None
-    else:
-        to_new = cross_nearest(q_again, new_rows)[1] if again else None
-        to_old = cross_nearest(q_new, old_rows)[:2] if new else None
+    else:  # the rows and the columns wanted, each searched one way
+        to_new = _one_way(q_again, new_rows)[1] if again else None
+        to_old = _one_way(q_new, old_rows) if new else None
     if again:
         d = measure(q_again, new_rows, to_new).reshape(len(again), n_tok)
         for j, i in enumerate(again):
@@ -337,6 +337,12 @@ def _loo_tokens(state, gallery: torch.Tensor, gallery_image: torch.Tensor, new_r
         for j, i in enumerate(fresh):
             out[i] = d[j]
     return out
+
+
+def _one_way(q: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's nearest row of ``g``: squared distance and index (the fit's search)."""
+    d, i = nearest_neighbor(q, g, block_elements=steps.LOO_BLOCK_ELEMENTS)
+    return d.square(), i
 
 
 def _scope_plan(n_old: int, m: int, n_tok: int, seed: int) -> tuple[list[int] | None, list[int]]:
