@@ -59,7 +59,8 @@ def test_the_export_reports_its_stages(tiny_backbone, normals, tmp_path):
     with reporting(listener):
         export_model(det, tmp_path / "x", check=normals[:2])
     assert list(seen) == ["loading the model and its backbone", "tracing the graph (torch.onnx)",
-                          "checking the graph against the torch model on 2 images"]
+                          "scoring 2 check images with the torch model", "writing the fp32 graph",
+                          "checking the fp32 graph against the torch model on 2 images"]
     assert all(runs == [[None, 1]] for runs in seen.values())  # stages of unknown length, each ended
 
 
