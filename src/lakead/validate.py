@@ -332,6 +332,8 @@ def check_state_backbone(state: Any, backbone: Any, config: Any, where: str) -> 
     f = Fields(f"{where}: saved model")
     for name in ("layer", "lake_layer", "patch_layer", "semantic_layer"):
         value = getattr(state, name, None)
+        if name == "semantic_layer" and getattr(config, "text_backbone", None) is not None:
+            continue  # a block of the text probe's own model (checked when that model is loaded), not of this backbone
         if value is None:
             if name == "layer" and hasattr(state, "layer"):
                 f.fail("layer", "is missing: the block(s) the model reads")
