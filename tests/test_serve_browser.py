@@ -294,7 +294,9 @@ def test_mark_as_good_updates_the_model(browser, serve, images, tmp_path):
     page.click(".result button.mark-good")
     page.wait_for_selector(".result .marked", timeout=60_000)
     assert "version 2" in page.inner_text(".result .marked")
-    assert "7 images" in page.inner_text("#model-select option:checked")
+    # the model list is reloaded after the note is shown: wait for it rather than race it
+    page.wait_for_function("document.querySelector('#model-select option:checked').textContent.includes('7 images')",
+                           timeout=30_000)
     page.click("#clear-results")
     page.set_input_files("#test-files", [str(odd)])
     page.wait_for_function("[...document.querySelectorAll('.result')].some((c) => c.dataset.decision === 'normal')",
