@@ -41,7 +41,6 @@ import torch.nn.functional as F
 
 from ..backbones import Backbone, Layer
 from ..base import fact, tensor
-from ..errors import ConfigError
 from .bank import BankDetector, BankState, Scored, Search
 from ..ops import combine_blocks
 from ..patchops import centre_share, cosine_distances, foreground_mask, pc_scores, principal_direction, top_percent_mean
@@ -72,11 +71,7 @@ class AnomalyDinoDetector(BankDetector):
     state_class = AnomalyDinoState
 
     def blocks(self, backbone: Backbone) -> tuple[Layer, ...]:
-        if self.config.layer is None:
-            if backbone.info.num_layers < 1:
-                raise ConfigError(f"backbone {backbone.info.source!r} has no numbered blocks: give the block to read (--layer)")
-            return (backbone.resolve_layer(backbone.info.num_layers),)
-        return tuple(backbone.resolve_layer(b) for b in self.config.blocks)
+        return self.configured_or_last_block(backbone)
 
     def embed(self, features: Any, blocks) -> tuple[torch.Tensor, tuple[int, int]]:
         tokens, grid = combine_blocks([features.blocks[b] for b in blocks], [features.grids[b] for b in blocks], "coarsest")

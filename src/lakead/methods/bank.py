@@ -255,7 +255,17 @@ class BankDetector(BaseDetector):
 
     def summary(self) -> dict[str, Any]:
         st = self.check_fitted()
-        finite = st.loo_scores[np.isfinite(st.loo_scores)]
+        return {
+            **self.support_summary(st),
+            "bank_vectors": int(st.bank.shape[0]),
+            "bank_vectors_before_subsampling": st.bank_vectors,
+            "bank_bytes": int(st.bank.numel() * st.bank.element_size()),
+            "index": resolve_index(self.config.index, *st.bank.shape, st.bank.device),
+            **self.decision_summary(st),
+        }
+
+    def support_summary(self, st: BankState) -> dict[str, Any]:
+        """What every memory-bank method's summary starts with: the method, what it was fitted on, the blocks."""
         return {
             "method": self.method,
             "class_name": st.class_name,
@@ -266,16 +276,26 @@ class BankDetector(BaseDetector):
             "support_images": len(st.support),
             "support_rule": st.support_rule,
             "skipped_images": len(st.skipped),
-            "bank_vectors": int(st.bank.shape[0]),
-            "bank_vectors_before_subsampling": st.bank_vectors,
-            "bank_bytes": int(st.bank.numel() * st.bank.element_size()),
-            "index": resolve_index(self.config.index, *st.bank.shape, st.bank.device),
+        }
+
+    def decision_summary(self, st: BankState) -> dict[str, Any]:
+        """What every memory-bank method's summary ends with: the decision level and the normal scores it came from."""
+        finite = st.loo_scores[np.isfinite(st.loo_scores)]
+        return {
             "threshold": st.threshold,
             "threshold_rule": self.describe_thresholds(st),
             "loo_score_median": float(np.median(finite)) if finite.size else None,
             "loo_score_max": float(finite.max()) if finite.size else None,
         }
 
+    def configured_or_last_block(self, backbone: Backbone) -> tuple[Layer, ...]:
+        """The configured blocks, canonical, or the backbone's last block (AnomalyDINO's and
+        SubspaceAD's default); a backbone without numbered blocks needs them named."""
+        if self.config.layer is None:
+            if backbone.info.num_layers < 1:
+                raise ConfigError(f"backbone {backbone.info.source!r} has no numbered blocks: give the block to read (--layer)")
+            return (backbone.resolve_layer(backbone.info.num_layers),)
+        return tuple(backbone.resolve_layer(b) for b in self.config.blocks)
 
 def default_pair(backbone: Backbone) -> tuple[int, ...]:
     """Two blocks at 1/2 and 3/4 of a numbered backbone's depth (PatchCore reads the 2nd and 3rd

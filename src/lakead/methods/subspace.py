@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..backbones import Backbone, Layer
@@ -61,11 +60,7 @@ class SubspaceDetector(BankDetector):
     state_class = SubspaceState
 
     def blocks(self, backbone: Backbone) -> tuple[Layer, ...]:
-        if self.config.layer is None:
-            if backbone.info.num_layers < 1:
-                raise ConfigError(f"backbone {backbone.info.source!r} has no numbered blocks: give the block to read (--layer)")
-            return (backbone.resolve_layer(backbone.info.num_layers),)
-        return tuple(backbone.resolve_layer(b) for b in self.config.blocks)
+        return self.configured_or_last_block(backbone)
 
     def embed(self, features: Any, blocks) -> tuple[torch.Tensor, tuple[int, int]]:
         tokens, grid = combine_blocks([features.blocks[b] for b in blocks], [features.grids[b] for b in blocks], "coarsest")
@@ -100,28 +95,13 @@ class SubspaceDetector(BankDetector):
 
     def summary(self) -> dict[str, Any]:
         st = self.check_fitted()
-        finite = st.loo_scores[np.isfinite(st.loo_scores)]
         return {
-            "method": self.method,
-            "class_name": st.class_name,
-            "backbone": self.config.backbone,
-            "layer": st.layer,
-            "image_size": st.image_size,
-            "width": st.width,
-            "support_images": len(st.support),
-            "support_rule": st.support_rule,
-            "skipped_images": len(st.skipped),
+            **self.support_summary(st),
             "directions": st.directions,
             "variance_kept": self.config.variance_kept,
             "variance_explained": round(float(st.variance_explained), 6),
             "top_percent": self.config.top_percent,
             "model_bytes": int((st.bank.numel() + st.mean.numel()) * 4),
-            "threshold": st.threshold,
-            "threshold_rule": self.describe_thresholds(st),
-            "loo_score_median": float(np.median(finite)) if finite.size else None,
-            "loo_score_max": float(finite.max()) if finite.size else None,
+            **self.decision_summary(st),
         }
-
-    def extra_facts(self) -> dict[str, Any]:
-        return {**super().extra_facts(), "directions": int(self.check_fitted().directions)}
 
